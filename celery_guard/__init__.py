@@ -1,0 +1,35 @@
+"""celery_guard: enterprise controls for Celery tasks in Django projects."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GuardError",
+    "GuardedTask",
+    "PayloadError",
+    "__version__",
+    "guarded_task",
+]
+
+from celery_guard.exceptions import GuardError, PayloadError
+
+if TYPE_CHECKING:
+    from celery_guard.decorators import guarded_task
+    from celery_guard.task import GuardedTask
+
+
+def __getattr__(name: str) -> Any:
+    # The decorator and the task class import Celery and Django; loading them lazily keeps
+    # `import celery_guard` cheap and safe before Django's settings are configured.
+    if name == "guarded_task":
+        from celery_guard.decorators import guarded_task
+
+        return guarded_task
+    if name == "GuardedTask":
+        from celery_guard.task import GuardedTask
+
+        return GuardedTask
+    raise AttributeError(f"module 'celery_guard' has no attribute {name!r}")

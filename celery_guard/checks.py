@@ -1,0 +1,255 @@
+"""System checks for the Celery configuration hazards that celery_guard guards against.
+
+Ids are stable: ``celery_guard.E001``... for errors and ``celery_guard.W001``... for warnings.
+Each check reads the Celery app that guarded tasks bind to (``celery.current_app``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from celery import current_app
+from django.conf import settings as django_settings
+from django.core.checks import CheckMessage, Error, Warning
+from django.utils.module_loading import autodiscover_modules
+
+from celery_guard import conf, options, routing
+
+#: Redis's visibility timeout when the project sets none (Celery's Redis broker docs).
+REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600
+REDIS_SCHEMES = ("redis", "rediss", "sentinel", "valkey", "valkeys")
+
+
+def _celery_app() -> Any:
+    return current_app._get_current_object()
+
+
+def guarded_tasks(app: Any) -> list[Any]:
+    """Return the guarded tasks of ``app``, importing the project's task modules first."""
+    from celery_guard.task import GuardedTask
+
+    # What Celery's autodiscovery imports for a Django project; its own loader would run the
+    # system checks again from inside this one.
+    autodiscover_modules("tasks")
+    return [t for t in app.tasks.values() if isinstance(t, GuardedTask)]
+
+
+def check_unknown_settings(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W001: a ``CELERY_GUARD_*`` setting the package does not know (usually a typo)."""
+    known = conf.known_settings()
+    messages: list[CheckMessage] = []
+    for name in dir(django_settings):
+        if name.startswith(conf.PREFIX) and name not in known:
+            messages.append(
+                Warning(
+                    f"Unknown setting {name}{options.suggest(name, known)}.",
+                    hint="celery_guard ignores it; see the settings reference in the docs.",
+                    id="celery_guard.W001",
+                )
+            )
+    return messages
+
+
+def _setting_errors() -> Iterable[str]:
+    queues = conf.raw("PRIORITY_QUEUES")
+    if not (
+        isinstance(queues, Mapping)
+        and queues
+        and all(isinstance(k, str) and isinstance(v, str) and v for k, v in queues.items())
+    ):
+        yield (
+            "CELERY_GUARD_PRIORITY_QUEUES must be a non-empty dict of level name -> queue "
+            f"name (str), got {queues!r}"
+        )
+    elif conf.raw("DEFAULT_PRIORITY") not in queues:
+        yield (
+            f"CELERY_GUARD_DEFAULT_PRIORITY {conf.raw('DEFAULT_PRIORITY')!r} is not a level of "
+            f"CELERY_GUARD_PRIORITY_QUEUES ({', '.join(map(repr, queues))})"
+        )
+    size = conf.raw("MAX_PAYLOAD_BYTES")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        yield f"CELERY_GUARD_MAX_PAYLOAD_BYTES must be a positive int, got {size!r}"
+    if not isinstance(conf.raw("INSTALL_ROUTER"), bool):
+        yield "CELERY_GUARD_INSTALL_ROUTER must be True or False"
+
+
+def check_setting_values(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """E001: a ``CELERY_GUARD_*`` setting with a value of the wrong type or out of range."""
+    return [Error(text, id="celery_guard.E001") for text in _setting_errors()]
+
+
+def check_pickle(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """E002: pickle accepted or produced: a message from the broker can run code."""
+    conf_ = _celery_app().conf
+    where = [
+        name
+        for name in ("accept_content", "result_accept_content")
+        if "pickle" in (conf_.get(name) or ()) or "application/x-python-serialize" in (
+            conf_.get(name) or ()
+        )
+    ]
+    where += [n for n in ("task_serializer", "result_serializer") if conf_.get(n) == "pickle"]
+    if not where:
+        return []
+    return [
+        Error(
+            f"Celery is configured to use pickle ({', '.join(where)}).",
+            hint="Anyone who can write to the broker can run code in your workers; use JSON.",
+            id="celery_guard.E002",
+        )
+    ]
+
+
+def check_acks_late(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W002: ``task_acks_late`` without ``task_reject_on_worker_lost``."""
+    conf_ = _celery_app().conf
+    if conf_.task_acks_late and not conf_.task_reject_on_worker_lost:
+        return [
+            Warning(
+                "task_acks_late is on but task_reject_on_worker_lost is off.",
+                hint=(
+                    "Celery acks the message of a task whose worker process was killed (OOM, "
+                    "SIGKILL), so the job is lost (celery#2840). Set "
+                    "CELERY_TASK_REJECT_ON_WORKER_LOST = True; guarded tasks set both."
+                ),
+                id="celery_guard.W002",
+            )
+        ]
+    return []
+
+
+def _longest_run(app: Any) -> tuple[float, str] | None:
+    candidates: list[tuple[float, str]] = []
+    for name in ("task_time_limit", "task_soft_time_limit"):
+        value = app.conf.get(name)
+        if value:
+            candidates.append((float(value), f"CELERY_{name.upper()}"))
+    for task in guarded_tasks(app):
+        for attr in ("time_limit", "soft_time_limit"):
+            value = getattr(task, attr, None)
+            if value:
+                candidates.append((float(value), f"{task.name}.{attr}"))
+    return max(candidates) if candidates else None
+
+
+def check_visibility_timeout(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """W003: a Redis broker whose visibility timeout is not longer than a guarded task may run."""
+    app = _celery_app()
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+        return []
+    longest = _longest_run(app)
+    if longest is None:
+        return []
+    transport = app.conf.broker_transport_options or {}
+    timeout = float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
+    seconds, source = longest
+    if timeout > seconds:
+        return []
+    return [
+        Warning(
+            f"The Redis visibility_timeout ({timeout:g}s) is not longer than {source} "
+            f"({seconds:g}s).",
+            hint=(
+                "Redis redelivers a late-acked message to another worker after the visibility "
+                "timeout, while the first run may still be going (celery#5935). Set "
+                "CELERY_BROKER_TRANSPORT_OPTIONS = {'visibility_timeout': ...} above the "
+                "longest time limit; on a shared Redis the shortest one configured wins."
+            ),
+            id="celery_guard.W003",
+        )
+    ]
+
+
+def check_always_eager(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W004: ``task_always_eager`` on: tasks run in the caller, bypassing broker and guard."""
+    if _celery_app().conf.task_always_eager:
+        return [
+            Warning(
+                "task_always_eager is on.",
+                hint=(
+                    "Tasks run inline in the caller: no broker, no worker, no acks or "
+                    "redelivery, so nothing celery_guard protects is exercised. Test with a "
+                    "real worker instead."
+                ),
+                id="celery_guard.W004",
+            )
+        ]
+    return []
+
+
+def _declared_queues(app: Any) -> set[str] | None:
+    declared = app.conf.task_queues
+    if not declared:
+        return None
+    return {getattr(q, "name", q) for q in declared}
+
+
+def check_priority_queues(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """E003 / W005: a mapped priority queue that is not declared in ``task_queues``.
+
+    E003 when ``task_create_missing_queues`` is off (publishing to it fails); W005 when it is
+    on (workers started without ``-Q`` consume only the declared queues).
+    """
+    if list(_setting_errors()):
+        return []
+    app = _celery_app()
+    declared = _declared_queues(app)
+    if declared is None:
+        return []
+    missing = sorted(set(conf.raw("PRIORITY_QUEUES").values()) - declared)
+    if not missing:
+        return []
+    names = ", ".join(map(repr, missing))
+    if not app.conf.task_create_missing_queues:
+        return [
+            Error(
+                f"Priority queue(s) {names} are not declared in CELERY_TASK_QUEUES and "
+                "task_create_missing_queues is off.",
+                hint="Publishing a guarded task to them fails; declare them.",
+                id="celery_guard.E003",
+            )
+        ]
+    return [
+        Warning(
+            f"Priority queue(s) {names} are not declared in CELERY_TASK_QUEUES.",
+            hint=(
+                "Workers started without -Q consume only the declared queues, so guarded "
+                "tasks of these levels wait forever. Declare them, or run "
+                "`manage.py celery_guard doctor` for the worker command lines."
+            ),
+            id="celery_guard.W005",
+        )
+    ]
+
+
+def check_router(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W006: the guard router is neither installed automatically nor listed in task_routes."""
+    if conf.raw("INSTALL_ROUTER") is not False or routing.is_installed(_celery_app()):
+        return []
+    return [
+        Warning(
+            "CELERY_GUARD_INSTALL_ROUTER is False and task_routes does not list "
+            f"{routing.ROUTER_PATH!r}.",
+            hint="Guarded tasks are not routed by priority; add the router to CELERY_TASK_ROUTES.",
+            id="celery_guard.W006",
+        )
+    ]
+
+
+#: Every check, in the order ``AppConfig.ready()`` registers them.
+ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
+    check_unknown_settings,
+    check_setting_values,
+    check_pickle,
+    check_acks_late,
+    check_visibility_timeout,
+    check_always_eager,
+    check_priority_queues,
+    check_router,
+)

@@ -1,0 +1,65 @@
+"""Typed, lazy access to the ``CELERY_GUARD_*`` Django settings (the only reader of them)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from django.conf import settings as django_settings
+
+PREFIX = "CELERY_GUARD_"
+
+#: Built-in defaults, keyed by the setting name without its prefix. Every setting the
+#: package reads is declared here, so this table is also what the typo check knows.
+DEFAULTS: Mapping[str, Any] = {
+    "PRIORITY_QUEUES": {"high": "high", "default": "default", "low": "low"},
+    "DEFAULT_PRIORITY": "default",
+    "MAX_PAYLOAD_BYTES": 256 * 1024,
+    "INSTALL_ROUTER": True,
+}
+
+
+def known_settings() -> frozenset[str]:
+    """Return the full names of every ``CELERY_GUARD_*`` setting the package reads."""
+    return frozenset(PREFIX + name for name in DEFAULTS)
+
+
+def is_overridden(name: str) -> bool:
+    """Tell whether the project sets ``CELERY_GUARD_<name>`` itself."""
+    return hasattr(django_settings, PREFIX + name)
+
+
+def raw(name: str) -> Any:
+    """Return ``CELERY_GUARD_<name>`` as the project wrote it, or the built-in default."""
+    return getattr(django_settings, PREFIX + name, DEFAULTS[name])
+
+
+class GuardSettings:
+    """Attribute access to the settings, read on every access so ``override_settings`` works.
+
+    Values are returned as written; ``celery_guard.checks`` validates them (E001).
+    """
+
+    @property
+    def priority_queues(self) -> Mapping[str, str]:
+        """Priority level name -> Celery queue name."""
+        value: Mapping[str, str] = raw("PRIORITY_QUEUES")
+        return value
+
+    @property
+    def default_priority(self) -> str:
+        """Priority level of a guarded task that names none."""
+        return str(raw("DEFAULT_PRIORITY"))
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """Largest JSON body (args and kwargs) a guarded task may publish."""
+        return int(raw("MAX_PAYLOAD_BYTES"))
+
+    @property
+    def install_router(self) -> bool:
+        """Whether guarded tasks put the guard router in front of ``task_routes`` themselves."""
+        return bool(raw("INSTALL_ROUTER"))
+
+
+guard_settings = GuardSettings()

@@ -1,0 +1,100 @@
+"""``celery_guard doctor``: checks, reachability of broker and database, queue consumers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import current_app
+from django.core import checks
+from django.db import connection
+
+from celery_guard.conf import guard_settings
+
+
+@dataclass
+class Report:
+    """What ``doctor`` found; ``ok`` is False when anything would stop guarded tasks."""
+
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    ok: bool = True
+
+    def add(self, level: str, text: str) -> None:
+        """Record a line; level is ``ok``, ``warning`` or ``error``."""
+        self.lines.append((level, text))
+        if level == "error":
+            self.ok = False
+
+
+def _check_messages(report: Report) -> None:
+    messages = checks.run_checks(tags=["celery_guard"], include_deployment_checks=False)
+    for message in messages:
+        level = "error" if message.is_serious() else "warning"
+        hint = f" ({message.hint})" if message.hint else ""
+        report.add(level, f"{message.id}: {message.msg}{hint}")
+    if not messages:
+        report.add("ok", "system checks: no issues")
+
+
+def _timed(func: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    func()
+    return (time.perf_counter() - start) * 1000
+
+
+def _check_database(report: Report) -> None:
+    def ping() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+    try:
+        ms = _timed(ping)
+    except Exception as exc:
+        report.add("error", f"database {connection.vendor}: unreachable: {exc}")
+    else:
+        report.add("ok", f"database {connection.vendor}: reachable ({ms:.1f} ms)")
+
+
+def _check_broker(app: Any, report: Report, timeout: float) -> bool:
+    with app.connection_for_write() as conn:
+        uri = conn.as_uri()
+        try:
+            ms = _timed(lambda: conn.ensure_connection(max_retries=1, timeout=timeout))
+        except Exception as exc:
+            report.add("error", f"broker {uri}: unreachable: {exc}")
+            return False
+    report.add("ok", f"broker {uri}: reachable ({ms:.1f} ms)")
+    return True
+
+
+def _check_consumers(app: Any, report: Report, timeout: float) -> None:
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    consumers: dict[str, list[str]] = {}
+    for worker, queues in replies.items():
+        for queue in queues:
+            consumers.setdefault(queue["name"], []).append(worker)
+    for level, queue in guard_settings.priority_queues.items():
+        workers = consumers.get(queue)
+        if workers:
+            report.add("ok", f"priority {level!r} -> queue {queue!r}: {', '.join(sorted(workers))}")
+        else:
+            report.add("warning", f"priority {level!r} -> queue {queue!r}: no worker consumes it")
+
+
+def worker_commands(app: Any) -> list[str]:
+    """Return one worker command line per priority queue, so each level has its own pool."""
+    queues = dict.fromkeys(guard_settings.priority_queues.values())
+    return [f"celery -A {app.main or 'proj'} worker -Q {q} -n {q}@%h" for q in queues]
+
+
+def run(timeout: float = 2.0) -> Report:
+    """Run every doctor step and return the report."""
+    app = current_app._get_current_object()
+    report = Report()
+    _check_messages(report)
+    _check_database(report)
+    if _check_broker(app, report, timeout):
+        _check_consumers(app, report, timeout)
+    return report

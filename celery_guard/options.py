@@ -1,0 +1,104 @@
+"""The guard option model: each feature registers its decorator and per-call options here once.
+
+An option is declared with a validator and, optionally, the setting that supplies the
+project-wide default. The decorator validates options at decoration time, ``apply_async``
+validates per-call overrides at enqueue time, and :func:`resolve` applies the precedence
+*per call > decorator > settings > built-in default*.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery_guard import conf
+
+Validator = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class GuardOption:
+    """One guard option.
+
+    Attributes:
+        name: Keyword used in ``@guarded_task(...)`` and in ``apply_async(guard={...})``.
+        validate: Returns the normalized value, or raises ``TypeError``/``ValueError`` with a
+            message that does not repeat the option name (it is prefixed for the user).
+        setting: Suffix of the ``CELERY_GUARD_*`` setting that supplies the project default.
+        default: Built-in default used when neither the task nor the setting gives a value.
+        per_call: Whether ``apply_async(guard={...})`` may override it.
+    """
+
+    name: str
+    validate: Validator
+    setting: str | None = None
+    default: Any = None
+    per_call: bool = True
+
+
+_registry: dict[str, GuardOption] = {}
+
+
+def register(option: GuardOption) -> GuardOption:
+    """Add ``option`` to the registry; registering a name twice is a programming error."""
+    if option.name in _registry and _registry[option.name] is not option:
+        raise RuntimeError(f"guard option {option.name!r} is registered twice")
+    _registry[option.name] = option
+    return option
+
+
+def registered() -> Mapping[str, GuardOption]:
+    """Return every registered option by name."""
+    return dict(_registry)
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """Return a ``" (did you mean 'x'?)"`` hint for a misspelt name, or an empty string."""
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate_value(option: GuardOption, value: Any, *, where: str) -> Any:
+    """Validate one value, re-raising its error with the option named."""
+    try:
+        return option.validate(value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where} option {option.name!r}: {exc}") from None
+
+
+def clean(options: Mapping[str, Any], *, where: str, per_call: bool = False) -> dict[str, Any]:
+    """Validate guard options, returning their normalized values.
+
+    Args:
+        options: Option name -> value, guard options only.
+        where: Names the entry point in error messages (``"@guarded_task"``, ``"apply_async"``).
+        per_call: Only accept options that may be overridden per call.
+
+    Raises:
+        TypeError: An option is unknown, not overridable per call, or has the wrong type.
+        ValueError: An option has a value out of its range.
+    """
+    cleaned: dict[str, Any] = {}
+    for name, value in options.items():
+        option = _registry.get(name)
+        if option is None:
+            allowed = [n for n, o in _registry.items() if o.per_call or not per_call]
+            raise TypeError(f"{where}: unknown guard option {name!r}{suggest(name, allowed)}")
+        if per_call and not option.per_call:
+            raise TypeError(f"{where}: guard option {name!r} cannot be overridden per call")
+        cleaned[name] = validate_value(option, value, where=where)
+    return cleaned
+
+
+def resolve(name: str, per_call: Mapping[str, Any], task_options: Mapping[str, Any]) -> Any:
+    """Return the effective value of option ``name``: per call > decorator > setting > default."""
+    if name in per_call:
+        return per_call[name]
+    if name in task_options:
+        return task_options[name]
+    option = _registry[name]
+    if option.setting is not None:
+        return conf.raw(option.setting)
+    return option.default

@@ -1,0 +1,73 @@
+"""Enqueue-time payload checks: guarded arguments are plain JSON and bounded in size."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery_guard.exceptions import PayloadError
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def _walk(value: Any, path: str, depth: int) -> None:
+    # Plain JSON only: Celery's serializer would accept datetimes or Decimals and hand back
+    # other types on the worker, and the stored arguments must replay as they were sent.
+    if isinstance(value, _SCALARS):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PayloadError(f"{path}: {value!r} is not valid JSON (NaN and infinities are not)")
+        return
+    if depth > 100:
+        raise PayloadError(f"{path}: nested more than 100 levels deep (or circular)")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise PayloadError(
+                    f"{path}: dict key {key!r} is {type(key).__name__}; JSON object keys "
+                    "are strings, and the worker would receive it as one"
+                )
+            _walk(item, f"{path}[{key!r}]", depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _walk(item, f"{path}[{index}]", depth + 1)
+        return
+    raise PayloadError(f"{path}: {type(value).__name__} is not JSON serializable")
+
+
+def check(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, *, max_bytes: int) -> int:
+    """Check that a task's arguments can be published as plain JSON within ``max_bytes``.
+
+    Args:
+        args: Positional arguments as passed to ``apply_async``.
+        kwargs: Keyword arguments as passed to ``apply_async``.
+        max_bytes: Largest accepted size of the JSON-encoded ``[args, kwargs]``.
+
+    Returns:
+        The encoded size in bytes.
+
+    Raises:
+        PayloadError: Naming the argument path of the first value that is not plain JSON,
+            or giving the size when the payload is too large.
+    """
+    args = () if args is None else args
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(args, (list, tuple)):
+        raise PayloadError(f"args: expected a list or tuple, got {type(args).__name__}")
+    if not isinstance(kwargs, Mapping):
+        raise PayloadError(f"kwargs: expected a dict, got {type(kwargs).__name__}")
+    for index, item in enumerate(args):
+        _walk(item, f"args[{index}]", 1)
+    for key, item in kwargs.items():
+        _walk(item, f"kwargs[{key!r}]", 1)
+    size = len(json.dumps([args, kwargs], separators=(",", ":")).encode())
+    if size > max_bytes:
+        raise PayloadError(
+            f"payload is {size} bytes, over CELERY_GUARD_MAX_PAYLOAD_BYTES ({max_bytes}); "
+            "pass a reference (a primary key, a storage path) instead of the data"
+        )
+    return size

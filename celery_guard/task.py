@@ -1,0 +1,138 @@
+"""``GuardedTask``: the Celery task base class of guarded tasks (hook methods only)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from celery.contrib.django.task import DjangoTask
+from django.conf import settings as django_settings
+
+from celery_guard import headers, options, payload, routing
+from celery_guard.conf import guard_settings
+from celery_guard.exceptions import PayloadError
+
+logger = logging.getLogger(__name__)
+
+
+class GuardedTask(DjangoTask):  # type: ignore[misc]
+    """Base class of tasks made by :func:`celery_guard.guarded_task`.
+
+    Subclasses Celery's ``DjangoTask`` so ``delay_on_commit`` keeps working, with the safe
+    defaults for jobs that must not be lost: late acks, requeue when the worker process dies,
+    and JSON only.
+    """
+
+    acks_late = True
+    reject_on_worker_lost = True
+    serializer = "json"
+
+    #: Guard options given to ``@guarded_task``, already validated.
+    guard_options: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Install the guard router into the app this task binds to."""
+        super().on_bound(app)
+        if not django_settings.configured or guard_settings.install_router:
+            routing.install(app)
+
+    def guard_prepare(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        guard: Mapping[str, Any] | None,
+        serializer: str | None = None,
+        inherited: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Validate a publish before anything reaches the broker.
+
+        Args:
+            args: Positional arguments of the call.
+            kwargs: Keyword arguments of the call.
+            guard: Per-call guard options.
+            serializer: The serializer asked for per call, if any.
+            inherited: The guard header of the message being republished (a retry), whose
+                decisions stand unless this call overrides them.
+
+        Returns:
+            The resolved guard fields to stamp into the message header.
+
+        Raises:
+            TypeError, ValueError: A per-call guard option is unknown or invalid.
+            PayloadError: The arguments are not plain JSON or are too large.
+        """
+        where = f"{self.name}.apply_async(guard=...)"
+        per_call = options.clean(guard or {}, where=where, per_call=True)
+        if serializer not in (None, "json"):
+            raise ValueError(f"{self.name}: guarded tasks publish JSON, not {serializer!r}")
+        try:
+            payload.check(args, kwargs, max_bytes=guard_settings.max_payload_bytes)
+        except PayloadError as exc:
+            logger.warning("celery_guard: refused to publish %s: %s", self.name, exc)
+            raise
+        if inherited:
+            kept = {k: v for k, v in inherited.items() if k in options.registered()}
+            per_call = {**kept, **per_call}
+        level = options.resolve("priority", per_call, self.guard_options)
+        routing.queue_for(level)
+        return {"priority": level}
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        guard: Mapping[str, Any] | None = None,
+        **celery_options: Any,
+    ) -> Any:
+        """Publish the task after the guard checks, stamping the guard header.
+
+        Args:
+            guard: Per-call guard options, e.g. ``{"priority": "low"}``; they take
+                precedence over the decorator's.
+            **celery_options: Every option Celery's ``apply_async`` takes.
+        """
+        message_headers = dict(celery_options.pop("headers", None) or {})
+        previous = headers.read(message_headers)
+        fields = self.guard_prepare(
+            args, kwargs, guard, celery_options.get("serializer"), inherited=previous
+        )
+        message_headers[headers.HEADER] = headers.stamp(
+            previous,
+            retries=celery_options.get("retries") or 0,
+            **fields,
+        )
+        return super().apply_async(
+            args,
+            kwargs,
+            task_id,
+            producer,
+            link,
+            link_error,
+            shadow,
+            headers=message_headers,
+            **celery_options,
+        )
+
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        """Check the arguments now, then publish when the transaction commits."""
+        self.guard_prepare(args, kwargs, None)
+        super().delay_on_commit(*args, **kwargs)
+
+    def apply_async_on_commit(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **celery_options: Any,
+    ) -> None:
+        """Check the call now, then publish when the transaction commits."""
+        self.guard_prepare(
+            args, kwargs, celery_options.get("guard"), celery_options.get("serializer")
+        )
+        super().apply_async_on_commit(args, kwargs, **celery_options)
