@@ -35,7 +35,9 @@ def guarded_tasks(app: Any) -> list[Any]:
     return [t for t in app.tasks.values() if isinstance(t, GuardedTask)]
 
 
-def check_unknown_settings(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+def check_unknown_settings(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
     """W001: a ``CELERY_GUARD_*`` setting the package does not know (usually a typo)."""
     known = conf.known_settings()
     messages: list[CheckMessage] = []
@@ -85,9 +87,8 @@ def check_pickle(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[Ch
     where = [
         name
         for name in ("accept_content", "result_accept_content")
-        if "pickle" in (conf_.get(name) or ()) or "application/x-python-serialize" in (
-            conf_.get(name) or ()
-        )
+        if "pickle" in (conf_.get(name) or ())
+        or "application/x-python-serialize" in (conf_.get(name) or ())
     ]
     where += [n for n in ("task_serializer", "result_serializer") if conf_.get(n) == "pickle"]
     if not where:

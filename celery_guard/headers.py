@@ -13,9 +13,7 @@ HEADER = "celery_guard"
 VERSION = 1
 
 
-def stamp(
-    previous: Mapping[str, Any] | None, *, retries: int, **fields: Any
-) -> dict[str, Any]:
+def stamp(previous: Mapping[str, Any] | None, *, retries: int, **fields: Any) -> dict[str, Any]:
     """Build the guard header for a publish.
 
     A first publish gets the current time as its first-enqueue time; a republish of the same

@@ -27,7 +27,11 @@ def main() -> int:
 
     redis_url, embedded = ensure_redis_url()
     print(f"broker: {redis_url}" + (" (embedded, started by the demo)" if embedded else ""))
-    env = {**os.environ, "CELERY_GUARD_LOG_LEVEL": "WARNING", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    env = {
+        **os.environ,
+        "CELERY_GUARD_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+    }
     manage = [sys.executable, str(HERE / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], check=True, env=env)
 
@@ -47,15 +51,33 @@ def main() -> int:
     workers: list[subprocess.Popen[bytes]] = []
     try:
         for level, queue in guard_settings.priority_queues.items():
-            cmd = [sys.executable, "-m", "celery", "-A", "proj", "worker", "-Q", queue,
-                   "-n", f"{level}@demo", "-c", "1", "--loglevel", "WARNING",
-                   "--without-gossip", "--without-mingle", "--without-heartbeat"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "proj",
+                "worker",
+                "-Q",
+                queue,
+                "-n",
+                f"{level}@demo",
+                "-c",
+                "1",
+                "--loglevel",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
             print("starting:", " ".join(cmd[2:]))
             workers.append(subprocess.Popen(cmd, env=env, cwd=HERE, start_new_session=True))
         _wait_for_workers(app, len(workers))
 
-        print(f"\nqueueing {LOW_JOBS} low-priority reports (0.2 s each), then "
-              f"{HIGH_JOBS} high-priority password resets")
+        print(
+            f"\nqueueing {LOW_JOBS} low-priority reports (0.2 s each), then "
+            f"{HIGH_JOBS} high-priority password resets"
+        )
         for i in range(LOW_JOBS):
             build_report.delay(i)
         time.sleep(0.5)
@@ -97,14 +119,18 @@ def _report(JobRun) -> int:
     t0 = runs[0].started_at
     print(f"\n{'start':>7}  {'queue':<8} {'worker':<14} job")
     for run in runs:
-        print(f"{(run.started_at - t0).total_seconds():6.2f}s  {run.queue:<8} "
-              f"{run.worker:<14} {run.label}")
+        print(
+            f"{(run.started_at - t0).total_seconds():6.2f}s  {run.queue:<8} "
+            f"{run.worker:<14} {run.label}"
+        )
     high = [r for r in runs if r.priority == "high"]
     low = [r for r in runs if r.priority == "low"]
     last_low = max(r.started_at for r in low)
     overtook = sum(r.started_at < last_low for r in high)
-    print(f"\n{overtook}/{len(high)} high-priority jobs started before the low backlog "
-          f"drained (last low job started at {(last_low - t0).total_seconds():.2f}s)")
+    print(
+        f"\n{overtook}/{len(high)} high-priority jobs started before the low backlog "
+        f"drained (last low job started at {(last_low - t0).total_seconds():.2f}s)"
+    )
     return 0 if overtook == len(high) else 1
 
 

@@ -28,7 +28,11 @@ class Command(BaseCommand):
     def handle_doctor(self, timeout: float, **options: Any) -> None:
         """Print the doctor report and the worker command lines; fail on errors."""
         report = doctor.run(timeout=timeout)
-        styles = {"ok": self.style.SUCCESS, "warning": self.style.WARNING, "error": self.style.ERROR}
+        styles = {
+            "ok": self.style.SUCCESS,
+            "warning": self.style.WARNING,
+            "error": self.style.ERROR,
+        }
         for level, text in report.lines:
             self.stdout.write(styles[level](f"[{level}] {text}"))
         self.stdout.write("\nWorker command lines, one pool per priority queue:")

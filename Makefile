@@ -1,0 +1,49 @@
+# Developer commands. Each target creates the virtualenv it needs (Python 3.10+ only).
+# Real services are used when DATABASE_URL / REDIS_URL / AMQP_URL are set; otherwise
+# SQLite and an embedded redis-server that the suite or the demo starts and stops itself.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: help venv test lint format demo bench docs clean
+
+help:
+	@echo "make test   - run the whole test suite (unit + real-worker integration)"
+	@echo "make demo   - run the priority-routing demo on real workers"
+	@echo "make lint   - ruff (lint + format check) and mypy"
+	@echo "make bench  - benchmark the guard against plain Celery (FULL=1 for the full run)"
+	@echo "make docs   - build the Sphinx docs"
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "Python 3.10+ is required"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: venv
+	$(BIN)/python example_project/run_demo.py
+
+docs: venv
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache test-artifacts docs/_build

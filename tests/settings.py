@@ -1,0 +1,37 @@
+"""Settings of the test suite: the example project plus the test app, isolated per run.
+
+Every run gets a run id (inherited by the worker processes it starts) that prefixes its
+queue names and names its test database, so two runs on one machine share no state.
+Without ``REDIS_URL`` the run starts an embedded ``redis-server`` of its own.
+"""
+
+import os
+import tempfile
+import uuid
+
+from proj.embedded import ensure_redis_url
+from proj.settings import *  # noqa: F403
+from proj.settings import DATABASES, INSTALLED_APPS
+
+RUN_ID = os.environ.setdefault("CG_TEST_RUN_ID", uuid.uuid4().hex[:8])
+REDIS_URL, _EMBEDDED_REDIS = ensure_redis_url()
+
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]
+
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or REDIS_URL
+CELERY_TASK_DEFAULT_QUEUE = f"cgt-{RUN_ID}-celery"
+CELERY_GUARD_PRIORITY_QUEUES = {
+    level: f"cgt-{RUN_ID}-{level}" for level in ("high", "default", "low")
+}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+_db = DATABASES["default"]
+if _db["ENGINE"].endswith("sqlite3"):
+    _db["TEST"] = {"NAME": os.path.join(tempfile.gettempdir(), f"cgt-{RUN_ID}.sqlite3")}
+else:
+    _db["TEST"] = {"NAME": f"test_celery_guard_{RUN_ID}"}
+# A worker started by the suite connects to the test database the suite created.
+if os.environ.get("CG_WORKER_DB_NAME"):
+    _db["NAME"] = os.environ["CG_WORKER_DB_NAME"]
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -1,0 +1,30 @@
+"""Settings are read lazily through celery_guard.conf and follow override_settings."""
+
+from django.conf import settings
+from django.test import override_settings
+
+from celery_guard import conf
+from celery_guard.conf import guard_settings
+
+
+def test_defaults_apply_when_the_project_sets_nothing():
+    with override_settings():
+        del settings.CELERY_GUARD_PRIORITY_QUEUES
+        assert guard_settings.priority_queues == {
+            "high": "high",
+            "default": "default",
+            "low": "low",
+        }
+    assert guard_settings.default_priority == "default"
+    assert guard_settings.max_payload_bytes == 256 * 1024
+    assert guard_settings.install_router is True
+
+
+def test_override_settings_is_seen_on_the_next_read():
+    with override_settings(CELERY_GUARD_MAX_PAYLOAD_BYTES=10):
+        assert guard_settings.max_payload_bytes == 10
+    assert guard_settings.max_payload_bytes == 256 * 1024
+
+
+def test_known_settings_are_the_declared_defaults():
+    assert conf.known_settings() == {f"CELERY_GUARD_{name}" for name in conf.DEFAULTS}

@@ -1,0 +1,115 @@
+"""Priority routing on real workers (Redis and RabbitMQ) with records written by the tasks."""
+
+import pytest
+from django.conf import settings
+from django.db import transaction
+from kombu import Connection
+
+from celery_guard import PayloadError
+from tests.harness import queue_length, wait_until
+from tests.testapp import tasks
+from tests.testapp.models import Execution
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def executions(count, timeout=60):
+    return wait_until(
+        lambda: list(Execution.objects.all()) if Execution.objects.count() >= count else None,
+        timeout,
+    )
+
+
+def test_high_jobs_overtake_a_low_backlog(start_worker, queues):
+    start_worker(["low"], name="low")
+    start_worker(["high"], name="high")
+    for i in range(200):
+        tasks.low_job.delay(f"low-{i}", sleep_ms=50)
+    for i in range(5):
+        tasks.high_job.delay(f"high-{i}")
+
+    runs = executions(205, timeout=120)
+    low = [r for r in runs if r.label.startswith("low-")]
+    high = [r for r in runs if r.label.startswith("high-")]
+    assert len(low) == 200 and len(high) == 5
+    assert {r.queue for r in low} == {queues["low"]}
+    assert {r.queue for r in high} == {queues["high"]}
+    backlog_drained = max(r.started_at for r in low)
+    assert all(r.started_at < backlog_drained for r in high), (
+        [r.started_at for r in high],
+        backlog_drained,
+    )
+
+
+def test_levels_per_call_override_and_unguarded_tasks(start_worker, queues):
+    start_worker(["high", "default", "low", settings.CELERY_TASK_DEFAULT_QUEUE], concurrency=2)
+    tasks.default_job.delay("default")
+    tasks.high_job.apply_async(("overridden",), guard={"priority": "low"})
+    tasks.plain_job.delay("plain")
+
+    runs = {r.label: r for r in executions(3)}
+    assert runs["default"].queue == queues["default"]
+    assert runs["default"].guard_header["priority"] == "default"
+    assert runs["overridden"].queue == queues["low"]
+    assert runs["overridden"].guard_header["priority"] == "low"
+    # Unguarded tasks are untouched: Celery's default queue, no guard header.
+    assert runs["plain"].queue == settings.CELERY_TASK_DEFAULT_QUEUE
+    assert runs["plain"].guard_header is None
+
+
+def test_guard_header_is_stamped_and_kept_across_a_celery_retry(start_worker):
+    start_worker(["high"])
+    tasks.retry_once_job.delay("retry")
+    first, second = sorted(executions(2), key=lambda r: r.started_at)
+    assert first.guard_header["v"] == 1
+    assert first.guard_header["attempt"] == 1
+    assert second.guard_header["attempt"] == 2
+    assert second.guard_header["first_enqueued_at"] == first.guard_header["first_enqueued_at"]
+    assert first.guard_header["first_enqueued_at"] <= first.started_at
+    assert second.guard_header["priority"] == "high"
+
+
+def test_routing_on_rabbitmq(start_worker, amqp_url, queues):
+    start_worker(["high", "low"], broker_url=amqp_url, name="amqp")
+    from proj.celery import app
+
+    with Connection(amqp_url) as conn:
+        producer = app.amqp.Producer(conn)
+        tasks.high_job.apply_async(("rabbit-high",), producer=producer)
+        tasks.low_job.apply_async(("rabbit-low",), producer=producer)
+        tasks.low_job.apply_async(
+            ("rabbit-override",), producer=producer, guard={"priority": "high"}
+        )
+    runs = {r.label: r for r in executions(3)}
+    assert runs["rabbit-high"].queue == queues["high"]
+    assert runs["rabbit-low"].queue == queues["low"]
+    assert runs["rabbit-override"].queue == queues["high"]
+
+
+def test_bad_payloads_raise_and_publish_nothing(redis_url, queues, empty_queues):
+    import datetime
+
+    with pytest.raises(PayloadError, match=r"kwargs\['when'\]: datetime is not JSON serializable"):
+        tasks.high_job.apply_async(("x",), {"sleep_ms": 0, "when": datetime.datetime.now()})
+    with pytest.raises(PayloadError, match="over CELERY_GUARD_MAX_PAYLOAD_BYTES"):
+        tasks.high_job.delay("x" * 300_000)
+    with pytest.raises(TypeError, match="unknown guard option 'priorty'"):
+        tasks.high_job.apply_async(("x",), guard={"priorty": "low"})
+    with pytest.raises(ValueError, match="'urgent' is not a priority level"):
+        tasks.high_job.apply_async(("x",), guard={"priority": "urgent"})
+    assert all(queue_length(redis_url, q) == 0 for q in queues.values())
+    tasks.high_job.delay("ok")  # the same path does publish when the payload is fine
+    assert queue_length(redis_url, queues["high"]) == 1
+
+
+def test_delay_on_commit_checks_now_and_publishes_after_commit(redis_url, queues, empty_queues):
+    with transaction.atomic():
+        with pytest.raises(PayloadError, match=r"args\[0\]: set is not JSON serializable"):
+            tasks.high_job.delay_on_commit({1})
+        tasks.high_job.delay_on_commit("committed")
+        assert queue_length(redis_url, queues["high"]) == 0
+    assert queue_length(redis_url, queues["high"]) == 1
+    with pytest.raises(RuntimeError), transaction.atomic():
+        tasks.low_job.delay_on_commit("rolled back")
+        raise RuntimeError
+    assert queue_length(redis_url, queues["low"]) == 0

@@ -1,0 +1,51 @@
+"""Tasks the integration tests run on real workers; each records its execution."""
+
+import time
+
+from celery import shared_task
+
+from celery_guard import guarded_task
+from tests.testapp.models import Execution
+
+
+def record(task, label: str, sleep_ms: int = 0) -> None:
+    """Write one Execution row for the running task, after sleeping ``sleep_ms``."""
+    started = time.time()
+    if sleep_ms:
+        time.sleep(sleep_ms / 1000)
+    Execution.objects.create(
+        task=task.name,
+        label=label,
+        queue=(task.request.delivery_info or {}).get("routing_key") or "",
+        hostname=task.request.hostname or "",
+        guard_header=(task.request.headers or {}).get("celery_guard"),
+        started_at=started,
+        finished_at=time.time(),
+    )
+
+
+@guarded_task(priority="high", bind=True)
+def high_job(self, label: str, sleep_ms: int = 0) -> None:
+    record(self, label, sleep_ms)
+
+
+@guarded_task(priority="low", bind=True)
+def low_job(self, label: str, sleep_ms: int = 0) -> None:
+    record(self, label, sleep_ms)
+
+
+@guarded_task(bind=True)
+def default_job(self, label: str, sleep_ms: int = 0) -> None:
+    record(self, label, sleep_ms)
+
+
+@shared_task(bind=True)
+def plain_job(self, label: str) -> None:
+    record(self, label)
+
+
+@guarded_task(priority="high", bind=True, max_retries=3)
+def retry_once_job(self, label: str) -> None:
+    record(self, label)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.1)
