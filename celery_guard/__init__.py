@@ -10,11 +10,22 @@ __all__ = [
     "GuardError",
     "GuardedTask",
     "PayloadError",
+    "PermanentError",
+    "PoisonMessageError",
+    "ThrottledError",
+    "TransientError",
     "__version__",
     "guarded_task",
 ]
 
-from celery_guard.exceptions import GuardError, PayloadError
+from celery_guard.exceptions import (
+    GuardError,
+    PayloadError,
+    PermanentError,
+    PoisonMessageError,
+    ThrottledError,
+    TransientError,
+)
 
 if TYPE_CHECKING:
     from celery_guard.decorators import guarded_task
