@@ -217,6 +217,15 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
             request.id,
         )
         started = None
+    if started is not None and started.lost:
+        logger.warning(
+            "celery_guard: %s[%s] redelivered after its worker process was lost (%s lost "
+            "deliveries, CELERY_GUARD_MAX_WORKER_LOST=%s)",
+            task.name,
+            request.id,
+            started.lost,
+            guard_settings.max_worker_lost,
+        )
     if started is not None and started.lost >= guard_settings.max_worker_lost:
         _poison(task, started)
     ended = False

@@ -205,3 +205,28 @@ def test_capture_unguarded_failures_only_when_enabled():
 def test_longest_delay():
     assert retry.longest_delay({"backoff": Schedule((1, 50, 3))}, Exponential()) == 50
     assert retry.longest_delay({}, Exponential(cap=70)) == 70
+
+
+def published_headers(redis_url, queue):
+    import json
+
+    import redis
+
+    [raw] = redis.Redis.from_url(redis_url).lrange(queue, 0, -1)
+    return json.loads(raw)["headers"]
+
+
+@pytest.mark.integration
+def test_project_default_time_limits_apply_to_tasks_without_their_own(
+    redis_url, queues, empty_queues
+):
+    with override_settings(CELERY_GUARD_SOFT_TIME_LIMIT=30, CELERY_GUARD_TIME_LIMIT=40):
+        fail_tasks.fail_permanent.delay("limits")
+        assert published_headers(redis_url, queues["default"])["timelimit"] == [40, 30]
+    from tests.harness import purge
+
+    purge(redis_url, [queues["default"]])
+    with override_settings(CELERY_GUARD_SOFT_TIME_LIMIT=30, CELERY_GUARD_TIME_LIMIT=40):
+        fail_tasks.fail_soft_limit.delay("own")  # soft_time_limit=0.3 on the task
+    # The task's own soft limit wins; the hard one it lacks comes from the setting.
+    assert published_headers(redis_url, queues["default"])["timelimit"] == [40, 0.3]
