@@ -153,6 +153,15 @@ def check_acks_late(app_configs: Sequence[Any] | None = None, **kw: Any) -> list
     return []
 
 
+def _redis_visibility_timeout(app: Any) -> float | None:
+    """The visibility timeout of a Redis broker, or None when the broker is not Redis."""
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+        return None
+    transport = app.conf.broker_transport_options or {}
+    return float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
+
+
 def _longest_run(app: Any) -> tuple[float, str] | None:
     candidates: list[tuple[float, str]] = []
     for name in ("task_time_limit", "task_soft_time_limit"):
@@ -172,14 +181,10 @@ def check_visibility_timeout(
 ) -> list[CheckMessage]:
     """W003: a Redis broker whose visibility timeout is not longer than a guarded task may run."""
     app = _celery_app()
-    url = app.conf.broker_url or ""
-    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+    timeout = _redis_visibility_timeout(app)
+    longest = _longest_run(app) if timeout is not None else None
+    if timeout is None or longest is None:
         return []
-    longest = _longest_run(app)
-    if longest is None:
-        return []
-    transport = app.conf.broker_transport_options or {}
-    timeout = float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
     seconds, source = longest
     if timeout > seconds:
         return []
@@ -226,13 +231,9 @@ def check_retry_delay_visibility(
 ) -> list[CheckMessage]:
     """W008: a Redis visibility timeout not longer than a guarded task's longest retry delay."""
     app = _celery_app()
-    url = app.conf.broker_url or ""
-    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+    timeout = _redis_visibility_timeout(app)
+    if timeout is None or list(_failure_setting_errors()):
         return []
-    if list(_failure_setting_errors()):
-        return []
-    transport = app.conf.broker_transport_options or {}
-    timeout = float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
     default = conf.raw("BACKOFF")
     delays = sorted(
         (retry.longest_delay(task.guard_options, default), task.name) for task in guarded_tasks(app)

@@ -22,20 +22,6 @@ def http_error(status: int, retry_after: str | None = None) -> requests.HTTPErro
     return requests.HTTPError(f"{status} from the test API", response=response)
 
 
-def start(task, label: str) -> None:
-    """Record a run before a body that may never return (killed, timed out)."""
-    now = time.time()
-    Execution.objects.create(
-        task=task.name,
-        label=label,
-        queue=(task.request.delivery_info or {}).get("routing_key") or "",
-        hostname=task.request.hostname or "",
-        guard_header=(task.request.headers or {}).get("celery_guard"),
-        started_at=now,
-        finished_at=now,
-    )
-
-
 @guarded_task(bind=True, max_attempts=4, backoff=Exponential(base=0.2, factor=2, cap=0.5))
 def fail_flaky(self, label: str, fail_times: int) -> None:
     record(self, label)
@@ -77,20 +63,20 @@ def fail_throttled(self, label: str, times: int) -> None:
 
 @guarded_task(bind=True, max_attempts=3, backoff=0.1, soft_time_limit=0.3)
 def fail_soft_limit(self, label: str) -> None:
-    start(self, label)
+    record(self, label)  # before a body that may never return
     if self.request.retries == 0:
         time.sleep(5)
 
 
 @guarded_task(bind=True, max_attempts=2, backoff=0.1, time_limit=1)
 def fail_hard_limit(self, label: str) -> None:
-    start(self, label)
+    record(self, label)  # before a body that may never return
     time.sleep(10)
 
 
 @guarded_task(bind=True)
 def fail_kill_self(self, label: str) -> None:
-    start(self, label)
+    record(self, label)  # before a body that may never return
     os.kill(os.getpid(), signal.SIGKILL)
 
 
