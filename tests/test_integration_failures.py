@@ -150,17 +150,34 @@ def test_hard_time_limit_counts_as_an_attempt(start_worker):
     assert not Delivery.objects.exists()
 
 
-def test_a_task_killing_its_worker_is_dead_lettered_after_the_cap(start_worker, redis_url, queues):
-    worker = start_worker(["default"], concurrency=1, pool="prefork")
-    fail_tasks.fail_kill_self.delay("kill")
+def check_poison_cap(worker, broker_url, queue):
     row = wait_dead_letter("kill", timeout=90)
     # CELERY_GUARD_MAX_WORKER_LOST = 3: three deliveries died, the fourth did not run.
     settle("kill", 3)
     assert row.reason == DeadLetter.Reason.WORKER_LOST
     assert row.exception_class == "celery_guard.exceptions.PoisonMessageError"
-    assert queue_length(redis_url, queues["default"]) == 0
+    assert row.args == ["kill"]
+    assert queue_length(broker_url, queue) == 0
     assert not Delivery.objects.exists()
     assert worker.process.poll() is None  # the worker itself survived
+    assert worker.log_path.read_text().count("redelivered after its worker process was lost") == 3
+
+
+def test_a_task_killing_its_worker_is_dead_lettered_after_the_cap(start_worker, redis_url, queues):
+    worker = start_worker(["default"], concurrency=1, pool="prefork")
+    fail_tasks.fail_kill_self.delay("kill")
+    check_poison_cap(worker, redis_url, queues["default"])
+
+
+def test_poison_cap_on_rabbitmq(start_worker, amqp_url, queues):
+    from kombu import Connection
+
+    from proj.celery import app
+
+    worker = start_worker(["default"], broker_url=amqp_url, concurrency=1, pool="prefork")
+    with Connection(amqp_url) as conn:
+        fail_tasks.fail_kill_self.apply_async(("kill",), producer=app.amqp.Producer(conn))
+    check_poison_cap(worker, amqp_url, queues["default"])
 
 
 def test_a_dead_letter_replays_with_send_task(start_worker, queues):
