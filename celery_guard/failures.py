@@ -33,10 +33,32 @@ FAILURE_FIELDS = (CONSUMED, THROTTLED, HISTORY, DELAY)
 MAX_HISTORY = 25
 
 
+def _number(guard: Mapping[str, Any], key: str, default: Any = 0) -> Any:
+    # The header comes from the broker: a value of the wrong type must not break the pipeline.
+    value = guard.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return int(value) if isinstance(default, int) else float(value)
+
+
+def _history(guard: Mapping[str, Any]) -> list[Any]:
+    value = guard.get(HISTORY)
+    return list(value) if isinstance(value, list) else []
+
+
 def policy_for(task: Any) -> retry.Policy:
     """The effective failure policy of ``task`` under the current settings."""
     path = guard_settings.error_classifier
-    classifier: Callable[[BaseException], Any] | None = import_string(path) if path else None
+    classifier: Callable[[BaseException], Any] | None = None
+    if path:
+        try:
+            classifier = import_string(path)
+        except ImportError:
+            logger.exception(
+                "celery_guard: CELERY_GUARD_ERROR_CLASSIFIER %r cannot be imported (check "
+                "celery_guard.E005); classifying without it",
+                path,
+            )
     return retry.policy_for(
         task.guard_options,
         unknown=guard_settings.unknown_errors,
@@ -144,12 +166,12 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
     decision = retry.decide(
         classification,
         policy,
-        consumed_before=int(guard.get(CONSUMED, 0)),
-        throttled_before=int(guard.get(THROTTLED, 0)),
-        first_enqueued_at=guard.get("first_enqueued_at"),
+        consumed_before=_number(guard, CONSUMED),
+        throttled_before=_number(guard, THROTTLED),
+        first_enqueued_at=_number(guard, "first_enqueued_at", None),
         now=now,
     )
-    history = [*guard.get(HISTORY, ()), _entry(exc, decision, now, decision.consumed)]
+    history = [*_history(guard), _entry(exc, decision, now, decision.consumed)]
     history = history[-MAX_HISTORY:]
     if decision.retry:
         logger.warning(
@@ -269,8 +291,8 @@ def _call(
                 task,
                 rejected,
                 retry.REASON_REJECTED,
-                attempts=int(guard.get(CONSUMED, 0)) + 1,
-                history=guard.get(HISTORY, ()),
+                attempts=_number(guard, CONSUMED) + 1,
+                history=_history(guard),
             )
         raise
     except Exception as exc:
@@ -285,10 +307,10 @@ def _poison(task: Any, started: deliveries.Started) -> NoReturn:
         f"(CELERY_GUARD_MAX_WORKER_LOST={guard_settings.max_worker_lost}); not running it again"
     )
     history = [
-        *guard.get(HISTORY, ()),
+        *_history(guard),
         {
             "at": time.time(),
-            "attempt": int(guard.get(CONSUMED, 0)) + 1,
+            "attempt": _number(guard, CONSUMED) + 1,
             "error": "billiard.exceptions.WorkerLostError",
             "message": f"worker lost {started.lost} times",
             "kind": "worker_lost",
@@ -299,7 +321,7 @@ def _poison(task: Any, started: deliveries.Started) -> NoReturn:
         task,
         exc,
         retry.REASON_WORKER_LOST,
-        attempts=int(guard.get(CONSUMED, 0)) + 1,
+        attempts=_number(guard, CONSUMED) + 1,
         history=history,
     )
     deliveries.end(request.id, started.token)

@@ -230,3 +230,23 @@ def test_project_default_time_limits_apply_to_tasks_without_their_own(
         fail_tasks.fail_soft_limit.delay("own")  # soft_time_limit=0.3 on the task
     # The task's own soft limit wins; the hard one it lacks comes from the setting.
     assert published_headers(redis_url, queues["default"])["timelimit"] == [40, 0.3]
+
+
+def test_broker_headers_of_the_wrong_type_do_not_break_the_pipeline():
+    from celery_guard import failures
+
+    guard = {"consumed": "3", "throttled": True, "first_enqueued_at": [], "history": "x"}
+    assert failures._number(guard, "consumed") == 0
+    assert failures._number(guard, "throttled") == 0
+    assert failures._number(guard, "first_enqueued_at", None) is None
+    assert failures._history(guard) == []
+    assert failures._number({"consumed": 2}, "consumed") == 2
+
+
+def test_an_unimportable_classifier_is_logged_and_skipped(caplog):
+    from celery_guard import failures
+
+    with override_settings(CELERY_GUARD_ERROR_CLASSIFIER="tests.nowhere.classify"):
+        policy = failures.policy_for(fail_tasks.fail_permanent)
+    assert policy.classifier is None
+    assert "cannot be imported" in caplog.text
