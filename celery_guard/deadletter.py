@@ -53,6 +53,14 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def idempotency_key(guard: Mapping[str, Any]) -> str | None:
+    """The idempotency key a guard header carries (``{"idempotency": {"key": ...}}``), if any."""
+    entry = guard.get("idempotency")
+    if isinstance(entry, Mapping) and entry.get("key"):
+        return str(entry["key"])[:255]
+    return None
+
+
 @dataclass
 class Failure:
     """A final failure to record: the message, the error and the attempts that led to it."""
@@ -94,7 +102,7 @@ def write(failure: Failure) -> DeadLetter:
             kwargs=jsonable(dict(failure.kwargs)),
             headers=jsonable(dict(failure.headers)),
             options=jsonable(dict(failure.options)),
-            idempotency_key=guard.get("idempotency_key"),
+            idempotency_key=idempotency_key(guard),
             tenant=guard.get("tenant"),
             reason=failure.reason,
             exception_class=failure.exception_class[:255],
