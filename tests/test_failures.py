@@ -109,7 +109,14 @@ def failure(**overrides):
         "message": "m" * 5000,
         "args": [1, {"a": 2}],
         "kwargs": {"k": "v"},
-        "headers": {"celery_guard": {"v": 1, "first_enqueued_at": 1_700_000_000.0, "attempt": 3}},
+        "headers": {
+            "celery_guard": {
+                "v": 1,
+                "first_enqueued_at": 1_700_000_000.0,
+                "attempt": 3,
+                "idempotency": {"key": "notify:7", "fingerprint": "f"},
+            }
+        },
         "queue": "q",
     }
     return deadletter.Failure(**{**values, **overrides})
@@ -141,7 +148,7 @@ def test_dead_letter_write_sends_the_signal_and_survives_receiver_errors(caplog)
         "dead_letter": row,
         "task_name": "tests.x",
         "task_id": "id-1",
-        "idempotency_key": None,
+        "idempotency_key": "notify:7",
         "reason": "permanent",
     }
     assert "dead-lettered tests.x[id-1]" in caplog.text
@@ -155,7 +162,7 @@ def test_replay_options_start_a_fresh_guard_header():
         "first_enqueued_at": 1.0,
         "attempt": 4,
         "priority": "low",
-        "idempotency_key": "k",
+        "idempotency": {"key": "k"},
         "consumed": 3,
         "history": [{}],
         "delay": 1,
@@ -174,9 +181,9 @@ def test_replay_options_start_a_fresh_guard_header():
     options = row.replay_options()
     header = options["headers"]["celery_guard"]
     assert header["attempt"] == 1 and header["first_enqueued_at"] > 1.0
-    assert {k: header[k] for k in ("priority", "idempotency_key")} == {
+    assert {k: header[k] for k in ("priority", "idempotency")} == {
         "priority": "low",
-        "idempotency_key": "k",
+        "idempotency": {"key": "k"},
     }
     assert not set(header) & {"consumed", "history", "delay", "throttled"}
     assert options["headers"]["x-other"] == 1
