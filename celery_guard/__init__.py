@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GuardError",
     "GuardedTask",
+    "HardTimeLimitError",
     "PayloadError",
     "PermanentError",
     "PoisonMessageError",
@@ -20,6 +21,7 @@ __all__ = [
 
 from celery_guard.exceptions import (
     GuardError,
+    HardTimeLimitError,
     PayloadError,
     PermanentError,
     PoisonMessageError,
