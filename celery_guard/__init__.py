@@ -9,12 +9,25 @@ __version__ = "0.1.0"
 __all__ = [
     "GuardError",
     "GuardedTask",
+    "HardTimeLimitError",
     "PayloadError",
+    "PermanentError",
+    "PoisonMessageError",
+    "ThrottledError",
+    "TransientError",
     "__version__",
     "guarded_task",
 ]
 
-from celery_guard.exceptions import GuardError, PayloadError
+from celery_guard.exceptions import (
+    GuardError,
+    HardTimeLimitError,
+    PayloadError,
+    PermanentError,
+    PoisonMessageError,
+    ThrottledError,
+    TransientError,
+)
 
 if TYPE_CHECKING:
     from celery_guard.decorators import guarded_task

@@ -12,9 +12,9 @@ from typing import Any
 from celery import current_app
 from django.conf import settings as django_settings
 from django.core.checks import CheckMessage, Error, Warning
-from django.utils.module_loading import autodiscover_modules
+from django.utils.module_loading import autodiscover_modules, import_string
 
-from celery_guard import conf, options, routing
+from celery_guard import backoff, conf, options, retry, routing
 
 #: Redis's visibility timeout when the project sets none (Celery's Redis broker docs).
 REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600
@@ -74,6 +74,39 @@ def _setting_errors() -> Iterable[str]:
         yield f"CELERY_GUARD_MAX_PAYLOAD_BYTES must be a positive int, got {size!r}"
     if not isinstance(conf.raw("INSTALL_ROUTER"), bool):
         yield "CELERY_GUARD_INSTALL_ROUTER must be True or False"
+    yield from _failure_setting_errors()
+
+
+def _failure_setting_errors() -> Iterable[str]:
+    for name, validate in (
+        ("MAX_ATTEMPTS", retry.MAX_ATTEMPTS.validate),
+        ("BACKOFF", backoff.parse),
+        ("DEADLINE", retry.DEADLINE.validate),
+    ):
+        try:
+            validate(conf.raw(name))
+        except (TypeError, ValueError) as exc:
+            yield f"CELERY_GUARD_{name}: {exc}"
+    if conf.raw("UNKNOWN_ERRORS") not in (retry.TRANSIENT, retry.PERMANENT):
+        yield (
+            "CELERY_GUARD_UNKNOWN_ERRORS must be 'transient' or 'permanent', got "
+            f"{conf.raw('UNKNOWN_ERRORS')!r}"
+        )
+    classifier = conf.raw("ERROR_CLASSIFIER")
+    if classifier is not None and not isinstance(classifier, str):
+        yield f"CELERY_GUARD_ERROR_CLASSIFIER must be a dotted path (str), got {classifier!r}"
+    for name, minimum in (("MAX_THROTTLED", 0), ("MAX_WORKER_LOST", 1)):
+        value = conf.raw(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            yield f"CELERY_GUARD_{name} must be an int >= {minimum}, got {value!r}"
+    for name in ("SOFT_TIME_LIMIT", "TIME_LIMIT"):
+        value = conf.raw(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+        ):
+            yield f"CELERY_GUARD_{name} must be None or a positive number of seconds"
+    if not isinstance(conf.raw("CAPTURE_UNGUARDED"), bool):
+        yield "CELERY_GUARD_CAPTURE_UNGUARDED must be True or False"
 
 
 def check_setting_values(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
@@ -120,6 +153,15 @@ def check_acks_late(app_configs: Sequence[Any] | None = None, **kw: Any) -> list
     return []
 
 
+def _redis_visibility_timeout(app: Any) -> float | None:
+    """The visibility timeout of a Redis broker, or None when the broker is not Redis."""
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+        return None
+    transport = app.conf.broker_transport_options or {}
+    return float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
+
+
 def _longest_run(app: Any) -> tuple[float, str] | None:
     candidates: list[tuple[float, str]] = []
     for name in ("task_time_limit", "task_soft_time_limit"):
@@ -139,14 +181,10 @@ def check_visibility_timeout(
 ) -> list[CheckMessage]:
     """W003: a Redis broker whose visibility timeout is not longer than a guarded task may run."""
     app = _celery_app()
-    url = app.conf.broker_url or ""
-    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+    timeout = _redis_visibility_timeout(app)
+    longest = _longest_run(app) if timeout is not None else None
+    if timeout is None or longest is None:
         return []
-    longest = _longest_run(app)
-    if longest is None:
-        return []
-    transport = app.conf.broker_transport_options or {}
-    timeout = float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
     seconds, source = longest
     if timeout > seconds:
         return []
@@ -161,6 +199,58 @@ def check_visibility_timeout(
                 "longest time limit; on a shared Redis the shortest one configured wins."
             ),
             id="celery_guard.W003",
+        )
+    ]
+
+
+def check_classifier(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """E005: ``CELERY_GUARD_ERROR_CLASSIFIER`` does not import as a callable."""
+    path = conf.raw("ERROR_CLASSIFIER")
+    if not isinstance(path, str):
+        return []
+    try:
+        found = import_string(path)
+    except ImportError as exc:
+        problem = f"cannot be imported ({exc})"
+    else:
+        if callable(found):
+            return []
+        problem = f"is not callable ({type(found).__name__})"
+    return [
+        Error(
+            f"CELERY_GUARD_ERROR_CLASSIFIER {path!r} {problem}.",
+            hint="Point it at a function taking an exception and returning 'transient', "
+            "'permanent', 'throttled' or None.",
+            id="celery_guard.E005",
+        )
+    ]
+
+
+def check_retry_delay_visibility(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """W008: a Redis visibility timeout not longer than a guarded task's longest retry delay."""
+    app = _celery_app()
+    timeout = _redis_visibility_timeout(app)
+    if timeout is None or list(_failure_setting_errors()):
+        return []
+    default = conf.raw("BACKOFF")
+    delays = sorted(
+        (retry.longest_delay(task.guard_options, default), task.name) for task in guarded_tasks(app)
+    )
+    if not delays or delays[-1][0] < timeout:
+        return []
+    seconds, name = delays[-1]
+    return [
+        Warning(
+            f"The Redis visibility_timeout ({timeout:g}s) is not longer than the longest retry "
+            f"delay of {name} ({seconds:g}s).",
+            hint=(
+                "A retry waits unacknowledged in a worker until its countdown ends; past the "
+                "visibility timeout Redis delivers it again, in a loop (celery#2599, "
+                "kombu#337). Lower the backoff cap or raise visibility_timeout."
+            ),
+            id="celery_guard.W008",
         )
     ]
 
@@ -250,6 +340,8 @@ ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_pickle,
     check_acks_late,
     check_visibility_timeout,
+    check_retry_delay_visibility,
+    check_classifier,
     check_always_eager,
     check_priority_queues,
     check_router,

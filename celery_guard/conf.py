@@ -7,6 +7,8 @@ from typing import Any
 
 from django.conf import settings as django_settings
 
+from celery_guard import backoff
+
 PREFIX = "CELERY_GUARD_"
 
 #: Built-in defaults, keyed by the setting name without its prefix. Every setting the
@@ -16,6 +18,16 @@ DEFAULTS: Mapping[str, Any] = {
     "DEFAULT_PRIORITY": "default",
     "MAX_PAYLOAD_BYTES": 256 * 1024,
     "INSTALL_ROUTER": True,
+    "MAX_ATTEMPTS": 5,
+    "BACKOFF": backoff.Exponential(),
+    "DEADLINE": None,
+    "UNKNOWN_ERRORS": "transient",
+    "ERROR_CLASSIFIER": None,
+    "MAX_THROTTLED": 50,
+    "MAX_WORKER_LOST": 3,
+    "SOFT_TIME_LIMIT": None,
+    "TIME_LIMIT": None,
+    "CAPTURE_UNGUARDED": False,
 }
 
 
@@ -60,6 +72,44 @@ class GuardSettings:
     def install_router(self) -> bool:
         """Whether guarded tasks put the guard router in front of ``task_routes`` themselves."""
         return bool(raw("INSTALL_ROUTER"))
+
+    @property
+    def unknown_errors(self) -> str:
+        """How an exception no rule classifies is treated: ``"transient"`` or ``"permanent"``."""
+        return str(raw("UNKNOWN_ERRORS"))
+
+    @property
+    def error_classifier(self) -> str | None:
+        """Dotted path of the project's error classifier, if any."""
+        value = raw("ERROR_CLASSIFIER")
+        return None if value is None else str(value)
+
+    @property
+    def max_throttled(self) -> int:
+        """Throttled reschedules a task gets before they start consuming attempts."""
+        return int(raw("MAX_THROTTLED"))
+
+    @property
+    def max_worker_lost(self) -> int:
+        """Deliveries of one task id that may lose their worker before it is dead-lettered."""
+        return int(raw("MAX_WORKER_LOST"))
+
+    @property
+    def soft_time_limit(self) -> float | None:
+        """Soft time limit of guarded tasks that set none (seconds)."""
+        value = raw("SOFT_TIME_LIMIT")
+        return None if value is None else float(value)
+
+    @property
+    def time_limit(self) -> float | None:
+        """Hard time limit of guarded tasks that set none (seconds)."""
+        value = raw("TIME_LIMIT")
+        return None if value is None else float(value)
+
+    @property
+    def capture_unguarded(self) -> bool:
+        """Whether failures of unguarded Celery tasks are recorded as dead letters too."""
+        return bool(raw("CAPTURE_UNGUARDED"))
 
 
 guard_settings = GuardSettings()

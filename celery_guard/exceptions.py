@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GuardError(Exception):
     """Base class of every error celery_guard raises on purpose."""
@@ -11,4 +13,42 @@ class PayloadError(GuardError, ValueError):
     """Task arguments cannot be published: not plain JSON, or too large.
 
     Raised at enqueue time, before anything reaches the broker.
+    """
+
+
+class TransientError(GuardError):
+    """Raise from a guarded task for a failure worth retrying (a later attempt may succeed).
+
+    Args:
+        message: What went wrong.
+        retry_after: Seconds (or an HTTP date string, or an aware ``datetime``) before which
+            the next attempt must not start; it raises the backoff delay to at least that.
+    """
+
+    def __init__(self, message: str = "", *, retry_after: Any = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ThrottledError(TransientError):
+    """A transient failure caused by a rate limit: rescheduled without consuming an attempt.
+
+    Throttled reschedules are still bounded by the task's ``deadline`` and by
+    ``CELERY_GUARD_MAX_THROTTLED``.
+    """
+
+
+class PermanentError(GuardError):
+    """Raise from a guarded task for a failure no retry can fix: it is dead-lettered at once."""
+
+
+class PoisonMessageError(GuardError):
+    """The message's deliveries kept killing the worker process; it was dead-lettered unrun."""
+
+
+class HardTimeLimitError(GuardError):
+    """The last attempt was killed at its hard time limit; the task was dead-lettered.
+
+    Raised instead of Celery's ``TimeLimitExceeded``, which would make the worker requeue the
+    message of a guarded task (``acks_on_timeout = False``).
     """

@@ -18,7 +18,8 @@ def stamp(previous: Mapping[str, Any] | None, *, retries: int, **fields: Any) ->
 
     A first publish gets the current time as its first-enqueue time; a republish of the same
     task (a Celery retry carries the request's headers along) keeps the original time, so
-    deadlines and lag are measured from the first enqueue.
+    deadlines and lag are measured from the first enqueue, and keeps the other fields of the
+    previous header (attempt history...) unless ``fields`` replaces them.
 
     Args:
         previous: The guard header the task already carried, if any.
@@ -27,6 +28,7 @@ def stamp(previous: Mapping[str, Any] | None, *, retries: int, **fields: Any) ->
     """
     first = previous.get("first_enqueued_at") if previous else None
     header: dict[str, Any] = {
+        **(previous or {}),
         "v": VERSION,
         "first_enqueued_at": first if first is not None else time.time(),
         "attempt": retries + 1,

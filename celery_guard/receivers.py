@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import signals
 
-from celery_guard import headers
+from celery_guard import failures, headers
 
 logger = logging.getLogger(__name__)
 
@@ -33,3 +33,8 @@ def log_start(sender: Any = None, task_id: str | None = None, task: Any = None, 
 def connect() -> None:
     """Connect every receiver; ``dispatch_uid`` makes repeated calls harmless."""
     signals.task_prerun.connect(log_start, dispatch_uid="celery_guard.log_start", weak=False)
+    # Only unguarded tasks (CELERY_GUARD_CAPTURE_UNGUARDED): guarded ones are recorded from
+    # the task call itself, where a failed write can keep the message.
+    signals.task_failure.connect(
+        failures.capture_unguarded, dispatch_uid="celery_guard.capture_unguarded", weak=False
+    )

@@ -7,9 +7,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery.contrib.django.task import DjangoTask
+from celery.exceptions import TimeLimitExceeded
 from django.conf import settings as django_settings
 
-from celery_guard import headers, options, payload, routing
+# failures imports retry, which registers the failure options before any decoration.
+from celery_guard import failures, headers, options, payload, routing
 from celery_guard.conf import guard_settings
 from celery_guard.exceptions import PayloadError
 
@@ -26,6 +28,9 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
 
     acks_late = True
     reject_on_worker_lost = True
+    # A hard time limit requeues the message so its next delivery counts the kill as an
+    # attempt (see celery_guard.failures.on_hard_timeout) instead of acking it away.
+    acks_on_timeout = False
     serializer = "json"
 
     #: Guard options given to ``@guarded_task``, already validated.
@@ -37,6 +42,22 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
         super().on_bound(app)
         if not django_settings.configured or guard_settings.install_router:
             routing.install(app)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the body through the failure pipeline (retry, dead letter, poison cap)."""
+        request = self.request
+        if request.called_directly or request.is_eager or request.id is None:
+            return super().__call__(*args, **kwargs)
+        return failures.run(self, super().__call__, args, kwargs)
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Note a hard time limit kill (called in the worker's main process)."""
+        # In the main process no request is pushed; in the pool child it is this task's.
+        if isinstance(exc, TimeLimitExceeded) and self.request.id != task_id:
+            failures.on_hard_timeout(self.name, task_id)
+        super().on_failure(exc, task_id, args, kwargs, einfo)
 
     def guard_prepare(
         self,
@@ -98,6 +119,11 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
                 precedence over the decorator's.
             **celery_options: Every option Celery's ``apply_async`` takes.
         """
+        for limit in ("soft_time_limit", "time_limit"):
+            if celery_options.get(limit) is None and getattr(self, limit, None) is None:
+                default = getattr(guard_settings, limit)
+                if default is not None:
+                    celery_options[limit] = default
         message_headers = dict(celery_options.pop("headers", None) or {})
         previous = headers.read(message_headers)
         fields = self.guard_prepare(

@@ -49,3 +49,6 @@ def retry_once_job(self, label: str) -> None:
     record(self, label)
     if self.request.retries == 0:
         raise self.retry(countdown=0.1)
+
+
+from tests.testapp.fail_tasks import *  # noqa: E402, F403  (failure-pipeline test tasks)

@@ -1,0 +1,403 @@
+"""The failure pipeline of a running guarded task: classify, retry with backoff, dead-letter.
+
+Runs inside the task call (``GuardedTask.__call__``), not in Celery signal receivers, whose
+exceptions Celery swallows: a dead letter that cannot be written leaves the message for
+redelivery instead of acknowledging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import traceback as tb_module
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
+from django.utils.module_loading import import_string
+
+from celery_guard import deadletter, deliveries, headers, retry
+from celery_guard.conf import guard_settings
+from celery_guard.exceptions import HardTimeLimitError, PoisonMessageError
+
+logger = logging.getLogger(__name__)
+
+#: Guard header fields this module keeps across retries.
+CONSUMED = "consumed"
+THROTTLED = "throttled"
+HISTORY = "history"
+DELAY = "delay"
+FAILURE_FIELDS = (CONSUMED, THROTTLED, HISTORY, DELAY)
+#: Entries of the attempt history kept in the header (the oldest are dropped).
+MAX_HISTORY = 25
+
+
+def _number(guard: Mapping[str, Any], key: str, default: Any = 0) -> Any:
+    # The header comes from the broker: a value of the wrong type must not break the pipeline.
+    value = guard.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return int(value) if isinstance(default, int) else float(value)
+
+
+def _history(guard: Mapping[str, Any]) -> list[Any]:
+    value = guard.get(HISTORY)
+    return list(value) if isinstance(value, list) else []
+
+
+def policy_for(task: Any) -> retry.Policy:
+    """The effective failure policy of ``task`` under the current settings."""
+    path = guard_settings.error_classifier
+    classifier: Callable[[BaseException], Any] | None = None
+    if path:
+        try:
+            classifier = import_string(path)
+        except ImportError:
+            logger.exception(
+                "celery_guard: CELERY_GUARD_ERROR_CLASSIFIER %r cannot be imported (check "
+                "celery_guard.E005); classifying without it",
+                path,
+            )
+    return retry.policy_for(
+        task.guard_options,
+        unknown=guard_settings.unknown_errors,
+        max_throttled=guard_settings.max_throttled,
+        classifier=classifier,
+    )
+
+
+def _queue(request: Any) -> str:
+    info = request.delivery_info or {}
+    return str(info.get("routing_key") or info.get("queue") or "")
+
+
+def _options(request: Any) -> dict[str, Any]:
+    """The Celery publish options a replay needs (not ``expires``: it may have passed)."""
+    found: dict[str, Any] = {}
+    priority = (request.delivery_info or {}).get("priority")
+    if priority is not None:
+        found["priority"] = priority
+    hard, soft = request.timelimit or (None, None)
+    if hard is not None:
+        found["time_limit"] = hard
+    if soft is not None:
+        found["soft_time_limit"] = soft
+    return found
+
+
+def _error_text(exc: BaseException) -> tuple[str, str, str]:
+    name = retry.qualified_name(type(exc))
+    text = "".join(tb_module.format_exception(type(exc), exc, exc.__traceback__))
+    return name, str(exc), text
+
+
+def dead_letter(
+    task: Any,
+    exc: BaseException,
+    reason: str,
+    *,
+    attempts: int,
+    history: Sequence[Mapping[str, Any]],
+    guarded: bool = True,
+) -> None:
+    """Record the running request of ``task`` as a dead letter.
+
+    Raises:
+        celery.exceptions.Reject: With ``requeue=True`` when the row cannot be written, so the
+            broker keeps the message instead of it being acknowledged and lost.
+    """
+    request = task.request
+    name, message, text = _error_text(exc)
+    failure = deadletter.Failure(
+        task_name=task.name,
+        task_id=request.id,
+        reason=reason,
+        exception_class=name,
+        message=message,
+        traceback=text,
+        queue=_queue(request),
+        args=list(request.args or ()),
+        kwargs=dict(request.kwargs or {}),
+        headers=dict(request.headers or {}),
+        options=_options(request),
+        attempts=attempts,
+        history=history,
+        hostname=request.hostname or "",
+        guarded=guarded,
+    )
+    try:
+        deadletter.write(failure)
+    except Exception as write_exc:
+        raise Reject(write_exc, requeue=True) from write_exc
+
+
+def _entry(
+    exc: BaseException, decision: retry.Decision, now: float, attempt: int
+) -> dict[str, Any]:
+    return {
+        "at": now,
+        "attempt": attempt,
+        "error": retry.qualified_name(type(exc)),
+        "message": deadletter.truncate(str(exc), 300),
+        "kind": decision.classification.kind,
+        "delay": round(decision.delay, 3) if decision.retry else None,
+    }
+
+
+def handle(task: Any, exc: BaseException) -> NoReturn:
+    """Retry or dead-letter the running request of ``task`` after ``exc``; always raises.
+
+    Raises:
+        celery.exceptions.Retry: A retry was published (same task id, guard header updated).
+        celery.exceptions.Reject: With ``requeue=True``: publishing the retry or writing the
+            dead letter failed, so the message stays on the broker.
+        BaseException: ``exc`` itself once it has been dead-lettered.
+    """
+    request = task.request
+    guard = headers.read(request.headers)
+    now = time.time()
+    policy = policy_for(task)
+    try:
+        classification = retry.classify(exc, policy, now=now)
+    except Exception:
+        logger.exception("celery_guard: the error classifier failed; using the unknown rule")
+        classification = retry.Classification(policy.unknown, "unknown")
+    decision = retry.decide(
+        classification,
+        policy,
+        consumed_before=_number(guard, CONSUMED),
+        throttled_before=_number(guard, THROTTLED),
+        first_enqueued_at=_number(guard, "first_enqueued_at", None),
+        now=now,
+    )
+    history = [*_history(guard), _entry(exc, decision, now, decision.consumed)]
+    history = history[-MAX_HISTORY:]
+    if decision.retry:
+        logger.warning(
+            "celery_guard: %s[%s] failed (%s, %s by %s rule): retry in %.3fs, attempts used "
+            "%s of %s, throttled %s",
+            task.name,
+            request.id,
+            retry.qualified_name(type(exc)),
+            classification.kind,
+            classification.rule,
+            decision.delay,
+            decision.consumed,
+            policy.max_attempts,
+            decision.throttled,
+        )
+        new_guard = {
+            **guard,
+            CONSUMED: decision.consumed,
+            THROTTLED: decision.throttled,
+            HISTORY: history,
+            DELAY: decision.delay,
+        }
+        message_headers = {**(request.headers or {}), headers.HEADER: new_guard}
+        try:
+            task.retry(
+                exc=exc,
+                countdown=decision.delay,
+                headers=message_headers,
+                max_retries=request.retries + 1,
+            )
+        except Retry:
+            raise
+        except Reject as rejected:
+            # Celery drops the message when publishing a retry fails; keep it instead.
+            logger.error(
+                "celery_guard: could not publish the retry of %s[%s]; leaving the message "
+                "for redelivery",
+                task.name,
+                request.id,
+                exc_info=True,
+            )
+            raise Reject(rejected.reason, requeue=True) from exc
+        raise AssertionError("Task.retry returned")  # pragma: no cover
+    reason = decision.reason or retry.REASON_EXHAUSTED
+    if reason == retry.REASON_EXHAUSTED and isinstance(exc, TimeLimitExceeded):
+        reason = retry.REASON_TIMEOUT
+    dead_letter(task, exc, reason, attempts=decision.consumed, history=history)
+    if isinstance(exc, TimeLimitExceeded):
+        raise HardTimeLimitError(f"killed at the hard time limit ({exc}); dead-lettered") from exc
+    raise exc
+
+
+def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    """Run one delivery of a guarded task through the failure pipeline."""
+    request = task.request
+    try:
+        started: deliveries.Started | None = deliveries.begin(
+            request.id, task.name, request.retries or 0, request.hostname or ""
+        )
+    except Exception:
+        logger.exception(
+            "celery_guard: could not write the delivery marker of %s[%s]; running it without "
+            "the poison-message cap",
+            task.name,
+            request.id,
+        )
+        started = None
+    if started is not None and started.lost:
+        logger.warning(
+            "celery_guard: %s[%s] redelivered after its worker process was lost (%s lost "
+            "deliveries, CELERY_GUARD_MAX_WORKER_LOST=%s)",
+            task.name,
+            request.id,
+            started.lost,
+            guard_settings.max_worker_lost,
+        )
+    if started is not None and started.lost >= guard_settings.max_worker_lost:
+        _poison(task, started)
+    ended = False
+    try:
+        if started is not None and started.timed_out:
+            # The previous delivery was killed at the hard time limit: that was an attempt.
+            handle(task, TimeLimitExceeded((request.timelimit or (None, None))[0]))
+        result = _call(task, body, args, kwargs)
+        ended = True
+        return result
+    except Exception:
+        ended = True
+        raise
+    finally:
+        # Not on SystemExit and the like: the process is being stopped mid-run, so this
+        # delivery is lost and its redelivery must count it.
+        if started is not None and ended:
+            try:
+                deliveries.end(request.id, started.token)
+            except Exception:
+                logger.exception(
+                    "celery_guard: could not delete the delivery marker of %s[%s]; its next "
+                    "delivery will count as a lost one",
+                    task.name,
+                    request.id,
+                )
+
+
+def _call(
+    task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> Any:
+    request = task.request
+    try:
+        return body(*args, **kwargs)
+    except (Retry, Ignore):
+        raise
+    except Reject as rejected:
+        if not rejected.requeue:
+            guard = headers.read(request.headers)
+            dead_letter(
+                task,
+                rejected,
+                retry.REASON_REJECTED,
+                attempts=_number(guard, CONSUMED) + 1,
+                history=_history(guard),
+            )
+        raise
+    except Exception as exc:
+        handle(task, exc)
+
+
+def _poison(task: Any, started: deliveries.Started) -> NoReturn:
+    request = task.request
+    guard = headers.read(request.headers)
+    exc = PoisonMessageError(
+        f"{started.lost} deliveries of this message lost their worker process "
+        f"(CELERY_GUARD_MAX_WORKER_LOST={guard_settings.max_worker_lost}); not running it again"
+    )
+    history = [
+        *_history(guard),
+        {
+            "at": time.time(),
+            "attempt": _number(guard, CONSUMED) + 1,
+            "error": "billiard.exceptions.WorkerLostError",
+            "message": f"worker lost {started.lost} times",
+            "kind": "worker_lost",
+            "delay": None,
+        },
+    ][-MAX_HISTORY:]
+    dead_letter(
+        task,
+        exc,
+        retry.REASON_WORKER_LOST,
+        attempts=_number(guard, CONSUMED) + 1,
+        history=history,
+    )
+    deliveries.end(request.id, started.token)
+    raise exc
+
+
+def on_hard_timeout(task_name: str, task_id: str) -> None:
+    """Main-process hook: the pool killed the delivery of ``task_id`` at its hard time limit.
+
+    Celery requeues the message (guarded tasks set ``acks_on_timeout = False``); marking the
+    marker makes its next delivery count the kill as a failed attempt instead of running.
+    """
+    try:
+        deliveries.mark_timed_out(task_id)
+    except Exception:
+        logger.exception(
+            "celery_guard: could not mark %s[%s] as timed out; its redelivery will count as a "
+            "lost worker",
+            task_name,
+            task_id,
+        )
+
+
+def replay_options(row: Any) -> dict[str, Any]:
+    """``send_task`` keyword arguments that publish a dead letter's message afresh."""
+    guard = headers.read(row.headers)
+    kept = {
+        k: v
+        for k, v in guard.items()
+        if k not in FAILURE_FIELDS and k not in ("v", "first_enqueued_at", "attempt")
+    }
+    message_headers = {**row.headers, headers.HEADER: headers.stamp(None, retries=0, **kept)}
+    found: dict[str, Any] = {
+        "args": list(row.args),
+        "kwargs": dict(row.kwargs),
+        "headers": message_headers,
+        **row.options,
+    }
+    if row.queue:
+        found["queue"] = row.queue
+    return found
+
+
+def capture_unguarded(sender: Any, task_id: str, exception: BaseException, **kw: Any) -> None:
+    """``task_failure`` receiver: record a failed unguarded task (best effort, logged)."""
+    from celery_guard.task import GuardedTask
+
+    if not guard_settings.capture_unguarded or isinstance(sender, GuardedTask):
+        return
+    if isinstance(exception, TimeLimitExceeded):
+        reason = retry.REASON_TIMEOUT
+    elif isinstance(exception, WorkerLostError):
+        reason = retry.REASON_WORKER_LOST
+    elif isinstance(exception, Reject):
+        reason = retry.REASON_REJECTED
+    else:
+        reason = retry.REASON_FAILED
+    request = getattr(sender, "request", None)
+    name, message, text = _error_text(exception)
+    einfo = kw.get("einfo")
+    failure = deadletter.Failure(
+        task_name=getattr(sender, "name", str(sender)),
+        task_id=task_id,
+        reason=reason,
+        exception_class=name,
+        message=message,
+        traceback=str(getattr(einfo, "traceback", "") or text),
+        queue=_queue(request) if request is not None else "",
+        args=list(kw.get("args") or ()),
+        kwargs=dict(kw.get("kwargs") or {}),
+        headers=dict(getattr(request, "headers", None) or {}),
+        options=_options(request) if request is not None else {},
+        attempts=int(getattr(request, "retries", 0) or 0) + 1,
+        hostname=getattr(request, "hostname", "") or "",
+        guarded=False,
+    )
+    # write() logs and counts a failure; Celery's signal dispatch would swallow it anyway.
+    with contextlib.suppress(Exception):
+        deadletter.write(failure)

@@ -1,0 +1,101 @@
+"""Database models of celery_guard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.utils import timezone
+
+
+class DeadLetter(models.Model):
+    """One final failure of a task: everything needed to inspect it and to replay it."""
+
+    class Reason(models.TextChoices):
+        PERMANENT = "permanent", "permanent error"
+        EXHAUSTED = "exhausted", "attempts exhausted"
+        DEADLINE = "deadline", "deadline passed"
+        WORKER_LOST = "worker_lost", "worker lost too often"
+        TIMEOUT = "timeout", "hard time limit"
+        REJECTED = "rejected", "rejected by the task"
+        FAILED = "failed", "unguarded task failed"
+
+    class Status(models.TextChoices):
+        DEAD = "dead", "dead"
+        REPLAYED = "replayed", "replayed"
+        DISCARDED = "discarded", "discarded"
+        UNROUTABLE = "unroutable", "unroutable"
+
+    task_name = models.CharField(max_length=255)
+    task_id = models.CharField(max_length=255, db_index=True)
+    queue = models.CharField(max_length=255, blank=True)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    #: The message's custom headers (the ``celery_guard`` header among them).
+    headers = models.JSONField(default=dict, blank=True)
+    #: Celery publish options to replay with (priority, time limits, expires, exchange...).
+    options = models.JSONField(default=dict, blank=True)
+    # NULL, not "": "no key" / "no tenant" must differ from an empty value in filters.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    tenant = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    reason = models.CharField(max_length=32, choices=Reason.choices)
+    exception_class = models.CharField(max_length=255, blank=True)
+    message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    #: One entry per failed attempt: ``{"at", "attempt", "error", "message", "kind", "delay"}``.
+    history = models.JSONField(default=list, blank=True)
+    first_enqueued_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(default=timezone.now)
+    hostname = models.CharField(max_length=255, blank=True)
+    guarded = models.BooleanField(default=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DEAD)
+    sentry_event_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+
+    class Meta:
+        ordering = ["-failed_at", "-id"]
+        indexes = [
+            models.Index(fields=["task_name"], name="cg_dl_task_name"),
+            models.Index(fields=["reason"], name="cg_dl_reason"),
+            models.Index(fields=["exception_class"], name="cg_dl_exception_class"),
+            models.Index(fields=["queue"], name="cg_dl_queue"),
+            models.Index(fields=["status"], name="cg_dl_status"),
+            models.Index(fields=["failed_at"], name="cg_dl_failed_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.reason}"
+
+    def replay_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``app.send_task(self.task_name, **...)`` to run it again.
+
+        The replay is a new first publish: a fresh guard header (attempt 1, first enqueue
+        now) that keeps the feature fields of the original (priority, idempotency key...).
+        """
+        from celery_guard import failures
+
+        return failures.replay_options(self)
+
+
+class Delivery(models.Model):
+    """A delivery of a guarded task that is running (or whose worker died while running it).
+
+    Written before the task body runs and deleted when it ends, so a delivery that finds the
+    row of its own task id and retry count is a redelivery after a lost worker process.
+    """
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255)
+    retries = models.PositiveIntegerField(default=0)
+    token = models.CharField(max_length=32)
+    lost = models.PositiveIntegerField(default=0)
+    timed_out = models.BooleanField(default=False)
+    started_at = models.DateTimeField(default=timezone.now)
+    hostname = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] lost {self.lost}"

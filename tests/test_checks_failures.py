@@ -1,0 +1,88 @@
+"""System checks of the failure pipeline: E001 for its settings, E005, W008."""
+
+import pytest
+from celery import current_app
+from django.test import override_settings
+
+from celery_guard import checks, guarded_task
+from celery_guard.backoff import Exponential
+from tests.test_checks import celery_conf, ids  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"CELERY_GUARD_MAX_ATTEMPTS": 0},
+        {"CELERY_GUARD_MAX_ATTEMPTS": "5"},
+        {"CELERY_GUARD_BACKOFF": "exponential"},
+        {"CELERY_GUARD_BACKOFF": (1, -1)},
+        {"CELERY_GUARD_DEADLINE": -1},
+        {"CELERY_GUARD_UNKNOWN_ERRORS": "retry"},
+        {"CELERY_GUARD_ERROR_CLASSIFIER": 42},
+        {"CELERY_GUARD_MAX_THROTTLED": -1},
+        {"CELERY_GUARD_MAX_WORKER_LOST": 0},
+        {"CELERY_GUARD_SOFT_TIME_LIMIT": "30"},
+        {"CELERY_GUARD_TIME_LIMIT": 0},
+        {"CELERY_GUARD_CAPTURE_UNGUARDED": 1},
+    ],
+)
+def test_e001_invalid_failure_settings(bad):
+    assert checks.check_setting_values() == []
+    with override_settings(**bad):
+        messages = checks.check_setting_values()
+    assert ids(messages) == ["celery_guard.E001"]
+    assert next(iter(bad)) in messages[0].msg
+
+
+def test_valid_failure_settings_pass():
+    with override_settings(
+        CELERY_GUARD_BACKOFF=Exponential(base=2, cap=300),
+        CELERY_GUARD_DEADLINE=3600,
+        CELERY_GUARD_UNKNOWN_ERRORS="permanent",
+        CELERY_GUARD_SOFT_TIME_LIMIT=30,
+        CELERY_GUARD_TIME_LIMIT=40.5,
+    ):
+        assert checks.check_setting_values() == []
+
+
+def not_callable():
+    pass
+
+
+NOT_CALLABLE = 3
+
+
+def test_e005_classifier_must_import_as_a_callable():
+    assert checks.check_classifier() == []
+    with override_settings(CELERY_GUARD_ERROR_CLASSIFIER="tests.test_checks_failures.not_callable"):
+        assert checks.check_classifier() == []
+    for path, text in [
+        ("tests.test_checks_failures.missing", "cannot be imported"),
+        ("tests.test_checks_failures.NOT_CALLABLE", "is not callable"),
+    ]:
+        with override_settings(CELERY_GUARD_ERROR_CLASSIFIER=path):
+            [message] = checks.check_classifier()
+        assert message.id == "celery_guard.E005"
+        assert text in message.msg
+
+
+def test_w008_retry_delay_longer_than_the_visibility_timeout(celery_conf):  # noqa: F811
+    celery_conf(
+        broker_url="redis://127.0.0.1:6379/0", broker_transport_options={"visibility_timeout": 900}
+    )
+    assert checks.check_retry_delay_visibility() == []  # default cap 600s
+
+    @guarded_task(name="tests.checks.slow_retry", backoff=(10, 3600))
+    def slow_retry():
+        pass
+
+    try:
+        [message] = checks.check_retry_delay_visibility()
+        assert message.id == "celery_guard.W008"
+        assert "tests.checks.slow_retry (3600s)" in message.msg
+        celery_conf(broker_transport_options={"visibility_timeout": 7200})
+        assert checks.check_retry_delay_visibility() == []
+        celery_conf(broker_url="amqp://guest@localhost//")
+        assert checks.check_retry_delay_visibility() == []
+    finally:
+        current_app.tasks.pop("tests.checks.slow_retry", None)

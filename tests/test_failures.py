@@ -1,0 +1,259 @@
+"""Failure pipeline pieces in-process: options, delivery markers, dead-letter writes, capture."""
+
+import datetime as dt
+import logging
+
+import pytest
+from celery import current_app
+from django.test import override_settings
+
+from celery_guard import deadletter, deliveries, guarded_task, retry
+from celery_guard.backoff import Exponential, Fixed, Schedule
+from celery_guard.models import DeadLetter, Delivery
+from celery_guard.signals import dead_lettered
+from tests.testapp import fail_tasks
+
+
+@pytest.fixture
+def make_task():
+    names = []
+
+    def make(**opts):
+        name = f"tests.failures.task{len(names)}"
+        names.append(name)
+
+        def body():
+            pass
+
+        return guarded_task(name=name, **opts)(body)
+
+    yield make
+    for name in names:
+        current_app.tasks.pop(name, None)
+
+
+def test_failure_options_are_validated_at_decoration(make_task):
+    task = make_task(
+        max_attempts=5,
+        backoff=(10, 30, 120, 600),
+        deadline=dt.timedelta(hours=2),
+        retry_on=(KeyError,),
+        give_up_on=ConnectionError,
+        soft_time_limit=30,
+        time_limit=40,
+    )
+    assert task.guard_options["backoff"] == Schedule((10, 30, 120, 600))
+    assert task.guard_options["deadline"] == 7200.0
+    assert task.guard_options["give_up_on"] == (ConnectionError,)
+    assert (task.soft_time_limit, task.time_limit) == (30, 40)
+    assert make_task(backoff=2).guard_options["backoff"] == Fixed(2)
+    for opts, error, text in [
+        ({"max_attempts": 0}, ValueError, "'max_attempts': must be >= 1"),
+        ({"max_attempts": "3"}, TypeError, "'max_attempts'"),
+        ({"backoff": "fast"}, TypeError, "'backoff'"),
+        ({"backoff": (1, -1)}, ValueError, "'backoff'"),
+        ({"deadline": -5}, ValueError, "'deadline'"),
+        ({"deadline": "2h"}, TypeError, "'deadline'"),
+        ({"retry_on": (int,)}, TypeError, "'retry_on': expected exception classes"),
+        ({"give_up_on": "ValueError"}, TypeError, "'give_up_on'"),
+        ({"max_attemps": 3}, TypeError, "did you mean 'max_attempts'"),
+    ]:
+        with pytest.raises(error, match=text):
+            make_task(**opts)
+
+
+def test_failure_options_are_not_per_call(make_task):
+    task = make_task()
+    with pytest.raises(TypeError, match="'max_attempts' cannot be overridden per call"):
+        task.apply_async(guard={"max_attempts": 2})
+
+
+def test_policy_resolution_task_over_settings():
+    task = fail_tasks.fail_always
+    with override_settings(CELERY_GUARD_MAX_ATTEMPTS=9, CELERY_GUARD_DEADLINE=60):
+        from celery_guard import failures
+
+        policy = failures.policy_for(task)
+    assert policy.max_attempts == 3  # the decorator wins
+    assert policy.deadline == 60.0  # the setting fills in
+    assert policy.backoff == Fixed(0.1)
+    assert failures.policy_for(fail_tasks.fail_permanent).backoff == Exponential()
+
+
+@pytest.mark.django_db
+def test_delivery_markers_count_lost_deliveries():
+    first = deliveries.begin("t1", "task", 0, "host")
+    assert (first.lost, first.timed_out) == (0, False)
+    # The same message again while its marker is still there: the worker was lost.
+    second = deliveries.begin("t1", "task", 0, "host")
+    assert second.lost == 1
+    deliveries.end("t1", first.token)  # a stale token deletes nothing
+    assert Delivery.objects.filter(task_id="t1").exists()
+    # A retry (higher retry count) racing the previous marker's deletion is not a loss.
+    retried = deliveries.begin("t1", "task", 1, "host")
+    assert retried.lost == 0
+    deliveries.mark_timed_out("t1")
+    deliveries.end("t1", retried.token)  # kept for the redelivery to see
+    after_kill = deliveries.begin("t1", "task", 1, "host")
+    assert (after_kill.lost, after_kill.timed_out) == (0, True)
+    deliveries.end("t1", after_kill.token)
+    assert not Delivery.objects.exists()
+
+
+def failure(**overrides):
+    values = {
+        "task_name": "tests.x",
+        "task_id": "id-1",
+        "reason": "permanent",
+        "exception_class": "builtins.ValueError",
+        "message": "m" * 5000,
+        "args": [1, {"a": 2}],
+        "kwargs": {"k": "v"},
+        "headers": {
+            "celery_guard": {
+                "v": 1,
+                "first_enqueued_at": 1_700_000_000.0,
+                "attempt": 3,
+                "idempotency": {"key": "notify:7", "fingerprint": "f"},
+            }
+        },
+        "queue": "q",
+    }
+    return deadletter.Failure(**{**values, **overrides})
+
+
+@pytest.mark.django_db
+def test_dead_letter_write_sends_the_signal_and_survives_receiver_errors(caplog):
+    received = []
+
+    def receiver(sender, **kwargs):
+        received.append(kwargs)
+
+    def broken(sender, **kwargs):
+        raise RuntimeError("receiver bug")
+
+    dead_lettered.connect(receiver, weak=False)
+    dead_lettered.connect(broken, weak=False)
+    try:
+        with caplog.at_level(logging.ERROR, logger="celery_guard"):
+            row = deadletter.write(failure())
+    finally:
+        dead_lettered.disconnect(receiver)
+        dead_lettered.disconnect(broken)
+    assert len(row.message) < 2100 and row.message.endswith("characters cut]")
+    assert row.first_enqueued_at == dt.datetime.fromtimestamp(1_700_000_000, dt.timezone.utc)
+    [kwargs] = received
+    assert kwargs == {
+        "signal": dead_lettered,
+        "dead_letter": row,
+        "task_name": "tests.x",
+        "task_id": "id-1",
+        "idempotency_key": "notify:7",
+        "reason": "permanent",
+    }
+    assert "dead-lettered tests.x[id-1]" in caplog.text
+    assert "receiver bug" in caplog.text
+
+
+@pytest.mark.django_db
+def test_replay_options_start_a_fresh_guard_header():
+    guard = {
+        "v": 1,
+        "first_enqueued_at": 1.0,
+        "attempt": 4,
+        "priority": "low",
+        "idempotency": {"key": "k"},
+        "consumed": 3,
+        "history": [{}],
+        "delay": 1,
+        "throttled": 0,
+    }
+    row = DeadLetter.objects.create(
+        task_name="t",
+        task_id="i",
+        queue="q",
+        args=[1],
+        kwargs={"a": 1},
+        headers={"celery_guard": guard, "x-other": 1},
+        options={"priority": 5, "time_limit": 30},
+        reason="exhausted",
+    )
+    options = row.replay_options()
+    header = options["headers"]["celery_guard"]
+    assert header["attempt"] == 1 and header["first_enqueued_at"] > 1.0
+    assert {k: header[k] for k in ("priority", "idempotency")} == {
+        "priority": "low",
+        "idempotency": {"key": "k"},
+    }
+    assert not set(header) & {"consumed", "history", "delay", "throttled"}
+    assert options["headers"]["x-other"] == 1
+    assert (options["args"], options["kwargs"], options["queue"]) == ([1], {"a": 1}, "q")
+    assert (options["priority"], options["time_limit"]) == (5, 30)
+
+
+@pytest.mark.django_db
+def test_capture_unguarded_failures_only_when_enabled():
+    fail_tasks.fail_unguarded.apply(("off",))
+    assert not DeadLetter.objects.exists()
+    with override_settings(CELERY_GUARD_CAPTURE_UNGUARDED=True):
+        fail_tasks.fail_unguarded.apply(("on",))
+        # A guarded task is recorded by its own pipeline on a worker, never by the receiver.
+        fail_tasks.fail_permanent.apply(("guarded",))
+    row = DeadLetter.objects.get()
+    assert (row.task_name, row.reason, row.guarded) == (
+        fail_tasks.fail_unguarded.name,
+        "failed",
+        False,
+    )
+    assert row.args == ["on"]
+    assert row.exception_class == "builtins.RuntimeError"
+
+
+def test_longest_delay():
+    assert retry.longest_delay({"backoff": Schedule((1, 50, 3))}, Exponential()) == 50
+    assert retry.longest_delay({}, Exponential(cap=70)) == 70
+
+
+def published_headers(redis_url, queue):
+    import json
+
+    import redis
+
+    [raw] = redis.Redis.from_url(redis_url).lrange(queue, 0, -1)
+    return json.loads(raw)["headers"]
+
+
+@pytest.mark.integration
+def test_project_default_time_limits_apply_to_tasks_without_their_own(
+    redis_url, queues, empty_queues
+):
+    with override_settings(CELERY_GUARD_SOFT_TIME_LIMIT=30, CELERY_GUARD_TIME_LIMIT=40):
+        fail_tasks.fail_permanent.delay("limits")
+        assert published_headers(redis_url, queues["default"])["timelimit"] == [40, 30]
+    from tests.harness import purge
+
+    purge(redis_url, [queues["default"]])
+    with override_settings(CELERY_GUARD_SOFT_TIME_LIMIT=30, CELERY_GUARD_TIME_LIMIT=40):
+        fail_tasks.fail_soft_limit.delay("own")  # soft_time_limit=0.3 on the task
+    # The task's own soft limit wins; the hard one it lacks comes from the setting.
+    assert published_headers(redis_url, queues["default"])["timelimit"] == [40, 0.3]
+
+
+def test_broker_headers_of_the_wrong_type_do_not_break_the_pipeline():
+    from celery_guard import failures
+
+    guard = {"consumed": "3", "throttled": True, "first_enqueued_at": [], "history": "x"}
+    assert failures._number(guard, "consumed") == 0
+    assert failures._number(guard, "throttled") == 0
+    assert failures._number(guard, "first_enqueued_at", None) is None
+    assert failures._history(guard) == []
+    assert failures._number({"consumed": 2}, "consumed") == 2
+
+
+def test_an_unimportable_classifier_is_logged_and_skipped(caplog):
+    from celery_guard import failures
+
+    with override_settings(CELERY_GUARD_ERROR_CLASSIFIER="tests.nowhere.classify"):
+        policy = failures.policy_for(fail_tasks.fail_permanent)
+    assert policy.classifier is None
+    assert "cannot be imported" in caplog.text
