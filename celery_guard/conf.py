@@ -16,6 +16,9 @@ DEFAULTS: Mapping[str, Any] = {
     "DEFAULT_PRIORITY": "default",
     "MAX_PAYLOAD_BYTES": 256 * 1024,
     "INSTALL_ROUTER": True,
+    "BEAT_LOCK_NAME": "default",
+    "BEAT_LEASE_SECONDS": 30,
+    "BEAT_POLICIES": {},
 }
 
 
@@ -60,6 +63,22 @@ class GuardSettings:
     def install_router(self) -> bool:
         """Whether guarded tasks put the guard router in front of ``task_routes`` themselves."""
         return bool(raw("INSTALL_ROUTER"))
+
+    @property
+    def beat_lock_name(self) -> str:
+        """Name of the lease guarded beats compete for (one leader per name)."""
+        return str(raw("BEAT_LOCK_NAME"))
+
+    @property
+    def beat_lease_seconds(self) -> float:
+        """Seconds a beat lease lasts without renewal."""
+        return float(raw("BEAT_LEASE_SECONDS"))
+
+    @property
+    def beat_policies(self) -> Mapping[str, Any]:
+        """Beat entry name (or ``"*"``) -> catch-up / overlap policy dict."""
+        value: Mapping[str, Any] = raw("BEAT_POLICIES")
+        return value
 
 
 guard_settings = GuardSettings()

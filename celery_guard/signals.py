@@ -1,0 +1,14 @@
+"""Django signals that celery_guard sends (connect receivers to them like any Django signal)."""
+
+from __future__ import annotations
+
+from django.dispatch import Signal
+
+#: A guarded beat became the leader of its lock name. Keyword arguments: ``lock_name``,
+#: ``holder`` (``host:pid:uuid``) and ``token`` (the fencing token of the new term).
+lease_acquired = Signal()
+
+#: A guarded beat stopped being the leader: it was taken over, could not renew in time, or
+#: released the lease on shutdown. Keyword arguments: ``lock_name``, ``holder``, ``token``
+#: (of the term that ended) and ``reason`` (text).
+lease_lost = Signal()
