@@ -291,6 +291,34 @@ def check_beat_lease(app_configs: Sequence[Any] | None = None, **kw: Any) -> lis
     ]
 
 
+#: ``beat_scheduler`` values that name django-celery-beat's scheduler, which has no lock.
+UNGUARDED_SCHEDULERS = frozenset(
+    {
+        "django",
+        "django_celery_beat.schedulers:DatabaseScheduler",
+        "django_celery_beat.schedulers.DatabaseScheduler",
+    }
+)
+
+
+def check_beat_scheduler(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W009: ``CELERY_BEAT_SCHEDULER`` is django-celery-beat's unguarded scheduler."""
+    scheduler = _celery_app().conf.beat_scheduler
+    if not isinstance(scheduler, str) or scheduler not in UNGUARDED_SCHEDULERS:
+        return []
+    return [
+        Warning(
+            f"CELERY_BEAT_SCHEDULER is {scheduler!r}, which has no lock.",
+            hint=(
+                "Two beat processes each fire every periodic task (django-celery-beat#337). "
+                "Use 'celery_guard.beat:GuardedScheduler': it dispatches behind a database "
+                "lease and fires each slot at most once."
+            ),
+            id="celery_guard.W009",
+        )
+    ]
+
+
 #: Every check, in the order ``AppConfig.ready()`` registers them.
 ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_unknown_settings,
@@ -302,4 +330,5 @@ ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_priority_queues,
     check_router,
     check_beat_lease,
+    check_beat_scheduler,
 )
