@@ -42,9 +42,9 @@ class EntryPolicy:
     """Catch-up and overlap policy of one beat entry.
 
     Attributes:
-        catchup: ``latest`` fires the most recent due slot after downtime, recording older
-            ones as missed; ``skip`` fires only a slot that is on time (late by no more than
-            the scheduler's grace) and records late ones as missed.
+        catchup: After downtime, when no due slot is on time (late by at most the
+            scheduler's grace): ``latest`` fires the most recent due slot, recording older
+            ones as missed; ``skip`` records them all as missed and waits for the next slot.
         overlap: ``allow`` fires regardless of earlier runs; ``skip`` records a slot as
             skipped while the previous run of the same entry has not finished.
         overlap_timeout: Seconds after which an unfinished previous run (e.g. its worker
@@ -121,7 +121,7 @@ class Plan:
     """What to do about an entry that is due.
 
     Attributes:
-        slot: The slot this dispatch is for (the most recent due one).
+        slot: The slot this dispatch is for.
         fire: Publish it (subject to the overlap policy) or only record it as missed.
         missed: Older due slots to record as missed (at most ``MISSED_RECORD_LIMIT``).
         missed_total: How many older due slots there were in all.
@@ -135,17 +135,25 @@ class Plan:
     following: datetime
 
 
-def _walk(schedule: Any, first: datetime, now: datetime) -> tuple[datetime, list[datetime], int]:
+def _walk(
+    schedule: Any, first: datetime, now: datetime, cutoff: datetime
+) -> tuple[datetime, list[datetime], int]:
+    """Return the earliest on-time due slot (else the latest due one), older ones, their count."""
     recent: collections.deque[datetime] = collections.deque(maxlen=MISSED_RECORD_LIMIT)
     slot, count = first, 0
     while count < WALK_LIMIT:
+        if slot >= cutoff:
+            return slot, list(recent), count
         following = next_slot(schedule, slot)
         if following > now or following <= slot:
             return slot, list(recent), count
         recent.append(slot)
         slot, count = following, count + 1
-    # A long downtime of a dense schedule: find the latest due slot from a window before
-    # now instead of walking every slot since the last run.
+    # A long downtime of a dense schedule: jump instead of walking every slot since the
+    # last run. First an on-time slot, else the latest due one from a window before now.
+    on_time = next_slot(schedule, cutoff - timedelta(microseconds=1))
+    if on_time <= now:
+        return on_time, list(recent), count + 1
     for window in PROBE_WINDOWS:
         probe = next_slot(schedule, max(slot, now - window))
         if probe <= now:
@@ -165,30 +173,37 @@ def plan(
 ) -> Plan | None:
     """Plan the dispatch of an entry last run at ``last_run_at``; ``None`` when nothing is due.
 
+    A due slot late by at most ``grace`` seconds is *on time* and fires, one slot per call,
+    oldest first (a beat that stalls briefly loses nothing). Older due slots are downtime: if
+    an on-time slot exists they are recorded missed; if none does, ``catchup = latest`` fires
+    the most recent due slot and ``skip`` records it missed as well.
+
     Args:
         schedule: The entry's Celery schedule.
         last_run_at: The slot the entry last ran for (as stored in the database).
         now: The current time.
         policy: The entry's catch-up policy.
-        grace: Seconds a slot may be late and still count as on time (``skip`` policy).
+        grace: Seconds a slot may be late and still be on time.
     """
     now = to_utc(now)
     first = next_slot(schedule, last_run_at)
     if first > now:
         return None
+    cutoff = now - timedelta(seconds=grace)
     step = _fixed_step(schedule)
     if step is not None:
         behind = (now - first) // step
-        latest = first + behind * step
-        missed = [latest - k * step for k in range(min(behind, MISSED_RECORD_LIMIT), 0, -1)]
-        following = latest + step
+        if first + behind * step >= cutoff:  # some due slot is on time: the earliest of them
+            behind = -((first - cutoff) // step) if first < cutoff else 0
+        slot = first + behind * step
+        missed = [slot - k * step for k in range(min(behind, MISSED_RECORD_LIMIT), 0, -1)]
+        following = slot + step
     else:
-        latest, missed, behind = _walk(schedule, first, now)
-        following = next_slot(schedule, latest)
-    on_time = (now - latest).total_seconds() <= grace
+        slot, missed, behind = _walk(schedule, first, now, cutoff)
+        following = next_slot(schedule, slot)
     return Plan(
-        slot=latest,
-        fire=policy.catchup == CATCHUP_LATEST or on_time,
+        slot=slot,
+        fire=slot >= cutoff or policy.catchup == CATCHUP_LATEST,
         missed=tuple(missed),
         missed_total=behind,
         following=following,

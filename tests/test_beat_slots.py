@@ -68,12 +68,25 @@ def test_catchup_skip_fires_only_an_on_time_slot():
     assert on_time.slot == at(2026, 1, 1, 12, 0, 30) and on_time.fire
 
 
+def test_a_short_stall_fires_every_slot_that_is_still_on_time():
+    last = at(2026, 1, 1, 12, 0, 0)
+    now = at(2026, 1, 1, 12, 0, 2, 500_000)  # the beat stalled 1.5 s past a 1-second slot
+    for policy in (LATEST, SKIP):
+        plan = slots.plan(every(1), last, now, policy=policy, grace=2)
+        assert (plan.slot, plan.fire, plan.missed) == (at(2026, 1, 1, 12, 0, 1), True, ())
+        assert plan.following == at(2026, 1, 1, 12, 0, 2)  # due too: fired on the next tick
+        again = slots.plan(every(1), plan.slot, now, policy=policy, grace=2)
+        assert (again.slot, again.fire) == (at(2026, 1, 1, 12, 0, 2), True)
+
+
 def test_a_long_downtime_records_only_the_most_recent_missed_slots():
     last = at(2026, 1, 1, 0, 0, 0)
     plan = slots.plan(every(1), last, at(2026, 1, 2, 0, 0, 0, 500), policy=LATEST, grace=2)
-    assert plan.slot == at(2026, 1, 2) and plan.missed_total == 86_399
+    # 23:59:59 and 00:00:00 are within the grace: they fire, the earlier ones were missed.
+    assert plan.slot == at(2026, 1, 1, 23, 59, 59) and plan.missed_total == 86_398
     assert len(plan.missed) == slots.MISSED_RECORD_LIMIT
-    assert plan.missed[-1] == at(2026, 1, 1, 23, 59, 59)
+    assert plan.missed[-1] == at(2026, 1, 1, 23, 59, 58)
+    assert plan.following == at(2026, 1, 2)
 
 
 def test_two_processes_compute_the_same_slot_whatever_their_clock():
@@ -121,6 +134,16 @@ def test_hourly_crontab_across_dst_changes_never_repeats_or_goes_back():
     # at the first occurrence) and the next run is 03:30 CET.
     autumn = walk(half_past, at(2026, 10, 25, 1, 30, tz=BERLIN), 2)
     assert autumn == [at(2026, 10, 25, 0, 30), at(2026, 10, 25, 2, 30)]
+
+
+def test_crontab_catchup_fires_on_time_slots_one_by_one():
+    every_ten = berlin_cron(minute="*/10")
+    last = at(2026, 1, 1, 12, 0)
+    plan = slots.plan(every_ten, last, at(2026, 1, 1, 12, 45), policy=SKIP, grace=20 * 60)
+    assert plan.slot == at(2026, 1, 1, 12, 30) and plan.fire
+    assert plan.missed == tuple(at(2026, 1, 1, 12, m) for m in (10, 20))
+    late = slots.plan(every_ten, last, at(2026, 1, 1, 12, 45), policy=SKIP, grace=60)
+    assert late.slot == at(2026, 1, 1, 12, 40) and not late.fire and late.missed_total == 3
 
 
 def test_crontab_catchup_after_a_long_downtime_finds_the_latest_slot():

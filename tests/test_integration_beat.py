@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 LEASE = 3.0
 TICK = 1.0
 #: Scheduling noise allowed on a loaded 2-core CI machine on top of lease + one tick.
-SLACK = 1.5
+SLACK = 2.0
 ENTRIES = ("beat-a", "beat-b")
 
 
