@@ -49,6 +49,7 @@ class BeatFireAdmin(ReadOnlyAdmin):
         "slot",
         "status",
         "token",
+        "holder",
         "task_id",
         "fired_at",
         "started_at",

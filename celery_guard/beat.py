@@ -170,7 +170,9 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
             )
         if outcome is not fires.Outcome.FIRED:
             logger.info("celery_guard: beat did not fire %s: %s", key, outcome.value)
-            if outcome is fires.Outcome.TAKEN:
+            # The database's last run is ahead of ours: read it. (A taken slot whose last run
+            # is behind, e.g. moved back by hand, is simply passed over in memory.)
+            if outcome is fires.Outcome.STALE:
                 self._needs_reload = True
             return
         self._publish(entry, claim, producer)

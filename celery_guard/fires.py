@@ -38,7 +38,8 @@ class Outcome(enum.Enum):
     FIRED = "fired"  #: the slot is ours: publish it
     SKIPPED = "skipped"  #: recorded as skipped (overlap policy): publish nothing
     MISSED = "missed"  #: recorded as missed (catch-up policy): publish nothing
-    TAKEN = "taken"  #: the slot (or a later one) was already claimed: publish nothing
+    TAKEN = "taken"  #: the slot already has a fire row: publish nothing
+    STALE = "stale"  #: the entry's last run is already at or past the slot: publish nothing
     LOST = "lost"  #: our lease term is over: publish nothing
 
 
@@ -102,7 +103,7 @@ def claim(c: Claim) -> Outcome:
                 )
             )
             if not advanced:
-                raise _Abort(Outcome.TAKEN)
+                raise _Abort(Outcome.STALE)
             common = {"token": c.token, "holder": c.holder, "task": c.task, "fired_at": now}
             if c.plan.missed:
                 BeatFire.objects.bulk_create(

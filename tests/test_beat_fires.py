@@ -58,10 +58,11 @@ def test_a_slot_fires_once_and_moves_the_last_run_forward(entry, token):
     assert (row.status, row.token, row.task_id, row.holder) == ("fired", token, "id-120010", "me")
 
     # The same slot again (a second beat, or a frozen ex-leader): nothing.
-    assert fires.claim(claim_for(entry, token, at(10))) is fires.Outcome.TAKEN
+    assert fires.claim(claim_for(entry, token, at(10))) is fires.Outcome.STALE
     # An older slot than the last run (a stale in-memory schedule): nothing either.
     PeriodicTask.objects.filter(pk=entry.pk).update(last_run_at=at(30))
-    assert fires.claim(claim_for(entry, token, at(20))) is fires.Outcome.TAKEN
+    assert fires.claim(claim_for(entry, token, at(20))) is fires.Outcome.STALE
+    assert fires.claim(claim_for(entry, token, at(30))) is fires.Outcome.STALE
     assert BeatFire.objects.count() == 1
 
 
