@@ -10,6 +10,7 @@ be accounted for (fired, or recorded missed during a takeover).
 from __future__ import annotations
 
 import collections
+import itertools
 import signal
 import time
 from datetime import datetime, timedelta, timezone
@@ -182,3 +183,52 @@ def test_three_beats_fire_every_slot_once_through_kill_freeze_and_db_loss(
         assert {first_row.token, second_row.token, third_row.token} <= set(tokens)
     logs = "".join(b.log_path.read_text(errors="replace") for b in running)
     assert "database error" in logs
+
+
+def test_overlap_skip_waits_for_the_running_slot_on_a_real_worker(start_worker, queues):
+    """A 1-second entry whose run takes ~2.5 s, with ``overlap = skip``: runs never overlap.
+
+    The worker-side receivers mark each fire row started and finished; the scheduler (in this
+    process, on this run's database) skips slots while the previous run is unfinished.
+    """
+    from celery import current_app
+    from django.test import override_settings
+
+    from celery_guard.beat import GuardedScheduler
+
+    start_worker(["default"], concurrency=2)
+    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(
+        name="slow",
+        task="tests.testapp.tasks.beat_job",
+        interval=interval,
+        queue=queues["default"],
+        kwargs='{"sleep_ms": 2500}',
+        last_run_at=datetime.now(timezone.utc).replace(microsecond=0),
+    )
+    policies = {"slow": {"overlap": "skip"}}
+    with override_settings(CELERY_GUARD_BEAT_POLICIES=policies):
+        scheduler = GuardedScheduler(app=current_app._get_current_object(), max_interval=1)
+        try:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                time.sleep(max(0.0, min(scheduler.tick(), 0.2)))
+        finally:
+            scheduler.close()
+    rows = list(BeatFire.objects.filter(entry="slow").order_by("slot"))
+    statuses = [r.status for r in rows]
+    assert statuses.count(BeatFire.SKIPPED) >= 3 and statuses.count(BeatFire.FIRED) >= 2
+    total = statuses.count(BeatFire.FIRED)
+    runs = wait_until(
+        lambda: (
+            list(Execution.objects.order_by("started_at"))
+            if Execution.objects.count() >= total
+            else None
+        ),
+        30,
+    )
+    assert len(runs) == total
+    for earlier, later in itertools.pairwise(runs):
+        assert later.started_at >= earlier.finished_at  # never two runs at once
+    wait_until(lambda: not BeatFire.objects.filter(status="fired", finished_at=None).exists(), 10)
+    assert all(r.started_at and r.finished_at for r in BeatFire.objects.filter(status="fired"))
