@@ -53,7 +53,7 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
 
     @property
     def grace(self) -> float:
-        """Seconds a slot may be late and still be on time for ``catchup = skip``."""
+        """Seconds a due slot may be late and still be on time (see ``slots.plan``)."""
         return float(max(2 * self.max_interval, 1.0))
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
@@ -114,9 +114,9 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
         now = datetime.datetime.now(datetime.timezone.utc)
         policy = slots.policy_for(entry.name, guard_settings.beat_policies)
         plan = slots.plan(entry.schedule, entry.last_run_at, now, policy=policy, grace=self.grace)
-        if plan is None:  # the schedule's own rounding says due a moment early
+        if plan is None:  # the schedule's own rounding calls it due before its slot
             first = slots.next_slot(entry.schedule, entry.last_run_at)
-            plan = slots.Plan(first, True, (), 0, slots.next_slot(entry.schedule, first))
+            return False, max(0.0, (first - now).total_seconds())
         self._plans[entry.name] = plan
         return True, max(0.0, (plan.following - now).total_seconds())
 
@@ -160,6 +160,13 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
             self._needs_reload = True
             return
         self.lease.extended(started)
+        if outcome in (fires.Outcome.STALE, fires.Outcome.TAKEN):
+            logger.info("celery_guard: beat did not fire %s: %s", key, outcome.value)
+            # The database's last run is ahead of ours: read it. (A taken slot whose last run
+            # is behind, e.g. moved back by hand, is simply passed over in memory.)
+            if outcome is fires.Outcome.STALE:
+                self._needs_reload = True
+            return
         if plan.missed_total:
             logger.warning(
                 "celery_guard: beat %s: %d slot(s) of %s missed (catchup=%s)",
@@ -168,14 +175,10 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
                 entry.name,
                 policy.catchup,
             )
-        if outcome is not fires.Outcome.FIRED:
+        if outcome is fires.Outcome.FIRED:
+            self._publish(entry, claim, producer)
+        else:
             logger.info("celery_guard: beat did not fire %s: %s", key, outcome.value)
-            # The database's last run is ahead of ours: read it. (A taken slot whose last run
-            # is behind, e.g. moved back by hand, is simply passed over in memory.)
-            if outcome is fires.Outcome.STALE:
-                self._needs_reload = True
-            return
-        self._publish(entry, claim, producer)
 
     def _publish(self, entry: Any, claim: fires.Claim, producer: Any) -> None:
         slot = claim.plan.slot

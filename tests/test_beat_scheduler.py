@@ -145,3 +145,20 @@ def test_catchup_skip_and_the_published_headers(schedulers, beat_queue, redis_ur
     assert headers[fires.BEAT_HEADER]["token"] == fired.token
     assert headers["id"] == fired.task_id
     assert headers["periodic_task_name"] == "on-time"
+
+
+def test_last_run_moved_back_by_hand_refires_nothing(schedulers, beat_queue, redis_url, caplog):
+    entry = every_second(beat_queue)
+    scheduler = schedulers()
+    tick_until_fired(scheduler, 2)
+    # An edit in the admin saves a stale last run (and signals a schedule change).
+    entry.refresh_from_db()
+    entry.last_run_at -= timedelta(seconds=2)
+    entry.save()
+    tick_until_fired(scheduler, 4)
+    slots_fired = list(
+        BeatFire.objects.filter(status=BeatFire.FIRED).values_list("slot", flat=True)
+    )
+    assert len(slots_fired) == len(set(slots_fired))
+    assert queue_length(redis_url, beat_queue) == len(slots_fired)
+    assert ": taken" in caplog.text  # the fired slots were refused by their rows
