@@ -28,6 +28,9 @@ DEFAULTS: Mapping[str, Any] = {
     "SOFT_TIME_LIMIT": None,
     "TIME_LIMIT": None,
     "CAPTURE_UNGUARDED": False,
+    "BEAT_LOCK_NAME": "default",
+    "BEAT_LEASE_SECONDS": 30,
+    "BEAT_POLICIES": {},
 }
 
 
@@ -110,6 +113,22 @@ class GuardSettings:
     def capture_unguarded(self) -> bool:
         """Whether failures of unguarded Celery tasks are recorded as dead letters too."""
         return bool(raw("CAPTURE_UNGUARDED"))
+
+    @property
+    def beat_lock_name(self) -> str:
+        """Name of the lease guarded beats compete for (one leader per name)."""
+        return str(raw("BEAT_LOCK_NAME"))
+
+    @property
+    def beat_lease_seconds(self) -> float:
+        """Seconds a beat lease lasts without renewal."""
+        return float(raw("BEAT_LEASE_SECONDS"))
+
+    @property
+    def beat_policies(self) -> Mapping[str, Any]:
+        """Beat entry name (or ``"*"``) -> catch-up / overlap policy dict."""
+        value: Mapping[str, Any] = raw("BEAT_POLICIES")
+        return value
 
 
 guard_settings = GuardSettings()

@@ -33,5 +33,11 @@ else:
 # A worker started by the suite connects to the test database the suite created.
 if os.environ.get("CG_WORKER_DB_NAME"):
     _db["NAME"] = os.environ["CG_WORKER_DB_NAME"]
+# Beat processes started by the suite: a short lease, and a connection name to find them by.
+CELERY_GUARD_BEAT_LOCK_NAME = f"cgt-{RUN_ID}"
+if os.environ.get("CG_BEAT_LEASE_SECONDS"):
+    CELERY_GUARD_BEAT_LEASE_SECONDS = float(os.environ["CG_BEAT_LEASE_SECONDS"])
+if os.environ.get("CG_DB_APPLICATION_NAME") and _db["ENGINE"].endswith("postgresql"):
+    _db.setdefault("OPTIONS", {})["application_name"] = os.environ["CG_DB_APPLICATION_NAME"]
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
