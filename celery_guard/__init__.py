@@ -9,12 +9,21 @@ __version__ = "0.1.0"
 __all__ = [
     "GuardError",
     "GuardedTask",
+    "IdempotencyConflict",
+    "IdempotencyKeyError",
+    "LeaseLost",
     "PayloadError",
     "__version__",
     "guarded_task",
 ]
 
-from celery_guard.exceptions import GuardError, PayloadError
+from celery_guard.exceptions import (
+    GuardError,
+    IdempotencyConflict,
+    IdempotencyKeyError,
+    LeaseLost,
+    PayloadError,
+)
 
 if TYPE_CHECKING:
     from celery_guard.decorators import guarded_task

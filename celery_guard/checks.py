@@ -7,6 +7,7 @@ Each check reads the Celery app that guarded tasks bind to (``celery.current_app
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from celery import current_app
@@ -74,6 +75,34 @@ def _setting_errors() -> Iterable[str]:
         yield f"CELERY_GUARD_MAX_PAYLOAD_BYTES must be a positive int, got {size!r}"
     if not isinstance(conf.raw("INSTALL_ROUTER"), bool):
         yield "CELERY_GUARD_INSTALL_ROUTER must be True or False"
+    yield from _idempotency_setting_errors()
+
+
+def _idempotency_setting_errors() -> Iterable[str]:
+    backend = conf.raw("IDEMPOTENCY_BACKEND")
+    if backend not in ("database", "redis"):
+        yield f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
+    url = conf.raw("IDEMPOTENCY_REDIS_URL")
+    if url is not None and not (isinstance(url, str) and url.split(":", 1)[0] in REDIS_SCHEMES):
+        yield f"CELERY_GUARD_IDEMPOTENCY_REDIS_URL must be None or a redis:// URL, got {url!r}"
+    if not isinstance(conf.raw("IDEMPOTENCY_REDIS_PREFIX"), str):
+        yield "CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX must be a str"
+    for name in ("DEDUP_WINDOW", "IDEMPOTENCY_LEASE", "IDEMPOTENCY_RETENTION"):
+        value = conf.raw(name)
+        seconds = (
+            value.total_seconds()
+            if isinstance(value, timedelta)
+            else value
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else None
+        )
+        if seconds is None or seconds <= 0:
+            yield (
+                f"CELERY_GUARD_{name} must be a positive number of seconds or a timedelta, "
+                f"got {value!r}"
+            )
+    if not isinstance(conf.raw("RELEASE_ON_DEAD_LETTER"), bool):
+        yield "CELERY_GUARD_RELEASE_ON_DEAD_LETTER must be True or False"
 
 
 def check_setting_values(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:

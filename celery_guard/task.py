@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery.contrib.django.task import DjangoTask
+from celery.utils import uuid
 from django.conf import settings as django_settings
 
-from celery_guard import headers, options, payload, routing
+from celery_guard import headers, idempotency, options, payload, routing
 from celery_guard.conf import guard_settings
 from celery_guard.exceptions import PayloadError
 
@@ -62,6 +63,7 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
         Raises:
             TypeError, ValueError: A per-call guard option is unknown or invalid.
             PayloadError: The arguments are not plain JSON or are too large.
+            IdempotencyKeyError: The call's idempotency key cannot be derived.
         """
         where = f"{self.name}.apply_async(guard=...)"
         per_call = options.clean(guard or {}, where=where, per_call=True)
@@ -77,7 +79,11 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             per_call = {**kept, **per_call}
         level = options.resolve("priority", per_call, self.guard_options)
         routing.queue_for(level)
-        return {"priority": level}
+        identity = idempotency.identify(self, args, kwargs, per_call, inherited)
+        return {
+            "priority": level,
+            idempotency.HEADER_FIELD: identity.header() if identity else None,
+        }
 
     def apply_async(
         self,
@@ -93,10 +99,16 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
     ) -> Any:
         """Publish the task after the guard checks, stamping the guard header.
 
+        A call with an idempotency key is published only if it claims its key; a duplicate
+        inside the dedup window returns the ``AsyncResult`` of the first task instead.
+
         Args:
             guard: Per-call guard options, e.g. ``{"priority": "low"}``; they take
                 precedence over the decorator's.
             **celery_options: Every option Celery's ``apply_async`` takes.
+
+        Raises:
+            IdempotencyConflict: The key is held by a call with other arguments.
         """
         message_headers = dict(celery_options.pop("headers", None) or {})
         previous = headers.read(message_headers)
@@ -108,17 +120,32 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             retries=celery_options.get("retries") or 0,
             **fields,
         )
-        return super().apply_async(
-            args,
-            kwargs,
-            task_id,
-            producer,
-            link,
-            link_error,
-            shadow,
-            headers=message_headers,
-            **celery_options,
-        )
+        identity = idempotency.Identity.from_header(message_headers[headers.HEADER])
+        task_id = task_id or uuid()
+
+        def publish() -> Any:
+            return super(GuardedTask, self).apply_async(
+                args,
+                kwargs,
+                task_id,
+                producer,
+                link,
+                link_error,
+                shadow,
+                headers=message_headers,
+                **celery_options,
+            )
+
+        return idempotency.publish_once(self, identity, task_id, publish)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the body under the idempotency guard (a no-op for tasks without a key)."""
+        return idempotency.run_guarded(self, args, kwargs, super().__call__)
+
+    @property
+    def guard(self) -> idempotency.RunContext:
+        """The running request's guard context: ``self.guard.fencing_token``, ``.atomic()``."""
+        return idempotency.context(self.request)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
         """Check the arguments now, then publish when the transaction commits."""

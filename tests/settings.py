@@ -35,3 +35,15 @@ if os.environ.get("CG_WORKER_DB_NAME"):
     _db["NAME"] = os.environ["CG_WORKER_DB_NAME"]
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Worker fixtures shorten Redis's redelivery delay to test crashes (extra_env).
+if os.environ.get("CG_VISIBILITY_TIMEOUT"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": float(os.environ["CG_VISIBILITY_TIMEOUT"])
+    }
+# The idempotency ledger: the database unless a test's processes ask for Redis; Redis keys
+# carry the run id so concurrent runs on the shared Redis never meet.
+CELERY_GUARD_IDEMPOTENCY_BACKEND = os.environ.get("CG_IDEMPOTENCY_BACKEND", "database")
+CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX = os.environ.get(
+    "CG_IDEMPOTENCY_REDIS_PREFIX", f"cgt-{RUN_ID}:idem:"
+)

@@ -49,3 +49,6 @@ def retry_once_job(self, label: str) -> None:
     record(self, label)
     if self.request.retries == 0:
         raise self.retry(countdown=0.1)
+
+
+from tests.testapp import idem_tasks  # noqa: E402, F401  (registers the idempotency test tasks)
