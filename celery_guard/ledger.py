@@ -225,6 +225,7 @@ class DatabaseLedger(Ledger):
                 .update(
                     state=RUNNING,
                     task_id=task_id,
+                    fingerprint=fingerprint,
                     owner=owner,
                     lease_expires_at=lease_until,
                     fencing_token=F("fencing_token") + 1,
