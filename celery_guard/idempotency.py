@@ -506,9 +506,12 @@ def run_guarded(
         # Republished as it is (not counted as a retry: the body did not run), once the
         # holder's lease has ended; the holder's outcome decides what happens then.
         wait = max(start.retry_in, 0.1)
+        reason = f"key {identity.key!r} is running elsewhere"
+        if request.is_eager:  # task.apply(): nothing to republish, the caller sees RETRY
+            raise Retry(reason, when=wait)
         again = task.signature_from_request(request, countdown=wait, retries=request.retries)
         again.apply_async()
-        raise Retry(f"key {identity.key!r} is running elsewhere", when=wait, sig=again)
+        raise Retry(reason, when=wait, sig=again)
     ctx.owner, ctx.fencing_token = owner, start.fencing_token
     logger.info(
         "celery_guard: %s[%s] runs key %r with fencing token %s",

@@ -41,6 +41,8 @@ if os.environ.get("CG_VISIBILITY_TIMEOUT"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": float(os.environ["CG_VISIBILITY_TIMEOUT"])
     }
+if os.environ.get("CG_IDEMPOTENCY_LEASE"):
+    CELERY_GUARD_IDEMPOTENCY_LEASE = float(os.environ["CG_IDEMPOTENCY_LEASE"])
 # The idempotency ledger: the database unless a test's processes ask for Redis; Redis keys
 # carry the run id so concurrent runs on the shared Redis never meet.
 CELERY_GUARD_IDEMPOTENCY_BACKEND = os.environ.get("CG_IDEMPOTENCY_BACKEND", "database")

@@ -202,3 +202,17 @@ def test_purge_command_and_periodic_task_delete_expired_records(settings):
     time.sleep(0.2)
     assert purge_idempotency_records.apply().get() == 1
     assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["t:live"]
+
+
+def test_an_eager_run_whose_key_is_held_by_a_live_owner_does_not_run(
+    backend, store, redis_url, queues, empty_queues
+):
+    key = f"{NOTIFY}:notify:11:v1"
+    store.start(
+        key, task_name=NOTIFY, task_id="holder", fingerprint="f", window=60, owner="w", lease=30
+    )
+    result = run(idem_notify, 11, "v1")
+    assert result.state == "RETRY"
+    assert Execution.objects.count() == 0
+    assert high(redis_url, queues) == 0
+    assert store.get(key)["owner"] == "w"

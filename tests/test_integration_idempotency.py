@@ -94,27 +94,59 @@ def test_racing_producers_publish_each_key_once(
         assert store.get(f"{idem_race.name}:race:{n}")["task_id"] in ids_by_key[n]
 
 
-@pytest.mark.parametrize("when", ["after_return", "atomic"])
-def test_sigkilled_worker_redelivers_and_the_body_does_not_run_again(
-    when, backend, start_worker, redis_url, queues, tmp_path
-):
-    if when == "atomic" and backend == "redis":
-        pytest.skip("transactional completion needs the database ledger")
-    env = {"CG_VISIBILITY_TIMEOUT": "1"}
+def crash_and_restart(start_worker, when, tmp_path, lease="600"):
+    """Run ``idem_crash`` on a worker that SIGKILLs itself, then restart a worker.
+
+    Returns the task id and the log of the second worker, once it has handled the
+    redelivered message.
+    """
+    env = {"CG_VISIBILITY_TIMEOUT": "1", "CG_IDEMPOTENCY_LEASE": lease}
     marker = tmp_path / "killed"
     first = start_worker(["high"], extra_env=env)
-    result = idem_crash.delay(f"crash-{when}", marker=str(marker), when=when)
+    result = idem_crash.delay(when, marker=str(marker), when=when)
     wait_until(lambda: first.process.poll() is not None, timeout=60)
     assert first.process.returncode == -signal.SIGKILL
     assert marker.exists()
-    assert Execution.objects.filter(label=f"crash-{when}").count() == 1
+    assert Execution.objects.filter(label__startswith=f"{when}:").count() == 1
     # The message was not acked: after the visibility timeout Redis gives it to the new worker.
     time.sleep(1.5)
     second = start_worker(["high"], extra_env=env)
-    wait_until(lambda: "skipped: key" in second.log_path.read_text(errors="replace"), 60)
-    assert f"{idem_crash.name}[{result.id}] skipped" in second.log_path.read_text()
-    assert Execution.objects.filter(label=f"crash-{when}").count() == 1
+    done = f"{idem_crash.name}[{result.id}] " + ("runs key" if lease != "600" else "skipped")
+    wait_until(lambda: done in second.log_path.read_text(errors="replace"), 60)
+    return result.id
+
+
+def labels(prefix):
+    return sorted(
+        Execution.objects.filter(label__startswith=prefix).values_list("label", flat=True)
+    )
+
+
+def test_sigkill_after_the_body_returned_does_not_run_it_again(
+    backend, start_worker, redis_url, queues, tmp_path
+):
+    crash_and_restart(start_worker, "after_return", tmp_path)
+    assert labels("after_return:") == ["after_return:1"]
     wait_until(lambda: queue_length(redis_url, queues["high"]) == 0, 10)
+
+
+def test_sigkill_after_a_transactional_completion_does_not_run_it_again(start_worker, tmp_path):
+    crash_and_restart(start_worker, "atomic", tmp_path)
+    assert labels("atomic:") == ["atomic:1"]
+    assert IdempotencyRecord.objects.get().state == "succeeded"
+
+
+def test_sigkill_before_completion_is_taken_over_with_a_higher_fencing_token(
+    backend, store, start_worker, tmp_path
+):
+    task_id = crash_and_restart(start_worker, "before_completion", tmp_path, lease="1")
+    key = f"{idem_crash.name}:crash:before_completion"
+    wait_until(lambda: store.get(key)["state"] == "succeeded", 30)
+    # At-least-once: the dead owner's effect happened, the new owner ran again with token 2,
+    # so a downstream that checks tokens can reject anything the stale attempt still sends.
+    assert labels("before_completion:") == ["before_completion:1", "before_completion:2"]
+    record = store.get(key)
+    assert (record["task_id"], record["fencing_token"]) == (task_id, 2)
 
 
 def test_a_celery_retry_of_the_same_task_runs_again_under_a_new_token(backend, store, start_worker):
@@ -148,3 +180,30 @@ def test_enqueue_dedup_and_worker_skip_end_to_end(backend, store, start_worker, 
     # The first run and the run under the other key; the direct publish was skipped.
     assert labels == ["notify:10:v1::1", "notify:10:v1::1"]
     assert queue_length(redis_url, queues["high"]) == 0
+
+
+def test_a_message_whose_key_is_held_by_a_live_owner_waits_for_the_lease(
+    backend, store, start_worker
+):
+    from celery import current_app
+
+    key = f"{idem_notify.name}:notify:12:v1"
+    # Another owner holds the key for 2 more seconds (e.g. a slow first run elsewhere).
+    held = store.start(
+        key,
+        task_name=idem_notify.name,
+        task_id="holder",
+        fingerprint="f",
+        window=60,
+        owner="elsewhere",
+        lease=2,
+    )
+    worker = start_worker(["high"])
+    result = current_app.send_task(
+        idem_notify.name, (12, "v1"), queue=settings.CELERY_GUARD_PRIORITY_QUEUES["high"]
+    )
+    wait_until(lambda: (store.get(key) or {}).get("state") == "succeeded", 60)
+    log = worker.log_path.read_text()
+    assert f"{idem_notify.name}[{result.id}]: key '{key}' is running in holder; retrying" in log
+    # It ran once, after the lease ended, as a takeover with the next fencing token.
+    assert labels("notify:12:v1") == [f"notify:12:v1::{held.fencing_token + 1}"]

@@ -70,10 +70,16 @@ class KillAfterReturn(GuardedTask):
 
 @guarded_task(priority="high", bind=True, base=KillAfterReturn, idempotency_key="crash:{label}")
 def idem_crash(self, label: str, marker: str, when: str) -> None:
-    """The side effect, then a SIGKILL of the worker before the message is acked."""
+    """The side effect, then a SIGKILL of the worker before the message is acked.
+
+    ``when``: ``"after_return"`` (the key is marked succeeded first), ``"atomic"`` (the
+    effect and the ledger committed together) or ``"before_completion"`` (the worker dies
+    holding the lease).
+    """
     if when == "atomic":
         with self.guard.atomic():
-            _record(self, label)
-        _kill_own_worker(marker)
+            _record(self, f"{label}:{self.guard.fencing_token}")
     else:
-        _record(self, label)
+        _record(self, f"{label}:{self.guard.fencing_token}")
+    if when in ("atomic", "before_completion"):
+        _kill_own_worker(marker)
