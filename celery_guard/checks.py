@@ -272,6 +272,42 @@ def check_router(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[Ch
     ]
 
 
+def check_dedup_window(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W007: a dedup window not longer than the Redis visibility timeout.
+
+    A message Redis redelivers after the timeout arrives when the key's window may be over,
+    so the key no longer blocks and the body runs again.
+    """
+    app = _celery_app()
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+        return []
+    transport = app.conf.broker_transport_options or {}
+    timeout = float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
+    short = []
+    for task in guarded_tasks(app):
+        if options.resolve("idempotency_key", {}, task.guard_options) is None:
+            continue
+        window = options.resolve("dedup_window", {}, task.guard_options)
+        seconds = conf.GuardSettings.seconds(window)
+        if seconds <= timeout:
+            short.append(f"{task.name} ({seconds:g}s)")
+    if not short:
+        return []
+    return [
+        Warning(
+            f"Dedup window not longer than the Redis visibility_timeout ({timeout:g}s): "
+            f"{', '.join(sorted(short))}.",
+            hint=(
+                "A message redelivered after the visibility timeout (a worker lost before its "
+                "ack) can find the key's window over and run the body again. Make dedup_window "
+                "(or CELERY_GUARD_DEDUP_WINDOW) longer than the visibility timeout."
+            ),
+            id="celery_guard.W007",
+        )
+    ]
+
+
 #: Every check, in the order ``AppConfig.ready()`` registers them.
 ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_unknown_settings,
@@ -282,4 +318,5 @@ ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_always_eager,
     check_priority_queues,
     check_router,
+    check_dedup_window,
 )

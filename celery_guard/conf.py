@@ -88,28 +88,29 @@ class GuardSettings:
     @property
     def dedup_window(self) -> float:
         """Default dedup window in seconds of a task with an idempotency key."""
-        return _seconds(raw("DEDUP_WINDOW"))
+        return self.seconds(raw("DEDUP_WINDOW"))
 
     @property
     def idempotency_lease(self) -> float:
         """Seconds a worker owns a running key before another attempt may take it over."""
-        return _seconds(raw("IDEMPOTENCY_LEASE"))
+        return self.seconds(raw("IDEMPOTENCY_LEASE"))
 
     @property
     def idempotency_retention(self) -> float:
         """Seconds an expired ledger record is kept before ``purge`` deletes it."""
-        return _seconds(raw("IDEMPOTENCY_RETENTION"))
+        return self.seconds(raw("IDEMPOTENCY_RETENTION"))
 
     @property
     def release_on_dead_letter(self) -> bool:
         """Whether a dead-lettered run releases its idempotency key."""
         return bool(raw("RELEASE_ON_DEAD_LETTER"))
 
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return float(value)
+    @staticmethod
+    def seconds(value: Any) -> float:
+        """Return a duration setting (seconds or ``timedelta``) in seconds."""
+        if isinstance(value, timedelta):
+            return value.total_seconds()
+        return float(value)
 
 
 guard_settings = GuardSettings()

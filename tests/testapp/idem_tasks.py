@@ -34,7 +34,7 @@ def idem_notify(self, employee_id: int, event_version: str, note: str = "") -> N
     _record(self, f"notify:{employee_id}:{event_version}:{note}:{self.guard.fencing_token}")
 
 
-@guarded_task(priority="low", idempotency_key="race:{n}", dedup_window=600)
+@guarded_task(priority="low", idempotency_key="race:{n}", dedup_window=7200)
 def idem_race(n: int) -> None:
     """Published by the race test; never consumed."""
 
