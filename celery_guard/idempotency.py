@@ -95,13 +95,29 @@ def _task_parameters(fn: Callable[..., Any], bind: bool) -> list[inspect.Paramet
     return params[1:] if bind and params else params
 
 
+def _check_callable(func: Callable[..., Any], params: list[inspect.Parameter]) -> None:
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: checked when it is called
+    names = [p.name for p in params if p.kind is not p.VAR_KEYWORD]
+    try:
+        signature.bind(**dict.fromkeys(names))
+    except TypeError as exc:
+        raise ValueError(
+            f"callable {getattr(func, '__qualname__', func)!r} must accept the task's "
+            f"arguments as keywords ({', '.join(names)}): {exc}"
+        ) from None
+
+
 def _key_for_function(value: Any, fn: Callable[..., Any], bind: bool) -> KeySpec:
     if isinstance(value, KeySpec):
         return value
+    params = _task_parameters(fn, bind)
     if not isinstance(value, str):
+        _check_callable(value, params)
         return KeySpec(value)
     fields = _template_fields(value)
-    params = _task_parameters(fn, bind)
     names = {p.name for p in params if p.kind is not p.VAR_KEYWORD}
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return KeySpec(value, fields)  # any field may come through **kwargs

@@ -152,3 +152,15 @@ def test_fingerprint_is_canonical():
         {"b": [1, 2], "a": 1}
     )
     assert idempotency.fingerprint({"a": 1}) != idempotency.fingerprint({"a": "1"})
+
+
+def test_callable_key_must_accept_the_task_arguments_at_decoration():
+    with pytest.raises(ValueError, match=r"option 'idempotency_key': callable .* must accept"):
+
+        @guarded_task(idempotency_key=lambda employee_id: str(employee_id))
+        def notify(employee_id: int, event_version: str) -> None: ...
+
+    @guarded_task(idempotency_key=lambda employee_id, **rest: f"n:{employee_id}")
+    def notify_ok(employee_id: int, event_version: str) -> None: ...
+
+    assert identify(notify_ok, 3, "v").key == f"{notify_ok.name}:n:3"
