@@ -23,7 +23,7 @@ def redis_keys(prefix: str) -> list[bytes]:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+def idem_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run the test once per ledger backend; the Redis one under a prefix of its own.
 
     The environment variables carry the choice to the processes the test starts.
@@ -50,6 +50,6 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
-def store(backend: str) -> ledger.Ledger:
+def idem_store(idem_backend: str) -> ledger.Ledger:
     """The ledger of the current backend."""
     return ledger.get_ledger()

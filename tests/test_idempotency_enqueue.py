@@ -26,7 +26,7 @@ def high(redis_url, queues):
 
 
 def test_duplicates_inside_the_window_return_the_first_task(
-    backend, store, redis_url, queues, empty_queues, caplog
+    idem_backend, idem_store, redis_url, queues, empty_queues, caplog
 ):
     caplog.set_level(logging.INFO, logger="celery_guard")
     first = idem_notify.delay(1, "v1")
@@ -37,13 +37,13 @@ def test_duplicates_inside_the_window_return_the_first_task(
     other = idem_notify.delay(1, "v2")
     assert other.id != first.id
     assert high(redis_url, queues) == 2
-    record = store.get(f"{NOTIFY}:notify:1:v1")
+    record = idem_store.get(f"{NOTIFY}:notify:1:v1")
     assert (record["state"], record["task_id"]) == ("pending", first.id)
     assert f"not published: key '{NOTIFY}:notify:1:v1' is held by {first.id}" in caplog.text
 
 
 def test_conflicting_arguments_raise_and_publish_nothing(
-    backend, store, redis_url, queues, empty_queues
+    idem_backend, idem_store, redis_url, queues, empty_queues
 ):
     first = idem_notify.delay(2, "v1", note="a")
     with pytest.raises(IdempotencyConflict, match=f"already used by task {first.id}") as exc:
@@ -58,7 +58,7 @@ def test_conflicting_arguments_raise_and_publish_nothing(
 
 
 def test_key_errors_raise_before_anything_is_claimed_or_published(
-    backend, store, redis_url, queues, empty_queues
+    idem_backend, idem_store, redis_url, queues, empty_queues
 ):
     with pytest.raises(IdempotencyKeyError, match="no value for 'employee_id'"):
         idem_notify.delay(None, "v1")
@@ -68,11 +68,11 @@ def test_key_errors_raise_before_anything_is_claimed_or_published(
         idem_notify.delay_on_commit(None, "v1")
     assert high(redis_url, queues) == 0
     assert IdempotencyRecord.objects.count() == 0
-    assert store.get(f"{NOTIFY}:notify:None:v1") is None
+    assert idem_store.get(f"{NOTIFY}:notify:None:v1") is None
 
 
 def test_a_failed_publish_releases_its_claim(
-    backend, store, redis_url, queues, empty_queues, monkeypatch
+    idem_backend, idem_store, redis_url, queues, empty_queues, monkeypatch
 ):
     from celery.app.base import Celery
 
@@ -83,17 +83,17 @@ def test_a_failed_publish_releases_its_claim(
         patch.setattr(Celery, "send_task", broker_down)
         with pytest.raises(ConnectionError):
             idem_notify.delay(3, "v1")
-    assert store.get(f"{NOTIFY}:notify:3:v1")["state"] == "released"
+    assert idem_store.get(f"{NOTIFY}:notify:3:v1")["state"] == "released"
     result = idem_notify.delay(3, "v1")
     assert high(redis_url, queues) == 1
-    assert store.get(f"{NOTIFY}:notify:3:v1")["task_id"] == result.id
+    assert idem_store.get(f"{NOTIFY}:notify:3:v1")["task_id"] == result.id
 
 
-def test_per_call_key_and_window(backend, store, redis_url, queues, empty_queues):
+def test_per_call_key_and_window(idem_backend, idem_store, redis_url, queues, empty_queues):
     first = idem_notify.apply_async((4, "v1"), guard={"idempotency_key": "order-4"})
     second = idem_notify.apply_async((4, "v1"), guard={"idempotency_key": "order-4"})
     assert second.id == first.id
-    assert store.get(f"{NOTIFY}:order-4")["task_id"] == first.id
+    assert idem_store.get(f"{NOTIFY}:order-4")["task_id"] == first.id
     short = idem_notify.apply_async((5, "v1"), guard={"dedup_window": 0.2})
     time.sleep(0.3)
     assert idem_notify.delay(5, "v1").id != short.id  # the window is over
@@ -122,26 +122,26 @@ def test_transactional_completion_rolls_back_effect_and_ledger_together():
 
 
 def test_a_stale_owner_cannot_complete_and_its_effect_rolls_back():
-    store = ledger.DatabaseLedger()
+    idem_store = ledger.DatabaseLedger()
     key = "t:stale"
     args = {"task_name": "t", "task_id": "t1", "fingerprint": "f", "window": 60}
-    stale = store.start(key, owner="w1", lease=0.1, **args)
+    stale = idem_store.start(key, owner="w1", lease=0.1, **args)
     time.sleep(0.2)
-    new = store.start(key, owner="w2", lease=60, **args)
+    new = idem_store.start(key, owner="w2", lease=60, **args)
     assert new.fencing_token > stale.fencing_token
-    ctx = idempotency.RunContext(key, stale.fencing_token, "w1", "t1", store)
+    ctx = idempotency.RunContext(key, stale.fencing_token, "w1", "t1", idem_store)
     with pytest.raises(LeaseLost), ctx.atomic():
         Execution.objects.create(
             task="t", label="stale", queue="", hostname="", started_at=0, finished_at=0
         )
     assert Execution.objects.count() == 0
-    fresh = idempotency.RunContext(key, new.fencing_token, "w2", "t1", store)
+    fresh = idempotency.RunContext(key, new.fencing_token, "w2", "t1", idem_store)
     with fresh.atomic():
         Execution.objects.create(
             task="t", label="new", queue="", hostname="", started_at=0, finished_at=0
         )
     assert list(Execution.objects.values_list("label", flat=True)) == ["new"]
-    assert store.get(key)["state"] == "succeeded"
+    assert idem_store.get(key)["state"] == "succeeded"
 
 
 @override_settings(CELERY_GUARD_IDEMPOTENCY_BACKEND="redis")
@@ -154,15 +154,15 @@ def test_transactional_completion_needs_the_database_ledger():
 
 @pytest.mark.parametrize("release", [True, False])
 def test_dead_lettered_runs_release_their_key(
-    release, backend, store, redis_url, queues, empty_queues
+    release, idem_backend, idem_store, redis_url, queues, empty_queues
 ):
     failed = idem_notify.delay(6, "v1")
     key = f"{NOTIFY}:notify:6:v1"
-    fp = store.get(key)["fingerprint"]
-    store.start(
+    fp = idem_store.get(key)["fingerprint"]
+    idem_store.start(
         key, task_name=NOTIFY, task_id=failed.id, fingerprint=fp, window=60, owner="w", lease=60
     )
-    store.finish(key, owner="w", token=1, state="failed")
+    idem_store.finish(key, owner="w", token=1, state="failed")
     assert idem_notify.delay(6, "v1").id == failed.id  # a failed key still blocks
     with override_settings(CELERY_GUARD_RELEASE_ON_DEAD_LETTER=release):
         dead_lettered.send(
@@ -184,10 +184,10 @@ def test_a_failing_body_marks_its_key_failed():
 
 
 def test_purge_command_and_periodic_task_delete_expired_records(settings):
-    store = ledger.DatabaseLedger()
+    idem_store = ledger.DatabaseLedger()
     for key in ("t:a", "t:b"):
-        store.claim(key, task_name="t", task_id=key, fingerprint="f", window=0.1)
-    store.claim("t:live", task_name="t", task_id="l", fingerprint="f", window=60)
+        idem_store.claim(key, task_name="t", task_id=key, fingerprint="f", window=0.1)
+    idem_store.claim("t:live", task_name="t", task_id="l", fingerprint="f", window=60)
     time.sleep(0.2)
     settings.CELERY_GUARD_IDEMPOTENCY_RETENTION = 3600
     call_command("celery_guard", "purge")
@@ -198,21 +198,21 @@ def test_purge_command_and_periodic_task_delete_expired_records(settings):
     out = StringIO()
     call_command("celery_guard", "purge", stdout=out)
     assert "purged 2 expired idempotency record(s)" in out.getvalue()
-    store.claim("t:c", task_name="t", task_id="c", fingerprint="f", window=0.1)
+    idem_store.claim("t:c", task_name="t", task_id="c", fingerprint="f", window=0.1)
     time.sleep(0.2)
     assert purge_idempotency_records.apply().get() == 1
     assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["t:live"]
 
 
 def test_an_eager_run_whose_key_is_held_by_a_live_owner_does_not_run(
-    backend, store, redis_url, queues, empty_queues
+    idem_backend, idem_store, redis_url, queues, empty_queues
 ):
     key = f"{NOTIFY}:notify:11:v1"
-    store.start(
+    idem_store.start(
         key, task_name=NOTIFY, task_id="holder", fingerprint="f", window=60, owner="w", lease=30
     )
     result = run(idem_notify, 11, "v1")
     assert result.state == "RETRY"
     assert Execution.objects.count() == 0
     assert high(redis_url, queues) == 0
-    assert store.get(key)["owner"] == "w"
+    assert idem_store.get(key)["owner"] == "w"

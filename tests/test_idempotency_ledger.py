@@ -12,12 +12,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 FP, OTHER_FP = "a" * 64, "b" * 64
 
 
-def claim(store, key="t:k", task_id="t1", fp=FP, window=60.0):
-    return store.claim(key, task_name="t", task_id=task_id, fingerprint=fp, window=window)
+def claim(idem_store, key="t:k", task_id="t1", fp=FP, window=60.0):
+    return idem_store.claim(key, task_name="t", task_id=task_id, fingerprint=fp, window=window)
 
 
-def start(store, owner, key="t:k", task_id="t1", lease=60.0, window=60.0):
-    return store.start(
+def start(idem_store, owner, key="t:k", task_id="t1", lease=60.0, window=60.0):
+    return idem_store.start(
         key,
         task_name="t",
         task_id=task_id,
@@ -28,98 +28,100 @@ def start(store, owner, key="t:k", task_id="t1", lease=60.0, window=60.0):
     )
 
 
-def test_claim_duplicate_conflict_and_own_republish(store):
-    assert claim(store) == ledger.Claim("claimed", "t1", FP)
-    assert claim(store, task_id="t2") == ledger.Claim("duplicate", "t1", FP)
-    assert claim(store, task_id="t3", fp=OTHER_FP) == ledger.Claim("conflict", "t1", FP)
+def test_claim_duplicate_conflict_and_own_republish(idem_store):
+    assert claim(idem_store) == ledger.Claim("claimed", "t1", FP)
+    assert claim(idem_store, task_id="t2") == ledger.Claim("duplicate", "t1", FP)
+    assert claim(idem_store, task_id="t3", fp=OTHER_FP) == ledger.Claim("conflict", "t1", FP)
     # The holder republishing (a retry) keeps its claim.
-    assert claim(store, task_id="t1").outcome == "claimed"
-    record = store.get("t:k")
+    assert claim(idem_store, task_id="t1").outcome == "claimed"
+    record = idem_store.get("t:k")
     assert (record["state"], record["task_id"], record["fencing_token"]) == ("pending", "t1", 0)
 
 
-def test_window_expiry_release_and_unclaim_free_the_key(store):
-    assert claim(store, window=0.2).outcome == "claimed"
-    assert claim(store, task_id="t2").outcome == "duplicate"
+def test_window_expiry_release_and_unclaim_free_the_key(idem_store):
+    assert claim(idem_store, window=0.2).outcome == "claimed"
+    assert claim(idem_store, task_id="t2").outcome == "duplicate"
     time.sleep(0.3)
-    assert claim(store, task_id="t2", fp=OTHER_FP) == ledger.Claim("claimed", "t2", OTHER_FP)
-    assert store.release("t:k", task_id="someone-else") is False
-    assert store.release("t:k", task_id="t2") is True
-    assert store.release("t:k") is False  # already released
-    assert claim(store, task_id="t3").outcome == "claimed"
-    assert store.unclaim("t:k", "t3") is True
-    assert store.get("t:k")["state"] == "released"
-    assert claim(store, task_id="t4").outcome == "claimed"
+    assert claim(idem_store, task_id="t2", fp=OTHER_FP) == ledger.Claim("claimed", "t2", OTHER_FP)
+    assert idem_store.release("t:k", task_id="someone-else") is False
+    assert idem_store.release("t:k", task_id="t2") is True
+    assert idem_store.release("t:k") is False  # already released
+    assert claim(idem_store, task_id="t3").outcome == "claimed"
+    assert idem_store.unclaim("t:k", "t3") is True
+    assert idem_store.get("t:k")["state"] == "released"
+    assert claim(idem_store, task_id="t4").outcome == "claimed"
 
 
-def test_start_runs_once_then_skips(store):
-    claim(store)
-    first = start(store, "w1")
+def test_start_runs_once_then_skips(idem_store):
+    claim(idem_store)
+    first = start(idem_store, "w1")
     assert (first.outcome, first.fencing_token) == ("run", 1)
-    assert store.finish("t:k", owner="w1", token=1, state="succeeded") is True
-    again = start(store, "w2", task_id="t1")
+    assert idem_store.finish("t:k", owner="w1", token=1, state="succeeded") is True
+    again = start(idem_store, "w2", task_id="t1")
     assert (again.outcome, again.task_id) == ("skip", "t1")
-    assert store.get("t:k")["state"] == "succeeded"
+    assert idem_store.get("t:k")["state"] == "succeeded"
 
 
-def test_start_without_a_claim_and_busy_while_a_live_owner_runs(store):
+def test_start_without_a_claim_and_busy_while_a_live_owner_runs(idem_store):
     # A message published without the enqueue claim (a replay) still gets a record.
-    assert start(store, "w1", key="t:new", task_id="x").fencing_token == 1
-    busy = start(store, "w2", key="t:new", task_id="y")
+    assert start(idem_store, "w1", key="t:new", task_id="x").fencing_token == 1
+    busy = start(idem_store, "w2", key="t:new", task_id="y")
     assert busy.outcome == "busy"
     assert busy.task_id == "x"
     assert 0 < busy.retry_in <= 60
 
 
-def test_takeover_after_the_lease_expired_fences_the_stale_owner(store):
-    claim(store)
-    stale = start(store, "w1", lease=0.2)
-    assert start(store, "w2").outcome == "busy"
+def test_takeover_after_the_lease_expired_fences_the_stale_owner(idem_store):
+    claim(idem_store)
+    stale = start(idem_store, "w1", lease=0.2)
+    assert start(idem_store, "w2").outcome == "busy"
     time.sleep(0.3)
-    new = start(store, "w2")
+    new = start(idem_store, "w2")
     assert new.outcome == "run"
     assert new.fencing_token == stale.fencing_token + 1
     # The stale owner can no longer complete, fail or yield the key; the new one can.
-    assert store.finish("t:k", owner="w1", token=stale.fencing_token, state="succeeded") is False
-    assert store.finish("t:k", owner="w1", token=stale.fencing_token, state="failed") is False
-    assert store.yield_lease("t:k", owner="w1", token=stale.fencing_token) is False
-    assert store.finish("t:k", owner="w2", token=new.fencing_token, state="succeeded") is True
-    record = store.get("t:k")
+    assert (
+        idem_store.finish("t:k", owner="w1", token=stale.fencing_token, state="succeeded") is False
+    )
+    assert idem_store.finish("t:k", owner="w1", token=stale.fencing_token, state="failed") is False
+    assert idem_store.yield_lease("t:k", owner="w1", token=stale.fencing_token) is False
+    assert idem_store.finish("t:k", owner="w2", token=new.fencing_token, state="succeeded") is True
+    record = idem_store.get("t:k")
     assert (record["state"], record["owner"], record["fencing_token"]) == ("succeeded", "w2", 2)
 
 
-def test_failed_and_yielded_runs_can_start_again(store):
-    claim(store)
-    run = start(store, "w1")
-    assert store.yield_lease("t:k", owner="w1", token=run.fencing_token) is True
-    retry = start(store, "w2")
+def test_failed_and_yielded_runs_can_start_again(idem_store):
+    claim(idem_store)
+    run = start(idem_store, "w1")
+    assert idem_store.yield_lease("t:k", owner="w1", token=run.fencing_token) is True
+    retry = start(idem_store, "w2")
     assert (retry.outcome, retry.fencing_token) == ("run", 2)
-    assert store.finish("t:k", owner="w2", token=2, state="failed") is True
-    assert claim(store, task_id="t2").outcome == "duplicate"  # a failed key still blocks
-    assert start(store, "w3").outcome == "run"  # but a redelivery may run it
+    assert idem_store.finish("t:k", owner="w2", token=2, state="failed") is True
+    assert claim(idem_store, task_id="t2").outcome == "duplicate"  # a failed key still blocks
+    assert start(idem_store, "w3").outcome == "run"  # but a redelivery may run it
 
 
-def test_succeeded_key_runs_again_after_its_window(store):
-    claim(store, window=0.2)
-    run = start(store, "w1", window=0.2)
-    store.finish("t:k", owner="w1", token=run.fencing_token, state="succeeded")
-    assert start(store, "w2", window=0.2).outcome == "skip"
+def test_succeeded_key_runs_again_after_its_window(idem_store):
+    claim(idem_store, window=0.2)
+    run = start(idem_store, "w1", window=0.2)
+    idem_store.finish("t:k", owner="w1", token=run.fencing_token, state="succeeded")
+    assert start(idem_store, "w2", window=0.2).outcome == "skip"
     time.sleep(0.3)
-    assert start(store, "w2", window=0.2).outcome == "run"
+    assert start(idem_store, "w2", window=0.2).outcome == "run"
 
 
-def test_finish_rejects_other_states(store):
+def test_finish_rejects_other_states(idem_store):
     with pytest.raises(ValueError, match="succeeded or failed"):
-        store.finish("t:k", owner="w", token=1, state="released")
+        idem_store.finish("t:k", owner="w", token=1, state="released")
 
 
 def test_database_purge_keeps_live_and_recent_records(settings):
-    store = ledger.DatabaseLedger()
-    claim(store, key="t:old", window=0.1)
-    claim(store, key="t:live", window=0.1)
-    start(store, "w1", key="t:live", lease=60)
-    claim(store, key="t:recent", window=60)
+    idem_store = ledger.DatabaseLedger()
+    claim(idem_store, key="t:old", window=0.1)
+    claim(idem_store, key="t:live", window=0.1)
+    start(idem_store, "w1", key="t:live", lease=60)
+    claim(idem_store, key="t:recent", window=60)
     time.sleep(0.2)
-    assert store.purge(retention=0) == 1
+    assert idem_store.purge(retention=0) == 1
     assert set(IdempotencyRecord.objects.values_list("key", flat=True)) == {"t:live", "t:recent"}
-    assert store.purge(retention=3600) == 0
+    assert idem_store.purge(retention=3600) == 0

@@ -31,7 +31,7 @@ def queued_messages(redis_url, queue):
 
 
 def test_racing_producers_publish_each_key_once(
-    backend, store, redis_url, queues, empty_queues, test_db_name, tmp_path
+    idem_backend, idem_store, redis_url, queues, empty_queues, test_db_name, tmp_path
 ):
     go = tmp_path / "go"
     env = {
@@ -78,7 +78,7 @@ def test_racing_producers_publish_each_key_once(
     assert {m["headers"]["id"] for m in messages} == {i for ids in ids_by_key.values() for i in ids}
 
     # In the ledger: one pending record per key, held by the published task.
-    if backend == "database":
+    if idem_backend == "database":
         records = list(IdempotencyRecord.objects.values_list("key", "task_id", "state"))
     else:
         records = [
@@ -91,7 +91,7 @@ def test_racing_producers_publish_each_key_once(
     assert len(records) == KEYS
     assert {r[2] for r in records} == {"pending"}
     for n in (0, 499, 999):
-        assert store.get(f"{idem_race.name}:race:{n}")["task_id"] in ids_by_key[n]
+        assert idem_store.get(f"{idem_race.name}:race:{n}")["task_id"] in ids_by_key[n]
 
 
 def crash_and_restart(start_worker, when, tmp_path, lease="600"):
@@ -123,7 +123,7 @@ def labels(prefix):
 
 
 def test_sigkill_after_the_body_returned_does_not_run_it_again(
-    backend, start_worker, redis_url, queues, tmp_path
+    idem_backend, start_worker, redis_url, queues, tmp_path
 ):
     crash_and_restart(start_worker, "after_return", tmp_path)
     assert labels("after_return:") == ["after_return:1"]
@@ -137,30 +137,34 @@ def test_sigkill_after_a_transactional_completion_does_not_run_it_again(start_wo
 
 
 def test_sigkill_before_completion_is_taken_over_with_a_higher_fencing_token(
-    backend, store, start_worker, tmp_path
+    idem_backend, idem_store, start_worker, tmp_path
 ):
     task_id = crash_and_restart(start_worker, "before_completion", tmp_path, lease="1")
     key = f"{idem_crash.name}:crash:before_completion"
-    wait_until(lambda: store.get(key)["state"] == "succeeded", 30)
+    wait_until(lambda: idem_store.get(key)["state"] == "succeeded", 30)
     # At-least-once: the dead owner's effect happened, the new owner ran again with token 2,
     # so a downstream that checks tokens can reject anything the stale attempt still sends.
     assert labels("before_completion:") == ["before_completion:1", "before_completion:2"]
-    record = store.get(key)
+    record = idem_store.get(key)
     assert (record["task_id"], record["fencing_token"]) == (task_id, 2)
 
 
-def test_a_celery_retry_of_the_same_task_runs_again_under_a_new_token(backend, store, start_worker):
+def test_a_celery_retry_of_the_same_task_runs_again_under_a_new_token(
+    idem_backend, idem_store, start_worker
+):
     start_worker(["high"])
     result = idem_retry.delay("r")
     key = f"{idem_retry.name}:retry:r"
-    wait_until(lambda: (store.get(key) or {}).get("state") == "succeeded", 60)
+    wait_until(lambda: (idem_store.get(key) or {}).get("state") == "succeeded", 60)
     labels = sorted(Execution.objects.values_list("label", flat=True))
     assert labels == ["r:0:1", "r:1:2"]  # attempt 2 ran, with a higher fencing token
-    record = store.get(key)
+    record = idem_store.get(key)
     assert (record["task_id"], record["fencing_token"]) == (result.id, 2)
 
 
-def test_enqueue_dedup_and_worker_skip_end_to_end(backend, store, start_worker, redis_url, queues):
+def test_enqueue_dedup_and_worker_skip_end_to_end(
+    idem_backend, idem_store, start_worker, redis_url, queues
+):
     first = idem_notify.delay(10, "v1")
     assert idem_notify.delay(10, "v1").id == first.id
     with pytest.raises(IdempotencyConflict):
@@ -168,7 +172,7 @@ def test_enqueue_dedup_and_worker_skip_end_to_end(backend, store, start_worker, 
     assert queue_length(redis_url, queues["high"]) == 1
     worker = start_worker(["high"])
     key = f"{idem_notify.name}:notify:10:v1"
-    wait_until(lambda: (store.get(key) or {}).get("state") == "succeeded", 60)
+    wait_until(lambda: (idem_store.get(key) or {}).get("state") == "succeeded", 60)
     # A duplicate that slips past the enqueue check (published directly) does not run again.
     idem_notify.apply_async((10, "v1"), guard={"idempotency_key": "other-key"})
     from celery import current_app
@@ -183,13 +187,13 @@ def test_enqueue_dedup_and_worker_skip_end_to_end(backend, store, start_worker, 
 
 
 def test_a_message_whose_key_is_held_by_a_live_owner_waits_for_the_lease(
-    backend, store, start_worker
+    idem_backend, idem_store, start_worker
 ):
     from celery import current_app
 
     key = f"{idem_notify.name}:notify:12:v1"
     # Another owner holds the key for 2 more seconds (e.g. a slow first run elsewhere).
-    held = store.start(
+    held = idem_store.start(
         key,
         task_name=idem_notify.name,
         task_id="holder",
@@ -202,7 +206,7 @@ def test_a_message_whose_key_is_held_by_a_live_owner_waits_for_the_lease(
     result = current_app.send_task(
         idem_notify.name, (12, "v1"), queue=settings.CELERY_GUARD_PRIORITY_QUEUES["high"]
     )
-    wait_until(lambda: (store.get(key) or {}).get("state") == "succeeded", 60)
+    wait_until(lambda: (idem_store.get(key) or {}).get("state") == "succeeded", 60)
     log = worker.log_path.read_text()
     assert f"{idem_notify.name}[{result.id}]: key '{key}' is running in holder; retrying" in log
     # It ran once, after the lease ended, as a takeover with the next fencing token.
