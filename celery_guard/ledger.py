@@ -100,7 +100,11 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     def finish(self, key: str, *, owner: str, token: int, state: str) -> bool:
-        """Move a run ``owner`` still holds (with ``token``) to ``succeeded`` or ``failed``."""
+        """Move a run ``owner`` still holds (with ``token``) to ``succeeded`` or ``failed``.
+
+        ``failed`` is also accepted after the run gave its lease back (a retry whose
+        publish failed), while no next attempt has taken it.
+        """
 
     @abc.abstractmethod
     def yield_lease(self, key: str, *, owner: str, token: int) -> bool:
@@ -263,7 +267,10 @@ class DatabaseLedger(Ledger):
         raise RuntimeError(f"idempotency key {key!r} kept changing during the start")
 
     def _transition(self, key: str, owner: str, token: int, state: str) -> bool:
-        rows = self._rows().filter(key=key, owner=owner, fencing_token=token, state=RUNNING)
+        # A run that gave its lease back for a retry whose publish then failed may still
+        # record its failure, as long as no next attempt has taken the key.
+        held = [RUNNING, PENDING] if state == FAILED else [RUNNING]
+        rows = self._rows().filter(key=key, owner=owner, fencing_token=token, state__in=held)
         return bool(rows.update(state=state, updated_at=timezone.now()))
 
     def finish(self, key: str, *, owner: str, token: int, state: str) -> bool:
@@ -363,7 +370,8 @@ _LUA_TRANSITION = (
     _LUA_PRELUDE
     + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'token')
-if h[1] ~= 'running' or h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return 0 end
+local held = h[1] == 'running' or (ARGV[3] == 'failed' and h[1] == 'pending')
+if not held or h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', now)
 return 1
 """

@@ -125,3 +125,16 @@ def test_database_purge_keeps_live_and_recent_records(settings):
     assert idem_store.purge(retention=0) == 1
     assert set(IdempotencyRecord.objects.values_list("key", flat=True)) == {"t:live", "t:recent"}
     assert idem_store.purge(retention=3600) == 0
+
+
+def test_a_yielded_run_may_still_fail_until_the_next_attempt_starts(idem_store):
+    claim(idem_store)
+    run = start(idem_store, "w1")
+    idem_store.yield_lease("t:k", owner="w1", token=run.fencing_token)
+    assert idem_store.finish("t:k", owner="w1", token=1, state="succeeded") is False
+    assert idem_store.finish("t:k", owner="w1", token=1, state="failed") is True
+    assert idem_store.get("t:k")["state"] == "failed"
+    start(idem_store, "w2")
+    idem_store.yield_lease("t:k", owner="w2", token=2)
+    start(idem_store, "w3")
+    assert idem_store.finish("t:k", owner="w2", token=2, state="failed") is False
