@@ -15,7 +15,7 @@ from django.conf import settings as django_settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import autodiscover_modules
 
-from celery_guard import conf, options, routing
+from celery_guard import conf, ledger, options, routing
 
 #: Redis's visibility timeout when the project sets none (Celery's Redis broker docs).
 REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600
@@ -83,7 +83,8 @@ def _idempotency_setting_errors() -> Iterable[str]:
     if backend not in ("database", "redis"):
         yield f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
     url = conf.raw("IDEMPOTENCY_REDIS_URL")
-    if url is not None and not (isinstance(url, str) and url.split(":", 1)[0] in REDIS_SCHEMES):
+    schemes = ledger.REDIS_SCHEMES
+    if url is not None and not (isinstance(url, str) and url.split(":", 1)[0] in schemes):
         yield f"CELERY_GUARD_IDEMPOTENCY_REDIS_URL must be None or a redis:// URL, got {url!r}"
     if not isinstance(conf.raw("IDEMPOTENCY_REDIS_PREFIX"), str):
         yield "CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX must be a str"
@@ -272,6 +273,25 @@ def check_router(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[Ch
     ]
 
 
+def check_idempotency_redis(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """E004: the Redis idempotency ledger has no Redis to use."""
+    if conf.raw("IDEMPOTENCY_BACKEND") != "redis" or list(_setting_errors()):
+        return []
+    try:
+        ledger.redis_url()
+    except ValueError as exc:
+        return [
+            Error(
+                f"CELERY_GUARD_IDEMPOTENCY_BACKEND is 'redis' but {exc}.",
+                hint="Set CELERY_GUARD_IDEMPOTENCY_REDIS_URL = 'redis://...'.",
+                id="celery_guard.E004",
+            )
+        ]
+    return []
+
+
 def check_dedup_window(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
     """W007: a dedup window not longer than the Redis visibility timeout.
 
@@ -318,5 +338,6 @@ ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_always_eager,
     check_priority_queues,
     check_router,
+    check_idempotency_redis,
     check_dedup_window,
 )

@@ -494,18 +494,36 @@ def _stamp(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+
+
+def redis_url() -> str:
+    """The Redis of the ``"redis"`` ledger: its own setting, else a Redis broker's URL.
+
+    Raises:
+        ValueError: No ``CELERY_GUARD_IDEMPOTENCY_REDIS_URL`` and the broker is not Redis.
+    """
+    url = guard_settings.idempotency_redis_url
+    if url is not None:
+        return url
+    from celery import current_app
+
+    broker = current_app.conf.broker_url
+    if not isinstance(broker, str) or broker.split(":", 1)[0] not in REDIS_SCHEMES:
+        raise ValueError(
+            "the 'redis' idempotency ledger needs CELERY_GUARD_IDEMPOTENCY_REDIS_URL when "
+            "the broker is not Redis"
+        )
+    return broker
+
+
 def get_ledger() -> Ledger:
     """Return the ledger ``CELERY_GUARD_IDEMPOTENCY_BACKEND`` selects."""
     backend = guard_settings.idempotency_backend
     if backend == "database":
         return DatabaseLedger()
     if backend == "redis":
-        url = guard_settings.idempotency_redis_url
-        if url is None:
-            from celery import current_app
-
-            url = str(current_app.conf.broker_url)
-        return RedisLedger(url, guard_settings.idempotency_redis_prefix)
+        return RedisLedger(redis_url(), guard_settings.idempotency_redis_prefix)
     raise ValueError(
         f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
     )

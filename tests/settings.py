@@ -46,6 +46,7 @@ if os.environ.get("CG_IDEMPOTENCY_LEASE"):
 # The idempotency ledger: the database unless a test's processes ask for Redis; Redis keys
 # carry the run id so concurrent runs on the shared Redis never meet.
 CELERY_GUARD_IDEMPOTENCY_BACKEND = os.environ.get("CG_IDEMPOTENCY_BACKEND", "database")
+CELERY_GUARD_IDEMPOTENCY_REDIS_URL = REDIS_URL  # also when a worker's broker is RabbitMQ
 CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX = os.environ.get(
     "CG_IDEMPOTENCY_REDIS_PREFIX", f"cgt-{RUN_ID}:idem:"
 )

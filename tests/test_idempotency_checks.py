@@ -66,3 +66,25 @@ def test_w007_window_not_longer_than_the_visibility_timeout(short_window_task):
             conf.broker_url = saved_url
     finally:
         conf.broker_transport_options = saved
+
+
+def test_e004_redis_ledger_without_a_redis():
+    conf = current_app.conf
+    saved = conf.broker_url
+    try:
+        with override_settings(
+            CELERY_GUARD_IDEMPOTENCY_BACKEND="redis", CELERY_GUARD_IDEMPOTENCY_REDIS_URL=None
+        ):
+            assert checks.check_idempotency_redis() == []  # the Redis broker is used
+            conf.broker_url = "amqp://guest@localhost//"
+            [message] = checks.check_idempotency_redis()
+            assert message.id == "celery_guard.E004"
+            assert "CELERY_GUARD_IDEMPOTENCY_REDIS_URL" in message.msg
+        assert checks.check_idempotency_redis() == []  # the database ledger needs no Redis
+        with override_settings(
+            CELERY_GUARD_IDEMPOTENCY_BACKEND="redis",
+            CELERY_GUARD_IDEMPOTENCY_REDIS_URL="redis://127.0.0.1:6379/1",
+        ):
+            assert checks.check_idempotency_redis() == []
+    finally:
+        conf.broker_url = saved

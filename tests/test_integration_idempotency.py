@@ -211,3 +211,22 @@ def test_a_message_whose_key_is_held_by_a_live_owner_waits_for_the_lease(
     assert f"{idem_notify.name}[{result.id}]: key '{key}' is running in holder; retrying" in log
     # It ran once, after the lease ended, as a takeover with the next fencing token.
     assert labels("notify:12:v1") == [f"notify:12:v1::{held.fencing_token + 1}"]
+
+
+def test_dedup_and_skip_on_rabbitmq(idem_backend, idem_store, start_worker, amqp_url, queues):
+    from kombu import Connection
+
+    from proj.celery import app
+
+    with Connection(amqp_url) as conn:
+        producer = app.amqp.Producer(conn)
+        first = idem_notify.apply_async((20, "v1"), producer=producer)
+        again = idem_notify.apply_async((20, "v1"), producer=producer)
+        with pytest.raises(IdempotencyConflict):
+            idem_notify.apply_async((20, "v1"), {"note": "x"}, producer=producer)
+    assert again.id == first.id
+    assert queue_length(amqp_url, queues["high"]) == 1
+    start_worker(["high"], broker_url=amqp_url, name="amqp-idem")
+    key = f"{idem_notify.name}:notify:20:v1"
+    wait_until(lambda: (idem_store.get(key) or {}).get("state") == "succeeded", 60)
+    assert labels("notify:20:v1") == ["notify:20:v1::1"]
