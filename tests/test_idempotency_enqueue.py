@@ -144,8 +144,8 @@ def test_a_stale_owner_cannot_complete_and_its_effect_rolls_back():
     assert idem_store.get(key)["state"] == "succeeded"
 
 
-@override_settings(CELERY_GUARD_IDEMPOTENCY_BACKEND="redis")
-def test_transactional_completion_needs_the_database_ledger():
+@pytest.mark.parametrize("idem_backend", ["redis"], indirect=True)
+def test_transactional_completion_needs_the_database_ledger(idem_backend):
     result = run(idem_atomic, "redis")
     assert result.failed()
     assert isinstance(result.result, TypeError)
