@@ -341,6 +341,30 @@ class RunContext:
     store: ledger.Ledger | None = field(default=None, repr=False)
     completed: bool = False
 
+    def renew(self, lease: float | None = None) -> None:
+        """Extend this run's lease, for a body that may outlive it (call it periodically).
+
+        Args:
+            lease: Seconds from now; defaults to ``CELERY_GUARD_IDEMPOTENCY_LEASE``.
+
+        Raises:
+            LeaseLost: The lease already expired or the key was taken over: stop working.
+        """
+        if self.key is None or self.owner is None or self.store is None:
+            return
+        assert self.fencing_token is not None
+        seconds = guard_settings.idempotency_lease if lease is None else lease
+        if not self.store.renew(
+            self.key, owner=self.owner, token=self.fencing_token, lease=seconds
+        ):
+            logger.warning(
+                "celery_guard: %s cannot renew key %r (token %s): lease lost",
+                self.task_id,
+                self.key,
+                self.fencing_token,
+            )
+            raise LeaseLost(f"idempotency key {self.key!r}: the lease was lost")
+
     @contextlib.contextmanager
     def atomic(self, using: str | None = None) -> Iterator[None]:
         """A ``transaction.atomic()`` block that also marks the key succeeded in it.

@@ -111,6 +111,10 @@ class Ledger(abc.ABC):
         """Give the lease back (state ``pending``) so the next attempt of a retry can run."""
 
     @abc.abstractmethod
+    def renew(self, key: str, *, owner: str, token: int, lease: float) -> bool:
+        """Extend a running ``owner``'s lease to ``lease`` seconds from now."""
+
+    @abc.abstractmethod
     def release(self, key: str, task_id: str | None = None) -> bool:
         """Free ``key`` (only while ``task_id`` holds it, when given)."""
 
@@ -283,6 +287,15 @@ class DatabaseLedger(Ledger):
         """See :meth:`Ledger.yield_lease`."""
         return self._transition(key, owner, token, PENDING)
 
+    def renew(self, key: str, *, owner: str, token: int, lease: float) -> bool:
+        """See :meth:`Ledger.renew`."""
+        now = timezone.now()
+        rows = self._rows().filter(
+            key=key, owner=owner, fencing_token=token, state=RUNNING, lease_expires_at__gt=now
+        )
+        until = now + dt.timedelta(seconds=lease)
+        return bool(rows.update(lease_expires_at=until, updated_at=now))
+
     def release(self, key: str, task_id: str | None = None) -> bool:
         """See :meth:`Ledger.release`."""
         rows = self._rows().filter(key=key).exclude(state=RELEASED)
@@ -377,6 +390,18 @@ return 1
 """
 )
 
+_LUA_RENEW = (
+    _LUA_PRELUDE
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'token', 'lease_until')
+if h[1] ~= 'running' or h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return 0 end
+if tonumber(h[4]) <= now then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[3]), 'updated_at', now)
+touch(tonumber(ARGV[4]))
+return 1
+"""
+)
+
 _LUA_RELEASE = (
     _LUA_PRELUDE
     + """
@@ -413,6 +438,7 @@ class RedisLedger(Ledger):
         self._start = self.client.register_script(_LUA_START)
         self._transition = self.client.register_script(_LUA_TRANSITION)
         self._release = self.client.register_script(_LUA_RELEASE)
+        self._renew = self.client.register_script(_LUA_RENEW)
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -458,6 +484,11 @@ class RedisLedger(Ledger):
     def yield_lease(self, key: str, *, owner: str, token: int) -> bool:
         """See :meth:`Ledger.yield_lease`."""
         return bool(self._transition(keys=[self._key(key)], args=[owner, token, PENDING]))
+
+    def renew(self, key: str, *, owner: str, token: int, lease: float) -> bool:
+        """See :meth:`Ledger.renew`."""
+        args = [owner, token, lease, self._retention()]
+        return bool(self._renew(keys=[self._key(key)], args=args))
 
     def release(self, key: str, task_id: str | None = None) -> bool:
         """See :meth:`Ledger.release`."""

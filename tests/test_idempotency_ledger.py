@@ -138,3 +138,21 @@ def test_a_yielded_run_may_still_fail_until_the_next_attempt_starts(idem_store):
     idem_store.yield_lease("t:k", owner="w2", token=2)
     start(idem_store, "w3")
     assert idem_store.finish("t:k", owner="w2", token=2, state="failed") is False
+
+
+def test_renewing_a_lease_keeps_the_key_and_a_lost_lease_cannot_be_renewed(idem_store):
+    from celery_guard import LeaseLost
+    from celery_guard.idempotency import RunContext
+
+    claim(idem_store)
+    run = start(idem_store, "w1", lease=0.3)
+    ctx = RunContext("t:k", run.fencing_token, "w1", "t1", idem_store)
+    time.sleep(0.2)
+    ctx.renew(lease=0.5)
+    time.sleep(0.2)
+    assert start(idem_store, "w2").outcome == "busy"  # 0.4 s in: alive thanks to the renewal
+    time.sleep(0.4)
+    with pytest.raises(LeaseLost):
+        ctx.renew()  # expired: a renewal cannot resurrect it
+    assert start(idem_store, "w2").outcome == "run"
+    assert idem_store.renew("t:k", owner="w1", token=1, lease=10) is False
