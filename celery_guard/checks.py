@@ -7,6 +7,7 @@ Each check reads the Celery app that guarded tasks bind to (``celery.current_app
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from celery import current_app
@@ -14,7 +15,7 @@ from django.conf import settings as django_settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import autodiscover_modules, import_string
 
-from celery_guard import backoff, conf, options, retry, routing, slots
+from celery_guard import backoff, conf, ledger, options, retry, routing, slots
 
 #: Redis's visibility timeout when the project sets none (Celery's Redis broker docs).
 REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600
@@ -76,6 +77,7 @@ def _setting_errors() -> Iterable[str]:
         yield "CELERY_GUARD_INSTALL_ROUTER must be True or False"
     yield from _failure_setting_errors()
     yield from _beat_setting_errors()
+    yield from _idempotency_setting_errors()
 
 
 def _failure_setting_errors() -> Iterable[str]:
@@ -126,6 +128,34 @@ def _beat_setting_errors() -> Iterable[str]:
             slots.parse_policy(value)
         except (TypeError, ValueError) as exc:
             yield f"CELERY_GUARD_BEAT_POLICIES[{entry!r}]: {exc}"
+
+
+def _idempotency_setting_errors() -> Iterable[str]:
+    backend = conf.raw("IDEMPOTENCY_BACKEND")
+    if backend not in ("database", "redis"):
+        yield f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
+    url = conf.raw("IDEMPOTENCY_REDIS_URL")
+    schemes = ledger.REDIS_SCHEMES
+    if url is not None and not (isinstance(url, str) and url.split(":", 1)[0] in schemes):
+        yield f"CELERY_GUARD_IDEMPOTENCY_REDIS_URL must be None or a redis:// URL, got {url!r}"
+    if not isinstance(conf.raw("IDEMPOTENCY_REDIS_PREFIX"), str):
+        yield "CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX must be a str"
+    for name in ("DEDUP_WINDOW", "IDEMPOTENCY_LEASE", "IDEMPOTENCY_RETENTION"):
+        value = conf.raw(name)
+        seconds = (
+            value.total_seconds()
+            if isinstance(value, timedelta)
+            else value
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else None
+        )
+        if seconds is None or seconds <= 0:
+            yield (
+                f"CELERY_GUARD_{name} must be a positive number of seconds or a timedelta, "
+                f"got {value!r}"
+            )
+    if not isinstance(conf.raw("RELEASE_ON_DEAD_LETTER"), bool):
+        yield "CELERY_GUARD_RELEASE_ON_DEAD_LETTER must be True or False"
 
 
 def check_setting_values(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
@@ -409,6 +439,61 @@ def check_beat_scheduler(app_configs: Sequence[Any] | None = None, **kw: Any) ->
     ]
 
 
+def check_idempotency_redis(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """E004: the Redis idempotency ledger has no Redis to use."""
+    if conf.raw("IDEMPOTENCY_BACKEND") != "redis" or list(_setting_errors()):
+        return []
+    try:
+        ledger.redis_url()
+    except ValueError as exc:
+        return [
+            Error(
+                f"CELERY_GUARD_IDEMPOTENCY_BACKEND is 'redis' but {exc}.",
+                hint="Set CELERY_GUARD_IDEMPOTENCY_REDIS_URL = 'redis://...'.",
+                id="celery_guard.E004",
+            )
+        ]
+    return []
+
+
+def check_dedup_window(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W007: a dedup window not longer than the Redis visibility timeout.
+
+    A message Redis redelivers after the timeout arrives when the key's window may be over,
+    so the key no longer blocks and the body runs again.
+    """
+    app = _celery_app()
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+        return []
+    transport = app.conf.broker_transport_options or {}
+    timeout = float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
+    short = []
+    for task in guarded_tasks(app):
+        if options.resolve("idempotency_key", {}, task.guard_options) is None:
+            continue
+        window = options.resolve("dedup_window", {}, task.guard_options)
+        seconds = conf.GuardSettings.seconds(window)
+        if seconds <= timeout:
+            short.append(f"{task.name} ({seconds:g}s)")
+    if not short:
+        return []
+    return [
+        Warning(
+            f"Dedup window not longer than the Redis visibility_timeout ({timeout:g}s): "
+            f"{', '.join(sorted(short))}.",
+            hint=(
+                "A message redelivered after the visibility timeout (a worker lost before its "
+                "ack) can find the key's window over and run the body again. Make dedup_window "
+                "(or CELERY_GUARD_DEDUP_WINDOW) longer than the visibility timeout."
+            ),
+            id="celery_guard.W007",
+        )
+    ]
+
+
 #: Every check, in the order ``AppConfig.ready()`` registers them.
 ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_unknown_settings,
@@ -423,4 +508,6 @@ ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_router,
     check_beat_lease,
     check_beat_scheduler,
+    check_idempotency_redis,
+    check_dedup_window,
 )

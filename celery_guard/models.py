@@ -1,4 +1,5 @@
-"""Database models of celery_guard: dead letters, delivery markers, the beat lease and fires."""
+"""Database models of celery_guard: dead letters, delivery markers, the idempotency ledger,
+the beat lease and fires."""
 
 from __future__ import annotations
 
@@ -165,3 +166,38 @@ class BeatFire(models.Model):
 
     def __str__(self) -> str:
         return f"{self.entry} @ {self.slot.isoformat()}: {self.status}"
+
+
+class IdempotencyRecord(models.Model):
+    """One idempotency key: who holds it, in which state, until when.
+
+    Rows are written only by :class:`celery_guard.ledger.DatabaseLedger`, with inserts that
+    rely on the unique key and conditional updates, so concurrent producers and workers never
+    overwrite each other's decisions.
+    """
+
+    class State(models.TextChoices):
+        PENDING = "pending", "pending"
+        RUNNING = "running", "running"
+        SUCCEEDED = "succeeded", "succeeded"
+        FAILED = "failed", "failed"
+        RELEASED = "released", "released"
+
+    key = models.CharField(max_length=200, unique=True)
+    task_name = models.CharField(max_length=200)
+    task_id = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    fencing_token = models.PositiveBigIntegerField(default=0)
+    owner = models.CharField(max_length=255, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "idempotency record"
+        permissions = [("release_idempotencyrecord", "Can release idempotency keys")]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.state})"

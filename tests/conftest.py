@@ -17,6 +17,9 @@ from tests.harness import Worker, purge
 
 IN_CI = bool(os.environ.get("CI"))
 
+# Fixtures of the idempotency tests (ledger backends).
+pytest_plugins = ["tests.idem_support"]
+
 
 def require(url_var: str) -> str:
     """Return the URL in ``url_var``, or skip (fail in CI) when it is not set."""

@@ -41,3 +41,18 @@ if os.environ.get("CG_DB_APPLICATION_NAME") and _db["ENGINE"].endswith("postgres
     _db.setdefault("OPTIONS", {})["application_name"] = os.environ["CG_DB_APPLICATION_NAME"]
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Worker fixtures shorten Redis's redelivery delay to test crashes (extra_env).
+if os.environ.get("CG_VISIBILITY_TIMEOUT"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": float(os.environ["CG_VISIBILITY_TIMEOUT"])
+    }
+if os.environ.get("CG_IDEMPOTENCY_LEASE"):
+    CELERY_GUARD_IDEMPOTENCY_LEASE = float(os.environ["CG_IDEMPOTENCY_LEASE"])
+# The idempotency ledger: the database unless a test's processes ask for Redis; Redis keys
+# carry the run id so concurrent runs on the shared Redis never meet.
+CELERY_GUARD_IDEMPOTENCY_BACKEND = os.environ.get("CG_IDEMPOTENCY_BACKEND", "database")
+CELERY_GUARD_IDEMPOTENCY_REDIS_URL = REDIS_URL  # also when a worker's broker is RabbitMQ
+CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX = os.environ.get(
+    "CG_IDEMPOTENCY_REDIS_PREFIX", f"cgt-{RUN_ID}:idem:"
+)

@@ -70,3 +70,6 @@ def beat_job(self, sleep_ms: int = 0) -> None:
         started_at=started,
         finished_at=time.time(),
     )
+
+
+from tests.testapp import idem_tasks  # noqa: E402, F401  (registers the idempotency test tasks)

@@ -7,19 +7,23 @@ from typing import Any
 from celery import current_app
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from celery_guard import doctor
+from celery_guard import doctor, idempotency
 
 
 class Command(BaseCommand):
     """Dispatch to one subcommand method per operation (``handle_<name>``)."""
 
-    help = "celery_guard operations: doctor."
+    help = "celery_guard operations: doctor, purge."
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Declare the subcommands and their arguments."""
         sub = parser.add_subparsers(dest="subcommand", required=True, metavar="subcommand")
         d = sub.add_parser("doctor", help="Check configuration, broker, database and consumers.")
         d.add_argument("--timeout", type=float, default=2.0, help="Seconds per network probe.")
+        sub.add_parser(
+            "purge",
+            help="Delete idempotency records past their dedup window and the retention.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the chosen subcommand."""
@@ -40,3 +44,8 @@ class Command(BaseCommand):
             self.stdout.write(f"  {line}")
         if not report.ok:
             raise CommandError("celery_guard doctor found errors")
+
+    def handle_purge(self, **options: Any) -> None:
+        """Purge expired idempotency records and say how many."""
+        deleted = idempotency.purge()
+        self.stdout.write(self.style.SUCCESS(f"purged {deleted} expired idempotency record(s)"))
