@@ -1,7 +1,8 @@
 """``python -m bench``: run the benchmark, write the JSON and print the Markdown table.
 
 Options: ``--full`` (longer run), ``--write-docs`` (also fill the results section of
-docs/benchmarks.md), ``--only NAME`` (compare only these guarded variants), ``--out DIR``.
+docs/benchmarks.md), ``--only NAME`` (compare only these guarded variants), ``--sqlite``
+(use SQLite even when PostgreSQL is available), ``--out DIR``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="the full, longer run")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--only", action="append", metavar="NAME", help="guarded variant(s)")
+    parser.add_argument("--sqlite", action="store_true", help="use SQLite, not PostgreSQL")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON")
     return parser.parse_args(argv)
 
@@ -42,22 +44,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path[:0] = [str(ROOT), str(ROOT / "example_project")]
     signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from bench import naming, report
     from bench.runner import FULL, QUICK, Runner, progress
-    from bench.services import Services
+    from bench.services import Services, forget_keys
 
     config = FULL if args.full else QUICK
     run_id = uuid.uuid4().hex[:8]
+    os.environ[naming.RUN_ID_ENV] = run_id
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
     services = Services(run_id, log=progress)
+    shared_redis = os.environ.get("REDIS_URL")
     try:
         broker_url, redis_origin = services.redis()
-        database = services.database()
+        database = services.database(sqlite=args.sqlite)
         os.environ.update(
             DJANGO_SETTINGS_MODULE="bench.settings",
-            **{naming.RUN_ID_ENV: run_id},
             CG_BENCH_BROKER_URL=broker_url,
             CELERY_BROKER_URL=broker_url,
         )
@@ -123,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # Django may not be set up yet
             pass
         services.close()
+        if shared_redis:
+            # A shared Redis keeps kombu's bindings and pidbox keys; every one carries the run id.
+            try:
+                count = forget_keys(shared_redis, f"{naming.prefix()}:")
+                progress(f"deleted the run's {count} keys from the shared Redis")
+            except Exception as exc:
+                print(f"could not delete the run's Redis keys: {exc}", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"

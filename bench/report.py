@@ -45,6 +45,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("paced_p50_ms", "paced latency p50", "ms", False, digits=1),
     Figure("paced_p95_ms", "paced latency p95", "ms", False, digits=1),
     Figure("paced_p99_ms", "paced latency p99", "ms", False, digits=1),
+    Figure("paced_backlog_max", "paced: largest backlog", "tasks", False),
     Figure(
         "commands_enqueue",
         "Redis commands per task, enqueue",
@@ -205,10 +206,30 @@ def fingerprint_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def busy_note(fingerprint: Mapping[str, Any]) -> str | None:
+    """A warning when the 1-minute load average was above half the cores at start or end."""
+    cores = fingerprint.get("cores") or 1
+    loads = []
+    for key in ("load_start", "load_end"):
+        try:
+            loads.append(float(str(fingerprint.get(key, "")).split("/")[0]))
+        except ValueError:
+            continue
+    if not loads or max(loads) <= cores / 2:
+        return None
+    return (
+        f"The machine was busy (1-minute load average up to {max(loads):.1f} on {cores} "
+        "cores): other work competed for the CPU, so the timings are noisy. Compare the "
+        "min..max ranges before reading a ratio; the command counts are not affected."
+    )
+
+
 def render(results: Mapping[str, Any]) -> str:
     """The whole Markdown report of one run."""
     parts = ["### Machine and references", "", fingerprint_table(results)]
-    for note in results.get("notes", []):
+    busy = busy_note(results["fingerprint"])
+    notes = [*results.get("notes", []), *([busy] if busy else [])]
+    for note in notes:
         parts += ["", f"> {note}"]
     for name, variant in results["variants"].items():
         if variant["baseline"]:

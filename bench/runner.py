@@ -351,12 +351,19 @@ class Runner:
         try:
             self._probe(variant, key)
             interval = 1.0 / rate
+            # About ten looks a second at the queue: a growing backlog means the worker could
+            # not keep up with this rate on this machine, and the tail latency says so.
+            every = max(1, int(rate / 10))
+            backlog = 0
             start = time.perf_counter()
             for i in range(count):
                 delay = start + i * interval - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
                 variant.send(task, (key, time.time()), i)
+                if i % every == 0:
+                    backlog = max(backlog, self.queue_len(variant.queue))
+            sent_rate = stats.rate(count, time.perf_counter() - start)
             deadline = time.perf_counter() + 60 + count * 0.05
             while self.redis.llen(key) < count:
                 if time.perf_counter() > deadline:
@@ -369,7 +376,8 @@ class Runner:
             self.redis.delete(key)
         for pct in (50, 95, 99):
             self._record(variant, f"paced_p{pct}_ms", stats.percentile(latencies, pct) * 1e3)
-        self._record(variant, "paced_rate", rate)
+        self._record(variant, "paced_backlog_max", backlog)
+        self._record(variant, "paced_sent_rate", sent_rate)
         self._record(variant, "paced_count", count)
 
     def _probe(self, variant: Variant, key: str) -> None:

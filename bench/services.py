@@ -197,10 +197,10 @@ class Services:
         self.record("redis-server", server.process.pid, server.stop)
         return server.url, "started by the harness (dedicated)"
 
-    def database(self) -> Database:
+    def database(self, *, sqlite: bool = False) -> Database:
         """Return the run's database: a fresh one on ``DATABASE_URL``'s server, a PostgreSQL
-        cluster started now, or a SQLite file when there is neither."""
-        given = os.environ.get("DATABASE_URL")
+        cluster started now, or a SQLite file when there is neither (or ``sqlite`` asks)."""
+        given = None if sqlite else os.environ.get("DATABASE_URL")
         name = f"cgbench_{self.run_id}"
         if given:
             _create_database(given, name, drop_first=False)
@@ -210,7 +210,7 @@ class Services:
                 f"DATABASE_URL (database {name} made for the run)",
                 url=_with_db(given, name),
             )
-        bindir = postgres_bindir()
+        bindir = None if sqlite else postgres_bindir()
         if bindir is not None:
             server = EmbeddedPostgres(bindir)
             self.record(f"postgres ({bindir})", server.process.pid, server.stop)
@@ -224,7 +224,7 @@ class Services:
         self._cleanups.append(lambda: _unlink_sqlite(path))
         return Database(
             "sqlite",
-            "SQLite fallback: no DATABASE_URL and no PostgreSQL binaries",
+            "SQLite (asked for)" if sqlite else "SQLite fallback: no DATABASE_URL, no PostgreSQL",
             sqlite_path=path,
             notes=["No PostgreSQL: database figures are SQLite's, not comparable to PostgreSQL."],
         )
@@ -244,6 +244,20 @@ class Services:
                 self.log(f"stopped {proc.name} (pid {proc.pid})")
             except Exception as exc:
                 print(f"stopping {proc.name} failed: {exc}", file=sys.stderr)
+
+
+def forget_keys(url: str, prefix: str) -> int:
+    """Delete every Redis key of this run (they all start with ``prefix``); return how many."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+        return len(keys)
+    finally:
+        client.close()
 
 
 def _unlink_sqlite(path: str) -> None:

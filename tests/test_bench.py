@@ -160,6 +160,7 @@ def test_report_shows_ratios_spread_and_targets():
     assert "paced latency p50 (ms) at 250/s" in rows
     assert "> a note" in text
     assert "Test CPU, 2 cores" in text
+    assert "machine was busy" not in text
     assert "enqueue: plain lpush 1.00; extra with the guard: none" in text
     assert "execute: plain brpop 1.00; extra with the guard: get 3.00" in text
 
@@ -171,6 +172,12 @@ def test_report_marks_targets_met():
     assert "0.99x" in row
     assert "≥ 0.75x met" in row
     assert "990 |" in row  # a single run has no spread
+
+
+def test_report_warns_when_the_machine_was_busy():
+    results = copy.deepcopy(RESULTS)
+    results["fingerprint"]["load_end"] = "3.50/1.00/0.50"
+    assert "load average up to 3.5 on 2 cores" in report.render(results)
 
 
 def test_results_section_is_replaced_between_markers_only():
