@@ -50,7 +50,7 @@ class Config:
 
 QUICK = Config(
     mode="quick",
-    reps=3,
+    reps=5,
     warmup=50,
     enqueue_n=1000,
     drain_noop_n=400,
