@@ -7,6 +7,7 @@ of a shared machine land on both sides; figures are kept per repetition and summ
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import sys
@@ -99,6 +100,7 @@ class Runner:
         # Plain client (no key prefix): reads the broker's keys as kombu wrote them.
         self.redis = redis.Redis.from_url(broker_url)
         self.worker: BenchWorker | None = None
+        self._ident = itertools.count()
         self.per_run: dict[str, dict[str, list[float]]] = {v.name: {} for v in variants}
         self.commands: dict[str, dict[str, dict[str, float]]] = {v.name: {} for v in variants}
 
@@ -124,10 +126,15 @@ class Runner:
     def _record(self, variant: Variant, metric: str, value: float) -> None:
         self.per_run[variant.name].setdefault(metric, []).append(value)
 
+    def _send(self, variant: Variant, kind: str, *args: Any) -> Any:
+        # Every call gets a number unique within the run as its last argument, so a case can
+        # derive a distinct idempotency key from it in every repetition.
+        ident = next(self._ident)
+        return variant.send(variant.tasks[kind], (*args, ident), ident)
+
     def _publish(self, variant: Variant, kind: str, n: int) -> None:
-        task = variant.tasks[kind]
-        for i in range(n):
-            variant.send(task, (), i)
+        for _ in range(n):
+            self._send(variant, kind)
         length = self.queue_len(variant.queue)
         if length != n:
             raise BenchError(f"{variant.name}: {length} of {n} messages reached {variant.queue!r}")
@@ -200,7 +207,7 @@ class Runner:
             pings.append(time.perf_counter() - t)
         baseline = self.variants[0]
         self.purge(baseline.queue)
-        baseline.send(baseline.tasks["noop"], (), 0)
+        self._send(baseline, "noop")
         message = self.redis.lpop(self.key(baseline.queue))
         if not isinstance(message, bytes):
             raise BenchError("could not read back a Celery message for its size")
@@ -293,16 +300,15 @@ class Runner:
     def enqueue(self, variant: Variant) -> None:
         """Publish N no-op tasks with no worker on the queue: rate, per-call latency, commands."""
         n = self.config.enqueue_n
-        task = variant.tasks["noop"]
         if variant.reset:
             variant.reset()
         self.purge(variant.queue)
         latencies = []
         before = self.commandstats()
         start = time.perf_counter()
-        for i in range(n):
+        for _ in range(n):
             t = time.perf_counter()
-            variant.send(task, (), i)
+            self._send(variant, "noop")
             latencies.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - start
         after = self.commandstats()
@@ -342,7 +348,6 @@ class Runner:
         assert self.worker is not None
         count = max(self.config.paced_min, int(rate * self.config.paced_seconds))
         key = self.key(f"lat-{variant.name}-{rep}")
-        task = variant.tasks["stamp"]
         if variant.reset:
             variant.reset()
         self.purge(variant.queue)
@@ -360,7 +365,7 @@ class Runner:
                 delay = start + i * interval - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                variant.send(task, (key, time.time()), i)
+                self._send(variant, "stamp", key, time.time())
                 if i % every == 0:
                     backlog = max(backlog, self.queue_len(variant.queue))
             sent_rate = stats.rate(count, time.perf_counter() - start)
@@ -383,7 +388,7 @@ class Runner:
     def _probe(self, variant: Variant, key: str) -> None:
         """Run one task through the queue just added, so the consumer is live before timing."""
         assert self.redis.llen(key) == 0
-        variant.send(variant.tasks["stamp"], (key, time.time()), -1)
+        self._send(variant, "stamp", key, time.time())
         deadline = time.perf_counter() + 30
         while not self.redis.llen(key):
             if time.perf_counter() > deadline:

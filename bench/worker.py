@@ -102,14 +102,19 @@ class BenchWorker:
     def stop(self, timeout: float = 20) -> None:
         """Warm shutdown of the worker's process group; SIGKILL it if that takes too long."""
         self.ready_file.unlink(missing_ok=True)
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        if self.process is not None and self.process.returncode not in (0, None):
+            print(
+                f"the bench worker exited with {self.process.returncode}:\n{self.log_tail()}",
+                file=sys.stderr,
+            )
+        self.log_path.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 40) -> str:
         """Return the end of the worker's log."""

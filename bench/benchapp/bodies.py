@@ -21,16 +21,19 @@ def _redis() -> redis.Redis:
     return _client[1]
 
 
-def noop() -> None:
+# Every body takes ``ident`` last: a number unique within the run (for idempotency keys).
+
+
+def noop(ident: int) -> None:
     """Do nothing: the run measures the framework alone."""
 
 
-def sleep() -> None:
+def sleep(ident: int) -> None:
     """Wait 10 ms, like a task that calls a fast service."""
     time.sleep(0.01)
 
 
-def stamp(key: str, sent: float) -> None:
+def stamp(key: str, sent: float, ident: int) -> None:
     """Record how long after ``sent`` (wall clock) this run started, into the list ``key``."""
     started = time.time()
     _redis().rpush(key, started - sent)

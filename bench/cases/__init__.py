@@ -7,15 +7,16 @@ its cases by adding a module here, without touching the runner::
 
     # bench/cases/idempotency_redis.py
     TASKS = {kind: guarded_task(name=f"bench.idem_redis.{kind}", priority="default",
-                                idempotency="redis")(body)
+                                idempotency_key="bench:{ident}")(body)
              for kind, body in bodies.KINDS.items()}
     register(Variant(name="guarded-idem-redis", title="routing + idempotency (Redis)",
-                     tasks=TASKS, queue=guard_queue("default"),
-                     send=lambda task, args, i: task.apply_async(args, guard={"key": f"k{i}"}),
-                     targets=ISSUE_TARGETS))
+                     tasks=TASKS, queue=guard_settings.priority_queues["default"],
+                     reset=clear_the_ledger, targets=ISSUE_TARGETS))
 
-Modules are imported by :mod:`bench.benchapp.tasks`, so the runner and the worker it starts
-register the same variants.
+Every body takes ``ident`` as its last argument, a number unique within the run, so keys
+derived from it never repeat across repetitions. Modules are imported by
+:mod:`bench.benchapp.tasks`, so the runner and the worker it starts register the same
+variants.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ ISSUE_TARGETS: Mapping[str, float] = {
 Sender = Callable[[Any, tuple[Any, ...], int], Any]
 
 
-def default_send(task: Any, args: tuple[Any, ...], index: int) -> Any:
+def default_send(task: Any, args: tuple[Any, ...], ident: int) -> Any:
     """Publish one call the way application code does: ``task.apply_async(args)``."""
     return task.apply_async(args)
 
@@ -57,7 +58,8 @@ class Variant:
         tasks: Task kind (``noop``, ``sleep``, ``stamp``) -> Celery task.
         queue: The queue the tasks are routed to (the runner drains it).
         baseline: The plain-Celery side every other variant is compared with (exactly one).
-        send: Publishes call number ``index`` with ``args`` (per-call guard options go here).
+        send: Publishes one call: ``send(task, args, ident)``, ``ident`` being the last of
+            ``args`` (per-call guard options go here).
         reset: Called before every measured run (e.g. to clear a ledger).
         needs_database: The runner migrates the bench database first.
         targets: Issue targets shown next to the ratios (see :data:`ISSUE_TARGETS`).
