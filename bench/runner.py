@@ -139,6 +139,15 @@ class Runner:
         if length != n:
             raise BenchError(f"{variant.name}: {length} of {n} messages reached {variant.queue!r}")
 
+    def _snapshot(self, queue: str, own: Counter[str]) -> tuple[int, int]:
+        """Return (messages waiting in ``queue``, messages unacked), counting the two calls."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(self.key(queue))
+        pipe.hlen(self.key("unacked"))
+        waiting, unacked = pipe.execute()
+        own.update(llen=1, hlen=1)
+        return int(waiting), int(unacked)
+
     def _wait_started(self, queue: str, n: int, own: Counter[str]) -> tuple[float, int]:
         """Wait until the worker takes the first of ``n`` queued messages.
 
@@ -149,16 +158,11 @@ class Runner:
             When that was first seen, and how many messages were still waiting or in flight.
         """
         deadline = time.perf_counter() + 30
-        queue_key, unacked_key = self.key(queue), self.key("unacked")
         while True:
             now = time.perf_counter()
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.llen(queue_key)
-            pipe.hlen(unacked_key)
-            waiting, unacked = pipe.execute()
-            own.update(llen=1, hlen=1)
+            waiting, unacked = self._snapshot(queue, own)
             if waiting < n:
-                return now, int(waiting) + int(unacked)
+                return now, waiting + unacked
             if now > deadline:
                 raise BenchError(f"the worker did not start consuming {queue!r} in 30s")
             time.sleep(0.002)
@@ -170,15 +174,10 @@ class Runner:
         confirmed by a second one a moment later.
         """
         deadline = time.perf_counter() + timeout
-        queue_key, unacked_key = self.key(queue), self.key("unacked")
         seen: float | None = None
         while True:
             now = time.perf_counter()
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.llen(queue_key)
-            pipe.hlen(unacked_key)
-            waiting, unacked = pipe.execute()
-            own.update(llen=1, hlen=1)
+            waiting, unacked = self._snapshot(queue, own)
             if waiting == 0 and unacked == 0:
                 if seen is not None:
                     return seen
