@@ -19,6 +19,7 @@ from django_celery_beat.schedulers import DatabaseScheduler
 
 from celery_guard import fires, locks, slots
 from celery_guard.conf import guard_settings
+from celery_guard.task import GuardedTask
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +189,16 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
             **fires.message_headers(entry.name, slot, claim.token),
         }
         options["task_id"] = claim.task_id
+        key = slots.slot_key(entry.name, slot)
+        if isinstance(self.app.tasks.get(entry.task), GuardedTask):
+            # The slot's key becomes the task's idempotency key, so a redelivered or
+            # re-published run of this slot is deduplicated by the ledger too.
+            options["guard"] = {**(options.get("guard") or {}), "idempotency_key": key}
         # What Scheduler.apply_async reads of an entry; a copy of a ModelEntry cannot be made
         # (its pickling protocol rebuilds it from a model).
         fired = SimpleNamespace(
             name=entry.name, task=entry.task, args=entry.args, kwargs=entry.kwargs, options=options
         )
-        key = slots.slot_key(entry.name, slot)
         try:
             self.apply_async(fired, producer=producer, advance=False)
         except Exception as exc:

@@ -47,14 +47,14 @@ def schedulers():
         scheduler.close()
 
 
-def every_second(queue, name="tick", every=1, **fields):
+def every_second(queue, name="tick", every=1, task="tests.testapp.tasks.beat_job", **fields):
     interval, _ = IntervalSchedule.objects.get_or_create(
         every=every, period=IntervalSchedule.SECONDS
     )
     last = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
     return PeriodicTask.objects.create(
         name=name,
-        task="tests.testapp.tasks.beat_job",
+        task=task,
         interval=interval,
         queue=queue,
         last_run_at=last,
@@ -162,3 +162,22 @@ def test_last_run_moved_back_by_hand_refires_nothing(schedulers, beat_queue, red
     assert len(slots_fired) == len(set(slots_fired))
     assert queue_length(redis_url, beat_queue) == len(slots_fired)
     assert ": taken" in caplog.text  # the fired slots were refused by their rows
+
+
+def test_a_guarded_task_fired_by_beat_carries_the_slot_as_its_idempotency_key(
+    schedulers, beat_queue
+):
+    from celery_guard import idempotency
+    from celery_guard.models import IdempotencyRecord
+    from tests.testapp.tasks import beat_guarded_job
+
+    every_second(beat_queue, name="guarded", task=beat_guarded_job.name)
+    tick_until_fired(schedulers(), 1)
+    fired = BeatFire.objects.get(entry="guarded", status=BeatFire.FIRED)
+    slot_key = f"beat:guarded:{fired.slot:%Y-%m-%dT%H:%M:%S}Z"
+    record = IdempotencyRecord.objects.get(task_id=fired.task_id)
+    assert record.key == idempotency.derive(beat_guarded_job.name, slot_key, {})
+    # The same slot published again (a frozen ex-leader's late publish, a replayed fire)
+    # returns the first task id and publishes nothing.
+    again = beat_guarded_job.apply_async(guard={"idempotency_key": slot_key})
+    assert again.id == fired.task_id

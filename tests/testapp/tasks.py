@@ -73,3 +73,9 @@ def beat_job(self, sleep_ms: int = 0) -> None:
 
 
 from tests.testapp import idem_tasks  # noqa: E402, F401  (registers the idempotency test tasks)
+
+
+@guarded_task(bind=True, name="tests.testapp.tasks.beat_guarded_job")
+def beat_guarded_job(self) -> None:
+    """A guarded periodic task: the beat's slot key becomes its idempotency key."""
+    record(self, (self.request.headers or {}).get("celery_guard_idempotency_key") or "")
