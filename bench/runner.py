@@ -47,6 +47,7 @@ class Config:
     ping_n: int
     pushpop_n: int
     commit_n: int
+    micro_n: int = 300
 
 
 QUICK = Config(
@@ -74,6 +75,7 @@ FULL = Config(
     ping_n=20000,
     pushpop_n=20000,
     commit_n=3000,
+    micro_n=2000,
 )
 
 
