@@ -67,3 +67,9 @@ if os.environ.get(naming.LEDGER_SQLITE_ENV):
             },
         },
     }
+
+# Celery's Django fixup closes every database connection before and after each task unless
+# CELERY_DB_REUSE_MAX is set (celery/fixups/django.py): every guarded run would open a new
+# connection for its delivery marker (milliseconds on PostgreSQL: a new server process).
+# Keep a worker process's connection for 1,000 tasks, as a deployment of the guard should.
+CELERY_DB_REUSE_MAX = int(os.environ.get("CG_BENCH_DB_REUSE_MAX", "1000"))
