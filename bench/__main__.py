@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if database.url:
             os.environ["DATABASE_URL"] = database.url
+            # The database ledger on SQLite is compared too (bench/cases/idempotency.py).
+            os.environ[naming.LEDGER_SQLITE_ENV] = services.sqlite_file("ledger")
         else:
             os.environ.pop("DATABASE_URL", None)
             os.environ["SQLITE_PATH"] = str(database.sqlite_path)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         from django.core.management import call_command
 
         import bench.benchapp.tasks  # noqa: F401  (registers every case's tasks)
-        from bench import cases, fingerprint
+        from bench import cases, fingerprint, micro
         from bench.worker import BenchWorker
         from proj.celery import app
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(v.needs_database for v in variants):
             progress("migrating the bench database")
             call_command("migrate", verbosity=0)
+            if naming.LEDGER_SQLITE_ENV in os.environ:
+                call_command("migrate", database=naming.LEDGER_SQLITE_ALIAS, verbosity=0)
         runner = Runner(
             config,
             app,
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
         progress(f"run {run_id}: {config.mode} mode, variants {[v.name for v in variants]}")
         measured = runner.run(start_worker)
+        progress("micro-benchmarks: ledger decisions and beat lease operations")
+        measured["micro"] = micro.run_all(config.micro_n, database.engine)
         fp["load_end"] = fingerprint.load_average()
         results = {
             "schema": 1,

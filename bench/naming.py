@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 RUN_ID_ENV = "CG_BENCH_RUN_ID"
+#: Path of the SQLite file of the "database ledger on SQLite" case (PostgreSQL runs only).
+LEDGER_SQLITE_ENV = "CG_BENCH_LEDGER_SQLITE"
+#: Its Django database alias.
+LEDGER_SQLITE_ALIAS = "ledger_sqlite"
 
 
 def prefix() -> str:

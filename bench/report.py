@@ -224,6 +224,48 @@ def busy_note(fingerprint: Mapping[str, Any]) -> str | None:
     )
 
 
+def _latency(figure: Mapping[str, Any]) -> str:
+    return f"{figure['p50_us']:,.0f} / {figure['p99_us']:,.0f}"
+
+
+def micro_tables(micro: Mapping[str, Any]) -> str:
+    """Ledger decision latencies per backend and beat lease figures per database."""
+    names = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}
+    ledger_rows = []
+    lease_rows = []
+    for engine, figures in micro.items():
+        name = names.get(engine, engine)
+        backends = [(f"database ({name})", figures["ledger"])]
+        if "redis_ledger" in figures:
+            backends.append(("Redis", figures["redis_ledger"]))
+        for label, ledger in backends:
+            ledger_rows.append(
+                f"| {label} | {_latency(ledger['first_claim'])} | {_latency(ledger['duplicate'])} "
+                f"| {ledger['duplicate']['n']} |"
+            )
+        lease = figures["lease"]
+        lease_rows.append(
+            f"| {name} | {_latency(lease['acquire'])} | {_latency(lease['renew'])} "
+            f"| {_latency(lease['tick_step'])} | {lease['renew_every_s']:g} s "
+            f"| {lease['loop_share_p50'] * 100:.3f}% / {lease['loop_share_p99'] * 100:.3f}% "
+            "| < 1% |"
+        )
+    ledger_rows.sort(key=lambda row: row.startswith("| Redis"))
+    return "\n".join(
+        [
+            "| ledger | first claim p50 / p99 (µs) | duplicate decision p50 / p99 (µs) | n |",
+            "|---|---:|---:|---:|",
+            *ledger_rows,
+            "",
+            "| beat lease on | acquire p50 / p99 (µs) | renew p50 / p99 (µs) "
+            "| tick's lease step p50 / p99 (µs) | renewed every | share of the beat loop "
+            "p50 / p99 | target |",
+            "|---|---:|---:|---:|---:|---:|---|",
+            *lease_rows,
+        ]
+    )
+
+
 def render(results: Mapping[str, Any]) -> str:
     """The whole Markdown report of one run."""
     parts = ["### Machine and references", "", fingerprint_table(results)]
@@ -236,6 +278,13 @@ def render(results: Mapping[str, Any]) -> str:
             continue
         parts += ["", f"### {variant['title']} vs plain Celery", "", variant_table(results, name)]
         parts += ["", *command_lines(results, name)]
+    if results.get("micro"):
+        parts += [
+            "",
+            "### Idempotency decisions and the beat lease (micro-benchmarks)",
+            "",
+            micro_tables(results["micro"]),
+        ]
     parts += [
         "",
         "Medians over the repetitions, (min..max) in brackets. Ratios above 1 mean the guarded "

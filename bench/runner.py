@@ -47,16 +47,17 @@ class Config:
     ping_n: int
     pushpop_n: int
     commit_n: int
+    micro_n: int = 300
 
 
 QUICK = Config(
     mode="quick",
-    reps=5,
+    reps=3,
     warmup=50,
     enqueue_n=1000,
-    drain_noop_n=400,
+    drain_noop_n=300,
     drain_sleep_n=120,
-    paced_seconds=3.0,
+    paced_seconds=2.0,
     paced_min=60,
     ping_n=2000,
     pushpop_n=2000,
@@ -74,6 +75,7 @@ FULL = Config(
     ping_n=20000,
     pushpop_n=20000,
     commit_n=3000,
+    micro_n=2000,
 )
 
 

@@ -229,6 +229,12 @@ class Services:
             notes=["No PostgreSQL: database figures are SQLite's, not comparable to PostgreSQL."],
         )
 
+    def sqlite_file(self, name: str) -> str:
+        """Return the path of a SQLite file for the run, removed (with its WAL) in :meth:`close`."""
+        path = str(Path(tempfile.gettempdir()) / f"cgbench-{self.run_id}-{name}.sqlite3")
+        self._cleanups.append(lambda: _unlink_sqlite(path))
+        return path
+
     def close(self) -> None:
         """Run the cleanups and stop every recorded process, newest first."""
         for cleanup in reversed(self._cleanups):

@@ -48,3 +48,28 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 _logging = cast(dict[str, Any], copy.deepcopy(_PROJECT_LOGGING))
 _logging["loggers"]["celery_guard"]["level"] = os.environ.get("CELERY_GUARD_LOG_LEVEL", "WARNING")
 LOGGING = _logging
+
+# The Redis idempotency ledger writes under the run's prefix, so the run's cleanup finds it.
+CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX = f"{CG_BENCH_PREFIX}:idem:"
+
+# A second database, SQLite, for the "database ledger on SQLite" case when the run's database
+# is PostgreSQL (bench/cases/idempotency.py); the runner makes and removes the file.
+if os.environ.get(naming.LEDGER_SQLITE_ENV):
+    DATABASES = {
+        **DATABASES,  # noqa: F405
+        naming.LEDGER_SQLITE_ALIAS: {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ[naming.LEDGER_SQLITE_ENV],
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        },
+    }
+
+# Celery's Django fixup closes every database connection before and after each task unless
+# CELERY_DB_REUSE_MAX is set (celery/fixups/django.py): every guarded run would open a new
+# connection for its delivery marker (milliseconds on PostgreSQL: a new server process).
+# Keep a worker process's connection for 1,000 tasks, as a deployment of the guard should.
+CELERY_DB_REUSE_MAX = int(os.environ.get("CG_BENCH_DB_REUSE_MAX", "1000"))

@@ -187,3 +187,51 @@ def test_results_section_is_replaced_between_markers_only():
     assert report.replace_between_markers(new, "again").count(report.DOCS_START) == 1
     with pytest.raises(ValueError):
         report.replace_between_markers("no markers", "x")
+
+
+def test_registry_orders_guarded_variants(monkeypatch):
+    monkeypatch.setattr(cases, "_registry", {})
+    tasks = dict.fromkeys(cases.KINDS, object())
+    cases.register(cases.Variant(name="late", title="l", tasks=tasks, queue="q", order=30))
+    cases.register(cases.Variant(name="p", title="p", tasks=tasks, queue="q", baseline=True))
+    cases.register(cases.Variant(name="early", title="e", tasks=tasks, queue="q", order=10))
+    assert [v.name for v in cases.variants()] == ["p", "early", "late"]
+
+
+def _micro(p50: float, p99: float) -> dict:
+    return {"p50_us": p50, "p99_us": p99, "n": 300}
+
+
+def test_report_shows_ledger_decisions_and_lease_share():
+    lease = {
+        "acquire": _micro(900, 2000),
+        "renew": _micro(800, 1500),
+        "tick_step": _micro(850, 1600),
+        "ttl_s": 30.0,
+        "renew_every_s": 5.0,
+        "loop_share_p50": 0.00017,
+        "loop_share_p99": 0.00032,
+    }
+    results = copy.deepcopy(RESULTS)
+    results["micro"] = {
+        "postgresql": {
+            "engine": "postgresql",
+            "ledger": {"first_claim": _micro(1200, 3000), "duplicate": _micro(1500, 4000)},
+            "redis_ledger": {"first_claim": _micro(70, 150), "duplicate": _micro(65, 140)},
+            "lease": lease,
+        },
+        "sqlite": {
+            "engine": "sqlite",
+            "ledger": {"first_claim": _micro(400, 900), "duplicate": _micro(1300, 3100)},
+            "lease": lease,
+        },
+    }
+    lines = report.render(results).splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines}
+    assert "| 1,200 / 3,000 | 1,500 / 4,000 | 300 |" in rows["database (PostgreSQL)"]
+    assert "| 400 / 900 | 1,300 / 3,100 |" in rows["database (SQLite)"]
+    assert "| 70 / 150 | 65 / 140 |" in rows["Redis"]
+    ledgers = [row for row in lines if row.startswith(("| database", "| Redis"))]
+    assert ledgers[-1].startswith("| Redis")  # the database rows first
+    assert "| 5 s | 0.017% / 0.032% | < 1% |" in rows["PostgreSQL"]
+    assert "| 900 / 2,000 | 800 / 1,500 | 850 / 1,600 |" in rows["SQLite"]

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import logging
+import os
 
 import pytest
 from celery import current_app
@@ -98,6 +99,27 @@ def test_delivery_markers_count_lost_deliveries():
     assert (after_kill.lost, after_kill.timed_out) == (0, True)
     deliveries.end("t1", after_kill.token)
     assert not Delivery.objects.exists()
+
+
+@pytest.mark.django_db
+def test_delivery_marker_of_a_first_delivery_is_one_statement_each_way(
+    django_assert_num_queries,
+):
+    # Every guarded run pays these on its critical path: one insert before, one delete after.
+    with django_assert_num_queries(1):
+        started = deliveries.begin("t-first", "task", 0, "host")
+    row = Delivery.objects.get(task_id="t-first")
+    assert (row.task_name, row.retries, row.token, row.lost, row.timed_out) == (
+        "task",
+        0,
+        started.token,
+        0,
+        False,
+    )
+    assert (row.hostname, row.pid) == ("host", os.getpid())
+    with django_assert_num_queries(1):
+        deliveries.end("t-first", started.token)
+    assert not Delivery.objects.filter(task_id="t-first").exists()
 
 
 def failure(**overrides):

@@ -64,6 +64,8 @@ class Variant:
         needs_database: The runner migrates the bench database first.
         targets: Issue targets shown next to the ratios (see :data:`ISSUE_TARGETS`).
         description: One sentence for the docs and the JSON.
+        order: Position in the run and the report among the guarded variants (lower first;
+            equal ones in registration order).
     """
 
     name: str
@@ -76,6 +78,7 @@ class Variant:
     needs_database: bool = False
     targets: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+    order: int = 100
 
     def __post_init__(self) -> None:
         missing = [kind for kind in KINDS if kind not in self.tasks]
@@ -112,7 +115,7 @@ def variants(selected: list[str] | None = None) -> list[Variant]:
     unknown = sorted(set(selected or ()) - set(_registry))
     if unknown:
         raise LookupError(f"unknown bench variants {unknown}; known: {sorted(_registry)}")
-    others = [v for v in _registry.values() if not v.baseline]
+    others = sorted((v for v in _registry.values() if not v.baseline), key=lambda v: v.order)
     if selected:
         others = [v for v in others if v.name in selected]
     return [*baseline, *others]

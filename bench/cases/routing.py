@@ -19,8 +19,13 @@ register(
         tasks=TASKS,
         queue=guard_settings.priority_queues["default"],
         targets=ISSUE_TARGETS,
+        # Every guarded run writes and deletes its delivery marker (the poison-message cap).
+        needs_database=True,
+        order=10,
         description=(
-            "@guarded_task(priority='default'): payload check, guard header, priority router."
+            "@guarded_task(priority='default'): payload check, guard header, priority router; "
+            "in the worker, the failure pipeline's delivery marker (a row written before the "
+            "body, deleted after it)."
         ),
     )
 )
