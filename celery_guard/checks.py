@@ -495,6 +495,27 @@ def check_dedup_window(app_configs: Sequence[Any] | None = None, **kw: Any) -> l
     ]
 
 
+def check_db_reuse(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W010: workers reconnect to the database around every task (no ``CELERY_DB_REUSE_MAX``).
+
+    Read the way Celery's Django fixup reads it, which is what decides the behaviour.
+    """
+    if _celery_app().conf.get("CELERY_DB_REUSE_MAX"):
+        return []
+    return [
+        Warning(
+            "CELERY_DB_REUSE_MAX is not set.",
+            hint=(
+                "Celery's Django integration then closes the database connection before and "
+                "after every task, and every guarded run writes to the database (delivery "
+                "marker, ledger): each task pays a new connection. Set CELERY_DB_REUSE_MAX "
+                "(e.g. 1000); unusable connections are still closed."
+            ),
+            id="celery_guard.W010",
+        )
+    ]
+
+
 #: Every check, in the order ``AppConfig.ready()`` registers them.
 ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_unknown_settings,
@@ -511,4 +532,5 @@ ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_beat_scheduler,
     check_idempotency_redis,
     check_dedup_window,
+    check_db_reuse,
 )

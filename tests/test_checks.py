@@ -134,3 +134,9 @@ def test_call_command_check_runs_the_guard_checks(celery_conf, capsys):
     celery_conf(task_always_eager=True)
     call_command("check")
     assert "celery_guard.W004" in capsys.readouterr().err
+
+
+def test_w010_database_connection_reuse(celery_conf):
+    assert checks.check_db_reuse() == []  # the example project sets CELERY_DB_REUSE_MAX
+    celery_conf(CELERY_DB_REUSE_MAX=None)
+    assert ids(checks.check_db_reuse()) == ["celery_guard.W010"]
