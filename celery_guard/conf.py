@@ -28,6 +28,18 @@ DEFAULTS: Mapping[str, Any] = {
     "SOFT_TIME_LIMIT": None,
     "TIME_LIMIT": None,
     "CAPTURE_UNGUARDED": False,
+    "REDACT_FIELDS": (
+        "password",
+        "token",
+        "secret",
+        "authorization",
+        "api_key",
+        "card",
+        "ssn",
+    ),
+    "REDACTOR": None,
+    "DLQ_RETENTION_DAYS": 30,
+    "SENTRY_EVENT_URL": None,
 }
 
 
@@ -110,6 +122,28 @@ class GuardSettings:
     def capture_unguarded(self) -> bool:
         """Whether failures of unguarded Celery tasks are recorded as dead letters too."""
         return bool(raw("CAPTURE_UNGUARDED"))
+
+    @property
+    def redact_fields(self) -> tuple[str, ...]:
+        """Key fragments whose values are masked (case-insensitive substring match)."""
+        return tuple(str(name) for name in raw("REDACT_FIELDS"))
+
+    @property
+    def redactor(self) -> str | None:
+        """Dotted path of the project's redactor hook, if any."""
+        value = raw("REDACTOR")
+        return None if value is None else str(value)
+
+    @property
+    def dlq_retention_days(self) -> float:
+        """Age (days) past which replayed or discarded dead letters are purged."""
+        return float(raw("DLQ_RETENTION_DAYS"))
+
+    @property
+    def sentry_event_url(self) -> str | None:
+        """URL template of a Sentry event, with ``{event_id}`` in it."""
+        value = raw("SENTRY_EVENT_URL")
+        return None if value is None else str(value)
 
 
 guard_settings = GuardSettings()

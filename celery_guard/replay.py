@@ -1,0 +1,365 @@
+"""Replaying dead letters: validate, claim once, re-arm the key, publish afresh, record it.
+
+Shared by the admin (action, detail button, edit-and-replay) and ``celery_guard replay``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import transaction
+
+from celery_guard import headers, redaction
+from celery_guard.models import DeadLetter, DeadLetterReplay
+
+logger = logging.getLogger(__name__)
+
+REPLAYED = "replayed"
+SKIPPED = "skipped"
+UNROUTABLE = "unroutable"
+
+#: Dead letters loaded per query in a bulk replay.
+BATCH = 500
+
+
+@dataclass
+class Summary:
+    """Counts of a replay run, and what happened to each dead letter."""
+
+    replayed: int = 0
+    skipped: int = 0
+    unroutable: int = 0
+    #: Dead letter id -> task id of its replay.
+    task_ids: dict[int, str] = field(default_factory=dict)
+    #: Dead letter id -> why it cannot be replayed.
+    reasons: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Dead letters looked at."""
+        return self.replayed + self.skipped + self.unroutable
+
+    def add(self, outcome: str) -> None:
+        """Count one dead letter's outcome."""
+        setattr(self, outcome, getattr(self, outcome) + 1)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.replayed} replayed, {self.skipped} skipped (not dead any more), "
+            f"{self.unroutable} unroutable"
+        )
+
+
+def signature_error(task: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
+    """Why ``args``/``kwargs`` do not bind to ``task``'s current signature, or None.
+
+    ``task.run`` is the function for plain tasks and a method bound to the task for
+    ``bind=True`` tasks, so ``self`` is never part of the signature checked.
+    """
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, Mapping):
+        return "stored arguments are not a JSON list and object"
+    try:
+        signature = inspect.signature(task.run)
+    except (TypeError, ValueError):
+        return None  # a C callable or the like: nothing to check against
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        return f"arguments do not bind to {task.name}{signature}: {exc}"
+    return None
+
+
+def unroutable_reason(
+    row: DeadLetter,
+    app: Any,
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Dry-run validation of a replay: why it cannot be published, or None when it can.
+
+    The task must be registered in ``app`` and the arguments (the stored ones unless given)
+    must bind to its current signature.
+    """
+    task = app.tasks.get(row.task_name)
+    if task is None:
+        return f"task {row.task_name!r} is not registered in Celery app {app.main!r}"
+    return signature_error(
+        task, row.args if args is None else args, row.kwargs if kwargs is None else kwargs
+    )
+
+
+def rearm_idempotency(row: DeadLetter) -> None:
+    """Free the idempotency key the dead task holds, so its replay can run.
+
+    Released only while the dead letter's own task id holds the key: a key that a newer
+    task has taken since stays taken (the replay is then deduplicated by the worker, as a
+    duplicate of work that already ran).
+    """
+    if not row.idempotency_key:
+        return
+    try:
+        idempotency: Any = importlib.import_module("celery_guard.idempotency")
+    except ImportError:  # pragma: no cover - the idempotency feature is not installed
+        return
+    release: Callable[..., Any] | None = getattr(idempotency, "release", None)
+    if release is not None:
+        release(row.idempotency_key, row.task_id)
+
+
+def publish_options(
+    row: DeadLetter,
+    task_id: str,
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``send_task`` keyword arguments of a replay: fresh attempt budget, ``replay_of`` set."""
+    found = row.replay_options()
+    guard = dict(headers.read(found["headers"]))
+    guard["replay_of"] = row.pk
+    found["headers"] = {**found["headers"], headers.HEADER: guard}
+    if args is not None:
+        found["args"] = list(args)
+    if kwargs is not None:
+        found["kwargs"] = dict(kwargs)
+    found["task_id"] = task_id
+    return found
+
+
+def _mark_unroutable(row: DeadLetter, reason: str, allowed: Sequence[str]) -> None:
+    DeadLetter.objects.filter(pk=row.pk, status__in=allowed).update(
+        status=DeadLetter.Status.UNROUTABLE, status_reason=reason
+    )
+    logger.warning(
+        "celery_guard: dead letter %s (%s[%s]) is unroutable: %s",
+        row.pk,
+        row.task_name,
+        row.task_id,
+        reason,
+    )
+
+
+def _claim(
+    row: DeadLetter,
+    task_id: str,
+    user: str,
+    allowed: Sequence[str],
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+) -> DeadLetterReplay | None:
+    # The conditional UPDATE is the lock: of two concurrent claims, one updates one row and
+    # the other none, so only one of them goes on to publish.
+    with transaction.atomic():
+        claimed = DeadLetter.objects.filter(pk=row.pk, status__in=allowed).update(
+            status=DeadLetter.Status.REPLAYED, status_reason=f"replayed as {task_id}"
+        )
+        if not claimed:
+            return None
+        edited = args is not None or kwargs is not None
+        record: DeadLetterReplay = DeadLetterReplay.objects.create(
+            dead_letter_id=row.pk,
+            task_id=task_id,
+            replayed_by=user,
+            edited=edited,
+            args=list(row.args if args is None else args),
+            kwargs=dict(row.kwargs if kwargs is None else kwargs),
+        )
+        return record
+
+
+def _revert(row: DeadLetter, record: DeadLetterReplay) -> None:
+    with transaction.atomic():
+        record.delete()
+        DeadLetter.objects.filter(pk=row.pk, status=DeadLetter.Status.REPLAYED).update(
+            status=row.status, status_reason=row.status_reason
+        )
+
+
+def replay_one(
+    row: DeadLetter,
+    *,
+    app: Any,
+    user: str = "",
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
+    allowed: Sequence[str] = ("dead",),
+    producer: Any = None,
+    summary: Summary | None = None,
+) -> str:
+    """Replay one dead letter; return ``"replayed"``, ``"skipped"`` or ``"unroutable"``.
+
+    A row whose status is not in ``allowed`` is skipped. One that fails validation is marked
+    unroutable (unless ``dry_run``) and nothing is published. Otherwise the row is claimed
+    (status ``replayed`` and a :class:`DeadLetterReplay` in one transaction), the idempotency
+    key re-armed, and the message published under a new task id; a failed publish undoes the
+    claim and raises.
+
+    Args:
+        row: The dead letter, as loaded (its status is re-checked by the claim).
+        app: The Celery app to publish with.
+        user: Who replays (recorded).
+        args: Edited positional arguments (the stored ones when None).
+        kwargs: Edited keyword arguments (the stored ones when None).
+        dry_run: Validate only; change and publish nothing.
+        allowed: Statuses a row may be replayed from.
+        producer: A kombu producer to publish with (bulk replays share one).
+        summary: Where to record the outcome, the new task id or the unroutable reason.
+
+    Raises:
+        Exception: The publish failed (the claim was undone first).
+    """
+    summary = summary if summary is not None else Summary()
+    if row.status not in allowed:
+        summary.add(SKIPPED)
+        return SKIPPED
+    reason = unroutable_reason(row, app, args, kwargs)
+    if reason is not None:
+        if not dry_run:
+            _mark_unroutable(row, reason, allowed)
+        summary.reasons[row.pk] = reason
+        summary.add(UNROUTABLE)
+        return UNROUTABLE
+    if dry_run:
+        summary.add(REPLAYED)
+        return REPLAYED
+    task_id = str(uuid.uuid4())
+    record = _claim(row, task_id, user, allowed, args, kwargs)
+    if record is None:
+        summary.add(SKIPPED)
+        return SKIPPED
+    try:
+        rearm_idempotency(row)
+        options = publish_options(row, task_id, args, kwargs)
+        app.send_task(row.task_name, producer=producer, **options)
+    except Exception:
+        logger.exception(
+            "celery_guard: publishing the replay of dead letter %s (%s[%s]) failed; it is "
+            "dead again",
+            row.pk,
+            row.task_name,
+            row.task_id,
+        )
+        _revert(row, record)
+        raise
+    shown = redaction.redact(options["args"], options["kwargs"], task_name=row.task_name)
+    logger.info(
+        "celery_guard: replayed dead letter %s (%s[%s]) as %s by %s%s: args %s kwargs %s",
+        row.pk,
+        row.task_name,
+        row.task_id,
+        task_id,
+        user or "?",
+        " with edited arguments" if record.edited else "",
+        shown["args"],
+        shown["kwargs"],
+    )
+    summary.task_ids[row.pk] = task_id
+    summary.add(REPLAYED)
+    return REPLAYED
+
+
+def replay(
+    ids: Iterable[int],
+    *,
+    app: Any,
+    user: str = "",
+    dry_run: bool = False,
+    pace: Callable[[], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Replay the dead letters ``ids`` (bulk); rows not ``dead`` any more are skipped.
+
+    Args:
+        ids: Dead letter ids, in the order to replay them.
+        app: The Celery app to publish with.
+        user: Who replays (recorded on each replay).
+        dry_run: Validate only.
+        pace: Called before each publish (a rate limiter's ``acquire``).
+        progress: Called with the number of dead letters done so far, after each one.
+    """
+    summary = Summary()
+    ids = list(ids)
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start : start + BATCH]
+            rows = DeadLetter.objects.in_bulk(chunk)
+            for pk in chunk:
+                row = rows.get(pk)
+                if row is None:  # purged meanwhile
+                    summary.add(SKIPPED)
+                else:
+                    if pace is not None and row.status == DeadLetter.Status.DEAD and not dry_run:
+                        pace()
+                    replay_one(
+                        row,
+                        app=app,
+                        user=user,
+                        dry_run=dry_run,
+                        producer=producer,
+                        summary=summary,
+                    )
+                if progress is not None:
+                    progress(summary.total)
+    return summary
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*$")
+
+
+def parse_rate(text: str) -> float:
+    """Messages per second of a rate like ``"200/s"``, ``"600/m"``, ``"10/h"`` or ``"50"``.
+
+    Raises:
+        ValueError: ``text`` is not such a rate, or it is not positive.
+    """
+    match = _RATE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"rate must look like 200/s, 600/m or 10/h, got {text!r}")
+    per = {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+    return float(match.group(1)) / per
+
+
+class TokenBucket:
+    """Paces calls to ``rate`` per second on average, with bursts of at most ``burst``.
+
+    Args:
+        rate: Tokens added per second.
+        burst: Bucket size; the bucket starts with one token, so the first call is immediate.
+        clock: Monotonic clock (injected by tests).
+        sleep: Sleep function (injected by tests).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float = 1,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self.clock = clock
+        self.sleep = sleep
+        self.tokens = 1.0
+        self.last = clock()
+
+    def acquire(self) -> None:
+        """Take one token, sleeping until one is available."""
+        while True:
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            # The epsilon absorbs float rounding, which could otherwise leave 0.999... tokens
+            # and sleeps too short to move the clock.
+            if self.tokens >= 1 - 1e-9:
+                self.tokens = max(self.tokens - 1, 0.0)
+                return
+            self.sleep((1 - self.tokens) / self.rate)
