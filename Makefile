@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# make bench FULL=1 (the long run), WRITE_DOCS=1 (fill docs/benchmarks.md), BENCH_ARGS=...
+FULL ?=
+WRITE_DOCS ?=
+BENCH_ARGS ?=
 
 .PHONY: help venv test lint format demo bench docs clean
 
@@ -13,7 +17,8 @@ help:
 	@echo "make test   - run the whole test suite (unit + real-worker integration)"
 	@echo "make demo   - run the priority-routing demo on real workers"
 	@echo "make lint   - ruff (lint + format check) and mypy"
-	@echo "make bench  - benchmark the guard against plain Celery (FULL=1 for the full run)"
+	@echo "make bench  - benchmark the guard against plain Celery (FULL=1 for the full run,"
+	@echo "             WRITE_DOCS=1 to put the table into docs/benchmarks.md)"
 	@echo "make docs   - build the Sphinx docs"
 
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -40,6 +45,9 @@ format: venv
 
 demo: venv
 	$(BIN)/python example_project/run_demo.py
+
+bench: venv
+	$(BIN)/python -m bench $(if $(FULL),--full) $(if $(WRITE_DOCS),--write-docs) $(BENCH_ARGS)
 
 docs: venv
 	$(BIN)/python -m pip install --quiet -e ".[docs]"

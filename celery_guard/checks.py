@@ -7,6 +7,7 @@ Each check reads the Celery app that guarded tasks bind to (``celery.current_app
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from celery import current_app
@@ -14,7 +15,7 @@ from django.conf import settings as django_settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import autodiscover_modules, import_string
 
-from celery_guard import backoff, conf, options, retry, routing
+from celery_guard import backoff, conf, ledger, options, retry, routing, slots
 
 #: Redis's visibility timeout when the project sets none (Celery's Redis broker docs).
 REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600
@@ -75,6 +76,8 @@ def _setting_errors() -> Iterable[str]:
     if not isinstance(conf.raw("INSTALL_ROUTER"), bool):
         yield "CELERY_GUARD_INSTALL_ROUTER must be True or False"
     yield from _failure_setting_errors()
+    yield from _beat_setting_errors()
+    yield from _idempotency_setting_errors()
     yield from _dlq_setting_errors()
 
 
@@ -108,6 +111,52 @@ def _failure_setting_errors() -> Iterable[str]:
             yield f"CELERY_GUARD_{name} must be None or a positive number of seconds"
     if not isinstance(conf.raw("CAPTURE_UNGUARDED"), bool):
         yield "CELERY_GUARD_CAPTURE_UNGUARDED must be True or False"
+
+
+def _beat_setting_errors() -> Iterable[str]:
+    name = conf.raw("BEAT_LOCK_NAME")
+    if not isinstance(name, str) or not name or len(name) > 200:
+        yield f"CELERY_GUARD_BEAT_LOCK_NAME must be a non-empty str of <= 200 chars, got {name!r}"
+    lease = conf.raw("BEAT_LEASE_SECONDS")
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease <= 0:
+        yield f"CELERY_GUARD_BEAT_LEASE_SECONDS must be a positive number, got {lease!r}"
+    policies = conf.raw("BEAT_POLICIES")
+    if not isinstance(policies, Mapping):
+        yield f"CELERY_GUARD_BEAT_POLICIES must be a dict, got {type(policies).__name__}"
+        return
+    for entry, value in policies.items():
+        try:
+            slots.parse_policy(value)
+        except (TypeError, ValueError) as exc:
+            yield f"CELERY_GUARD_BEAT_POLICIES[{entry!r}]: {exc}"
+
+
+def _idempotency_setting_errors() -> Iterable[str]:
+    backend = conf.raw("IDEMPOTENCY_BACKEND")
+    if backend not in ("database", "redis"):
+        yield f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
+    url = conf.raw("IDEMPOTENCY_REDIS_URL")
+    schemes = ledger.REDIS_SCHEMES
+    if url is not None and not (isinstance(url, str) and url.split(":", 1)[0] in schemes):
+        yield f"CELERY_GUARD_IDEMPOTENCY_REDIS_URL must be None or a redis:// URL, got {url!r}"
+    if not isinstance(conf.raw("IDEMPOTENCY_REDIS_PREFIX"), str):
+        yield "CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX must be a str"
+    for name in ("DEDUP_WINDOW", "IDEMPOTENCY_LEASE", "IDEMPOTENCY_RETENTION"):
+        value = conf.raw(name)
+        seconds = (
+            value.total_seconds()
+            if isinstance(value, timedelta)
+            else value
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else None
+        )
+        if seconds is None or seconds <= 0:
+            yield (
+                f"CELERY_GUARD_{name} must be a positive number of seconds or a timedelta, "
+                f"got {value!r}"
+            )
+    if not isinstance(conf.raw("RELEASE_ON_DEAD_LETTER"), bool):
+        yield "CELERY_GUARD_RELEASE_ON_DEAD_LETTER must be True or False"
 
 
 def _dlq_setting_errors() -> Iterable[str]:
@@ -353,6 +402,118 @@ def check_router(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[Ch
     ]
 
 
+def beat_max_loop_interval(app: Any) -> float:
+    """The loop interval a guarded beat of ``app`` uses unless ``--max-interval`` overrides it."""
+    from django_celery_beat.schedulers import DEFAULT_MAX_INTERVAL
+
+    return float(app.conf.beat_max_loop_interval or DEFAULT_MAX_INTERVAL)
+
+
+def check_beat_lease(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """E006: the beat lease is not at least twice as long as the beat loop interval."""
+    if list(_beat_setting_errors()):
+        return []
+    lease = float(conf.raw("BEAT_LEASE_SECONDS"))
+    interval = beat_max_loop_interval(_celery_app())
+    if lease >= 2 * interval:
+        return []
+    return [
+        Error(
+            f"CELERY_GUARD_BEAT_LEASE_SECONDS ({lease:g}s) is less than twice the beat loop "
+            f"interval ({interval:g}s, CELERY_BEAT_MAX_LOOP_INTERVAL).",
+            hint=(
+                "A leader renews its lease once per loop; a lease that can expire between two "
+                "renewals makes leadership flap between beats (single-beat#6). Make the "
+                "lease at least twice the loop interval."
+            ),
+            id="celery_guard.E006",
+        )
+    ]
+
+
+#: ``beat_scheduler`` values that name django-celery-beat's scheduler, which has no lock.
+UNGUARDED_SCHEDULERS = frozenset(
+    {
+        "django",
+        "django_celery_beat.schedulers:DatabaseScheduler",
+        "django_celery_beat.schedulers.DatabaseScheduler",
+    }
+)
+
+
+def check_beat_scheduler(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W009: ``CELERY_BEAT_SCHEDULER`` is django-celery-beat's unguarded scheduler."""
+    scheduler = _celery_app().conf.beat_scheduler
+    if not isinstance(scheduler, str) or scheduler not in UNGUARDED_SCHEDULERS:
+        return []
+    return [
+        Warning(
+            f"CELERY_BEAT_SCHEDULER is {scheduler!r}, which has no lock.",
+            hint=(
+                "Two beat processes each fire every periodic task (django-celery-beat#337). "
+                "Use 'celery_guard.beat:GuardedScheduler': it dispatches behind a database "
+                "lease and fires each slot at most once."
+            ),
+            id="celery_guard.W009",
+        )
+    ]
+
+
+def check_idempotency_redis(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """E004: the Redis idempotency ledger has no Redis to use."""
+    if conf.raw("IDEMPOTENCY_BACKEND") != "redis" or list(_setting_errors()):
+        return []
+    try:
+        ledger.redis_url()
+    except ValueError as exc:
+        return [
+            Error(
+                f"CELERY_GUARD_IDEMPOTENCY_BACKEND is 'redis' but {exc}.",
+                hint="Set CELERY_GUARD_IDEMPOTENCY_REDIS_URL = 'redis://...'.",
+                id="celery_guard.E004",
+            )
+        ]
+    return []
+
+
+def check_dedup_window(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W007: a dedup window not longer than the Redis visibility timeout.
+
+    A message Redis redelivers after the timeout arrives when the key's window may be over,
+    so the key no longer blocks and the body runs again.
+    """
+    app = _celery_app()
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str) or url.split(":", 1)[0] not in REDIS_SCHEMES:
+        return []
+    transport = app.conf.broker_transport_options or {}
+    timeout = float(transport.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
+    short = []
+    for task in guarded_tasks(app):
+        if options.resolve("idempotency_key", {}, task.guard_options) is None:
+            continue
+        window = options.resolve("dedup_window", {}, task.guard_options)
+        seconds = conf.GuardSettings.seconds(window)
+        if seconds <= timeout:
+            short.append(f"{task.name} ({seconds:g}s)")
+    if not short:
+        return []
+    return [
+        Warning(
+            f"Dedup window not longer than the Redis visibility_timeout ({timeout:g}s): "
+            f"{', '.join(sorted(short))}.",
+            hint=(
+                "A message redelivered after the visibility timeout (a worker lost before its "
+                "ack) can find the key's window over and run the body again. Make dedup_window "
+                "(or CELERY_GUARD_DEDUP_WINDOW) longer than the visibility timeout."
+            ),
+            id="celery_guard.W007",
+        )
+    ]
+
+
 #: Every check, in the order ``AppConfig.ready()`` registers them.
 ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_unknown_settings,
@@ -365,4 +526,8 @@ ALL: tuple[Callable[..., list[CheckMessage]], ...] = (
     check_always_eager,
     check_priority_queues,
     check_router,
+    check_beat_lease,
+    check_beat_scheduler,
+    check_idempotency_redis,
+    check_dedup_window,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -28,6 +29,16 @@ DEFAULTS: Mapping[str, Any] = {
     "SOFT_TIME_LIMIT": None,
     "TIME_LIMIT": None,
     "CAPTURE_UNGUARDED": False,
+    "BEAT_LOCK_NAME": "default",
+    "BEAT_LEASE_SECONDS": 30,
+    "BEAT_POLICIES": {},
+    "IDEMPOTENCY_BACKEND": "database",
+    "IDEMPOTENCY_REDIS_URL": None,
+    "IDEMPOTENCY_REDIS_PREFIX": "celery_guard:idem:",
+    "DEDUP_WINDOW": 24 * 3600,
+    "IDEMPOTENCY_LEASE": 600,
+    "IDEMPOTENCY_RETENTION": 7 * 24 * 3600,
+    "RELEASE_ON_DEAD_LETTER": True,
     "REDACT_FIELDS": (
         "password",
         "token",
@@ -122,6 +133,65 @@ class GuardSettings:
     def capture_unguarded(self) -> bool:
         """Whether failures of unguarded Celery tasks are recorded as dead letters too."""
         return bool(raw("CAPTURE_UNGUARDED"))
+
+    @property
+    def beat_lock_name(self) -> str:
+        """Name of the lease guarded beats compete for (one leader per name)."""
+        return str(raw("BEAT_LOCK_NAME"))
+
+    @property
+    def beat_lease_seconds(self) -> float:
+        """Seconds a beat lease lasts without renewal."""
+        return float(raw("BEAT_LEASE_SECONDS"))
+
+    @property
+    def beat_policies(self) -> Mapping[str, Any]:
+        """Beat entry name (or ``"*"``) -> catch-up / overlap policy dict."""
+        value: Mapping[str, Any] = raw("BEAT_POLICIES")
+        return value
+
+    @property
+    def idempotency_backend(self) -> str:
+        """Where the idempotency ledger lives: ``"database"`` or ``"redis"``."""
+        return str(raw("IDEMPOTENCY_BACKEND"))
+
+    @property
+    def idempotency_redis_url(self) -> str | None:
+        """Redis URL of the ``"redis"`` ledger; ``None`` means Celery's broker URL."""
+        url = raw("IDEMPOTENCY_REDIS_URL")
+        return str(url) if url else None
+
+    @property
+    def idempotency_redis_prefix(self) -> str:
+        """Prefix of every Redis key the ``"redis"`` ledger writes."""
+        return str(raw("IDEMPOTENCY_REDIS_PREFIX"))
+
+    @property
+    def dedup_window(self) -> float:
+        """Default dedup window in seconds of a task with an idempotency key."""
+        return self.seconds(raw("DEDUP_WINDOW"))
+
+    @property
+    def idempotency_lease(self) -> float:
+        """Seconds a worker owns a running key before another attempt may take it over."""
+        return self.seconds(raw("IDEMPOTENCY_LEASE"))
+
+    @property
+    def idempotency_retention(self) -> float:
+        """Seconds an expired ledger record is kept before ``purge`` deletes it."""
+        return self.seconds(raw("IDEMPOTENCY_RETENTION"))
+
+    @property
+    def release_on_dead_letter(self) -> bool:
+        """Whether a dead-lettered run releases its idempotency key."""
+        return bool(raw("RELEASE_ON_DEAD_LETTER"))
+
+    @staticmethod
+    def seconds(value: Any) -> float:
+        """Return a duration setting (seconds or ``timedelta``) in seconds."""
+        if isinstance(value, timedelta):
+            return value.total_seconds()
+        return float(value)
 
     @property
     def redact_fields(self) -> tuple[str, ...]:

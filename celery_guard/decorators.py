@@ -96,7 +96,10 @@ def guarded_task(
     def decorate(fn: Callable[..., Any]) -> GuardedTask:
         if not callable(fn):
             raise TypeError(f"@guarded_task: expected a function, got {type(fn).__name__}")
-        task: GuardedTask = shared_task(base=base, guard_options=cleaned, **celery)(fn)
+        bound = options.bind_to_function(
+            cleaned, fn, bind=bool(celery.get("bind")), where="@guarded_task"
+        )
+        task: GuardedTask = shared_task(base=base, guard_options=bound, **celery)(fn)
         return task
 
     return decorate(func) if func is not None else decorate

@@ -52,3 +52,30 @@ class HardTimeLimitError(GuardError):
     Raised instead of Celery's ``TimeLimitExceeded``, which would make the worker requeue the
     message of a guarded task (``acks_on_timeout = False``).
     """
+
+
+class IdempotencyKeyError(GuardError, ValueError):
+    """The idempotency key of a call cannot be derived: a value is missing or the key is empty.
+
+    Raised at enqueue time, before anything is claimed or published.
+    """
+
+
+class IdempotencyConflict(GuardError):
+    """The idempotency key is already taken, inside its window, by a call with other arguments.
+
+    Raised at enqueue time, before anything is published (Stripe's semantics). Attributes:
+    ``key`` and ``task_id`` (the task that holds the key).
+    """
+
+    def __init__(self, message: str, *, key: str, task_id: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.task_id = task_id
+
+
+class LeaseLost(GuardError):
+    """A run tried to complete an idempotency key it no longer owns (it was taken over).
+
+    Raised by ``self.guard.atomic()`` so the stale attempt's writes roll back.
+    """

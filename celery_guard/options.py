@@ -29,6 +29,9 @@ class GuardOption:
         setting: Suffix of the ``CELERY_GUARD_*`` setting that supplies the project default.
         default: Built-in default used when neither the task nor the setting gives a value.
         per_call: Whether ``apply_async(guard={...})`` may override it.
+        for_function: Called at decoration time with the validated decorator value, the task
+            function and whether the task is bound (``bind=True``); returns the value to keep.
+            For options that must agree with the task's signature. Raises like ``validate``.
     """
 
     name: str
@@ -36,6 +39,7 @@ class GuardOption:
     setting: str | None = None
     default: Any = None
     per_call: bool = True
+    for_function: Callable[[Any, Callable[..., Any], bool], Any] | None = None
 
 
 _registry: dict[str, GuardOption] = {}
@@ -90,6 +94,26 @@ def clean(options: Mapping[str, Any], *, where: str, per_call: bool = False) -> 
             raise TypeError(f"{where}: guard option {name!r} cannot be overridden per call")
         cleaned[name] = validate_value(option, value, where=where)
     return cleaned
+
+
+def bind_to_function(
+    cleaned: Mapping[str, Any], fn: Callable[..., Any], *, bind: bool, where: str
+) -> dict[str, Any]:
+    """Let options that depend on the task function check it and normalize their value.
+
+    Raises:
+        TypeError, ValueError: An option does not fit the function (the option is named).
+    """
+    bound = dict(cleaned)
+    for name, value in cleaned.items():
+        hook = _registry[name].for_function
+        if hook is None:
+            continue
+        try:
+            bound[name] = hook(value, fn, bind)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where} option {name!r}: {exc}") from None
+    return bound
 
 
 def resolve(name: str, per_call: Mapping[str, Any], task_options: Mapping[str, Any]) -> Any:

@@ -5,7 +5,6 @@ Shared by the admin (action, detail button, edit-and-replay) and ``celery_guard 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import re
@@ -17,7 +16,7 @@ from typing import Any
 
 from django.db import transaction
 
-from celery_guard import headers, redaction
+from celery_guard import headers, idempotency, redaction
 from celery_guard.models import DeadLetter, DeadLetterReplay
 
 logger = logging.getLogger(__name__)
@@ -96,22 +95,18 @@ def unroutable_reason(
     )
 
 
-def rearm_idempotency(row: DeadLetter) -> None:
-    """Free the idempotency key the dead task holds, so its replay can run.
+def rearm_idempotency(row: DeadLetter) -> bool:
+    """Free the idempotency key the dead task holds, so its replay can run; True if freed.
 
-    Released only while the dead letter's own task id holds the key: a key that a newer
-    task has taken since stays taken (the replay is then deduplicated by the worker, as a
-    duplicate of work that already ran).
+    Released only while the dead letter's own task id holds the key (a run that died with
+    its lease, or ``CELERY_GUARD_RELEASE_ON_DEAD_LETTER = False``). A key that a newer task
+    has taken since stays taken: if that task succeeded, the replay is skipped by the worker
+    as a duplicate of work that already ran. A key in state ``failed`` or ``released`` needs
+    no release: the replay takes it.
     """
     if not row.idempotency_key:
-        return
-    try:
-        idempotency: Any = importlib.import_module("celery_guard.idempotency")
-    except ImportError:  # pragma: no cover - the idempotency feature is not installed
-        return
-    release: Callable[..., Any] | None = getattr(idempotency, "release", None)
-    if release is not None:
-        release(row.idempotency_key, row.task_id)
+        return False
+    return idempotency.release(row.idempotency_key, row.task_id)
 
 
 def publish_options(

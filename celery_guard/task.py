@@ -8,10 +8,11 @@ from typing import Any, ClassVar
 
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import TimeLimitExceeded
+from celery.utils import uuid
 from django.conf import settings as django_settings
 
-# failures imports retry, which registers the failure options before any decoration.
-from celery_guard import failures, headers, options, payload, routing
+# failures imports retry and idempotency registers its options: both before any decoration.
+from celery_guard import failures, headers, idempotency, options, payload, routing
 from celery_guard.conf import guard_settings
 from celery_guard.exceptions import PayloadError
 
@@ -44,11 +45,20 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             routing.install(app)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the body through the failure pipeline (retry, dead letter, poison cap)."""
+        """Run the body under the idempotency guard, inside the failure pipeline.
+
+        The failure pipeline is outermost so the poison-message cap and the dead-letter
+        write see every outcome, including a ledger that cannot be reached.
+        """
+        call = super().__call__
+
+        def body(*a: Any, **kw: Any) -> Any:
+            return idempotency.run_guarded(self, a, kw, call)
+
         request = self.request
         if request.called_directly or request.is_eager or request.id is None:
-            return super().__call__(*args, **kwargs)
-        return failures.run(self, super().__call__, args, kwargs)
+            return body(*args, **kwargs)
+        return failures.run(self, body, args, kwargs)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -83,6 +93,7 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
         Raises:
             TypeError, ValueError: A per-call guard option is unknown or invalid.
             PayloadError: The arguments are not plain JSON or are too large.
+            IdempotencyKeyError: The call's idempotency key cannot be derived.
         """
         where = f"{self.name}.apply_async(guard=...)"
         per_call = options.clean(guard or {}, where=where, per_call=True)
@@ -98,7 +109,11 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             per_call = {**kept, **per_call}
         level = options.resolve("priority", per_call, self.guard_options)
         routing.queue_for(level)
-        return {"priority": level}
+        identity = idempotency.identify(self, args, kwargs, per_call, inherited)
+        return {
+            "priority": level,
+            idempotency.HEADER_FIELD: identity.header() if identity else None,
+        }
 
     def apply_async(
         self,
@@ -114,10 +129,16 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
     ) -> Any:
         """Publish the task after the guard checks, stamping the guard header.
 
+        A call with an idempotency key is published only if it claims its key; a duplicate
+        inside the dedup window returns the ``AsyncResult`` of the first task instead.
+
         Args:
             guard: Per-call guard options, e.g. ``{"priority": "low"}``; they take
                 precedence over the decorator's.
             **celery_options: Every option Celery's ``apply_async`` takes.
+
+        Raises:
+            IdempotencyConflict: The key is held by a call with other arguments.
         """
         for limit in ("soft_time_limit", "time_limit"):
             if celery_options.get(limit) is None and getattr(self, limit, None) is None:
@@ -134,17 +155,28 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             retries=celery_options.get("retries") or 0,
             **fields,
         )
-        return super().apply_async(
-            args,
-            kwargs,
-            task_id,
-            producer,
-            link,
-            link_error,
-            shadow,
-            headers=message_headers,
-            **celery_options,
-        )
+        identity = idempotency.Identity.from_header(message_headers[headers.HEADER])
+        task_id = task_id or uuid()
+
+        def publish() -> Any:
+            return super(GuardedTask, self).apply_async(
+                args,
+                kwargs,
+                task_id,
+                producer,
+                link,
+                link_error,
+                shadow,
+                headers=message_headers,
+                **celery_options,
+            )
+
+        return idempotency.publish_once(self, identity, task_id, publish)
+
+    @property
+    def guard(self) -> idempotency.RunContext:
+        """The running request's guard context: ``self.guard.fencing_token``, ``.atomic()``."""
+        return idempotency.context(self.request)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
         """Check the arguments now, then publish when the transaction commits."""

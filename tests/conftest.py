@@ -10,11 +10,15 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from celery import current_app
 from django.conf import settings
 
 from tests.harness import Worker, purge
 
 IN_CI = bool(os.environ.get("CI"))
+
+# Fixtures of the idempotency tests (ledger backends).
+pytest_plugins = ["tests.idem_support"]
 
 
 def require(url_var: str) -> str:
@@ -87,3 +91,19 @@ def start_worker(test_db_name: str, redis_url: str, queues: dict[str, str]) -> I
         worker.stop()
     for broker in {w.broker_url for w in started} | {redis_url}:
         purge(broker, [*queues.values(), settings.CELERY_TASK_DEFAULT_QUEUE])
+
+
+@pytest.fixture
+def celery_conf():
+    """Set Celery config keys for one test, restoring them afterwards."""
+    conf = current_app.conf
+    saved = {}
+
+    def set_(**values):
+        for key, value in values.items():
+            saved.setdefault(key, conf.get(key))
+            conf[key] = value
+
+    yield set_
+    for key, value in saved.items():
+        conf[key] = value

@@ -33,12 +33,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: floa
         time.sleep(interval)
 
 
+def celery_command(*args: str) -> list[str]:
+    """The ``celery`` command line of the test project with ``args``."""
+    return [sys.executable, "-m", "celery", "-A", "proj", *args]
+
+
 class Worker:
     """A ``celery worker`` subprocess of the test project, started and stopped by a test.
 
     It runs with the suite's settings and test database, consumes ``queues`` from
     ``broker_url`` and is ready once it has written its ready file (``worker_ready``).
     """
+
+    #: Prefix of the log file name.
+    kind = "worker"
 
     def __init__(
         self,
@@ -60,11 +68,16 @@ class Worker:
         self.extra_env = extra_env or {}
         self.process: subprocess.Popen[bytes] | None = None
         ARTIFACTS.mkdir(exist_ok=True)
-        self.log_path = ARTIFACTS / f"worker-{self.name}.log"
+        self.log_path = ARTIFACTS / f"{self.kind}-{self.name}.log"
         self.ready_file = Path(tempfile.gettempdir()) / f"cg-ready-{self.name}-{uuid.uuid4().hex}"
 
     def start(self, timeout: float = 90) -> Worker:
         """Start the worker and wait until it consumes."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to be ready."""
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
@@ -74,12 +87,30 @@ class Worker:
             "CG_READY_FILE": str(self.ready_file),
             **self.extra_env,
         }
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "proj",
+        cmd = self.command()
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 90) -> Worker:
+        """Wait until the process has written its ready file."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} {self.name} exited early:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"{self.kind} {self.name} not ready in {timeout}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+        return self
+
+    def command(self) -> list[str]:
+        """The command line of the process."""
+        return celery_command(
             "worker",
             "-Q",
             ",".join(self.queues),
@@ -94,22 +125,7 @@ class Worker:
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
-        ]
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited early:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"worker {self.name} not ready in {timeout}s:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
-        return self
 
     @property
     def pid(self) -> int:

@@ -33,5 +33,26 @@ else:
 # A worker started by the suite connects to the test database the suite created.
 if os.environ.get("CG_WORKER_DB_NAME"):
     _db["NAME"] = os.environ["CG_WORKER_DB_NAME"]
+# Beat processes started by the suite: a short lease, and a connection name to find them by.
+CELERY_GUARD_BEAT_LOCK_NAME = f"cgt-{RUN_ID}"
+if os.environ.get("CG_BEAT_LEASE_SECONDS"):
+    CELERY_GUARD_BEAT_LEASE_SECONDS = float(os.environ["CG_BEAT_LEASE_SECONDS"])
+if os.environ.get("CG_DB_APPLICATION_NAME") and _db["ENGINE"].endswith("postgresql"):
+    _db.setdefault("OPTIONS", {})["application_name"] = os.environ["CG_DB_APPLICATION_NAME"]
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Worker fixtures shorten Redis's redelivery delay to test crashes (extra_env).
+if os.environ.get("CG_VISIBILITY_TIMEOUT"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": float(os.environ["CG_VISIBILITY_TIMEOUT"])
+    }
+if os.environ.get("CG_IDEMPOTENCY_LEASE"):
+    CELERY_GUARD_IDEMPOTENCY_LEASE = float(os.environ["CG_IDEMPOTENCY_LEASE"])
+# The idempotency ledger: the database unless a test's processes ask for Redis; Redis keys
+# carry the run id so concurrent runs on the shared Redis never meet.
+CELERY_GUARD_IDEMPOTENCY_BACKEND = os.environ.get("CG_IDEMPOTENCY_BACKEND", "database")
+CELERY_GUARD_IDEMPOTENCY_REDIS_URL = REDIS_URL  # also when a worker's broker is RabbitMQ
+CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX = os.environ.get(
+    "CG_IDEMPOTENCY_REDIS_PREFIX", f"cgt-{RUN_ID}:idem:"
+)

@@ -9,22 +9,6 @@ from django.test import override_settings
 from celery_guard import checks
 
 
-@pytest.fixture
-def celery_conf():
-    """Set Celery config keys for one test, restoring them afterwards."""
-    conf = current_app.conf
-    saved = {}
-
-    def set_(**values):
-        for key, value in values.items():
-            saved.setdefault(key, conf.get(key))
-            conf[key] = value
-
-    yield set_
-    for key, value in saved.items():
-        conf[key] = value
-
-
 def ids(messages):
     return [m.id for m in messages]
 

@@ -6,7 +6,7 @@ from django.test import override_settings
 
 from celery_guard import checks, guarded_task
 from celery_guard.backoff import Exponential
-from tests.test_checks import celery_conf, ids  # noqa: F401  (fixture)
+from tests.test_checks import ids
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_e005_classifier_must_import_as_a_callable():
         assert text in message.msg
 
 
-def test_w008_retry_delay_longer_than_the_visibility_timeout(celery_conf):  # noqa: F811
+def test_w008_retry_delay_longer_than_the_visibility_timeout(celery_conf):
     celery_conf(
         broker_url="redis://127.0.0.1:6379/0", broker_transport_options={"visibility_timeout": 900}
     )

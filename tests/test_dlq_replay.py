@@ -15,7 +15,7 @@ from django.db import connection
 from django.utils import timezone
 
 from celery_guard import deadletter, dlq, redaction, replay
-from celery_guard.dlq_admin import EstimatedCountPaginator, distinct_values
+from celery_guard.dlq_scale import EstimatedCountPaginator, distinct_values
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from proj.celery import app
 from tests.dlq_support import UNTIL_FIXED, dead_letter
@@ -299,7 +299,7 @@ def test_seed_filters_and_estimated_counts():
     paginator = EstimatedCountPaginator(DeadLetter.objects.all(), 10)
     assert paginator.count == 60 and not paginator.capped
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("celery_guard.dlq_admin.COUNT_CAP", 20)
+        patch.setattr("celery_guard.dlq_scale.COUNT_CAP", 20)
         capped = EstimatedCountPaginator(DeadLetter.objects.filter(attempts=5), 10)
         assert capped.count == 20 and capped.capped
 
@@ -308,7 +308,7 @@ def test_seed_filters_and_estimated_counts():
 def test_estimated_count_on_postgresql(postgres):
     dlq.seed(200, batch=100)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("celery_guard.dlq_admin.ESTIMATE_FROM", 100)
+        patch.setattr("celery_guard.dlq_scale.ESTIMATE_FROM", 100)
         paginator = EstimatedCountPaginator(DeadLetter.objects.all(), 10)
         # ANALYZE ran after the seed, inside this test's transaction: the estimate is exact.
         assert paginator.count == 200 and paginator.estimated
@@ -332,3 +332,19 @@ def test_settings_are_checked(settings):
     assert "REDACT_FIELDS" in errors
     assert "DLQ_RETENTION_DAYS" in errors
     assert "SENTRY_EVENT_URL" in errors
+
+
+@pytest.mark.django_db
+def test_replay_rearms_the_key_the_dead_task_still_holds():
+    from celery_guard import ledger
+
+    store = ledger.get_ledger()
+    held = dead_letter("held", idempotency_key="dlq-test:held")
+    other = dead_letter("other", idempotency_key="dlq-test:other")
+    common = {"task_name": UNTIL_FIXED, "fingerprint": "f", "window": 60, "owner": "w", "lease": 60}
+    store.start("dlq-test:held", task_id=held.task_id, **common)  # died holding its lease
+    store.start("dlq-test:other", task_id="a-newer-task", **common)  # taken since by another
+    assert replay.replay_one(held, app=app) == replay.REPLAYED
+    assert replay.replay_one(other, app=app) == replay.REPLAYED
+    assert store.get("dlq-test:held")["state"] == "released"
+    assert store.get("dlq-test:other")["state"] == "running"

@@ -24,3 +24,6 @@ class TestAppConfig(AppConfig):
             signals.worker_ready.connect(
                 _touch_ready_file, dispatch_uid="testapp.ready", weak=False
             )
+            signals.beat_init.connect(
+                _touch_ready_file, dispatch_uid="testapp.beat_ready", weak=False
+            )

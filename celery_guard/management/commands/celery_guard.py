@@ -9,7 +9,7 @@ from typing import Any
 from celery import current_app
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from celery_guard import dlq, doctor, replay
+from celery_guard import dlq, doctor, idempotency, replay
 from celery_guard.models import DeadLetter
 
 
@@ -35,9 +35,13 @@ class Command(BaseCommand):
         r.add_argument("--rate", default="200/s", help="Publish rate: 200/s, 600/m, 10/h.")
         r.add_argument("--no-progress", action="store_true", help="No progress bar.")
         p = sub.add_parser(
-            "purge", help="Delete replayed/discarded dead letters past the retention."
+            "purge",
+            help="Delete idempotency records past their dedup window and the retention, and "
+            "replayed/discarded dead letters older than CELERY_GUARD_DLQ_RETENTION_DAYS.",
         )
-        p.add_argument("--days", type=float, help="Override CELERY_GUARD_DLQ_RETENTION_DAYS.")
+        p.add_argument(
+            "--days", type=float, help="Dead letters: override CELERY_GUARD_DLQ_RETENTION_DAYS."
+        )
         s = sub.add_parser("seed-dead-letters", help="Insert fake dead letters (benchmarks).")
         s.add_argument("count", type=int)
         s.add_argument("--batch", type=int, default=5000)
@@ -125,10 +129,12 @@ class Command(BaseCommand):
         for pk, why in summary.reasons.items():
             self.stdout.write(self.style.WARNING(f"  unroutable #{pk}: {why}"))
 
-    def handle_purge(self, *, days: float | None, **options: Any) -> None:
-        """Delete replayed and discarded dead letters older than the retention."""
-        deleted = dlq.purge(days)
-        self.stdout.write(self.style.SUCCESS(f"purged {deleted} dead letter(s)"))
+    def handle_purge(self, *, days: float | None = None, **options: Any) -> None:
+        """Purge expired idempotency records and old replayed/discarded dead letters."""
+        deleted = idempotency.purge()
+        self.stdout.write(self.style.SUCCESS(f"purged {deleted} expired idempotency record(s)"))
+        letters = dlq.purge(days)
+        self.stdout.write(self.style.SUCCESS(f"purged {letters} dead letter(s)"))
 
     def handle_seed_dead_letters(self, *, count: int, batch: int, **options: Any) -> None:
         """Insert ``count`` fake dead letters (for the changelist benchmark)."""

@@ -1,0 +1,1 @@
+"""Benchmark harness: celery_guard against plain Celery, side by side, in one run (`make bench`)."""

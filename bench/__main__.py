@@ -1,0 +1,155 @@
+"""``python -m bench``: run the benchmark, write the JSON and print the Markdown table.
+
+Options: ``--full`` (longer run), ``--write-docs`` (also fill the results section of
+docs/benchmarks.md), ``--only NAME`` (compare only these guarded variants), ``--sqlite``
+(use SQLite even when PostgreSQL is available), ``--out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--full", action="store_true", help="the full, longer run")
+    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--only", action="append", metavar="NAME", help="guarded variant(s)")
+    parser.add_argument("--sqlite", action="store_true", help="use SQLite, not PostgreSQL")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON")
+    return parser.parse_args(argv)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # Turn SIGTERM into an exception so every `finally` stops what the run started.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return the exit status."""
+    args = parse_args(argv)
+    sys.path[:0] = [str(ROOT), str(ROOT / "example_project")]
+    signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    from bench import naming, report
+    from bench.runner import FULL, QUICK, Runner, progress
+    from bench.services import Services, forget_keys
+
+    config = FULL if args.full else QUICK
+    run_id = uuid.uuid4().hex[:8]
+    os.environ[naming.RUN_ID_ENV] = run_id
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.monotonic()
+    services = Services(run_id, log=progress)
+    shared_redis = os.environ.get("REDIS_URL")
+    try:
+        broker_url, redis_origin = services.redis()
+        database = services.database(sqlite=args.sqlite)
+        os.environ.update(
+            DJANGO_SETTINGS_MODULE="bench.settings",
+            CG_BENCH_BROKER_URL=broker_url,
+            CELERY_BROKER_URL=broker_url,
+        )
+        if database.url:
+            os.environ["DATABASE_URL"] = database.url
+        else:
+            os.environ.pop("DATABASE_URL", None)
+            os.environ["SQLITE_PATH"] = str(database.sqlite_path)
+
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        import bench.benchapp.tasks  # noqa: F401  (registers every case's tasks)
+        from bench import cases, fingerprint
+        from bench.worker import BenchWorker
+        from proj.celery import app
+
+        variants = cases.variants(args.only)
+        if any(v.needs_database for v in variants):
+            progress("migrating the bench database")
+            call_command("migrate", verbosity=0)
+        runner = Runner(
+            config,
+            app,
+            variants,
+            broker_url=broker_url,
+            prefix=naming.prefix(),
+            database=database,
+            log=progress,
+        )
+        fp = fingerprint.collect(runner.redis, database)
+
+        def start_worker() -> BenchWorker:
+            worker = BenchWorker(app, naming.prefix())
+            try:
+                worker.start()
+            except BaseException:
+                worker.stop()
+                raise
+            services.record("celery worker (prefork, 2 processes)", worker.pid, worker.stop)
+            return worker
+
+        progress(f"run {run_id}: {config.mode} mode, variants {[v.name for v in variants]}")
+        measured = runner.run(start_worker)
+        fp["load_end"] = fingerprint.load_average()
+        results = {
+            "schema": 1,
+            "run_id": run_id,
+            "started_at": started.isoformat(timespec="seconds"),
+            "duration_s": time.monotonic() - t0,
+            "fingerprint": fp,
+            "services": {"redis": redis_origin, "database": database.origin},
+            "notes": database.notes,
+            **measured,
+        }
+    finally:
+        try:
+            from django.db import connections
+
+            connections.close_all()
+        except Exception:  # Django may not be set up yet
+            pass
+        services.close()
+        if shared_redis:
+            # A shared Redis keeps kombu's bindings and pidbox keys; every one carries the run id.
+            try:
+                count = forget_keys(shared_redis, f"{naming.prefix()}:")
+                progress(f"deleted the run's {count} keys from the shared Redis")
+            except Exception as exc:
+                print(f"could not delete the run's Redis keys: {exc}", file=sys.stderr)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    markdown = report.render(results)
+    print(markdown)
+    progress(f"results written to {path}")
+    if args.write_docs:
+        DOCS.write_text(report.replace_between_markers(DOCS.read_text(), markdown))
+        progress(f"results section of {DOCS} updated")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Django app of the benchmark: task bodies, the case tasks, the worker-ready handshake."""

@@ -1,0 +1,258 @@
+"""Render a results dict (as written to ``bench/results/*.json``) as Markdown; pure functions."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bench import stats
+
+DOCS_START = "<!-- bench-results:start -->"
+DOCS_END = "<!-- bench-results:end -->"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row of a comparison table.
+
+    Attributes:
+        key: Metric key in the results.
+        label: Row label.
+        unit: Unit shown after the label.
+        higher_is_better: For the reader; ratios are always guarded / plain.
+        compare: ``"ratio"`` (guarded / plain) or ``"extra"`` (guarded - plain).
+        target: Key of the variant's target for this row, if any.
+        digits: Decimals of the figures.
+    """
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    compare: str = "ratio"
+    target: str | None = None
+    digits: int = 0
+
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("enqueue_rate", "enqueue throughput", "tasks/s", True, target="enqueue_rate"),
+    Figure("enqueue_p50_us", "enqueue latency p50", "µs", False),
+    Figure("enqueue_p99_us", "enqueue latency p99", "µs", False),
+    Figure("drain_noop_rate", "drain, no-op task", "tasks/s", True, target="drain_noop_rate"),
+    Figure("drain_sleep_rate", "drain, 10 ms task", "tasks/s", True, target="drain_sleep_rate"),
+    Figure("paced_p50_ms", "paced latency p50", "ms", False, digits=1),
+    Figure("paced_p95_ms", "paced latency p95", "ms", False, digits=1),
+    Figure("paced_p99_ms", "paced latency p99", "ms", False, digits=1),
+    Figure("paced_backlog_max", "paced: largest backlog", "tasks", False),
+    Figure(
+        "commands_enqueue",
+        "Redis commands per task, enqueue",
+        "",
+        False,
+        compare="extra",
+        target="extra_commands_enqueue",
+        digits=2,
+    ),
+    Figure(
+        "commands_execute",
+        "Redis commands per task, execute",
+        "",
+        False,
+        compare="extra",
+        target="extra_commands_execute",
+        digits=2,
+    ),
+)
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    """Format a figure with thousands separators; an em dash when missing."""
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def cell(summary: Mapping[str, Any] | None, digits: int) -> str:
+    """Median with its min..max spread over the repetitions."""
+    if not summary or summary.get("median") is None:
+        return "—"
+    median = fmt(summary["median"], digits)
+    if summary.get("n", 0) < 2:
+        return median
+    return f"{median} ({fmt(summary['min'], digits)}..{fmt(summary['max'], digits)})"
+
+
+def judge(figure: Figure, value: float | None, target: float | None) -> str:
+    """Show the target next to the comparison, with whether this run met it (never asserted)."""
+    if target is None:
+        return ""
+    if figure.compare == "ratio":
+        text = f"≥ {target:g}x"
+        met = value is not None and value >= target
+    else:
+        text = f"≤ {target:g}"
+        met = value is not None and value <= target
+    if value is None:
+        return text
+    return f"{text} {'met' if met else 'missed'}"
+
+
+def comparison(figure: Figure, value: float | None, baseline: float | None) -> float | None:
+    """guarded / plain for ratios, guarded - plain for command counts."""
+    if figure.compare == "ratio":
+        return stats.ratio(value, baseline)
+    if value is None or baseline is None:
+        return None
+    return value - baseline
+
+
+def variant_table(results: Mapping[str, Any], name: str) -> str:
+    """The table of one guarded variant against the baseline."""
+    variants = results["variants"]
+    baseline_name = next(n for n, v in variants.items() if v["baseline"])
+    plain = variants[baseline_name]["metrics"]
+    guarded = variants[name]
+    targets = guarded.get("targets", {})
+    lines = [
+        f"| figure | {variants[baseline_name]['title']} | {guarded['title']} "
+        "| guarded/plain | target |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for figure in FIGURES:
+        mine = guarded["metrics"].get(figure.key)
+        theirs = plain.get(figure.key)
+        value = comparison(
+            figure,
+            mine.get("median") if mine else None,
+            theirs.get("median") if theirs else None,
+        )
+        if figure.compare == "ratio":
+            shown = "—" if value is None else f"{value:.2f}x"
+        else:
+            shown = "—" if value is None else f"{value:+.2f} extra"
+        label = f"{figure.label} ({figure.unit})" if figure.unit else figure.label
+        if figure.key.startswith("paced_"):
+            label += f" at {fmt(results.get('paced_rate'))}/s"
+        target = targets.get(figure.target) if figure.target else None
+        lines.append(
+            f"| {label} | {cell(theirs, figure.digits)} | {cell(mine, figure.digits)} "
+            f"| {shown} | {judge(figure, value, target)} |"
+        )
+    return "\n".join(lines)
+
+
+def _commands(per_task: Mapping[str, float], floor: float = 0.1) -> str:
+    shown = [f"{name} {calls:.2f}" for name, calls in per_task.items() if abs(calls) >= floor]
+    return ", ".join(shown) or "none"
+
+
+def command_lines(results: Mapping[str, Any], name: str) -> list[str]:
+    """Which Redis commands a task costs per phase, and which ones the guard adds.
+
+    From the last repetition; commands under 0.1 per task (the worker's idle polling, control
+    messages) are left out.
+    """
+    variants = results["variants"]
+    baseline = next(v for v in variants.values() if v["baseline"])
+    plain = baseline.get("commands_last_run", {})
+    guarded = variants[name].get("commands_last_run", {})
+    lines = []
+    for phase in ("enqueue", "execute"):
+        theirs, mine = plain.get(phase, {}), guarded.get(phase, {})
+        extra = {
+            cmd: mine.get(cmd, 0.0) - theirs.get(cmd, 0.0)
+            for cmd in sorted(set(mine) | set(theirs))
+        }
+        lines.append(
+            f"- Redis commands per task, {phase}: plain {_commands(theirs)}; "
+            f"extra with the guard: {_commands(extra)}"
+        )
+    return lines
+
+
+def fingerprint_table(results: Mapping[str, Any]) -> str:
+    """Machine, versions, services and the reference figures of the run."""
+    fp = results["fingerprint"]
+    refs = results["references"]
+    push = refs["pushpop"]
+    db = refs["db_commit"]
+    rows = [
+        (
+            "mode",
+            f"{results['config']['mode']} ({results['config']['reps']} repetitions, "
+            f"{results.get('duration_s', 0):.0f} s)",
+        ),
+        ("started", results.get("started_at", "")),
+        ("CPU", f"{fp['cpu_model']}, {fp['cores']} cores"),
+        ("load average (start → end)", f"{fp['load_start']} → {fp.get('load_end', '?')}"),
+        ("Python", fp["python"]),
+        ("packages", ", ".join(f"{k} {v}" for k, v in fp["packages"].items())),
+        ("Redis", f"{fp['redis_version']} — {results['services']['redis']}"),
+        ("database", f"{fp['database_version']} — {results['services']['database']}"),
+        ("Redis round trip (PING p50)", f"{refs['redis_ping_p50_us']:.0f} µs"),
+        (
+            "raw Redis LPUSH+BRPOP",
+            f"{fmt(push['pairs_per_s'])} pairs/s (p50 {push['p50_us']:.0f} µs, "
+            f"{push['message_bytes']} B message, as Celery's)",
+        ),
+        (
+            f"raw {db['engine']} single-row insert+commit",
+            f"{fmt(db['commits_per_s'])} commits/s (p50 {db['p50_ms']:.2f} ms, {db['setting']})",
+        ),
+    ]
+    lines = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    return "\n".join(lines)
+
+
+def busy_note(fingerprint: Mapping[str, Any]) -> str | None:
+    """A warning when the 1-minute load average was above half the cores at start or end."""
+    cores = fingerprint.get("cores") or 1
+    loads = []
+    for key in ("load_start", "load_end"):
+        try:
+            loads.append(float(str(fingerprint.get(key, "")).split("/")[0]))
+        except ValueError:
+            continue
+    if not loads or max(loads) <= cores / 2:
+        return None
+    return (
+        f"The machine was busy (1-minute load average up to {max(loads):.1f} on {cores} "
+        "cores): other work competed for the CPU, so the timings are noisy. Compare the "
+        "min..max ranges before reading a ratio; the command counts are not affected."
+    )
+
+
+def render(results: Mapping[str, Any]) -> str:
+    """The whole Markdown report of one run."""
+    parts = ["### Machine and references", "", fingerprint_table(results)]
+    busy = busy_note(results["fingerprint"])
+    notes = [*results.get("notes", []), *([busy] if busy else [])]
+    for note in notes:
+        parts += ["", f"> {note}"]
+    for name, variant in results["variants"].items():
+        if variant["baseline"]:
+            continue
+        parts += ["", f"### {variant['title']} vs plain Celery", "", variant_table(results, name)]
+        parts += ["", *command_lines(results, name)]
+    parts += [
+        "",
+        "Medians over the repetitions, (min..max) in brackets. Ratios above 1 mean the guarded "
+        "side is faster for throughputs and slower for latencies. Targets are reported, never "
+        "asserted.",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def replace_between_markers(document: str, content: str) -> str:
+    """Put ``content`` between the results markers of ``document``.
+
+    Raises:
+        ValueError: The markers are missing or out of order.
+    """
+    pattern = re.compile(re.escape(DOCS_START) + r".*?" + re.escape(DOCS_END), re.DOTALL)
+    if not pattern.search(document):
+        raise ValueError(f"the document has no {DOCS_START} ... {DOCS_END} section")
+    block = f"{DOCS_START}\n{content.rstrip()}\n{DOCS_END}"
+    return pattern.sub(lambda _: block, document, count=1)

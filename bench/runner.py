@@ -1,0 +1,445 @@
+"""The measurements: references, enqueue, drain, paced latency and broker command counts.
+
+Each phase runs every variant in turn (A B A B ...) for several repetitions, so slow drifts
+of a shared machine land on both sides; figures are kept per repetition and summarized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+from bench import stats
+from bench.cases import Variant
+from bench.services import Database
+from bench.worker import BenchWorker
+
+#: Commands the harness itself sends inside a measured window and never counts.
+IGNORED_COMMANDS = frozenset({"info"})
+
+
+class BenchError(RuntimeError):
+    """A run did not do what it must (messages lost, misrouted, a worker not answering)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes of one mode."""
+
+    mode: str
+    reps: int
+    warmup: int
+    enqueue_n: int
+    drain_noop_n: int
+    drain_sleep_n: int
+    paced_seconds: float
+    paced_min: int
+    ping_n: int
+    pushpop_n: int
+    commit_n: int
+
+
+QUICK = Config(
+    mode="quick",
+    reps=5,
+    warmup=50,
+    enqueue_n=1000,
+    drain_noop_n=400,
+    drain_sleep_n=120,
+    paced_seconds=3.0,
+    paced_min=60,
+    ping_n=2000,
+    pushpop_n=2000,
+    commit_n=300,
+)
+FULL = Config(
+    mode="full",
+    reps=7,
+    warmup=200,
+    enqueue_n=5000,
+    drain_noop_n=3000,
+    drain_sleep_n=600,
+    paced_seconds=15.0,
+    paced_min=200,
+    ping_n=20000,
+    pushpop_n=20000,
+    commit_n=3000,
+)
+
+
+class Runner:
+    """Runs every phase for a list of variants on one broker, database and worker."""
+
+    def __init__(
+        self,
+        config: Config,
+        app: Any,
+        variants: list[Variant],
+        *,
+        broker_url: str,
+        prefix: str,
+        database: Database,
+        log: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.app = app
+        self.variants = variants
+        self.prefix = prefix
+        self.database = database
+        self.log = log
+        # Plain client (no key prefix): reads the broker's keys as kombu wrote them.
+        self.redis = redis.Redis.from_url(broker_url)
+        self.worker: BenchWorker | None = None
+        self._ident = itertools.count()
+        self.per_run: dict[str, dict[str, list[float]]] = {v.name: {} for v in variants}
+        self.commands: dict[str, dict[str, dict[str, float]]] = {v.name: {} for v in variants}
+
+    # -- broker helpers -------------------------------------------------------------------
+
+    def key(self, name: str) -> str:
+        """Return the Redis key kombu uses for ``name`` (the run's global key prefix)."""
+        return f"{self.prefix}:{name}"
+
+    def commandstats(self) -> dict[str, int]:
+        """Return the broker's command name -> calls, without the harness's own INFO calls."""
+        calls = stats.parse_commandstats(self.redis.info("commandstats"))
+        return {k: v for k, v in calls.items() if k not in IGNORED_COMMANDS}
+
+    def queue_len(self, queue: str) -> int:
+        """Count the messages waiting in ``queue``."""
+        return int(self.redis.llen(self.key(queue)))
+
+    def purge(self, queue: str) -> None:
+        """Delete the messages of ``queue`` (outside measured windows only)."""
+        self.redis.delete(self.key(queue))
+
+    def _record(self, variant: Variant, metric: str, value: float) -> None:
+        self.per_run[variant.name].setdefault(metric, []).append(value)
+
+    def _send(self, variant: Variant, kind: str, *args: Any) -> Any:
+        # Every call gets a number unique within the run as its last argument, so a case can
+        # derive a distinct idempotency key from it in every repetition.
+        ident = next(self._ident)
+        return variant.send(variant.tasks[kind], (*args, ident), ident)
+
+    def _publish(self, variant: Variant, kind: str, n: int) -> None:
+        for _ in range(n):
+            self._send(variant, kind)
+        length = self.queue_len(variant.queue)
+        if length != n:
+            raise BenchError(f"{variant.name}: {length} of {n} messages reached {variant.queue!r}")
+
+    def _snapshot(self, queue: str, own: Counter[str]) -> tuple[int, int]:
+        """Return (messages waiting in ``queue``, messages unacked), counting the two calls."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(self.key(queue))
+        pipe.hlen(self.key("unacked"))
+        waiting, unacked = pipe.execute()
+        own.update(llen=1, hlen=1)
+        return int(waiting), int(unacked)
+
+    def _wait_started(self, queue: str, n: int, own: Counter[str]) -> tuple[float, int]:
+        """Wait until the worker takes the first of ``n`` queued messages.
+
+        A consumer added while the worker blocks on its idle queue starts only when that
+        blocking pop returns (up to a second), so timing starts here, not at ``add_consumer``.
+
+        Returns:
+            When that was first seen, and how many messages were still waiting or in flight.
+        """
+        deadline = time.perf_counter() + 30
+        while True:
+            now = time.perf_counter()
+            waiting, unacked = self._snapshot(queue, own)
+            if waiting < n:
+                return now, waiting + unacked
+            if now > deadline:
+                raise BenchError(f"the worker did not start consuming {queue!r} in 30s")
+            time.sleep(0.002)
+
+    def _wait_drained(self, queue: str, own: Counter[str], timeout: float) -> float:
+        """Wait until ``queue`` is empty and nothing is unacked; return when that was first seen.
+
+        kombu pops a message before recording it as unacked, so an empty snapshot is
+        confirmed by a second one a moment later.
+        """
+        deadline = time.perf_counter() + timeout
+        seen: float | None = None
+        while True:
+            now = time.perf_counter()
+            waiting, unacked = self._snapshot(queue, own)
+            if waiting == 0 and unacked == 0:
+                if seen is not None:
+                    return seen
+                seen = now
+                time.sleep(0.02)
+                continue
+            seen = None
+            if now > deadline:
+                raise BenchError(
+                    f"{queue!r} not drained in {timeout:.0f}s "
+                    f"({waiting} waiting, {unacked} unacked)"
+                )
+            time.sleep(0.005)
+
+    # -- references -----------------------------------------------------------------------
+
+    def references(self) -> dict[str, Any]:
+        """Measure the physical limits: Redis round trip, push/pop of a Celery-sized message,
+        and single-row commits of the database."""
+        cfg = self.config
+        pings = []
+        for _ in range(200):  # connect and settle before timing
+            self.redis.ping()
+        for _ in range(cfg.ping_n):
+            t = time.perf_counter()
+            self.redis.ping()
+            pings.append(time.perf_counter() - t)
+        baseline = self.variants[0]
+        self.purge(baseline.queue)
+        self._send(baseline, "noop")
+        message = self.redis.lpop(self.key(baseline.queue))
+        if not isinstance(message, bytes):
+            raise BenchError("could not read back a Celery message for its size")
+        key = self.key("ref-pushpop")
+        pairs = []
+        start = time.perf_counter()
+        for _ in range(cfg.pushpop_n):
+            t = time.perf_counter()
+            self.redis.lpush(key, message)
+            self.redis.brpop([key], timeout=1)
+            pairs.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        self.redis.delete(key)
+        return {
+            "redis_ping_p50_us": stats.percentile(pings, 50) * 1e6,
+            "redis_ping_p99_us": stats.percentile(pings, 99) * 1e6,
+            "pushpop": {
+                "message_bytes": len(message),
+                "pairs_per_s": stats.rate(cfg.pushpop_n, elapsed),
+                "p50_us": stats.percentile(pairs, 50) * 1e6,
+                "n": cfg.pushpop_n,
+            },
+            "db_commit": self._db_commits(),
+        }
+
+    def _db_commits(self) -> dict[str, Any]:
+        n = self.config.commit_n
+        body = "x" * 100
+        times: list[float] = []
+        if self.database.engine == "postgresql":
+            import psycopg
+
+            assert self.database.url is not None
+            table = f"cgb_ref_{self.prefix.replace('-', '_')}"
+            with psycopg.connect(self.database.url, autocommit=True) as conn:
+                conn.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, body text)")
+                try:
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        t = time.perf_counter()
+                        conn.execute(f"INSERT INTO {table} (body) VALUES (%s)", (body,))
+                        times.append(time.perf_counter() - t)
+                    elapsed = time.perf_counter() - start
+                    synchronous = conn.execute("SHOW synchronous_commit").fetchone()
+                finally:
+                    conn.execute(f"DROP TABLE {table}")
+            setting = f"synchronous_commit={synchronous[0] if synchronous else '?'}"
+        else:
+            assert self.database.sqlite_path is not None
+            lite = sqlite3.connect(self.database.sqlite_path + ".ref", isolation_level=None)
+            try:
+                # The example project's SQLite settings.
+                lite.execute("PRAGMA journal_mode=WAL")
+                lite.execute("PRAGMA synchronous=NORMAL")
+                lite.execute("CREATE TABLE ref (id INTEGER PRIMARY KEY, body TEXT)")
+                start = time.perf_counter()
+                for _ in range(n):
+                    t = time.perf_counter()
+                    lite.execute("INSERT INTO ref (body) VALUES (?)", (body,))
+                    times.append(time.perf_counter() - t)
+                elapsed = time.perf_counter() - start
+            finally:
+                lite.close()
+                for suffix in ("", "-wal", "-shm"):
+                    path = self.database.sqlite_path + ".ref" + suffix
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            setting = "journal_mode=WAL, synchronous=NORMAL"
+        return {
+            "engine": self.database.engine,
+            "commits_per_s": stats.rate(n, elapsed),
+            "p50_ms": stats.percentile(times, 50) * 1e3,
+            "n": n,
+            "setting": setting,
+        }
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Publish (and, with a worker, run) a few tasks of every variant, then forget them."""
+        for variant in self.variants:
+            self.purge(variant.queue)
+            self._publish(variant, "noop", self.config.warmup)
+            if self.worker is not None:
+                self.worker.consume(variant.queue)
+                self._wait_drained(variant.queue, Counter(), 60)
+                self.worker.stop_consuming(variant.queue)
+            self.purge(variant.queue)
+
+    def enqueue(self, variant: Variant) -> None:
+        """Publish N no-op tasks with no worker on the queue: rate, per-call latency, commands."""
+        n = self.config.enqueue_n
+        if variant.reset:
+            variant.reset()
+        self.purge(variant.queue)
+        latencies = []
+        before = self.commandstats()
+        start = time.perf_counter()
+        for _ in range(n):
+            t = time.perf_counter()
+            self._send(variant, "noop")
+            latencies.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        after = self.commandstats()
+        length = self.queue_len(variant.queue)
+        self.purge(variant.queue)
+        if length != n:
+            raise BenchError(f"{variant.name}: {length} of {n} messages reached {variant.queue!r}")
+        per_task = stats.commands_per_task(before, after, n)
+        self._record(variant, "enqueue_rate", stats.rate(n, elapsed))
+        self._record(variant, "enqueue_p50_us", stats.percentile(latencies, 50) * 1e6)
+        self._record(variant, "enqueue_p99_us", stats.percentile(latencies, 99) * 1e6)
+        self._record(variant, "commands_enqueue", sum(per_task.values()))
+        self.commands[variant.name]["enqueue"] = per_task
+
+    def drain(self, variant: Variant, kind: str, n: int) -> None:
+        """Fill the queue with N tasks, point the worker at it and time until all are acked."""
+        assert self.worker is not None
+        if variant.reset:
+            variant.reset()
+        self.purge(variant.queue)
+        self._publish(variant, kind, n)
+        own: Counter[str] = Counter()
+        before = self.commandstats()
+        self.worker.consume(variant.queue)
+        start, remaining = self._wait_started(variant.queue, n, own)
+        done = self._wait_drained(variant.queue, own, timeout=60 + n * 0.05)
+        after = self.commandstats()
+        self.worker.stop_consuming(variant.queue)
+        self._record(variant, f"drain_{kind}_rate", stats.rate(remaining, done - start))
+        if kind == "noop":
+            per_task = stats.commands_per_task(before, after, n, own=dict(own))
+            self._record(variant, "commands_execute", sum(per_task.values()))
+            self.commands[variant.name]["execute"] = per_task
+
+    def paced(self, variant: Variant, rate: float, rep: int) -> None:
+        """Publish at ``rate`` tasks/s to a consuming worker; latency from call to task start."""
+        assert self.worker is not None
+        count = max(self.config.paced_min, int(rate * self.config.paced_seconds))
+        key = self.key(f"lat-{variant.name}-{rep}")
+        if variant.reset:
+            variant.reset()
+        self.purge(variant.queue)
+        self.redis.delete(key)
+        self.worker.consume(variant.queue)
+        try:
+            self._probe(variant, key)
+            interval = 1.0 / rate
+            # About ten looks a second at the queue: a growing backlog means the worker could
+            # not keep up with this rate on this machine, and the tail latency says so.
+            every = max(1, int(rate / 10))
+            backlog = 0
+            start = time.perf_counter()
+            for i in range(count):
+                delay = start + i * interval - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                self._send(variant, "stamp", key, time.time())
+                if i % every == 0:
+                    backlog = max(backlog, self.queue_len(variant.queue))
+            sent_rate = stats.rate(count, time.perf_counter() - start)
+            deadline = time.perf_counter() + 60 + count * 0.05
+            while self.redis.llen(key) < count:
+                if time.perf_counter() > deadline:
+                    got = self.redis.llen(key)
+                    raise BenchError(f"{variant.name}: only {got} of {count} paced tasks ran")
+                time.sleep(0.05)
+            latencies = [float(x) for x in self.redis.lrange(key, 0, -1)]
+        finally:
+            self.worker.stop_consuming(variant.queue)
+            self.redis.delete(key)
+        for pct in (50, 95, 99):
+            self._record(variant, f"paced_p{pct}_ms", stats.percentile(latencies, pct) * 1e3)
+        self._record(variant, "paced_backlog_max", backlog)
+        self._record(variant, "paced_sent_rate", sent_rate)
+        self._record(variant, "paced_count", count)
+
+    def _probe(self, variant: Variant, key: str) -> None:
+        """Run one task through the queue just added, so the consumer is live before timing."""
+        assert self.redis.llen(key) == 0
+        self._send(variant, "stamp", key, time.time())
+        deadline = time.perf_counter() + 30
+        while not self.redis.llen(key):
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{variant.name}: the probe task did not run in 30s")
+            time.sleep(0.005)
+        self.redis.delete(key)
+
+    # -- the whole run --------------------------------------------------------------------
+
+    def interleaved(self, name: str, step: Callable[[Variant, int], None]) -> None:
+        """Run ``step`` for every variant, A B A B ..., ``reps`` times."""
+        for rep in range(self.config.reps):
+            for variant in self.variants:
+                self.log(f"{name}: {variant.name} (repetition {rep + 1}/{self.config.reps})")
+                step(variant, rep)
+
+    def run(self, start_worker: Callable[[], BenchWorker]) -> dict[str, Any]:
+        """Run every phase; return the references, per-run figures and command breakdowns."""
+        cfg = self.config
+        self.log("references: Redis round trip, push/pop, database commits")
+        references = self.references()
+        self.warm_up()
+        self.interleaved("enqueue", lambda v, rep: self.enqueue(v))
+        self.log("starting the worker (prefork, 2 processes)")
+        self.worker = start_worker()
+        self.warm_up()
+        self.interleaved("drain no-op", lambda v, rep: self.drain(v, "noop", cfg.drain_noop_n))
+        self.interleaved("drain 10 ms", lambda v, rep: self.drain(v, "sleep", cfg.drain_sleep_n))
+        plain = stats.summarize(self.per_run[self.variants[0].name]["drain_noop_rate"])["median"]
+        paced_rate = max(1.0, plain / 2)
+        self.interleaved("paced", lambda v, rep: self.paced(v, paced_rate, rep))
+        variants = {}
+        for variant in self.variants:
+            metrics = {k: stats.summarize(v) for k, v in self.per_run[variant.name].items()}
+            variants[variant.name] = {
+                "title": variant.title,
+                "description": variant.description,
+                "baseline": variant.baseline,
+                "queue": variant.queue,
+                "targets": dict(variant.targets),
+                "metrics": metrics,
+                "commands_last_run": self.commands[variant.name],
+            }
+        return {
+            "config": asdict(cfg),
+            "paced_rate": paced_rate,
+            "references": references,
+            "variants": variants,
+        }
+
+
+def progress(message: str) -> None:
+    """Print a progress line on stderr (stdout carries the table)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,180 @@
+"""Beat fire records: claiming a slot before publishing, and the worker-side run status.
+
+A slot is claimed in one transaction that (1) confirms and extends the lease of the
+claiming leader (fencing), (2) moves the entry's ``last_run_at`` forward to the slot only if
+it is still behind it, and (3) inserts the unique ``(entry, slot)`` fire row. Any of the
+three failing means: publish nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import states
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from celery_guard import locks, slots
+from celery_guard.models import BeatFire
+
+logger = logging.getLogger(__name__)
+
+#: Message header holding the idempotency key ``beat:<entry>:<slot>`` of a beat-fired task;
+#: the idempotency feature (and any task) can read it from ``task.request.headers``.
+IDEMPOTENCY_HEADER = "celery_guard_idempotency_key"
+#: Message header describing the slot a beat-fired task runs for (entry, slot, token).
+BEAT_HEADER = "celery_guard_beat"
+
+
+class Outcome(enum.Enum):
+    """Result of a claim."""
+
+    FIRED = "fired"  #: the slot is ours: publish it
+    SKIPPED = "skipped"  #: recorded as skipped (overlap policy): publish nothing
+    MISSED = "missed"  #: recorded as missed (catch-up policy): publish nothing
+    TAKEN = "taken"  #: the slot already has a fire row: publish nothing
+    STALE = "stale"  #: the entry's last run is already at or past the slot: publish nothing
+    LOST = "lost"  #: our lease term is over: publish nothing
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One slot claim by the leader."""
+
+    lock_name: str
+    holder: str
+    token: int
+    ttl: float
+    entry: str
+    periodic_task_id: int
+    task: str
+    task_id: str
+    plan: slots.Plan
+    policy: slots.EntryPolicy
+
+
+class _Abort(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+
+
+def _previous_run_active(claim: Claim, now: datetime) -> bool:
+    since = now - timedelta(seconds=claim.policy.overlap_timeout)
+    return bool(
+        BeatFire.objects.filter(
+            entry=claim.entry,
+            status=BeatFire.FIRED,
+            finished_at__isnull=True,
+            fired_at__gte=since,
+            slot__lt=claim.plan.slot,
+        ).exists()
+    )
+
+
+def claim(c: Claim) -> Outcome:
+    """Claim ``c.plan.slot`` for ``c.entry`` (see the module docstring); commits before return."""
+    # Imported here: the worker-side functions below must work in projects that do not
+    # install django_celery_beat.
+    from django_celery_beat.models import PeriodicTask
+
+    slot = c.plan.slot
+    try:
+        with transaction.atomic():
+            if not locks.fence(c.lock_name, c.holder, c.token, c.ttl):
+                raise _Abort(Outcome.LOST)
+            now = timezone.now()
+            status = BeatFire.FIRED if c.plan.fire else BeatFire.MISSED
+            overlap_skip = c.policy.overlap == slots.OVERLAP_SKIP
+            if status == BeatFire.FIRED and overlap_skip and _previous_run_active(c, now):
+                status = BeatFire.SKIPPED
+            fired = status == BeatFire.FIRED
+            advanced = (
+                PeriodicTask.objects.filter(pk=c.periodic_task_id)
+                .filter(Q(last_run_at__isnull=True) | Q(last_run_at__lt=slot))
+                .update(
+                    last_run_at=slot,
+                    total_run_count=F("total_run_count") + (1 if fired else 0),
+                )
+            )
+            if not advanced:
+                raise _Abort(Outcome.STALE)
+            common = {"token": c.token, "holder": c.holder, "task": c.task, "fired_at": now}
+            if c.plan.missed:
+                BeatFire.objects.bulk_create(
+                    [
+                        BeatFire(entry=c.entry, slot=s, status=BeatFire.MISSED, **common)
+                        for s in c.plan.missed
+                    ],
+                    ignore_conflicts=True,
+                )
+            try:
+                with transaction.atomic():
+                    BeatFire.objects.create(
+                        entry=c.entry,
+                        slot=slot,
+                        status=status,
+                        task_id=c.task_id if fired else "",
+                        detail=_detail(c, status),
+                        **common,
+                    )
+            except IntegrityError:
+                raise _Abort(Outcome.TAKEN) from None
+    except _Abort as abort:
+        return abort.outcome
+    return Outcome(status)
+
+
+def _detail(c: Claim, status: str) -> str:
+    if status == BeatFire.SKIPPED:
+        return "previous run still running (overlap=skip)"
+    if status == BeatFire.MISSED:
+        return f"late beyond grace (catchup={c.policy.catchup})"
+    if c.plan.missed_total:
+        return f"caught up: {c.plan.missed_total} older slot(s) missed"
+    return ""
+
+
+def mark_failed(entry: str, slot: datetime, error: str) -> None:
+    """Record that publishing a claimed slot raised (the task may or may not be queued)."""
+    BeatFire.objects.filter(entry=entry, slot=slot).update(
+        status=BeatFire.FAILED, detail=error[:255]
+    )
+
+
+def message_headers(entry: str, slot: datetime, token: int) -> dict[str, Any]:
+    """Return the headers a beat-fired task carries: its idempotency key and its slot."""
+    return {
+        IDEMPOTENCY_HEADER: slots.slot_key(entry, slot),
+        BEAT_HEADER: {"entry": entry, "slot": slots.format_slot(slot), "token": token},
+    }
+
+
+def _slot_of(headers: Mapping[str, Any] | None) -> tuple[str, datetime] | None:
+    value = (headers or {}).get(BEAT_HEADER)
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        slot = datetime.fromisoformat(str(value["slot"]).replace("Z", "+00:00"))
+        return str(value["entry"]), slot
+    except (KeyError, ValueError):
+        return None
+
+
+def record_start(headers: Mapping[str, Any] | None) -> None:
+    """Worker side: mark the fire row of a beat-fired task as started."""
+    where = _slot_of(headers)
+    if where is not None:
+        BeatFire.objects.filter(entry=where[0], slot=where[1]).update(started_at=timezone.now())
+
+
+def record_finish(headers: Mapping[str, Any] | None, state: str | None) -> None:
+    """Worker side: mark the fire row finished once the run reached a final state."""
+    where = _slot_of(headers)
+    if where is not None and state in states.READY_STATES:
+        BeatFire.objects.filter(entry=where[0], slot=where[1]).update(finished_at=timezone.now())

@@ -1,0 +1,75 @@
+"""System checks of the guarded beat settings: E006 and the E001 value checks."""
+
+import pytest
+from celery import current_app
+from django.test import override_settings
+
+from celery_guard import checks
+
+
+@pytest.fixture
+def loop_interval():
+    conf = current_app.conf
+    saved = conf.beat_max_loop_interval
+
+    def set_(value):
+        conf.beat_max_loop_interval = value
+
+    yield set_
+    conf.beat_max_loop_interval = saved
+
+
+def test_e006_lease_shorter_than_twice_the_beat_loop(loop_interval):
+    loop_interval(None)  # django-celery-beat's default loop: 5 s; default lease 30 s
+    assert checks.check_beat_lease() == []
+    with override_settings(CELERY_GUARD_BEAT_LEASE_SECONDS=9):
+        [message] = checks.check_beat_lease()
+    assert message.id == "celery_guard.E006"
+    assert "(9s) is less than twice the beat loop interval (5s" in message.msg
+    loop_interval(20)
+    assert [m.id for m in checks.check_beat_lease()] == ["celery_guard.E006"]
+    with override_settings(CELERY_GUARD_BEAT_LEASE_SECONDS=40):
+        assert checks.check_beat_lease() == []
+    with override_settings(CELERY_GUARD_BEAT_LEASE_SECONDS="long"):
+        assert checks.check_beat_lease() == []  # reported by E001 instead
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"CELERY_GUARD_BEAT_LOCK_NAME": ""},
+        {"CELERY_GUARD_BEAT_LOCK_NAME": 7},
+        {"CELERY_GUARD_BEAT_LEASE_SECONDS": 0},
+        {"CELERY_GUARD_BEAT_LEASE_SECONDS": True},
+        {"CELERY_GUARD_BEAT_POLICIES": ["nightly"]},
+        {"CELERY_GUARD_BEAT_POLICIES": {"nightly": {"catchup": "everything"}}},
+    ],
+)
+def test_e001_invalid_beat_settings(bad):
+    assert checks.check_setting_values() == []
+    with override_settings(**bad):
+        messages = checks.check_setting_values()
+    assert [m.id for m in messages] == ["celery_guard.E001"]
+    assert next(iter(bad)) in messages[0].msg
+
+
+def test_valid_beat_policies_pass():
+    policies = {"nightly": {"catchup": "skip", "overlap": "skip", "overlap_timeout": 600}}
+    with override_settings(CELERY_GUARD_BEAT_POLICIES=policies):
+        assert checks.check_setting_values() == []
+
+
+def test_w009_unguarded_database_scheduler():
+    conf = current_app.conf
+    saved = conf.beat_scheduler
+    try:
+        conf.beat_scheduler = "celery.beat:PersistentScheduler"
+        assert checks.check_beat_scheduler() == []
+        conf.beat_scheduler = "celery_guard.beat:GuardedScheduler"
+        assert checks.check_beat_scheduler() == []
+        conf.beat_scheduler = "django_celery_beat.schedulers:DatabaseScheduler"
+        [message] = checks.check_beat_scheduler()
+    finally:
+        conf.beat_scheduler = saved
+    assert message.id == "celery_guard.W009"
+    assert "GuardedScheduler" in message.hint

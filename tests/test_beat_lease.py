@@ -1,0 +1,205 @@
+"""The beat lease: the holder's state machine (fake store) and its database operations."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import OperationalError, connection
+from django.utils import timezone
+
+from celery_guard import locks, signals
+from celery_guard.models import BeatLease
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeStore:
+    """A lease table of one row, with the same rules as the database operations."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.holder = ""
+        self.token = 0
+        self.expires = 0.0
+        self.fail = False
+        self.calls = 0
+
+    def acquire_or_renew(self, name, holder, ttl):
+        self.calls += 1
+        if self.fail:
+            raise OperationalError("server closed the connection unexpectedly")
+        if self.holder == holder or self.expires < self.clock():
+            if self.holder != holder:
+                self.token += 1
+            self.holder, self.expires = holder, self.clock() + ttl
+            return locks.LeaseRecord(True, holder, self.token, None)
+        return locks.LeaseRecord(False, self.holder, self.token, None)
+
+    def release(self, name, holder):
+        if self.holder != holder:
+            return False
+        self.expires = self.clock()
+        return True
+
+
+@pytest.fixture
+def received():
+    events = []
+
+    def on_acquired(sender, **kw):
+        events.append(("acquired", kw["holder"], kw["token"]))
+
+    def on_lost(sender, **kw):
+        events.append(("lost", kw["holder"], kw["token"]))
+
+    signals.lease_acquired.connect(on_acquired, weak=False, dispatch_uid="t-acq")
+    signals.lease_lost.connect(on_lost, weak=False, dispatch_uid="t-lost")
+    yield events
+    signals.lease_acquired.disconnect(dispatch_uid="t-acq")
+    signals.lease_lost.disconnect(dispatch_uid="t-lost")
+
+
+def make(clock, store, identity, ttl=3.0, renew_every=1.0):
+    return locks.Lease(
+        "lock", ttl, renew_every=renew_every, store=store, identity=identity, clock=clock
+    )
+
+
+def test_state_machine_acquire_renew_takeover_and_release(received, caplog):
+    clock = FakeClock()
+    store = FakeStore(clock)
+    a, b = make(clock, store, "a"), make(clock, store, "b")
+
+    assert a.step() is locks.Event.ACQUIRED and a.valid() and a.token == 1
+    assert b.step() is locks.Event.STANDBY and not b.valid()
+    clock.now += 0.5
+    calls = store.calls
+    assert a.step() is locks.Event.HELD and store.calls == calls  # renewal not due: no query
+    clock.now += 0.6
+    assert a.step() is locks.Event.RENEWED and a.token == 1
+
+    # a freezes: its lease expires, b takes over with a new fencing token.
+    clock.now += 3.1
+    assert not a.valid()
+    assert b.step() is locks.Event.ACQUIRED and b.token == 2
+    assert a.step() is locks.Event.LOST and not a.valid()
+    assert a.step() is locks.Event.STANDBY
+
+    b.release()
+    assert not b.valid()
+    clock.now += 0.001
+    assert a.step() is locks.Event.ACQUIRED and a.token == 3
+    assert received == [
+        ("acquired", "a", 1),
+        ("acquired", "b", 2),
+        ("lost", "a", 1),
+        ("lost", "b", 2),
+        ("acquired", "a", 3),
+    ]
+    assert "beat lease 'lock' lost by a (token 1): taken by b (token 2)" in caplog.text
+
+
+def test_database_errors_stop_dispatching_only_once_the_lease_may_have_expired(received):
+    clock = FakeClock()
+    store = FakeStore(clock)
+    lease = make(clock, store, "a")
+    assert lease.step() is locks.Event.ACQUIRED
+    store.fail = True
+    clock.now += 1.5
+    assert lease.step() is locks.Event.ERROR
+    assert lease.valid()  # still inside the term the database granted
+    clock.now += 1.6
+    assert lease.step() is locks.Event.LOST and not lease.valid()
+    store.fail = False
+    assert lease.step() is locks.Event.ACQUIRED and lease.token == 1  # nobody took it meanwhile
+    assert [e[0] for e in received] == ["acquired", "lost", "acquired"]
+
+
+def test_a_renewal_elsewhere_extends_the_local_deadline():
+    clock = FakeClock()
+    lease = make(clock, FakeStore(clock), "a")
+    lease.step()
+    clock.now += 2.5
+    lease.extended(clock.now)
+    clock.now += 2.0
+    assert lease.valid()
+
+
+def test_renewal_interval_is_capped_at_a_third_of_the_lease():
+    clock = FakeClock()
+    assert make(clock, FakeStore(clock), "a", ttl=30, renew_every=60).renew_every == 10
+
+
+# Database operations: the same rules on SQLite and PostgreSQL.
+
+pytestmark_db = pytest.mark.django_db(transaction=True)
+
+
+def expire(name="lock"):
+    BeatLease.objects.filter(name=name).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+
+@pytestmark_db
+def test_acquire_renew_takeover_fence_and_release_in_the_database():
+    first = locks.acquire_or_renew("lock", "a", 30)
+    assert first.held and first.token == 1
+    row = BeatLease.objects.get(name="lock")
+    assert row.holder == "a" and row.expires_at > row.renewed_at
+
+    assert not locks.acquire_or_renew("lock", "b", 30).held
+    renewed = locks.acquire_or_renew("lock", "a", 30)
+    assert renewed.held and renewed.token == 1
+    assert BeatLease.objects.get(name="lock").acquired_at == row.acquired_at
+
+    expire()
+    taken = locks.acquire_or_renew("lock", "b", 30)
+    assert taken.held and taken.token == 2 and taken.holder == "b"
+    assert BeatLease.objects.get(name="lock").acquired_at > row.acquired_at
+    assert not locks.acquire_or_renew("lock", "a", 30).held
+    assert not locks.fence("lock", "a", 1, 30)
+    assert locks.fence("lock", "b", 2, 30)
+
+    assert not locks.release("lock", "a")
+    assert locks.release("lock", "b")
+    again = locks.acquire_or_renew("lock", "a", 30)
+    assert again.held and again.token == 3
+    expire()
+    assert not locks.fence("lock", "a", 3, 30)  # an expired term cannot fire any more
+    assert locks.acquire_or_renew("lock", "a", 30).token == 3  # nobody else held it meanwhile
+
+
+@pytestmark_db
+def test_lock_names_are_independent():
+    assert locks.acquire_or_renew("eu", "a", 30).held
+    assert locks.acquire_or_renew("us", "b", 30).held
+    assert not locks.acquire_or_renew("eu", "b", 30).held
+
+
+@pytestmark_db
+def test_racing_first_acquisitions_elect_exactly_one_holder():
+    start = threading.Barrier(4)
+    results = {}
+
+    def contend(holder):
+        try:
+            start.wait()
+            results[holder] = locks.acquire_or_renew("race", holder, 30).held
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=contend, args=(f"h{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results.values()) == [False, False, False, True]
+    [winner] = [h for h, held in results.items() if held]
+    assert BeatLease.objects.get(name="race").holder == winner

@@ -1,0 +1,189 @@
+"""The benchmark harness's pure parts: statistics, the case registry and report rendering.
+
+No timing here: `make bench` measures, the suite only checks the arithmetic and the rendering.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from bench import cases, report, stats
+
+
+def test_percentile_interpolates_between_ranks():
+    assert stats.percentile([1, 2, 3, 4], 50) == 2.5
+    assert stats.percentile([4, 1, 3, 2], 0) == 1
+    assert stats.percentile([4, 1, 3, 2], 100) == 4
+    assert stats.percentile(list(range(101)), 99) == 99
+    assert stats.percentile([7.0], 99) == 7.0
+
+
+@pytest.mark.parametrize("values, pct", [([], 50), ([1.0], -1), ([1.0], 101)])
+def test_percentile_rejects_bad_input(values, pct):
+    with pytest.raises(ValueError):
+        stats.percentile(values, pct)
+
+
+def test_summarize_gives_median_spread_and_runs():
+    summary = stats.summarize([3, 1, 2, 10])
+    assert summary["median"] == 2.5
+    assert (summary["min"], summary["max"], summary["n"]) == (1, 10, 4)
+    assert summary["q1"] == 1.75
+    assert summary["q3"] == 4.75
+    assert summary["runs"] == [3.0, 1.0, 2.0, 10.0]
+    assert stats.summarize([])["median"] is None
+
+
+def test_ratio_and_rate_handle_missing_and_zero():
+    assert stats.ratio(90, 100) == 0.9
+    assert stats.ratio(None, 100) is None
+    assert stats.ratio(1, 0) is None
+    assert stats.rate(50, 0.5) == 100
+    assert stats.rate(50, 0) == 0
+
+
+def test_commands_per_task_subtracts_the_harness_own_calls():
+    before = {"lpush": 10, "llen": 5, "brpop": 2}
+    after = {"lpush": 110, "llen": 25, "brpop": 102, "hset": 100}
+    per_task = stats.commands_per_task(before, after, 100, own={"llen": 20})
+    assert per_task == {"lpush": 1.0, "brpop": 1.0, "hset": 1.0}
+
+
+def test_parse_commandstats_reads_redis_py_info():
+    info = {
+        "cmdstat_lpush": {"calls": 7, "usec": 3},
+        "cmdstat_client|setinfo": {"calls": 2},
+        "errorstat_ERR": {"count": 1},
+    }
+    assert stats.parse_commandstats(info) == {"lpush": 7, "client|setinfo": 2}
+
+
+def test_variant_needs_every_task_kind():
+    with pytest.raises(ValueError, match="lacks task kinds"):
+        cases.Variant(name="x", title="x", tasks={"noop": object()}, queue="q")
+
+
+def test_registry_has_one_baseline_first(monkeypatch):
+    monkeypatch.setattr(cases, "_registry", {})
+    tasks = dict.fromkeys(cases.KINDS, object())
+    with pytest.raises(LookupError, match="no baseline"):
+        cases.variants()
+    cases.register(cases.Variant(name="g", title="g", tasks=tasks, queue="q"))
+    cases.register(cases.Variant(name="p", title="p", tasks=tasks, queue="q", baseline=True))
+    with pytest.raises(ValueError, match="already a baseline"):
+        cases.register(cases.Variant(name="p2", title="p", tasks=tasks, queue="q", baseline=True))
+    assert [v.name for v in cases.variants()] == ["p", "g"]
+    assert [v.name for v in cases.variants(["g"])] == ["p", "g"]
+    with pytest.raises(LookupError, match="unknown bench variants"):
+        cases.variants(["nope"])
+
+
+def _summary(*runs: float) -> dict:
+    return stats.summarize(runs)
+
+
+RESULTS = {
+    "schema": 1,
+    "started_at": "2026-01-01T00:00:00+00:00",
+    "duration_s": 100.0,
+    "config": {"mode": "quick", "reps": 3},
+    "paced_rate": 250.0,
+    "fingerprint": {
+        "cores": 2,
+        "cpu_model": "Test CPU",
+        "python": "CPython 3.11.7",
+        "packages": {"celery": "5.7.0"},
+        "redis_version": "Redis 7.0",
+        "database_version": "PostgreSQL 15",
+        "load_start": "0.10/0.10/0.10",
+        "load_end": "0.20/0.10/0.10",
+    },
+    "services": {"redis": "started by the harness", "database": "started by the harness"},
+    "notes": ["a note"],
+    "references": {
+        "redis_ping_p50_us": 100.0,
+        "pushpop": {"message_bytes": 944, "pairs_per_s": 3000.0, "p50_us": 300.0},
+        "db_commit": {
+            "engine": "postgresql",
+            "commits_per_s": 2000.0,
+            "p50_ms": 0.5,
+            "setting": "synchronous_commit=on",
+        },
+    },
+    "variants": {
+        "plain": {
+            "title": "plain Celery",
+            "baseline": True,
+            "targets": {},
+            "commands_last_run": {
+                "enqueue": {"lpush": 1.0},
+                "execute": {"brpop": 1.0, "llen": 0.01},
+            },
+            "metrics": {
+                "enqueue_rate": _summary(1000, 1100, 900),
+                "drain_noop_rate": _summary(500, 500, 500),
+                "commands_enqueue": _summary(1, 1, 1),
+                "commands_execute": _summary(9, 9, 9),
+            },
+        },
+        "guarded": {
+            "title": "guarded: routing only",
+            "baseline": False,
+            "targets": {"enqueue_rate": 0.75, "drain_noop_rate": 0.85, "extra_commands_execute": 2},
+            "commands_last_run": {"enqueue": {"lpush": 1.0}, "execute": {"brpop": 1.0, "get": 3.0}},
+            "metrics": {
+                "enqueue_rate": _summary(700, 700, 700),
+                "drain_noop_rate": _summary(400, 400, 400),
+                "commands_enqueue": _summary(1, 1, 1),
+                "commands_execute": _summary(12, 12, 12),
+            },
+        },
+    },
+}
+
+
+def test_report_shows_ratios_spread_and_targets():
+    text = report.render(RESULTS)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+    enqueue = rows["enqueue throughput (tasks/s)"]
+    assert "1,000 (900..1,100)" in enqueue
+    assert "0.70x" in enqueue
+    assert "≥ 0.75x missed" in enqueue
+    assert "0.80x" in rows["drain, no-op task (tasks/s)"]
+    assert "≥ 0.85x missed" in rows["drain, no-op task (tasks/s)"]
+    assert "+3.00 extra" in rows["Redis commands per task, execute"]
+    assert "≤ 2 missed" in rows["Redis commands per task, execute"]
+    assert "+0.00 extra" in rows["Redis commands per task, enqueue"]
+    assert "—" in rows["drain, 10 ms task (tasks/s)"]  # not measured: shown, not invented
+    assert "paced latency p50 (ms) at 250/s" in rows
+    assert "> a note" in text
+    assert "Test CPU, 2 cores" in text
+    assert "machine was busy" not in text
+    assert "enqueue: plain lpush 1.00; extra with the guard: none" in text
+    assert "execute: plain brpop 1.00; extra with the guard: get 3.00" in text
+
+
+def test_report_marks_targets_met():
+    results = copy.deepcopy(RESULTS)
+    results["variants"]["guarded"]["metrics"]["enqueue_rate"] = _summary(990)
+    row = next(line for line in report.render(results).splitlines() if "enqueue throughput" in line)
+    assert "0.99x" in row
+    assert "≥ 0.75x met" in row
+    assert "990 |" in row  # a single run has no spread
+
+
+def test_report_warns_when_the_machine_was_busy():
+    results = copy.deepcopy(RESULTS)
+    results["fingerprint"]["load_end"] = "3.50/1.00/0.50"
+    assert "load average up to 3.5 on 2 cores" in report.render(results)
+
+
+def test_results_section_is_replaced_between_markers_only():
+    doc = f"intro\n{report.DOCS_START}\nold\n{report.DOCS_END}\noutro\n"
+    new = report.replace_between_markers(doc, "| new |\n")
+    assert new == f"intro\n{report.DOCS_START}\n| new |\n{report.DOCS_END}\noutro\n"
+    assert report.replace_between_markers(new, "again").count(report.DOCS_START) == 1
+    with pytest.raises(ValueError):
+        report.replace_between_markers("no markers", "x")

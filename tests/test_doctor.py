@@ -1,0 +1,37 @@
+"""``manage.py celery_guard doctor`` against the real broker, database and a live worker."""
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def run_doctor(capsys):
+    call_command("celery_guard", "doctor", "--timeout", "2")
+    return capsys.readouterr().out
+
+
+def test_doctor_reports_consumers_and_worker_command_lines(start_worker, queues, capsys):
+    worker = start_worker(["high"], name="doctorhigh")
+    out = run_doctor(capsys)
+    assert "[ok] system checks: no issues" in out
+    assert "[ok] database" in out
+    assert "[ok] broker redis://" in out
+    assert f"[ok] priority 'high' -> queue '{queues['high']}': {worker.name}@" in out
+    assert f"[warning] priority 'low' -> queue '{queues['low']}': no worker consumes it" in out
+    assert f"celery -A proj worker -Q {queues['low']} -n {queues['low']}@%h" in out
+
+
+def test_doctor_fails_when_the_broker_is_unreachable(celery_conf, capsys):
+    celery_conf(broker_url="redis://127.0.0.1:1/0", broker_write_url=None)
+    with pytest.raises(CommandError, match="doctor found errors"):
+        run_doctor(capsys)
+    assert "[error] broker redis://" in capsys.readouterr().out
+
+
+def test_doctor_fails_on_a_check_error(settings, capsys):
+    settings.CELERY_GUARD_MAX_PAYLOAD_BYTES = 0
+    with pytest.raises(CommandError):
+        run_doctor(capsys)
+    assert "[error] celery_guard.E001" in capsys.readouterr().out

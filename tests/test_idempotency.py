@@ -1,0 +1,166 @@
+"""Idempotency keys: derivation, validation at decoration and enqueue, namespacing, options."""
+
+from datetime import timedelta
+
+import pytest
+
+from celery_guard import IdempotencyKeyError, guarded_task, idempotency
+from tests.testapp import idem_tasks
+
+
+def identify(task, *args, per_call=None, **kwargs):
+    return idempotency.identify(task, args, kwargs, per_call or {})
+
+
+def test_template_is_formatted_from_positional_keyword_and_default_arguments():
+    by_position = identify(idem_tasks.idem_notify, 7, "v2")
+    by_keyword = identify(idem_tasks.idem_notify, event_version="v2", employee_id=7, note="")
+    assert by_position.key == "tests.testapp.idem_tasks.idem_notify:notify:7:v2"
+    assert by_keyword == by_position  # defaults applied: same key and fingerprint
+    assert by_position.window == 6 * 3600
+    assert identify(idem_tasks.idem_notify, 7, "v2", note="x").fingerprint != (
+        by_position.fingerprint
+    )
+    assert identify(idem_tasks.idem_notify, 7, "v3").key != by_position.key
+
+
+def test_bound_task_self_is_not_a_parameter_and_callable_keys_get_the_arguments():
+    seen = {}
+
+    def key(employee_id, event_version, note):
+        seen.update(employee_id=employee_id, event_version=event_version, note=note)
+        return f"n-{employee_id}"
+
+    task = idem_tasks.idem_notify
+    identity = identify(task, 7, "v1", per_call={"idempotency_key": idempotency.KeySpec(key)})
+    assert identity.key == f"{task.name}:n-7"
+    assert seen == {"employee_id": 7, "event_version": "v1", "note": ""}
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ((None, "v1"), r"no value for 'employee_id'"),
+        ((7, ""), r"no value for 'event_version'"),
+        ((), r"missing a required argument: 'employee_id'"),
+    ],
+)
+def test_missing_values_raise_idempotency_key_error(call, message):
+    with pytest.raises(IdempotencyKeyError, match=message):
+        identify(idem_tasks.idem_notify, *call)
+
+
+def test_empty_or_non_string_callable_keys_raise():
+    task = idem_tasks.idem_notify
+    for bad, message in [("  ", "is empty"), (None, "must be a str"), (b"x", "must be a str")]:
+        spec = idempotency.KeySpec(lambda **kw: bad)  # noqa: B023
+        with pytest.raises(IdempotencyKeyError, match=message):
+            identify(task, 1, "v", per_call={"idempotency_key": spec})
+
+
+def test_unknown_template_field_fails_at_decoration():
+    with pytest.raises(ValueError) as exc:
+
+        @guarded_task(idempotency_key="notify:{employe_id}:{event_version}")
+        def notify(employee_id: int, event_version: str) -> None: ...
+
+    assert str(exc.value) == (
+        "@guarded_task option 'idempotency_key': template 'notify:{employe_id}:{event_version}' "
+        "uses 'employe_id', which is not a parameter of "
+        "test_unknown_template_field_fails_at_decoration.<locals>.notify(employee_id, "
+        "event_version) (did you mean 'employee_id'?)"
+    )
+
+
+def test_bound_task_self_is_not_a_template_field():
+    with pytest.raises(ValueError, match="uses 'self', which is not a parameter"):
+
+        @guarded_task(bind=True, idempotency_key="x:{self}")
+        def job(self, n: int) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("", ValueError, "must not be empty"),
+        ("x:{}", ValueError, "positional field"),
+        ("x:{0}", ValueError, "positional field"),
+        ("x:{n", ValueError, "expected '}'"),
+        (42, TypeError, "expected a key template"),
+    ],
+)
+def test_invalid_key_option_values(value, error, message):
+    with pytest.raises(error, match=f"option 'idempotency_key': .*{message}"):
+        guarded_task(idempotency_key=value)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"dedup_window": 0}, ValueError, "option 'dedup_window': must be positive"),
+        ({"dedup_window": "1h"}, TypeError, "option 'dedup_window': expected a timedelta"),
+        ({"dedup_window": True}, TypeError, "option 'dedup_window': expected a timedelta"),
+        ({"idempotency_conflict": "warn"}, ValueError, "expected 'raise' or 'ignore'"),
+    ],
+)
+def test_invalid_window_and_conflict_options(options, error, message):
+    with pytest.raises(error, match=message):
+        guarded_task(idempotency_key="k", **options)
+
+
+def test_var_keyword_tasks_accept_any_field_and_flatten_kwargs():
+    @guarded_task(idempotency_key="k:{order}", dedup_window=timedelta(minutes=5))
+    def job(**fields) -> None: ...
+
+    assert identify(job, order=5).key == f"{job.name}:k:5"
+    assert identify(job, order=5).window == 300
+    with pytest.raises(IdempotencyKeyError, match="no value for 'order'"):
+        identify(job, other=1)
+
+
+def test_per_call_key_is_literal_and_window_overridable():
+    task = idem_tasks.idem_notify
+    identity = identify(task, 1, "v", per_call={"idempotency_key": "order-9", "dedup_window": 5.0})
+    assert identity.key == f"{task.name}:order-9"
+    assert identity.window == 5.0
+
+
+def test_tasks_without_a_key_have_no_identity():
+    from tests.testapp import tasks
+
+    assert identify(tasks.high_job, "x") is None
+
+
+def test_namespacing_and_hashing():
+    name = "app.tasks.notify"
+    assert idempotency.namespaced(name, "a:1") == "app.tasks.notify:a:1"
+    hashed = idempotency.namespaced(name, "a b*")
+    assert hashed.startswith("app.tasks.notify:#") and len(hashed) == len(name) + 2 + 64
+    long_key = idempotency.namespaced(name, "x" * 500)
+    assert len(long_key) <= idempotency.MAX_KEY_LENGTH and "#" in long_key
+    # The same raw key in two namespaces, hashed or not, never collides.
+    assert idempotency.namespaced("a", "k") != idempotency.namespaced("b", "k")
+    assert idempotency.namespaced("a", "b:k") != idempotency.namespaced("a:b", "k")
+    odd = idempotency.namespaced("weird name:with*", "k")
+    assert odd.startswith("#") and odd.endswith(":k") and "*" not in odd
+    for key in (hashed, long_key, odd):
+        assert not set(key) & set("*?[]\\ {}")
+
+
+def test_fingerprint_is_canonical():
+    assert idempotency.fingerprint({"a": 1, "b": [1, 2]}) == idempotency.fingerprint(
+        {"b": [1, 2], "a": 1}
+    )
+    assert idempotency.fingerprint({"a": 1}) != idempotency.fingerprint({"a": "1"})
+
+
+def test_callable_key_must_accept_the_task_arguments_at_decoration():
+    with pytest.raises(ValueError, match=r"option 'idempotency_key': callable .* must accept"):
+
+        @guarded_task(idempotency_key=lambda employee_id: str(employee_id))
+        def notify(employee_id: int, event_version: str) -> None: ...
+
+    @guarded_task(idempotency_key=lambda employee_id, **rest: f"n:{employee_id}")
+    def notify_ok(employee_id: int, event_version: str) -> None: ...
+
+    assert identify(notify_ok, 3, "v").key == f"{notify_ok.name}:n:3"

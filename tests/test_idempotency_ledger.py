@@ -1,0 +1,158 @@
+"""Ledger backends: the same state machine on the database and on Redis (parametrized)."""
+
+import time
+
+import pytest
+
+from celery_guard import ledger
+from celery_guard.models import IdempotencyRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FP, OTHER_FP = "a" * 64, "b" * 64
+
+
+def claim(idem_store, key="t:k", task_id="t1", fp=FP, window=60.0):
+    return idem_store.claim(key, task_name="t", task_id=task_id, fingerprint=fp, window=window)
+
+
+def start(idem_store, owner, key="t:k", task_id="t1", lease=60.0, window=60.0):
+    return idem_store.start(
+        key,
+        task_name="t",
+        task_id=task_id,
+        fingerprint=FP,
+        window=window,
+        owner=owner,
+        lease=lease,
+    )
+
+
+def test_claim_duplicate_conflict_and_own_republish(idem_store):
+    assert claim(idem_store) == ledger.Claim("claimed", "t1", FP)
+    assert claim(idem_store, task_id="t2") == ledger.Claim("duplicate", "t1", FP)
+    assert claim(idem_store, task_id="t3", fp=OTHER_FP) == ledger.Claim("conflict", "t1", FP)
+    # The holder republishing (a retry) keeps its claim.
+    assert claim(idem_store, task_id="t1").outcome == "claimed"
+    record = idem_store.get("t:k")
+    assert (record["state"], record["task_id"], record["fencing_token"]) == ("pending", "t1", 0)
+
+
+def test_window_expiry_release_and_unclaim_free_the_key(idem_store):
+    assert claim(idem_store, window=0.2).outcome == "claimed"
+    assert claim(idem_store, task_id="t2").outcome == "duplicate"
+    time.sleep(0.3)
+    assert claim(idem_store, task_id="t2", fp=OTHER_FP) == ledger.Claim("claimed", "t2", OTHER_FP)
+    assert idem_store.release("t:k", task_id="someone-else") is False
+    assert idem_store.release("t:k", task_id="t2") is True
+    assert idem_store.release("t:k") is False  # already released
+    assert claim(idem_store, task_id="t3").outcome == "claimed"
+    assert idem_store.unclaim("t:k", "t3") is True
+    assert idem_store.get("t:k")["state"] == "released"
+    assert claim(idem_store, task_id="t4").outcome == "claimed"
+
+
+def test_start_runs_once_then_skips(idem_store):
+    claim(idem_store)
+    first = start(idem_store, "w1")
+    assert (first.outcome, first.fencing_token) == ("run", 1)
+    assert idem_store.finish("t:k", owner="w1", token=1, state="succeeded") is True
+    again = start(idem_store, "w2", task_id="t1")
+    assert (again.outcome, again.task_id) == ("skip", "t1")
+    assert idem_store.get("t:k")["state"] == "succeeded"
+
+
+def test_start_without_a_claim_and_busy_while_a_live_owner_runs(idem_store):
+    # A message published without the enqueue claim (a replay) still gets a record.
+    assert start(idem_store, "w1", key="t:new", task_id="x").fencing_token == 1
+    busy = start(idem_store, "w2", key="t:new", task_id="y")
+    assert busy.outcome == "busy"
+    assert busy.task_id == "x"
+    assert 0 < busy.retry_in <= 60
+
+
+def test_takeover_after_the_lease_expired_fences_the_stale_owner(idem_store):
+    claim(idem_store)
+    stale = start(idem_store, "w1", lease=0.2)
+    assert start(idem_store, "w2").outcome == "busy"
+    time.sleep(0.3)
+    new = start(idem_store, "w2")
+    assert new.outcome == "run"
+    assert new.fencing_token == stale.fencing_token + 1
+    # The stale owner can no longer complete, fail or yield the key; the new one can.
+    assert (
+        idem_store.finish("t:k", owner="w1", token=stale.fencing_token, state="succeeded") is False
+    )
+    assert idem_store.finish("t:k", owner="w1", token=stale.fencing_token, state="failed") is False
+    assert idem_store.yield_lease("t:k", owner="w1", token=stale.fencing_token) is False
+    assert idem_store.finish("t:k", owner="w2", token=new.fencing_token, state="succeeded") is True
+    record = idem_store.get("t:k")
+    assert (record["state"], record["owner"], record["fencing_token"]) == ("succeeded", "w2", 2)
+
+
+def test_failed_and_yielded_runs_can_start_again(idem_store):
+    claim(idem_store)
+    run = start(idem_store, "w1")
+    assert idem_store.yield_lease("t:k", owner="w1", token=run.fencing_token) is True
+    retry = start(idem_store, "w2")
+    assert (retry.outcome, retry.fencing_token) == ("run", 2)
+    assert idem_store.finish("t:k", owner="w2", token=2, state="failed") is True
+    assert claim(idem_store, task_id="t2").outcome == "duplicate"  # a failed key still blocks
+    assert start(idem_store, "w3").outcome == "run"  # but a redelivery may run it
+
+
+def test_succeeded_key_runs_again_after_its_window(idem_store):
+    claim(idem_store, window=0.2)
+    run = start(idem_store, "w1", window=0.2)
+    idem_store.finish("t:k", owner="w1", token=run.fencing_token, state="succeeded")
+    assert start(idem_store, "w2", window=0.2).outcome == "skip"
+    time.sleep(0.3)
+    assert start(idem_store, "w2", window=0.2).outcome == "run"
+
+
+def test_finish_rejects_other_states(idem_store):
+    with pytest.raises(ValueError, match="succeeded or failed"):
+        idem_store.finish("t:k", owner="w", token=1, state="released")
+
+
+def test_database_purge_keeps_live_and_recent_records(settings):
+    idem_store = ledger.DatabaseLedger()
+    claim(idem_store, key="t:old", window=0.1)
+    claim(idem_store, key="t:live", window=0.1)
+    start(idem_store, "w1", key="t:live", lease=60)
+    claim(idem_store, key="t:recent", window=60)
+    time.sleep(0.2)
+    assert idem_store.purge(retention=0) == 1
+    assert set(IdempotencyRecord.objects.values_list("key", flat=True)) == {"t:live", "t:recent"}
+    assert idem_store.purge(retention=3600) == 0
+
+
+def test_a_yielded_run_may_still_fail_until_the_next_attempt_starts(idem_store):
+    claim(idem_store)
+    run = start(idem_store, "w1")
+    idem_store.yield_lease("t:k", owner="w1", token=run.fencing_token)
+    assert idem_store.finish("t:k", owner="w1", token=1, state="succeeded") is False
+    assert idem_store.finish("t:k", owner="w1", token=1, state="failed") is True
+    assert idem_store.get("t:k")["state"] == "failed"
+    start(idem_store, "w2")
+    idem_store.yield_lease("t:k", owner="w2", token=2)
+    start(idem_store, "w3")
+    assert idem_store.finish("t:k", owner="w2", token=2, state="failed") is False
+
+
+def test_renewing_a_lease_keeps_the_key_and_a_lost_lease_cannot_be_renewed(idem_store):
+    from celery_guard import LeaseLost
+    from celery_guard.idempotency import RunContext
+
+    claim(idem_store)
+    run = start(idem_store, "w1", lease=0.3)
+    ctx = RunContext("t:k", run.fencing_token, "w1", "t1", idem_store)
+    time.sleep(0.2)
+    ctx.renew(lease=0.5)
+    time.sleep(0.2)
+    assert start(idem_store, "w2").outcome == "busy"  # 0.4 s in: alive thanks to the renewal
+    time.sleep(0.4)
+    with pytest.raises(LeaseLost):
+        ctx.renew()  # expired: a renewal cannot resurrect it
+    assert start(idem_store, "w2").outcome == "run"
+    assert idem_store.renew("t:k", owner="w1", token=1, lease=10) is False
