@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -106,10 +105,9 @@ class Command(BaseCommand):
                 return
             width = 30
             filled = width * done // max(total, 1)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+            bar = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+            self.stderr.write(bar, ending="\n" if done == total else "")
+            self.stderr.flush()
 
         summary = replay.replay(
             ids,

@@ -1,0 +1,89 @@
+"""``manage.py celery_guard replay / purge / seed-dead-letters`` on the real broker."""
+
+import datetime as dt
+import io
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from celery_guard.models import DeadLetter, DeadLetterReplay
+from tests.dlq_support import dead_letter
+from tests.harness import queue_length
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_queues")]
+
+
+def run(*args):
+    out, err = io.StringIO(), io.StringIO()
+    call_command("celery_guard", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def replayed_labels():
+    return sorted(
+        r.dead_letter.args[0] for r in DeadLetterReplay.objects.select_related("dead_letter")
+    )
+
+
+def test_filters_select_what_is_replayed(redis_url, queues):
+    now = timezone.now()
+    dead_letter("a", failed_at=now - dt.timedelta(hours=3))
+    dead_letter("b", failed_at=now - dt.timedelta(minutes=30), reason="exhausted")
+    dead_letter("c", failed_at=now - dt.timedelta(minutes=10), exception_class="x.Boom")
+    dead_letter("d", failed_at=now - dt.timedelta(minutes=5), queue="elsewhere")
+    dead_letter("e", failed_at=now - dt.timedelta(minutes=1), status="discarded")
+    run("replay", "--reason", "exhausted", "--no-progress")
+    assert replayed_labels() == ["b"]
+    run("replay", "--exception", "x.Boom", "--no-progress")
+    assert replayed_labels() == ["b", "c"]
+    out, _ = run("replay", "--since", "4h", "--until", "2h", "--no-progress")
+    assert replayed_labels() == ["a", "b", "c"]
+    assert "1 replayed, 0 skipped (not dead any more), 0 unroutable of 1" in out
+    run("replay", "--queue", "elsewhere", "--task", DeadLetter.objects.get(args=["d"]).task_name)
+    assert replayed_labels() == ["a", "b", "c", "d"]
+    assert queue_length(redis_url, queues["default"]) == 3
+    assert DeadLetter.objects.get(args=["e"]).status == "discarded"
+    out, _ = run("replay")  # nothing dead is left: nothing more is published
+    assert "0 replayed" in out and "of 0 matching" in out
+
+
+def test_dry_run_and_limit(redis_url, queues):
+    for n in range(4):
+        dead_letter(f"dry{n}")
+    dead_letter("gone", task_name="nope.task")
+    out, _ = run("replay", "--dry-run", "--no-progress")
+    assert "dry run: would have 4 replayed, 0 skipped (not dead any more), 1 unroutable" in out
+    assert "unroutable #" in out and "not registered" in out
+    assert queue_length(redis_url, queues["default"]) == 0
+    assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
+    out, err = run("replay", "--limit", "2")
+    assert "2 replayed" in out and "2/2" in err  # the progress bar ends at the total
+    assert queue_length(redis_url, queues["default"]) == 2
+
+
+def test_rate_paces_the_publishes(redis_url, queues):
+    for n in range(5):
+        dead_letter(f"paced{n}")
+    run("replay", "--rate", "10/s", "--no-progress")
+    stamps = sorted(DeadLetterReplay.objects.values_list("replayed_at", flat=True))
+    assert len(stamps) == 5 and queue_length(redis_url, queues["default"]) == 5
+    # 5 publishes at 10/s: the first is immediate, then one every 0.1 s at the earliest.
+    assert (stamps[-1] - stamps[0]).total_seconds() >= 0.35
+    with pytest.raises(CommandError, match="rate must look like"):
+        run("replay", "--rate", "fast")
+    with pytest.raises(CommandError, match="ISO date"):
+        run("replay", "--since", "yesterday")
+
+
+def test_purge_and_seed():
+    out, _ = run("seed-dead-letters", "30", "--batch", "7")
+    assert "seeded 30" in out and DeadLetter.objects.count() == 30
+    old = timezone.now() - dt.timedelta(days=400)
+    DeadLetter.objects.filter(status__in=["replayed", "discarded"]).update(failed_at=old)
+    finished = DeadLetter.objects.filter(status__in=["replayed", "discarded"]).count()
+    assert finished  # the seed mixes statuses
+    out, _ = run("purge")
+    assert f"purged {finished} dead letter(s)" in out
+    assert "idempotency record(s)" in out
+    assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
