@@ -23,7 +23,11 @@ from django.views.decorators.http import require_POST
 
 from celery_guard import redaction, replay
 from celery_guard.conf import guard_settings
-from celery_guard.dlq_scale import EstimatedCountPaginator, IndexedValuesFilter
+from celery_guard.dlq_scale import (
+    EstimatedCountPaginator,
+    IndexedValuesFilter,
+    ProbedDatesQuerySet,
+)
 from celery_guard.models import DeadLetter
 
 logger = logging.getLogger(__name__)
@@ -154,6 +158,12 @@ class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def has_discard_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """Discard: ``celery_guard.discard_deadletter``."""
         return bool(request.user.has_perm(DISCARD_PERMISSION))
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        """Rows whose date hierarchy probes periods instead of scanning (see dlq_scale)."""
+        queryset = super().get_queryset(request)
+        queryset.__class__ = ProbedDatesQuerySet
+        return queryset
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         """Everything on the detail page is read-only."""

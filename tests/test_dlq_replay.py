@@ -15,7 +15,7 @@ from django.db import connection
 from django.utils import timezone
 
 from celery_guard import deadletter, dlq, redaction, replay
-from celery_guard.dlq_scale import EstimatedCountPaginator, distinct_values
+from celery_guard.dlq_scale import EstimatedCountPaginator, ProbedDatesQuerySet, distinct_values
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from proj.celery import app
 from tests.dlq_support import UNTIL_FIXED, dead_letter
@@ -348,3 +348,16 @@ def test_replay_rearms_the_key_the_dead_task_still_holds():
     assert replay.replay_one(other, app=app) == replay.REPLAYED
     assert store.get("dlq-test:held")["state"] == "released"
     assert store.get("dlq-test:other")["state"] == "running"
+
+
+@pytest.mark.django_db
+def test_probed_date_hierarchy_matches_the_grouping_query():
+    dlq.seed(80)
+    plain = DeadLetter.objects.filter(status="dead")
+    probed = plain.all()
+    probed.__class__ = ProbedDatesQuerySet
+    for kind in ("year", "month", "day"):
+        expected = list(plain.datetimes("failed_at", kind))
+        assert probed.datetimes("failed_at", kind) == expected
+        assert probed.datetimes("failed_at", kind, "DESC") == expected[::-1]
+    assert probed.filter(status="nope").datetimes("failed_at", "month") == []
