@@ -53,10 +53,10 @@ def select(
     queue: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-    status: str = "dead",
+    statuses: tuple[str, ...] = ("dead", "unroutable"),
 ) -> QuerySet[DeadLetter]:
-    """Dead letters matching exact filters, oldest failure first (replay order)."""
-    rows = DeadLetter.objects.filter(status=status)
+    """Replayable dead letters matching exact filters, oldest failure first (replay order)."""
+    rows = DeadLetter.objects.filter(status__in=statuses)
     exact = {"task_name": task, "reason": reason, "exception_class": exception, "queue": queue}
     rows = rows.filter(**{name: value for name, value in exact.items() if value})
     if since is not None:

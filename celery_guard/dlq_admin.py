@@ -418,7 +418,6 @@ class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             user=self._user(request),
             args=args,
             kwargs=kwargs,
-            allowed=("dead", "unroutable"),
             summary=summary,
         )
         if row.pk in summary.task_ids:

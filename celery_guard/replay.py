@@ -25,6 +25,9 @@ REPLAYED = "replayed"
 SKIPPED = "skipped"
 UNROUTABLE = "unroutable"
 
+#: Statuses a dead letter can be replayed from: ``unroutable`` rows are validated again, so
+#: replaying them works once the code that binds their arguments is deployed.
+REPLAYABLE = ("dead", "unroutable")
 #: Dead letters loaded per query in a bulk replay.
 BATCH = 500
 
@@ -185,7 +188,7 @@ def replay_one(
     args: Sequence[Any] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     dry_run: bool = False,
-    allowed: Sequence[str] = ("dead",),
+    allowed: Sequence[str] = REPLAYABLE,
     producer: Any = None,
     summary: Summary | None = None,
 ) -> str:
@@ -270,7 +273,7 @@ def replay(
     pace: Callable[[], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Replay the dead letters ``ids`` (bulk); rows not ``dead`` any more are skipped.
+    """Replay the dead letters ``ids`` (bulk); rows not dead or unroutable are skipped.
 
     Args:
         ids: Dead letter ids, in the order to replay them.
@@ -291,7 +294,7 @@ def replay(
                 if row is None:  # purged meanwhile
                     summary.add(SKIPPED)
                 else:
-                    if pace is not None and row.status == DeadLetter.Status.DEAD and not dry_run:
+                    if pace is not None and row.status in REPLAYABLE and not dry_run:
                         pace()
                     replay_one(
                         row,

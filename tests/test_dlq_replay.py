@@ -361,3 +361,11 @@ def test_probed_date_hierarchy_matches_the_grouping_query():
         assert probed.datetimes("failed_at", kind) == expected
         assert probed.datetimes("failed_at", kind, "DESC") == expected[::-1]
     assert probed.filter(status="nope").datetimes("failed_at", "month") == []
+
+
+@pytest.mark.django_db
+def test_an_unroutable_row_replays_once_its_arguments_bind_again(redis_url, queues):
+    row = dead_letter("later", kwargs={"note": "n"}, status="unroutable")
+    assert replay.replay_one(row, app=app) == replay.REPLAYED
+    row.refresh_from_db()
+    assert row.status == "replayed" and queue_length(redis_url, queues["default"]) == 1

@@ -22,7 +22,9 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="subcommand", required=True, metavar="subcommand")
         d = sub.add_parser("doctor", help="Check configuration, broker, database and consumers.")
         d.add_argument("--timeout", type=float, default=2.0, help="Seconds per network probe.")
-        r = sub.add_parser("replay", help="Replay dead letters (status dead) matching filters.")
+        r = sub.add_parser(
+            "replay", help="Replay dead letters (status dead or unroutable) matching filters."
+        )
         r.add_argument("--task", help="Exact task name.")
         r.add_argument("--reason", choices=[value for value, _ in DeadLetter.Reason.choices])
         r.add_argument("--exception", help="Exact exception class (module.QualName).")
