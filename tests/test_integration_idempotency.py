@@ -192,6 +192,8 @@ def test_a_message_whose_key_is_held_by_a_live_owner_waits_for_the_lease(
     from celery import current_app
 
     key = f"{idem_notify.name}:notify:12:v1"
+    # The worker starts first: its start-up time must not eat into the lease below.
+    worker = start_worker(["high"])
     # Another owner holds the key for 2 more seconds (e.g. a slow first run elsewhere).
     held = idem_store.start(
         key,
@@ -202,7 +204,6 @@ def test_a_message_whose_key_is_held_by_a_live_owner_waits_for_the_lease(
         owner="elsewhere",
         lease=2,
     )
-    worker = start_worker(["high"])
     result = current_app.send_task(
         idem_notify.name, (12, "v1"), queue=settings.CELERY_GUARD_PRIORITY_QUEUES["high"]
     )
