@@ -341,16 +341,15 @@ class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def _replay_rows(self, request: HttpRequest, rows: list[DeadLetter]) -> replay.Summary:
         summary = replay.Summary()
         app = current_app._get_current_object()
-        for row in rows:
-            try:
-                replay.replay_one(row, app=app, user=self._user(request), summary=summary)
-            except Exception as exc:
-                self.message_user(
-                    request,
-                    f"Publishing the replay of #{row.pk} failed ({exc}); it stays dead.",
-                    messages.ERROR,
-                )
-                break
+        try:
+            replay.replay_rows(rows, app=app, user=self._user(request), summary=summary)
+        except Exception as exc:
+            self.message_user(
+                request,
+                f"Publishing a replay failed ({exc}); the dead letters not published yet stay "
+                "as they were.",
+                messages.ERROR,
+            )
         for row in rows:
             if row.pk in summary.reasons:
                 row.status_reason = summary.reasons[row.pk]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Case, Value, When
 
 from celery_guard import headers, idempotency, redaction
 from celery_guard.models import DeadLetter, DeadLetterReplay
@@ -28,8 +29,9 @@ UNROUTABLE = "unroutable"
 #: Statuses a dead letter can be replayed from: ``unroutable`` rows are validated again, so
 #: replaying them works once the code that binds their arguments is deployed.
 REPLAYABLE = ("dead", "unroutable")
-#: Dead letters loaded per query in a bulk replay.
-BATCH = 500
+#: Dead letters loaded and claimed per transaction in a bulk replay. A process that dies
+#: mid-batch leaves the claimed rows of that batch not yet published marked ``replayed``.
+BATCH = 100
 
 
 @dataclass
@@ -79,6 +81,24 @@ def signature_error(task: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -
     return None
 
 
+_loaded: set[int] = set()
+
+
+def registered_tasks(app: Any) -> Mapping[str, Any]:
+    """The task registry of ``app`` with every task module imported.
+
+    A worker imports the task modules (``autodiscover_tasks``, ``imports``) when it starts; a
+    web process only has the tasks that something happened to import. Validation must not
+    call a task unregistered because its module was never imported here, so the loader's
+    default modules are imported once per process first.
+    """
+    if id(app) not in _loaded:
+        app.loader.import_default_modules()
+        _loaded.add(id(app))
+    tasks: Mapping[str, Any] = app.tasks
+    return tasks
+
+
 def unroutable_reason(
     row: DeadLetter,
     app: Any,
@@ -90,7 +110,7 @@ def unroutable_reason(
     The task must be registered in ``app`` and the arguments (the stored ones unless given)
     must bind to its current signature.
     """
-    task = app.tasks.get(row.task_name)
+    task = registered_tasks(app).get(row.task_name)
     if task is None:
         return f"task {row.task_name!r} is not registered in Celery app {app.main!r}"
     return signature_error(
@@ -145,123 +165,187 @@ def _mark_unroutable(row: DeadLetter, reason: str, allowed: Sequence[str]) -> No
 
 
 def _claim(
-    row: DeadLetter,
-    task_id: str,
+    rows: Sequence[DeadLetter],
     user: str,
     allowed: Sequence[str],
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
-) -> DeadLetterReplay | None:
-    # The conditional UPDATE is the lock: of two concurrent claims, one updates one row and
-    # the other none, so only one of them goes on to publish.
-    with transaction.atomic():
-        claimed = DeadLetter.objects.filter(pk=row.pk, status__in=allowed).update(
-            status=DeadLetter.Status.REPLAYED, status_reason=f"replayed as {task_id}"
-        )
-        if not claimed:
-            return None
-        edited = args is not None or kwargs is not None
-        record: DeadLetterReplay = DeadLetterReplay.objects.create(
-            dead_letter_id=row.pk,
-            task_id=task_id,
-            replayed_by=user,
-            edited=edited,
-            args=list(row.args if args is None else args),
-            kwargs=dict(row.kwargs if kwargs is None else kwargs),
-        )
-        return record
+) -> dict[int, DeadLetterReplay]:
+    """Claim ``rows`` for replay in one transaction; return the replay record of each claimed.
 
-
-def _revert(row: DeadLetter, record: DeadLetterReplay) -> None:
-    with transaction.atomic():
-        record.delete()
-        DeadLetter.objects.filter(pk=row.pk, status=DeadLetter.Status.REPLAYED).update(
-            status=row.status, status_reason=row.status_reason
-        )
-
-
-def replay_one(
-    row: DeadLetter,
-    *,
-    app: Any,
-    user: str = "",
-    args: Sequence[Any] | None = None,
-    kwargs: Mapping[str, Any] | None = None,
-    dry_run: bool = False,
-    allowed: Sequence[str] = REPLAYABLE,
-    producer: Any = None,
-    summary: Summary | None = None,
-) -> str:
-    """Replay one dead letter; return ``"replayed"``, ``"skipped"`` or ``"unroutable"``.
-
-    A row whose status is not in ``allowed`` is skipped. One that fails validation is marked
-    unroutable (unless ``dry_run``) and nothing is published. Otherwise the row is claimed
-    (status ``replayed`` and a :class:`DeadLetterReplay` in one transaction), the idempotency
-    key re-armed, and the message published under a new task id; a failed publish undoes the
-    claim and raises.
-
-    Args:
-        row: The dead letter, as loaded (its status is re-checked by the claim).
-        app: The Celery app to publish with.
-        user: Who replays (recorded).
-        args: Edited positional arguments (the stored ones when None).
-        kwargs: Edited keyword arguments (the stored ones when None).
-        dry_run: Validate only; change and publish nothing.
-        allowed: Statuses a row may be replayed from.
-        producer: A kombu producer to publish with (bulk replays share one).
-        summary: Where to record the outcome, the new task id or the unroutable reason.
-
-    Raises:
-        Exception: The publish failed (the claim was undone first).
+    The rows are locked (``SELECT ... FOR UPDATE``) and updated only while their status is
+    still replayable: of two concurrent claims of a row, the second waits for the first to
+    commit, then finds the row ``replayed`` and does not claim it. Only claimed rows are
+    published, so a row is published at most once per claim.
     """
-    summary = summary if summary is not None else Summary()
-    if row.status not in allowed:
-        summary.add(SKIPPED)
-        return SKIPPED
-    reason = unroutable_reason(row, app, args, kwargs)
-    if reason is not None:
-        if not dry_run:
-            _mark_unroutable(row, reason, allowed)
-        summary.reasons[row.pk] = reason
-        summary.add(UNROUTABLE)
-        return UNROUTABLE
-    if dry_run:
-        summary.add(REPLAYED)
-        return REPLAYED
-    task_id = str(uuid.uuid4())
-    record = _claim(row, task_id, user, allowed, args, kwargs)
-    if record is None:
-        summary.add(SKIPPED)
-        return SKIPPED
-    try:
-        rearm_idempotency(row)
-        options = publish_options(row, task_id, args, kwargs)
-        app.send_task(row.task_name, producer=producer, **options)
-    except Exception:
-        logger.exception(
-            "celery_guard: publishing the replay of dead letter %s (%s[%s]) failed; it is "
-            "dead again",
-            row.pk,
-            row.task_name,
-            row.task_id,
+    edited = args is not None or kwargs is not None
+    with transaction.atomic():
+        locked = set(
+            DeadLetter.objects.select_for_update()
+            .filter(pk__in=[row.pk for row in rows], status__in=allowed)
+            .values_list("pk", flat=True)
         )
-        _revert(row, record)
-        raise
+        if not locked:
+            return {}
+        records = [
+            DeadLetterReplay(
+                dead_letter_id=row.pk,
+                task_id=str(uuid.uuid4()),
+                replayed_by=user,
+                edited=edited,
+                args=list(row.args if args is None else args),
+                kwargs=dict(row.kwargs if kwargs is None else kwargs),
+            )
+            for row in rows
+            if row.pk in locked
+        ]
+        DeadLetter.objects.filter(pk__in=locked, status__in=allowed).update(
+            status=DeadLetter.Status.REPLAYED,
+            status_reason=Case(
+                *(
+                    When(pk=r.dead_letter_id, then=Value(f"replayed as {r.task_id}"))
+                    for r in records
+                ),
+                default=Value("replayed"),
+            ),
+        )
+        DeadLetterReplay.objects.bulk_create(records)
+    return {record.dead_letter_id: record for record in records}
+
+
+def _revert(rows: Sequence[DeadLetter], records: Mapping[int, DeadLetterReplay]) -> None:
+    """Undo the claim of ``rows`` whose replay was not published."""
+    with transaction.atomic():
+        DeadLetterReplay.objects.filter(
+            task_id__in=[records[row.pk].task_id for row in rows]
+        ).delete()
+        for row in rows:
+            DeadLetter.objects.filter(pk=row.pk, status=DeadLetter.Status.REPLAYED).update(
+                status=row.status, status_reason=row.status_reason
+            )
+
+
+def _publish(
+    row: DeadLetter,
+    record: DeadLetterReplay,
+    app: Any,
+    producer: Any,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+) -> None:
+    rearm_idempotency(row)
+    options = publish_options(row, record.task_id, args, kwargs)
+    app.send_task(row.task_name, producer=producer, **options)
     shown = redaction.redact(options["args"], options["kwargs"], task_name=row.task_name)
     logger.info(
         "celery_guard: replayed dead letter %s (%s[%s]) as %s by %s%s: args %s kwargs %s",
         row.pk,
         row.task_name,
         row.task_id,
-        task_id,
-        user or "?",
+        record.task_id,
+        record.replayed_by or "?",
         " with edited arguments" if record.edited else "",
         shown["args"],
         shown["kwargs"],
     )
-    summary.task_ids[row.pk] = task_id
-    summary.add(REPLAYED)
-    return REPLAYED
+
+
+def replay_rows(
+    rows: Sequence[DeadLetter],
+    *,
+    app: Any,
+    summary: Summary,
+    user: str = "",
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
+    allowed: Sequence[str] = REPLAYABLE,
+    producer: Any = None,
+    pace: Callable[[], None] | None = None,
+) -> None:
+    """Replay ``rows``, recording each outcome in ``summary``.
+
+    A row whose status is not in ``allowed`` is skipped. One that fails validation is marked
+    unroutable (unless ``dry_run``) and nothing is published for it. The others are claimed
+    together (status ``replayed`` and a :class:`DeadLetterReplay` each, one transaction; rows
+    claimed meanwhile by someone else are skipped), their idempotency keys re-armed and their
+    messages published under new task ids.
+
+    Args:
+        rows: Dead letters as loaded (their status is re-checked by the claim).
+        app: The Celery app to publish with.
+        summary: Where the outcomes, new task ids and unroutable reasons are recorded.
+        user: Who replays (recorded).
+        args: Edited positional arguments (the stored ones when None).
+        kwargs: Edited keyword arguments (the stored ones when None).
+        dry_run: Validate only; change and publish nothing.
+        allowed: Statuses a row may be replayed from.
+        producer: A kombu producer to publish with (bulk replays share one).
+        pace: Called before each publish (a rate limiter's ``acquire``).
+
+    Raises:
+        Exception: A publish failed; the claims of that row and of the rows of ``rows`` not
+            published yet were undone first.
+    """
+    ready = []
+    for row in rows:
+        if row.status not in allowed:
+            summary.add(SKIPPED)
+            continue
+        reason = unroutable_reason(row, app, args, kwargs)
+        if reason is not None:
+            if not dry_run:
+                _mark_unroutable(row, reason, allowed)
+            summary.reasons[row.pk] = reason
+            summary.add(UNROUTABLE)
+        elif dry_run:
+            summary.add(REPLAYED)
+        else:
+            ready.append(row)
+    if not ready:
+        return
+    records = _claim(ready, user, allowed, args, kwargs)
+    claimed = [row for row in ready if row.pk in records]
+    for _ in range(len(ready) - len(claimed)):
+        summary.add(SKIPPED)
+    for index, row in enumerate(claimed):
+        if pace is not None:
+            pace()
+        try:
+            _publish(row, records[row.pk], app, producer, args, kwargs)
+        except Exception:
+            logger.exception(
+                "celery_guard: publishing the replay of dead letter %s (%s[%s]) failed; it "
+                "and %d more not published yet are dead again",
+                row.pk,
+                row.task_name,
+                row.task_id,
+                len(claimed) - index - 1,
+            )
+            _revert(claimed[index:], records)
+            raise
+        summary.task_ids[row.pk] = records[row.pk].task_id
+        summary.add(REPLAYED)
+
+
+def replay_one(
+    row: DeadLetter,
+    *,
+    app: Any,
+    summary: Summary | None = None,
+    **options: Any,
+) -> str:
+    """Replay one dead letter (see :func:`replay_rows` for ``options``).
+
+    Returns:
+        ``"replayed"``, ``"skipped"`` or ``"unroutable"``.
+    """
+    summary = summary if summary is not None else Summary()
+    before = (summary.replayed, summary.skipped)
+    replay_rows([row], app=app, summary=summary, **options)
+    if summary.replayed > before[0]:
+        return REPLAYED
+    return SKIPPED if summary.skipped > before[1] else UNROUTABLE
 
 
 def replay(
@@ -273,7 +357,7 @@ def replay(
     pace: Callable[[], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Replay the dead letters ``ids`` (bulk); rows not dead or unroutable are skipped.
+    """Replay the dead letters ``ids`` in batches; rows not dead or unroutable are skipped.
 
     Args:
         ids: Dead letter ids, in the order to replay them.
@@ -281,31 +365,27 @@ def replay(
         user: Who replays (recorded on each replay).
         dry_run: Validate only.
         pace: Called before each publish (a rate limiter's ``acquire``).
-        progress: Called with the number of dead letters done so far, after each one.
+        progress: Called with the number of dead letters done so far, after each batch.
     """
     summary = Summary()
     ids = list(ids)
     with app.producer_or_acquire() as producer:
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]
-            rows = DeadLetter.objects.in_bulk(chunk)
-            for pk in chunk:
-                row = rows.get(pk)
-                if row is None:  # purged meanwhile
-                    summary.add(SKIPPED)
-                else:
-                    if pace is not None and row.status in REPLAYABLE and not dry_run:
-                        pace()
-                    replay_one(
-                        row,
-                        app=app,
-                        user=user,
-                        dry_run=dry_run,
-                        producer=producer,
-                        summary=summary,
-                    )
-                if progress is not None:
-                    progress(summary.total)
+            found = DeadLetter.objects.in_bulk(chunk)
+            for _ in range(len(chunk) - len(found)):  # purged meanwhile
+                summary.add(SKIPPED)
+            replay_rows(
+                [found[pk] for pk in chunk if pk in found],
+                app=app,
+                summary=summary,
+                user=user,
+                dry_run=dry_run,
+                producer=producer,
+                pace=pace,
+            )
+            if progress is not None:
+                progress(summary.total)
     return summary
 
 

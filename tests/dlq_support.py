@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
 
@@ -54,3 +57,16 @@ def staff(username: str, *codenames: str) -> User:
         Permission.objects.filter(content_type__app_label="celery_guard", codename__in=names)
     )
     return user
+
+
+def published(redis_url: str, queue: str) -> list[tuple[dict[str, Any], list[Any], dict[str, Any]]]:
+    """The messages waiting in ``queue`` on Redis, decoded: (headers, args, kwargs)."""
+    client = redis.Redis.from_url(redis_url)
+    found = []
+    # Celery's Redis transport keeps one list per priority step.
+    names = [queue, *(f"{queue}\x06\x16{step}" for step in range(1, 10))]
+    for raw in (raw for name in names for raw in client.lrange(name, 0, -1)):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        found.append((message["headers"], body[0], body[1]))
+    return found
