@@ -2,6 +2,10 @@
 
 import datetime as dt
 import io
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -9,7 +13,7 @@ from django.utils import timezone
 
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from tests.dlq_support import dead_letter, published
-from tests.harness import queue_length
+from tests.harness import ROOT, queue_length
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_queues")]
 
@@ -89,3 +93,33 @@ def test_purge_and_seed():
     assert f"purged {finished} dead letter(s)" in out
     assert "idempotency record(s)" in out
     assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_two_replay_processes_at_once_publish_each_row_once(test_db_name, redis_url, queues):
+    rows = [dead_letter(f"proc{n}") for n in range(60)]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example_project")]),
+        "CG_WORKER_DB_NAME": test_db_name,
+        "CELERY_BROKER_URL": redis_url,
+        "CELERY_GUARD_LOG_LEVEL": "WARNING",
+    }
+    command = [sys.executable, "-m", "django", "celery_guard", "replay", "--rate", "2000/s"]
+    procs = [
+        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    replayed = [int(re.search(r"(\d+) replayed", out).group(1)) for out in outputs]
+    skipped = [int(re.search(r"(\d+) skipped", out).group(1)) for out in outputs]
+    # Both saw all 60 rows, or one found them already replayed: never 60 published twice.
+    assert sum(replayed) == 60 and sum(replayed) + sum(skipped) <= 120
+    assert queue_length(redis_url, queues["default"]) == 60
+    assert DeadLetterReplay.objects.count() == 60
+    assert set(
+        DeadLetter.objects.filter(pk__in=[r.pk for r in rows]).values_list("status", flat=True)
+    ) == {"replayed"}
