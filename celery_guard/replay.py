@@ -180,9 +180,11 @@ def _claim(
     """
     edited = args is not None or kwargs is not None
     with transaction.atomic():
+        # Locked in id order, so two claims of overlapping batches cannot deadlock.
         locked = set(
             DeadLetter.objects.select_for_update()
             .filter(pk__in=[row.pk for row in rows], status__in=allowed)
+            .order_by("pk")
             .values_list("pk", flat=True)
         )
         if not locked:
