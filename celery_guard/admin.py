@@ -80,7 +80,7 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     list_display = (
         "key",
-        "state",
+        "state_detail",
         "task_name",
         "task_id",
         "fencing_token",
@@ -105,6 +105,11 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """Expired records are removed by ``celery_guard purge``; live ones by release."""
         return False
+
+    @admin.display(description="state", ordering="state")
+    def state_detail(self, obj: IdempotencyRecord) -> str:
+        """The state; for ``pending``, whether the publish is confirmed (see the model)."""
+        return obj.state_detail()
 
     def has_release_permission(self, request: HttpRequest) -> bool:
         """Whether the user may release keys (``celery_guard.release_idempotencyrecord``)."""

@@ -37,6 +37,7 @@ DEFAULTS: Mapping[str, Any] = {
     "IDEMPOTENCY_REDIS_PREFIX": "celery_guard:idem:",
     "DEDUP_WINDOW": 24 * 3600,
     "IDEMPOTENCY_LEASE": 600,
+    "IDEMPOTENCY_PUBLISH_GRACE": 60,
     "IDEMPOTENCY_RETENTION": 7 * 24 * 3600,
     "RELEASE_ON_DEAD_LETTER": True,
     "REDACT_FIELDS": (
@@ -175,6 +176,11 @@ class GuardSettings:
     def idempotency_lease(self) -> float:
         """Seconds a worker owns a running key before another attempt may take it over."""
         return self.seconds(raw("IDEMPOTENCY_LEASE"))
+
+    @property
+    def idempotency_publish_grace(self) -> float:
+        """Seconds a claim may stay unconfirmed before another enqueue takes it over."""
+        return self.seconds(raw("IDEMPOTENCY_PUBLISH_GRACE"))
 
     @property
     def idempotency_retention(self) -> float:

@@ -427,8 +427,11 @@ def publish_once(
     """Publish a call unless its key is already held inside its window.
 
     The key is claimed before the publish and released if the publish raises, so a failed
-    publish leaves no claim behind. A republish of the running task itself (a Celery retry)
-    gives its lease back instead, so the next attempt can run.
+    publish leaves no claim behind. The claim is provisional until the publish is confirmed
+    after it returns: a producer that dies in between leaves a claim that the next enqueue
+    takes over once ``CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE`` has passed, so the job is not
+    lost. A republish of the running task itself (a Celery retry) gives its lease back
+    instead, so the next attempt can run.
 
     Returns:
         The ``AsyncResult`` of the publish, or of the first task when this is a duplicate.
@@ -474,9 +477,20 @@ def publish_once(
             claim.outcome,
         )
         return task.AsyncResult(claim.task_id)
-    logger.info("celery_guard: %s[%s] claimed key %r", task.name, task_id, identity.key)
+    if claim.abandoned:
+        logger.warning(
+            "celery_guard: %s[%s] took key %r over from %s, whose publish was never "
+            "confirmed (its producer died between the claim and the publish, or the publish "
+            "outlasted CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE)",
+            task.name,
+            task_id,
+            identity.key,
+            claim.abandoned,
+        )
+    else:
+        logger.info("celery_guard: %s[%s] claimed key %r", task.name, task_id, identity.key)
     try:
-        return publish()
+        result = publish()
     except BaseException:
         store.unclaim(identity.key, task_id)
         logger.warning(
@@ -486,6 +500,38 @@ def publish_once(
             identity.key,
         )
         raise
+    _confirm(store, task, identity.key, task_id)
+    return result
+
+
+def _confirm(store: ledger.Ledger, task: Any, key: str, task_id: str) -> None:
+    """Confirm a published claim; never raises, since the message is out already.
+
+    An unconfirmed claim only means that, after the grace, another enqueue may publish the
+    key again: a duplicate message that the worker-side guard runs at most once.
+    """
+    try:
+        confirmed = store.confirm(key, task_id)
+    except Exception:
+        logger.warning(
+            "celery_guard: %s[%s] published but its claim of key %r could not be confirmed; "
+            "after the publish grace another enqueue may publish the key again",
+            task.name,
+            task_id,
+            key,
+            exc_info=True,
+        )
+        return
+    if not confirmed:
+        # Not an error when a worker already started the task (state running or later);
+        # the record tells whether the key was taken over instead.
+        logger.info(
+            "celery_guard: %s[%s] published; key %r was no longer an unconfirmed claim of it "
+            "(started already, or taken over)",
+            task.name,
+            task_id,
+            key,
+        )
 
 
 def _owner(request: Any) -> str:

@@ -6,6 +6,14 @@ producers and workers racing on one key from many processes each get a consisten
 
 States of a key: ``pending`` (claimed at enqueue, published), ``running`` (a worker holds
 the lease), ``succeeded``, ``failed``, ``released`` (free again).
+
+A claim is *provisional* until its publish is confirmed: a ``pending`` record with no owner
+and a lease expiry is a claim whose producer has not confirmed the publish yet, and the
+lease expiry is its publish deadline. :meth:`Ledger.confirm` clears the deadline after the
+publish; a claim still unconfirmed past its deadline was abandoned (the producer died
+between the claim and the publish) and the next claim takes the key over, so a crashed
+producer never loses the job. (A ``pending`` record *with* an owner is a run that gave its
+lease back for a Celery retry; it is never taken over by a claim.)
 """
 
 from __future__ import annotations
@@ -38,11 +46,14 @@ class Claim:
             or ``"conflict"`` (other arguments hold the key).
         task_id: The task that holds the key (the caller's own id when claimed).
         fingerprint: The fingerprint of the arguments that hold the key.
+        abandoned: When claimed by taking over an abandoned claim (unconfirmed past its
+            publish deadline), the task id of that claim; else ``""``.
     """
 
     outcome: str
     task_id: str
     fingerprint: str
+    abandoned: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,12 +79,30 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     def claim(
-        self, key: str, *, task_name: str, task_id: str, fingerprint: str, window: float
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        grace: float | None = None,
     ) -> Claim:
         """Claim ``key`` for a publish of ``task_id``, unless a live claim holds it.
 
-        A key is free when absent, released, or past its window (and not running under a
-        live lease). A key already held by ``task_id`` itself counts as claimed.
+        The claim is provisional: unless :meth:`confirm` is called within ``grace`` seconds
+        (default ``CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE``), a later claim takes it over.
+        A key is free when absent, released, past its window (and not running under a live
+        lease), or claimed but unconfirmed past its publish deadline (abandoned). A key
+        already held by ``task_id`` itself counts as claimed.
+        """
+
+    @abc.abstractmethod
+    def confirm(self, key: str, task_id: str) -> bool:
+        """Confirm the publish of ``task_id``'s claim: clear its publish deadline.
+
+        Only an unconfirmed ``pending`` claim of ``task_id`` changes; ``False`` when the key
+        was taken over, or a worker already started the task (its state stands).
         """
 
     @abc.abstractmethod
@@ -127,6 +156,19 @@ class Ledger(abc.ABC):
         """Delete records whose window ended more than ``retention`` seconds ago."""
 
 
+def _grace(grace: float | None) -> float:
+    return guard_settings.idempotency_publish_grace if grace is None else grace
+
+
+def _unconfirmed() -> Q:
+    """Records that are claims whose publish is not confirmed yet (see the module doc)."""
+    return Q(state=PENDING, owner="", lease_expires_at__isnull=False)
+
+
+def _abandoned(state: str, owner: str, deadline: dt.datetime | None, now: dt.datetime) -> bool:
+    return state == PENDING and owner == "" and deadline is not None and deadline <= now
+
+
 class DatabaseLedger(Ledger):
     """Ledger in the Django database (:class:`celery_guard.models.IdempotencyRecord`).
 
@@ -156,9 +198,17 @@ class DatabaseLedger(Ledger):
         return self._model().objects.using(self.using())
 
     def claim(
-        self, key: str, *, task_name: str, task_id: str, fingerprint: str, window: float
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        grace: float | None = None,
     ) -> Claim:
         """See :meth:`Ledger.claim`."""
+        grace = _grace(grace)
         for _ in range(10):
             now = timezone.now()
             fields = {
@@ -167,7 +217,7 @@ class DatabaseLedger(Ledger):
                 "task_id": task_id,
                 "fingerprint": fingerprint,
                 "owner": "",
-                "lease_expires_at": None,
+                "lease_expires_at": now + dt.timedelta(seconds=grace),
                 "created_at": now,
                 "updated_at": now,
                 "expires_at": now + dt.timedelta(seconds=window),
@@ -178,14 +228,32 @@ class DatabaseLedger(Ledger):
             free = Q(state=RELEASED) | (Q(expires_at__lte=now) & ~live_run)
             if self._rows().filter(free, key=key).update(**fields):
                 return Claim("claimed", task_id, fingerprint)
-            row = self._rows().filter(key=key).values("task_id", "fingerprint").first()
+            row = (
+                self._rows()
+                .filter(key=key)
+                .values("task_id", "fingerprint", "state", "owner", "lease_expires_at")
+                .first()
+            )
             if row is None:  # purged between the two statements: try again
                 continue
             if row["task_id"] == task_id:
                 return Claim("claimed", task_id, row["fingerprint"])
+            if _abandoned(row["state"], row["owner"], row["lease_expires_at"], now):
+                # Compare-and-set on the dead claim's task id: one racing producer wins.
+                dead = self._rows().filter(
+                    _unconfirmed(), key=key, task_id=row["task_id"], lease_expires_at__lte=now
+                )
+                if dead.update(**fields):
+                    return Claim("claimed", task_id, fingerprint, abandoned=row["task_id"])
+                continue  # confirmed, started or taken over meanwhile: decide again
             outcome = "duplicate" if row["fingerprint"] == fingerprint else "conflict"
             return Claim(outcome, row["task_id"], row["fingerprint"])
         raise RuntimeError(f"idempotency key {key!r} kept changing during the claim")
+
+    def confirm(self, key: str, task_id: str) -> bool:
+        """See :meth:`Ledger.confirm`."""
+        rows = self._rows().filter(_unconfirmed(), key=key, task_id=task_id)
+        return bool(rows.update(lease_expires_at=None, updated_at=timezone.now()))
 
     def unclaim(self, key: str, task_id: str) -> bool:
         """See :meth:`Ledger.unclaim`."""
@@ -332,23 +400,39 @@ _LUA_CLAIM = (
     _LUA_PRELUDE
     + """
 local task_name, task_id, fp = ARGV[1], ARGV[2], ARGV[3]
-local window, retention = tonumber(ARGV[4]), tonumber(ARGV[5])
-local h = redis.call('HMGET', KEYS[1], 'state', 'task_id', 'fp', 'expires_at', 'lease_until')
+local window, retention, grace = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local h = redis.call('HMGET', KEYS[1], 'state', 'task_id', 'fp', 'expires_at', 'lease_until',
+  'owner')
 local state = h[1]
-local function write()
+local function write(abandoned)
   redis.call('HSET', KEYS[1], 'state', 'pending', 'task_name', task_name, 'task_id', task_id,
-    'fp', fp, 'owner', '', 'lease_until', 0, 'created_at', now, 'updated_at', now,
+    'fp', fp, 'owner', '', 'lease_until', now + grace, 'created_at', now, 'updated_at', now,
     'expires_at', now + window)
   redis.call('HSETNX', KEYS[1], 'token', 0)
   touch(retention)
-  return {'claimed', task_id, fp}
+  return {'claimed', task_id, fp, abandoned}
 end
-if not state then return write() end
-if h[2] == task_id then return {'claimed', task_id, h[3]} end
+if not state then return write('') end
+if h[2] == task_id then return {'claimed', task_id, h[3], ''} end
 local live_run = state == 'running' and tonumber(h[5]) > now
-if state == 'released' or (tonumber(h[4]) <= now and not live_run) then return write() end
-if h[3] == fp then return {'duplicate', h[2], h[3]} end
-return {'conflict', h[2], h[3]}
+if state == 'released' or (tonumber(h[4]) <= now and not live_run) then return write('') end
+local deadline = tonumber(h[5]) or 0
+if state == 'pending' and h[6] == '' and deadline > 0 and deadline <= now then
+  return write(h[2])
+end
+if h[3] == fp then return {'duplicate', h[2], h[3], ''} end
+return {'conflict', h[2], h[3], ''}
+"""
+)
+
+_LUA_CONFIRM = (
+    _LUA_PRELUDE
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'task_id', 'owner', 'lease_until')
+if h[1] ~= 'pending' or h[2] ~= ARGV[1] or h[3] ~= '' then return 0 end
+if (tonumber(h[4]) or 0) <= 0 then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'updated_at', now)
+return 1
 """
 )
 
@@ -435,6 +519,7 @@ class RedisLedger(Ledger):
         self.prefix = prefix
         self.client = _redis_client(url)
         self._claim = self.client.register_script(_LUA_CLAIM)
+        self._confirm = self.client.register_script(_LUA_CONFIRM)
         self._start = self.client.register_script(_LUA_START)
         self._transition = self.client.register_script(_LUA_TRANSITION)
         self._release = self.client.register_script(_LUA_RELEASE)
@@ -448,12 +533,23 @@ class RedisLedger(Ledger):
         return guard_settings.idempotency_retention
 
     def claim(
-        self, key: str, *, task_name: str, task_id: str, fingerprint: str, window: float
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        grace: float | None = None,
     ) -> Claim:
         """See :meth:`Ledger.claim`."""
-        args = [task_name, task_id, fingerprint, window, self._retention()]
-        outcome, holder, fp = self._claim(keys=[self._key(key)], args=args)
-        return Claim(outcome.decode(), holder.decode(), fp.decode())
+        args = [task_name, task_id, fingerprint, window, self._retention(), _grace(grace)]
+        outcome, holder, fp, abandoned = self._claim(keys=[self._key(key)], args=args)
+        return Claim(outcome.decode(), holder.decode(), fp.decode(), abandoned.decode())
+
+    def confirm(self, key: str, task_id: str) -> bool:
+        """See :meth:`Ledger.confirm`."""
+        return bool(self._confirm(keys=[self._key(key)], args=[task_id]))
 
     def unclaim(self, key: str, task_id: str) -> bool:
         """See :meth:`Ledger.unclaim`."""

@@ -216,7 +216,21 @@ class IdempotencyRecord(models.Model):
         permissions = [("release_idempotencyrecord", "Can release idempotency keys")]
 
     def __str__(self) -> str:
-        return f"{self.key} ({self.state})"
+        return f"{self.key} ({self.state_detail()})"
+
+    def state_detail(self) -> str:
+        """The state, telling the kinds of ``pending`` apart (see ``celery_guard.ledger``).
+
+        An unconfirmed claim's ``lease_expires_at`` is its publish deadline; a run that gave
+        its lease back for a Celery retry keeps its owner.
+        """
+        if self.state != "pending":
+            return str(self.state)
+        if self.owner:
+            return "pending (retry)"
+        if self.lease_expires_at is not None:
+            return "pending (publish unconfirmed)"
+        return "pending (published)"
 
 
 class DeadLetterReplay(models.Model):

@@ -49,6 +49,8 @@ if os.environ.get("CG_VISIBILITY_TIMEOUT"):
     }
 if os.environ.get("CG_IDEMPOTENCY_LEASE"):
     CELERY_GUARD_IDEMPOTENCY_LEASE = float(os.environ["CG_IDEMPOTENCY_LEASE"])
+if os.environ.get("CG_IDEMPOTENCY_PUBLISH_GRACE"):
+    CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE = float(os.environ["CG_IDEMPOTENCY_PUBLISH_GRACE"])
 # The idempotency ledger: the database unless a test's processes ask for Redis; Redis keys
 # carry the run id so concurrent runs on the shared Redis never meet.
 CELERY_GUARD_IDEMPOTENCY_BACKEND = os.environ.get("CG_IDEMPOTENCY_BACKEND", "database")

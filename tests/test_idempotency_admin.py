@@ -38,6 +38,7 @@ def test_viewer_without_release_permission_sees_no_action_and_cannot_post_it(cli
     page = client.get(reverse(CHANGELIST))
     assert page.status_code == 200
     assert b"t:k" in page.content
+    assert b"pending (publish unconfirmed)" in page.content
     assert b"release_keys" not in page.content
     assert b"delete_selected" not in page.content
     response = release_post(client, record)
@@ -55,5 +56,20 @@ def test_release_permission_shows_the_action_and_releases(client, record):
     assert b"release_keys" in client.get(reverse(CHANGELIST)).content
     response = release_post(client, record)
     assert b"Released 1 of 1 key(s)." in response.content
+    assert b"pending (publish unconfirmed)" not in response.content
     record.refresh_from_db()
     assert record.state == "released"
+
+
+def test_the_state_column_tells_the_kinds_of_pending_apart():
+    store = ledger.DatabaseLedger()
+    store.claim("t:k", task_name="t", task_id="t1", fingerprint="f", window=60)
+    assert IdempotencyRecord.objects.get().state_detail() == "pending (publish unconfirmed)"
+    store.confirm("t:k", "t1")
+    assert IdempotencyRecord.objects.get().state_detail() == "pending (published)"
+    run = store.start(
+        "t:k", task_name="t", task_id="t1", fingerprint="f", window=60, owner="w", lease=60
+    )
+    assert IdempotencyRecord.objects.get().state_detail() == "running"
+    store.yield_lease("t:k", owner="w", token=run.fencing_token)
+    assert IdempotencyRecord.objects.get().state_detail() == "pending (retry)"

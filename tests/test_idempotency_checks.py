@@ -17,6 +17,8 @@ from celery_guard import checks, guarded_task
         {"CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX": None},
         {"CELERY_GUARD_DEDUP_WINDOW": 0},
         {"CELERY_GUARD_IDEMPOTENCY_LEASE": "10m"},
+        {"CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE": 0},
+        {"CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE": None},
         {"CELERY_GUARD_IDEMPOTENCY_RETENTION": timedelta(0)},
         {"CELERY_GUARD_RELEASE_ON_DEAD_LETTER": "yes"},
     ],
@@ -32,6 +34,7 @@ def test_e001_invalid_idempotency_settings(bad):
 def test_e001_accepts_timedeltas_and_redis_urls():
     with override_settings(
         CELERY_GUARD_DEDUP_WINDOW=timedelta(hours=2),
+        CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE=timedelta(seconds=30),
         CELERY_GUARD_IDEMPOTENCY_REDIS_URL="redis://127.0.0.1:6379/3",
         CELERY_GUARD_IDEMPOTENCY_BACKEND="redis",
     ):

@@ -216,3 +216,24 @@ def test_an_eager_run_whose_key_is_held_by_a_live_owner_does_not_run(
     assert Execution.objects.count() == 0
     assert high(redis_url, queues) == 0
     assert idem_store.get(key)["owner"] == "w"
+
+
+def test_an_enqueue_confirms_its_claim_once_published(
+    idem_backend, idem_store, redis_url, queues, empty_queues, caplog, monkeypatch
+):
+    first = idem_notify.delay(40, "v1")
+    record = idem_store.get(f"{NOTIFY}:notify:40:v1")
+    assert (record["state"], record["task_id"], record["owner"]) == ("pending", first.id, "")
+    assert record["lease_expires_at"] is None  # confirmed: no publish deadline any more
+
+    # A confirm that fails after the publish does not fail the call: the message is out,
+    # and an unconfirmed claim only risks a duplicate publish after the grace.
+    def broken(self, key, task_id):
+        raise ConnectionError("ledger down")
+
+    monkeypatch.setattr(type(idem_store), "confirm", broken)
+    caplog.set_level(logging.WARNING, logger="celery_guard")
+    second = idem_notify.delay(41, "v1")
+    assert high(redis_url, queues) == 2
+    assert f"[{second.id}] published but its claim of key" in caplog.text
+    assert idem_store.get(f"{NOTIFY}:notify:41:v1")["lease_expires_at"] is not None

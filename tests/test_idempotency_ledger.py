@@ -12,8 +12,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 FP, OTHER_FP = "a" * 64, "b" * 64
 
 
-def claim(idem_store, key="t:k", task_id="t1", fp=FP, window=60.0):
-    return idem_store.claim(key, task_name="t", task_id=task_id, fingerprint=fp, window=window)
+def claim(idem_store, key="t:k", task_id="t1", fp=FP, window=60.0, grace=None):
+    return idem_store.claim(
+        key, task_name="t", task_id=task_id, fingerprint=fp, window=window, grace=grace
+    )
 
 
 def start(idem_store, owner, key="t:k", task_id="t1", lease=60.0, window=60.0):
@@ -156,3 +158,64 @@ def test_renewing_a_lease_keeps_the_key_and_a_lost_lease_cannot_be_renewed(idem_
         ctx.renew()  # expired: a renewal cannot resurrect it
     assert start(idem_store, "w2").outcome == "run"
     assert idem_store.renew("t:k", owner="w1", token=1, lease=10) is False
+
+
+def test_a_claim_is_provisional_until_its_publish_is_confirmed(idem_store):
+    assert claim(idem_store, grace=0.2) == ledger.Claim("claimed", "t1", FP)
+    record = idem_store.get("t:k")
+    assert (record["state"], record["owner"]) == ("pending", "")
+    assert record["lease_expires_at"] is not None  # the publish deadline
+    assert claim(idem_store, task_id="t2").outcome == "duplicate"
+    assert idem_store.confirm("t:k", "t2") is False  # not the holder
+    assert idem_store.confirm("t:k", "t1") is True
+    assert idem_store.get("t:k")["lease_expires_at"] is None
+    assert idem_store.confirm("t:k", "t1") is False  # confirmed already
+    time.sleep(0.3)
+    # Past the grace a confirmed claim still holds the key for its whole window.
+    assert claim(idem_store, task_id="t2") == ledger.Claim("duplicate", "t1", FP)
+    assert claim(idem_store, task_id="t3", fp=OTHER_FP).outcome == "conflict"
+
+
+def test_an_unconfirmed_claim_is_taken_over_after_the_grace(idem_store):
+    claim(idem_store, grace=0.2)
+    # Inside the grace the producer may still be publishing: a duplicate, as usual.
+    assert claim(idem_store, task_id="t2", grace=0.2) == ledger.Claim("duplicate", "t1", FP)
+    time.sleep(0.3)
+    # Past it the claim was abandoned, whatever the new call's arguments.
+    taken = claim(idem_store, task_id="t2", fp=OTHER_FP, grace=0.2)
+    assert taken == ledger.Claim("claimed", "t2", OTHER_FP, abandoned="t1")
+    record = idem_store.get("t:k")
+    assert (record["state"], record["task_id"], record["owner"]) == ("pending", "t2", "")
+    assert record["lease_expires_at"] is not None
+    # The dead producer's confirm (had it only been slow) changes nothing.
+    assert idem_store.confirm("t:k", "t1") is False
+    assert claim(idem_store, task_id="t3", fp=OTHER_FP).outcome == "duplicate"  # in its grace
+    assert idem_store.confirm("t:k", "t2") is True
+    time.sleep(0.3)
+    assert claim(idem_store, task_id="t3", fp=OTHER_FP).task_id == "t2"  # confirmed: holds
+
+
+def test_a_worker_starts_an_unconfirmed_claim_and_a_late_confirm_leaves_it_running(idem_store):
+    claim(idem_store, grace=0.2)
+    run = start(idem_store, "w1", lease=60)  # consumed before the producer confirmed
+    assert (run.outcome, run.fencing_token) == ("run", 1)
+    assert idem_store.confirm("t:k", "t1") is False
+    record = idem_store.get("t:k")
+    assert (record["state"], record["owner"], record["fencing_token"]) == ("running", "w1", 1)
+    assert record["lease_expires_at"] is not None  # the worker's lease, untouched
+    time.sleep(0.3)
+    # Past the publish grace: the run's live lease holds the key, nothing is taken over.
+    assert claim(idem_store, task_id="t2") == ledger.Claim("duplicate", "t1", FP)
+    assert start(idem_store, "w2", task_id="t2").outcome == "busy"
+    assert idem_store.finish("t:k", owner="w1", token=1, state="succeeded") is True
+
+
+def test_a_run_that_gave_its_lease_back_for_a_retry_is_not_abandoned(idem_store):
+    claim(idem_store, grace=0.1)
+    idem_store.confirm("t:k", "t1")
+    run = start(idem_store, "w1", lease=0.1)
+    idem_store.yield_lease("t:k", owner="w1", token=run.fencing_token)
+    time.sleep(0.2)  # the old lease and the grace are both over
+    assert claim(idem_store, task_id="t2", grace=0.1) == ledger.Claim("duplicate", "t1", FP)
+    assert idem_store.confirm("t:k", "t1") is False
+    assert start(idem_store, "w2").fencing_token == 2  # the retry runs

@@ -3,6 +3,7 @@
 import base64
 import collections
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -231,3 +232,74 @@ def test_dedup_and_skip_on_rabbitmq(idem_backend, idem_store, start_worker, amqp
     key = f"{idem_notify.name}:notify:20:v1"
     wait_until(lambda: (idem_store.get(key) or {}).get("state") == "succeeded", 60)
     assert labels("notify:20:v1") == ["notify:20:v1::1"]
+
+
+def kill_producer(where, employee_id, test_db_name, grace=2.0):
+    """Run ``tests.idem_producer_crash`` (SIGKILLed at ``where``); return its key."""
+    env = {
+        **os.environ,
+        "CG_WORKER_DB_NAME": test_db_name,
+        "CG_IDEMPOTENCY_PUBLISH_GRACE": str(grace),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example_project")]),
+    }
+    cmd = [sys.executable, "-m", "tests.idem_producer_crash", str(employee_id), "v1", where]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    key = f"{idem_notify.name}:notify:{employee_id}:v1"
+    return key
+
+
+def wait_past(deadline):
+    time.sleep(max(0.0, deadline.timestamp() - time.time()) + 0.2)
+
+
+def test_a_producer_killed_between_claim_and_publish_does_not_lose_the_job(
+    idem_backend, idem_store, start_worker, redis_url, queues, empty_queues, test_db_name, caplog
+):
+    key = kill_producer("publish", 30, test_db_name)
+    record = idem_store.get(key)
+    dead_id, deadline = record["task_id"], record["lease_expires_at"]
+    assert (record["state"], record["owner"]) == ("pending", "")  # claimed, never confirmed
+    assert queue_length(redis_url, queues["high"]) == 0  # died before the publish
+
+    # Inside the grace the claim may still be publishing: a duplicate, nothing published.
+    assert idem_notify.delay(30, "v1").id == dead_id
+    assert time.time() < deadline.timestamp()  # the duplicate was decided inside the grace
+    assert queue_length(redis_url, queues["high"]) == 0
+
+    # After it the claim was abandoned: the next enqueue takes the key over and publishes.
+    wait_past(deadline)
+    caplog.set_level(logging.WARNING, logger="celery_guard")
+    result = idem_notify.delay(30, "v1")
+    assert result.id != dead_id
+    assert f"took key '{key}' over from {dead_id}" in caplog.text
+    assert queue_length(redis_url, queues["high"]) == 1
+    assert idem_notify.delay(30, "v1").id == result.id  # confirmed: dedup as usual
+    assert queue_length(redis_url, queues["high"]) == 1
+
+    start_worker(["high"])
+    wait_until(lambda: (idem_store.get(key) or {}).get("state") == "succeeded", 60)
+    assert labels("notify:30:v1") == ["notify:30:v1::1"]  # the job ran, once
+    assert idem_store.get(key)["task_id"] == result.id
+    assert queue_length(redis_url, queues["high"]) == 0
+
+
+def test_a_producer_killed_between_publish_and_confirm_costs_a_duplicate_run_once(
+    idem_backend, idem_store, start_worker, redis_url, queues, empty_queues, test_db_name
+):
+    key = kill_producer("confirm", 31, test_db_name)
+    record = idem_store.get(key)
+    dead_id = record["task_id"]
+    assert record["lease_expires_at"] is not None  # published, never confirmed
+    assert queue_length(redis_url, queues["high"]) == 1
+    wait_past(record["lease_expires_at"])
+    # The ledger cannot tell this from a claim that never published: the key is taken over
+    # and a second message goes out; the worker-side guard runs the body once for both.
+    result = idem_notify.delay(31, "v1")
+    assert result.id != dead_id
+    assert queue_length(redis_url, queues["high"]) == 2
+    worker = start_worker(["high"])
+    wait_until(lambda: "skipped: key" in worker.log_path.read_text(errors="replace"), 60)
+    wait_until(lambda: queue_length(redis_url, queues["high"]) == 0, 10)
+    assert idem_store.get(key)["state"] == "succeeded"
+    assert labels("notify:31:v1") == ["notify:31:v1::1"]
