@@ -231,3 +231,16 @@ def test_filters_and_query_count_independent_of_page_size(client, monkeypatch):
         counts.append(len(queries))
     assert counts[0] == counts[1]
     assert not any("COUNT(*)" in q["sql"] and "LIMIT" not in q["sql"] for q in queries)
+
+
+@pytest.mark.django_db
+def test_detail_links_sentry_and_the_replayed_dead_letter(client, settings):
+    original = dead_letter("first")
+    row = dead_letter("again", sentry_event_id="abc123", replay_of=original.pk)
+    client.force_login(staff("viewer"))
+    page = client.get(change_url(row)).content.decode()
+    assert "abc123" in page and "https://sentry" not in page
+    assert f'href="{change_url(original)}"' in page
+    settings.CELERY_GUARD_SENTRY_EVENT_URL = "https://sentry.example/issues/?query={event_id}"
+    page = client.get(change_url(row)).content.decode()
+    assert 'href="https://sentry.example/issues/?query=abc123"' in page

@@ -353,3 +353,12 @@ def test_an_unroutable_row_replays_once_its_arguments_bind_again(redis_url, queu
     assert replay.replay_one(row, app=app) == replay.REPLAYED
     row.refresh_from_db()
     assert row.status == "replayed" and queue_length(redis_url, queues["default"]) == 1
+
+
+@pytest.mark.django_db
+def test_replay_logs_mask_sensitive_arguments(capfd):
+    row = dead_letter("logged", kwargs={"note": {"Token": "t0k", "n": 1}})
+    assert replay.replay_one(row, app=app) == replay.REPLAYED
+    # The example project's LOGGING sends celery_guard's records to the console (stderr).
+    [line] = [line for line in capfd.readouterr().err.splitlines() if "replayed dead" in line]
+    assert "t0k" not in line and f"'Token': '{redaction.MASK}'" in line
