@@ -1,4 +1,7 @@
-"""Django admin of celery_guard: the idempotency ledger, the beat lease and fire history."""
+"""Django admin of celery_guard: the idempotency ledger, the beat lease and fire history.
+
+The dead-letter queue's admin lives in :mod:`celery_guard.dlq_admin`, registered on import.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
+from celery_guard import dlq_admin  # noqa: F401  (registers the dead-letter admin)
 from celery_guard.ledger import DatabaseLedger
 from celery_guard.models import BeatFire, BeatLease, IdempotencyRecord
 

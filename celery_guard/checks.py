@@ -78,6 +78,7 @@ def _setting_errors() -> Iterable[str]:
     yield from _failure_setting_errors()
     yield from _beat_setting_errors()
     yield from _idempotency_setting_errors()
+    yield from _dlq_setting_errors()
 
 
 def _failure_setting_errors() -> Iterable[str]:
@@ -157,6 +158,25 @@ def _idempotency_setting_errors() -> Iterable[str]:
             )
     if not isinstance(conf.raw("RELEASE_ON_DEAD_LETTER"), bool):
         yield "CELERY_GUARD_RELEASE_ON_DEAD_LETTER must be True or False"
+
+
+def _dlq_setting_errors() -> Iterable[str]:
+    fields = conf.raw("REDACT_FIELDS")
+    if isinstance(fields, str) or not (
+        isinstance(fields, (list, tuple, frozenset, set))
+        and all(isinstance(f, str) and f for f in fields)
+    ):
+        yield f"CELERY_GUARD_REDACT_FIELDS must be a list of non-empty strings, got {fields!r}"
+    for name in ("REDACTOR", "SENTRY_EVENT_URL"):
+        value = conf.raw(name)
+        if value is not None and not isinstance(value, str):
+            yield f"CELERY_GUARD_{name} must be None or a string, got {value!r}"
+    url = conf.raw("SENTRY_EVENT_URL")
+    if isinstance(url, str) and "{event_id}" not in url:
+        yield "CELERY_GUARD_SENTRY_EVENT_URL must contain '{event_id}'"
+    days = conf.raw("DLQ_RETENTION_DAYS")
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or days <= 0:
+        yield f"CELERY_GUARD_DLQ_RETENTION_DAYS must be a positive number, got {days!r}"
 
 
 def check_setting_values(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:

@@ -40,6 +40,18 @@ DEFAULTS: Mapping[str, Any] = {
     "IDEMPOTENCY_PUBLISH_GRACE": 60,
     "IDEMPOTENCY_RETENTION": 7 * 24 * 3600,
     "RELEASE_ON_DEAD_LETTER": True,
+    "REDACT_FIELDS": (
+        "password",
+        "token",
+        "secret",
+        "authorization",
+        "api_key",
+        "card",
+        "ssn",
+    ),
+    "REDACTOR": None,
+    "DLQ_RETENTION_DAYS": 30,
+    "SENTRY_EVENT_URL": None,
 }
 
 
@@ -186,6 +198,28 @@ class GuardSettings:
         if isinstance(value, timedelta):
             return value.total_seconds()
         return float(value)
+
+    @property
+    def redact_fields(self) -> tuple[str, ...]:
+        """Key fragments whose values are masked (case-insensitive substring match)."""
+        return tuple(str(name) for name in raw("REDACT_FIELDS"))
+
+    @property
+    def redactor(self) -> str | None:
+        """Dotted path of the project's redactor hook, if any."""
+        value = raw("REDACTOR")
+        return None if value is None else str(value)
+
+    @property
+    def dlq_retention_days(self) -> float:
+        """Age (days) past which replayed or discarded dead letters are purged."""
+        return float(raw("DLQ_RETENTION_DAYS"))
+
+    @property
+    def sentry_event_url(self) -> str | None:
+        """URL template of a Sentry event, with ``{event_id}`` in it."""
+        value = raw("SENTRY_EVENT_URL")
+        return None if value is None else str(value)
 
 
 guard_settings = GuardSettings()

@@ -53,6 +53,14 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def replay_of(guard: Mapping[str, Any]) -> int | None:
+    """Id of the dead letter a replayed message replays (guard header ``replay_of``), if any."""
+    value = guard.get("replay_of")
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
 def idempotency_key(guard: Mapping[str, Any]) -> str | None:
     """The idempotency key a guard header carries (``{"idempotency": {"key": ...}}``), if any."""
     entry = guard.get("idempotency")
@@ -104,6 +112,7 @@ def write(failure: Failure) -> DeadLetter:
             options=jsonable(dict(failure.options)),
             idempotency_key=idempotency_key(guard),
             tenant=guard.get("tenant"),
+            replay_of=replay_of(guard),
             reason=failure.reason,
             exception_class=failure.exception_class[:255],
             message=truncate(failure.message, MAX_MESSAGE),

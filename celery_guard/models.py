@@ -52,16 +52,32 @@ class DeadLetter(models.Model):
     guarded = models.BooleanField(default=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.DEAD)
     sentry_event_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+    #: Why the row has its status (unroutable reason, discard reason...), set by the DLQ tools.
+    status_reason = models.TextField(blank=True)
+    #: Id of the dead letter whose replay this failure is (from the guard header's
+    #: ``replay_of``). A plain integer, not a foreign key: the original may have been purged.
+    replay_of = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-failed_at", "-id"]
+        # Every changelist filter is "WHERE <field> = ... ORDER BY failed_at DESC, id DESC":
+        # each composite index serves the filter and the default ordering in one scan.
         indexes = [
-            models.Index(fields=["task_name"], name="cg_dl_task_name"),
-            models.Index(fields=["reason"], name="cg_dl_reason"),
-            models.Index(fields=["exception_class"], name="cg_dl_exception_class"),
-            models.Index(fields=["queue"], name="cg_dl_queue"),
-            models.Index(fields=["status"], name="cg_dl_status"),
-            models.Index(fields=["failed_at"], name="cg_dl_failed_at"),
+            models.Index(fields=["task_name", "-failed_at", "-id"], name="cg_dl_task_name"),
+            models.Index(fields=["reason", "-failed_at", "-id"], name="cg_dl_reason"),
+            models.Index(
+                fields=["exception_class", "-failed_at", "-id"], name="cg_dl_exception_class"
+            ),
+            models.Index(fields=["queue", "-failed_at", "-id"], name="cg_dl_queue"),
+            models.Index(fields=["status", "-failed_at", "-id"], name="cg_dl_status"),
+            models.Index(fields=["-failed_at", "-id"], name="cg_dl_failed_at"),
+            models.Index(fields=["idempotency_key"], name="cg_dl_idempotency_key"),
+            models.Index(fields=["replay_of"], name="cg_dl_replay_of"),
+        ]
+        permissions = [
+            ("replay_deadletter", "Can replay dead letters"),
+            ("edit_deadletter", "Can edit the arguments of dead letters, replay and reveal them"),
+            ("discard_deadletter", "Can discard dead letters"),
         ]
 
     def __str__(self) -> str:
@@ -215,3 +231,27 @@ class IdempotencyRecord(models.Model):
         if self.lease_expires_at is not None:
             return "pending (publish unconfirmed)"
         return "pending (published)"
+
+
+class DeadLetterReplay(models.Model):
+    """One replay of a dead letter: the task id it was published under, by whom, when.
+
+    Written in the same transaction that claims the dead letter, before the publish; deleted
+    again if the publish fails. A replay that fails for good writes a new ``DeadLetter`` whose
+    ``task_id`` is this ``task_id`` and whose ``replay_of`` is ``dead_letter_id``.
+    """
+
+    dead_letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="replays")
+    task_id = models.CharField(max_length=255, db_index=True)
+    replayed_by = models.CharField(max_length=150, blank=True)
+    replayed_at = models.DateTimeField(default=timezone.now)
+    #: True when the operator edited the arguments (``args``/``kwargs`` then hold what ran).
+    edited = models.BooleanField(default=False)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-replayed_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"replay of {self.dead_letter_id} as {self.task_id}"

@@ -51,6 +51,7 @@ def retry_once_job(self, label: str) -> None:
         raise self.retry(countdown=0.1)
 
 
+from tests.testapp.dlq_tasks import *  # noqa: E402, F403  (dead-letter queue test tasks)
 from tests.testapp.fail_tasks import *  # noqa: E402, F403  (failure-pipeline test tasks)
 
 

@@ -2,32 +2,54 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import current_app
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from celery_guard import doctor, idempotency
+from celery_guard import dlq, doctor, idempotency, replay
+from celery_guard.models import DeadLetter
 
 
 class Command(BaseCommand):
     """Dispatch to one subcommand method per operation (``handle_<name>``)."""
 
-    help = "celery_guard operations: doctor, purge."
+    help = "celery_guard operations: doctor, replay, purge, seed-dead-letters."
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Declare the subcommands and their arguments."""
         sub = parser.add_subparsers(dest="subcommand", required=True, metavar="subcommand")
         d = sub.add_parser("doctor", help="Check configuration, broker, database and consumers.")
         d.add_argument("--timeout", type=float, default=2.0, help="Seconds per network probe.")
-        sub.add_parser(
-            "purge",
-            help="Delete idempotency records past their dedup window and the retention.",
+        r = sub.add_parser(
+            "replay", help="Replay dead letters (status dead or unroutable) matching filters."
         )
+        r.add_argument("--task", help="Exact task name.")
+        r.add_argument("--reason", choices=[value for value, _ in DeadLetter.Reason.choices])
+        r.add_argument("--exception", help="Exact exception class (module.QualName).")
+        r.add_argument("--queue", help="Exact queue name.")
+        r.add_argument("--since", help="Failed at or after: ISO date/datetime or age (2h, 7d).")
+        r.add_argument("--until", help="Failed before: ISO date/datetime or age (2h, 7d).")
+        r.add_argument("--limit", type=int, help="Replay at most this many (oldest first).")
+        r.add_argument("--dry-run", action="store_true", help="Validate only; publish nothing.")
+        r.add_argument("--rate", default="200/s", help="Publish rate: 200/s, 600/m, 10/h.")
+        r.add_argument("--no-progress", action="store_true", help="No progress bar.")
+        p = sub.add_parser(
+            "purge",
+            help="Delete idempotency records past their dedup window and the retention, and "
+            "replayed/discarded dead letters older than CELERY_GUARD_DLQ_RETENTION_DAYS.",
+        )
+        p.add_argument(
+            "--days", type=float, help="Dead letters: override CELERY_GUARD_DLQ_RETENTION_DAYS."
+        )
+        s = sub.add_parser("seed-dead-letters", help="Insert fake dead letters (benchmarks).")
+        s.add_argument("count", type=int)
+        s.add_argument("--batch", type=int, default=5000)
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the chosen subcommand."""
-        getattr(self, f"handle_{options['subcommand']}")(**options)
+        getattr(self, f"handle_{options['subcommand'].replace('-', '_')}")(**options)
 
     def handle_doctor(self, timeout: float, **options: Any) -> None:
         """Print the doctor report and the worker command lines; fail on errors."""
@@ -45,7 +67,77 @@ class Command(BaseCommand):
         if not report.ok:
             raise CommandError("celery_guard doctor found errors")
 
-    def handle_purge(self, **options: Any) -> None:
-        """Purge expired idempotency records and say how many."""
+    def handle_replay(
+        self,
+        *,
+        task: str | None,
+        reason: str | None,
+        exception: str | None,
+        queue: str | None,
+        since: str | None,
+        until: str | None,
+        limit: int | None,
+        dry_run: bool,
+        rate: str,
+        no_progress: bool,
+        **options: Any,
+    ) -> None:
+        """Replay matching dead letters through the same service as the admin action."""
+        try:
+            per_second = replay.parse_rate(rate)
+            rows = dlq.select(
+                task=task,
+                reason=reason,
+                exception=exception,
+                queue=queue,
+                since=dlq.parse_when(since) if since else None,
+                until=dlq.parse_when(until) if until else None,
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        if limit is not None:
+            rows = rows[:limit]
+        ids = list(rows.values_list("pk", flat=True))
+        total = len(ids)
+        bucket = replay.TokenBucket(per_second)
+        started = time.monotonic()
+
+        def progress(done: int) -> None:
+            if no_progress or (done % 50 and done != total):
+                return
+            width = 30
+            filled = width * done // max(total, 1)
+            bar = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+            self.stderr.write(bar, ending="\n" if done == total else "")
+            self.stderr.flush()
+
+        summary = replay.replay(
+            ids,
+            app=current_app._get_current_object(),
+            user="manage.py celery_guard replay",
+            dry_run=dry_run,
+            pace=bucket.acquire,
+            progress=progress,
+        )
+        elapsed = time.monotonic() - started
+        prefix = "dry run: would have " if dry_run else ""
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"{prefix}{summary} of {total} matching dead letter(s) in {elapsed:.1f}s"
+            )
+        )
+        for pk, why in summary.reasons.items():
+            self.stdout.write(self.style.WARNING(f"  unroutable #{pk}: {why}"))
+
+    def handle_purge(self, *, days: float | None = None, **options: Any) -> None:
+        """Purge expired idempotency records and old replayed/discarded dead letters."""
         deleted = idempotency.purge()
         self.stdout.write(self.style.SUCCESS(f"purged {deleted} expired idempotency record(s)"))
+        letters = dlq.purge(days)
+        self.stdout.write(self.style.SUCCESS(f"purged {letters} dead letter(s)"))
+
+    def handle_seed_dead_letters(self, *, count: int, batch: int, **options: Any) -> None:
+        """Insert ``count`` fake dead letters (for the changelist benchmark)."""
+        started = time.monotonic()
+        written = dlq.seed(count, batch=batch)
+        self.stdout.write(f"seeded {written} dead letter(s) in {time.monotonic() - started:.1f}s")

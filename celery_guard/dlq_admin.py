@@ -1,0 +1,531 @@
+"""Admin of the dead-letter queue: inspect, replay, edit and replay, discard (audited)."""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import json
+import logging
+from typing import Any
+
+from celery import current_app
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+from django.views.decorators.http import require_POST
+
+from celery_guard import redaction, replay
+from celery_guard.conf import guard_settings
+from celery_guard.dlq_scale import (
+    EstimatedCountPaginator,
+    IndexedValuesFilter,
+    ProbedDatesQuerySet,
+)
+from celery_guard.models import DeadLetter
+
+logger = logging.getLogger(__name__)
+
+#: Permissions (``app_label.codename``) of the side-effect tools.
+REPLAY_PERMISSION = "celery_guard.replay_deadletter"
+EDIT_PERMISSION = "celery_guard.edit_deadletter"
+DISCARD_PERMISSION = "celery_guard.discard_deadletter"
+#: Gated actions -> the permission a POST naming them needs.
+GATED_ACTIONS = {"replay_selected": REPLAY_PERMISSION, "discard_selected": DISCARD_PERMISSION}
+#: Unroutable reasons listed in a message after a replay (the rest are on the rows).
+SHOWN_REASONS = 5
+
+# Whether the detail page being rendered shows unmasked arguments. The readonly field methods
+# get no request, and the ModelAdmin instance is shared by every request: a context variable
+# keeps the decision to the request (thread) that made it.
+_revealing: contextvars.ContextVar[bool] = contextvars.ContextVar("cg_revealing", default=False)
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=repr)
+
+
+def _summary_message(summary: replay.Summary) -> str:
+    text = f"Dead letters: {summary}."
+    for pk, reason in list(summary.reasons.items())[:SHOWN_REASONS]:
+        text += f" #{pk}: {reason}."
+    return text
+
+
+def _parse_json(text: str, kind: type, label: str) -> Any:
+    try:
+        value = json.loads(text or ("[]" if kind is list else "{}"))
+    except ValueError as exc:
+        raise ValueError(f"{label} is not valid JSON: {exc}") from exc
+    if not isinstance(value, kind):
+        raise ValueError(f"{label} must be a JSON {'list' if kind is list else 'object'}")
+    return value
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Dead letters as the workers wrote them: read-only, with gated replay and discard."""
+
+    list_display = (
+        "id",
+        "short_task_name",
+        "reason",
+        "short_exception",
+        "attempts",
+        "queue",
+        "tenant",
+        "failed_at",
+        "status",
+    )
+    list_display_links = ("id", "short_task_name")
+    list_filter = (
+        "status",
+        "reason",
+        ("task_name", IndexedValuesFilter),
+        ("exception_class", IndexedValuesFilter),
+        ("queue", IndexedValuesFilter),
+    )
+    date_hierarchy = "failed_at"
+    # Searched by exact match in get_search_results (indexed), never icontains.
+    search_fields = ("=task_id", "=idempotency_key")
+    search_help_text = "Exact task id, idempotency key or dead letter id."
+    ordering = ("-failed_at", "-id")
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    list_per_page = 50
+    actions = ["replay_selected", "discard_selected"]
+    change_form_template = "admin/celery_guard/deadletter/change_form.html"
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "task_name",
+                    "task_id",
+                    "status",
+                    "status_reason",
+                    "reason",
+                    "exception_class",
+                    "message",
+                    "attempts",
+                    "queue",
+                    "tenant",
+                    "idempotency_key",
+                    "first_enqueued_at",
+                    "failed_at",
+                    "hostname",
+                    "guarded",
+                    "replay_of_link",
+                    "sentry_link",
+                )
+            },
+        ),
+        ("Arguments", {"fields": ("arguments",)}),
+        ("Traceback", {"fields": ("traceback_display",)}),
+        ("Attempt history", {"fields": ("attempt_history",)}),
+        ("Replay history", {"fields": ("replay_history",)}),
+    )
+
+    # -- read-only ---------------------------------------------------------------------------
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Dead letters are written by workers only."""
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Stored fields are never edited; the tools change the status through their views."""
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Rows leave through discard and ``celery_guard purge``, never a bare delete."""
+        return False
+
+    def has_replay_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Replay: ``celery_guard.replay_deadletter``."""
+        return bool(request.user.has_perm(REPLAY_PERMISSION))
+
+    def has_edit_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Edit-and-replay and revealing masked values: ``celery_guard.edit_deadletter``."""
+        return bool(request.user.has_perm(EDIT_PERMISSION))
+
+    def has_discard_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Discard: ``celery_guard.discard_deadletter``."""
+        return bool(request.user.has_perm(DISCARD_PERMISSION))
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        """Rows whose date hierarchy probes periods instead of scanning (see dlq_scale)."""
+        queryset = super().get_queryset(request)
+        queryset.__class__ = ProbedDatesQuerySet
+        return queryset
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        """Everything on the detail page is read-only."""
+        return [str(name) for _, opts in self.fieldsets for name in opts["fields"]]
+
+    # -- changelist --------------------------------------------------------------------------
+
+    @admin.display(description="task", ordering="task_name")
+    def short_task_name(self, obj: DeadLetter) -> str:
+        """The task's function name without its module."""
+        return obj.task_name.rsplit(".", 1)[-1]
+
+    @admin.display(description="exception", ordering="exception_class")
+    def short_exception(self, obj: DeadLetter) -> str:
+        """The exception class without its module."""
+        return obj.exception_class.rsplit(".", 1)[-1]
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        """Exact, indexed matches on task id, idempotency key or id (never ``LIKE``)."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        condition = Q(task_id=term) | Q(idempotency_key=term)
+        if term.isdigit():
+            condition |= Q(pk=int(term))
+        return queryset.filter(condition), False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        """Refuse (403) a POST naming a gated action the user may not run."""
+        action = request.POST.get("action") if request.method == "POST" else None
+        if action in GATED_ACTIONS and not request.user.has_perm(GATED_ACTIONS[action]):
+            raise PermissionDenied
+        return super().changelist_view(request, extra_context)
+
+    # -- detail ------------------------------------------------------------------------------
+
+    def _reveal(self, request: HttpRequest) -> bool:
+        return request.GET.get("reveal") == "1" and self.has_edit_permission(request)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        """The read-only detail page, with the tool buttons the user may use."""
+        revealing = self._reveal(request)
+        context = {
+            **(extra_context or {}),
+            "can_replay": self.has_replay_permission(request),
+            "can_edit": self.has_edit_permission(request),
+            "can_discard": self.has_discard_permission(request),
+            "revealing": revealing,
+        }
+        token = _revealing.set(revealing)
+        try:
+            response = super().change_view(request, object_id, form_url, context)
+            # Render now, while the context variable holds this request's decision.
+            if isinstance(response, TemplateResponse):
+                response.render()
+            return response
+        finally:
+            _revealing.reset(token)
+
+    @admin.display(description="arguments")
+    def arguments(self, obj: DeadLetter) -> SafeString:
+        """Pretty-printed args and kwargs, sensitive values masked unless revealed."""
+        if _revealing.get():
+            data: Any = {"args": obj.args, "kwargs": obj.kwargs}
+        else:
+            data = redaction.redact(obj.args, obj.kwargs, task_name=obj.task_name)
+        return format_html('<pre class="cg-arguments">{}</pre>', _pretty(data))
+
+    @admin.display(description="traceback")
+    def traceback_display(self, obj: DeadLetter) -> SafeString:
+        """The traceback, preformatted."""
+        return format_html('<pre class="cg-traceback">{}</pre>', obj.traceback or "-")
+
+    @admin.display(description="attempts")
+    def attempt_history(self, obj: DeadLetter) -> SafeString:
+        """One line per failed attempt: number, error, kind, delay, message."""
+        entries = [entry for entry in obj.history if isinstance(entry, dict)]
+        keys = ("attempt", "error", "kind", "delay", "message")
+        return _table(
+            ("attempt", "error", "kind", "delay (s)", "message"),
+            [tuple(entry.get(key, "") for key in keys) for entry in entries],
+        )
+
+    @admin.display(description="replays")
+    def replay_history(self, obj: DeadLetter) -> SafeString:
+        """Each replay's task id, who and when, and its dead letter if it failed again."""
+        replays = list(obj.replays.all())
+        again = {
+            row.task_id: row.pk
+            for row in DeadLetter.objects.filter(replay_of=obj.pk).only("pk", "task_id")
+        }
+        lines = []
+        for record in replays:
+            if record.task_id in again:
+                url = reverse("admin:celery_guard_deadletter_change", args=[again[record.task_id]])
+                outcome = format_html(
+                    '<a href="{}">failed again: dead letter #{}</a>', url, again[record.task_id]
+                )
+            else:
+                outcome = format_html("{}", "published; no failure recorded")
+            lines.append(
+                (
+                    record.task_id,
+                    record.replayed_by or "-",
+                    record.replayed_at,
+                    "yes" if record.edited else "no",
+                    outcome,
+                )
+            )
+        return _table(("task id", "by", "at", "edited", "outcome"), lines)
+
+    @admin.display(description="replay of")
+    def replay_of_link(self, obj: DeadLetter) -> SafeString:
+        """Link to the dead letter this failure replayed."""
+        if obj.replay_of is None:
+            return format_html("{}", "-")
+        url = reverse("admin:celery_guard_deadletter_change", args=[obj.replay_of])
+        return format_html('<a href="{}">dead letter #{}</a>', url, obj.replay_of)
+
+    @admin.display(description="Sentry")
+    def sentry_link(self, obj: DeadLetter) -> SafeString:
+        """Link to the Sentry event (``CELERY_GUARD_SENTRY_EVENT_URL``)."""
+        if not obj.sentry_event_id:
+            return format_html("{}", "-")
+        template = guard_settings.sentry_event_url
+        if not template:
+            return format_html("{}", obj.sentry_event_id)
+        url = template.format(event_id=obj.sentry_event_id)
+        return format_html('<a href="{}" rel="noopener">{}</a>', url, obj.sentry_event_id)
+
+    # -- tools -------------------------------------------------------------------------------
+
+    def get_urls(self) -> list[Any]:
+        """The detail-page tool views, before the model admin's own URLs."""
+        view = self.admin_site.admin_view
+        return [
+            path(
+                "<path:object_id>/replay/",
+                view(require_POST(self.replay_view)),
+                name="celery_guard_deadletter_replay",
+            ),
+            path(
+                "<path:object_id>/edit-replay/",
+                view(self.edit_replay_view),
+                name="celery_guard_deadletter_edit_replay",
+            ),
+            path(
+                "<path:object_id>/discard/",
+                view(self.discard_view),
+                name="celery_guard_deadletter_discard",
+            ),
+            *super().get_urls(),
+        ]
+
+    def _user(self, request: HttpRequest) -> str:
+        return str(request.user.get_username())
+
+    def _audit_replay(
+        self, request: HttpRequest, rows: list[DeadLetter], summary: replay.Summary
+    ) -> None:
+        for row in rows:
+            if row.pk in summary.task_ids:
+                self.log_change(request, row, f"Replayed as task {summary.task_ids[row.pk]}.")
+            elif row.pk in summary.reasons:
+                self.log_change(request, row, f"Replay refused, unroutable: {row_reason(row)}")
+
+    def _replay_rows(self, request: HttpRequest, rows: list[DeadLetter]) -> replay.Summary:
+        summary = replay.Summary()
+        app = current_app._get_current_object()
+        try:
+            replay.replay_rows(rows, app=app, user=self._user(request), summary=summary)
+        except Exception as exc:
+            self.message_user(
+                request,
+                f"Publishing a replay failed ({exc}); the dead letters not published yet stay "
+                "as they were.",
+                messages.ERROR,
+            )
+        for row in rows:
+            if row.pk in summary.reasons:
+                row.status_reason = summary.reasons[row.pk]
+        self._audit_replay(request, rows, summary)
+        level = messages.SUCCESS if not summary.unroutable else messages.WARNING
+        self.message_user(request, _summary_message(summary), level)
+        return summary
+
+    @admin.action(description="Replay selected dead letters", permissions=["replay"])
+    def replay_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        """Publish each selected dead letter again (each at most once)."""
+        self._replay_rows(request, list(queryset))
+
+    def replay_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST: replay one dead letter (the detail page's button)."""
+        if not self.has_replay_permission(request):
+            raise PermissionDenied
+        row = get_object_or_404(DeadLetter, pk=object_id)
+        self._replay_rows(request, [row])
+        return HttpResponseRedirect(reverse("admin:celery_guard_deadletter_change", args=[row.pk]))
+
+    def edit_replay_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Edit the arguments as JSON, preview the diff, confirm: replay with them."""
+        if not self.has_edit_permission(request):
+            raise PermissionDenied
+        row = get_object_or_404(DeadLetter, pk=object_id)
+        args_text = request.POST.get("args", _pretty(row.args))
+        kwargs_text = request.POST.get("kwargs", _pretty(row.kwargs))
+        error = diff = ""
+        if request.method == "POST":
+            try:
+                args = _parse_json(args_text, list, "args")
+                kwargs = _parse_json(kwargs_text, dict, "kwargs")
+                reason = replay.unroutable_reason(
+                    row, current_app._get_current_object(), args, kwargs
+                )
+                if reason:
+                    raise ValueError(reason)
+            except ValueError as exc:
+                error = str(exc)
+            else:
+                diff = _diff(row, args, kwargs, masked=False)
+                if "confirm" in request.POST:
+                    return self._confirm_edit(request, row, args, kwargs)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": row,
+            "title": f"Edit and replay dead letter #{row.pk}",
+            "args_text": args_text,
+            "kwargs_text": kwargs_text,
+            "error": error,
+            "diff": diff,
+            "previewed": request.method == "POST" and not error,
+        }
+        return TemplateResponse(request, "admin/celery_guard/deadletter/edit_replay.html", context)
+
+    def _confirm_edit(
+        self, request: HttpRequest, row: DeadLetter, args: Any, kwargs: Any
+    ) -> HttpResponse:
+        summary = replay.Summary()
+        replay.replay_one(
+            row,
+            app=current_app._get_current_object(),
+            user=self._user(request),
+            args=args,
+            kwargs=kwargs,
+            summary=summary,
+        )
+        if row.pk in summary.task_ids:
+            change = _diff(row, args, kwargs, masked=True) or "(no change)"
+            self.log_change(
+                request,
+                row,
+                f"Replayed with edited arguments as task {summary.task_ids[row.pk]}:\n{change}",
+            )
+        self.message_user(request, _summary_message(summary), messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:celery_guard_deadletter_change", args=[row.pk]))
+
+    def _discard(self, request: HttpRequest, queryset: QuerySet[Any], reason: str) -> int:
+        done = 0
+        for row in queryset.exclude(status=DeadLetter.Status.DISCARDED):
+            # Conditional: a row replayed meanwhile by someone else keeps its status.
+            if (
+                DeadLetter.objects.filter(pk=row.pk, status=row.status).update(
+                    status=DeadLetter.Status.DISCARDED, status_reason=reason
+                )
+                == 1
+            ):
+                self.log_change(request, row, f"Discarded (was {row.status}): {reason}")
+                logger.info(
+                    "celery_guard: dead letter %s discarded by %s: %s",
+                    row.pk,
+                    self._user(request),
+                    reason,
+                )
+                done += 1
+        return done
+
+    def _discard_page(
+        self, request: HttpRequest, queryset: QuerySet[Any], error: str = ""
+    ) -> TemplateResponse:
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Discard dead letters",
+            "rows": queryset[:100],
+            "ids": [str(pk) for pk in queryset.values_list("pk", flat=True)],
+            "error": error,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/celery_guard/deadletter/discard.html", context)
+
+    def _discard_flow(
+        self, request: HttpRequest, queryset: QuerySet[Any], confirmed: bool
+    ) -> TemplateResponse | None:
+        """The reason page until a reason is confirmed; then discard (None)."""
+        if not confirmed:
+            return self._discard_page(request, queryset)
+        reason = request.POST.get("discard_reason", "").strip()
+        if not reason:
+            return self._discard_page(request, queryset, "A reason is required.")
+        done = self._discard(request, queryset, reason)
+        self.message_user(request, f"{done} dead letter(s) discarded.", messages.SUCCESS)
+        return None
+
+    @admin.action(description="Discard selected dead letters", permissions=["discard"])
+    def discard_selected(
+        self, request: HttpRequest, queryset: QuerySet[Any]
+    ) -> TemplateResponse | None:
+        """Ask for a reason (intermediate page), then discard the selected rows."""
+        return self._discard_flow(request, queryset, "confirm" in request.POST)
+
+    def discard_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Discard one dead letter with a reason (the detail page's button)."""
+        if not self.has_discard_permission(request):
+            raise PermissionDenied
+        queryset = DeadLetter.objects.filter(pk=object_id)
+        page = self._discard_flow(request, queryset, request.method == "POST")
+        if page is not None:
+            return page
+        return HttpResponseRedirect(
+            reverse("admin:celery_guard_deadletter_change", args=[object_id])
+        )
+
+
+def _table(titles: tuple[str, ...], rows: list[tuple[Any, ...]]) -> SafeString:
+    """An HTML table (values escaped), or "-" when there are no rows."""
+    if not rows:
+        return format_html("{}", "-")
+    cells = "".join("<td>{}</td>" for _ in titles)
+    return format_html(
+        "<table><tr>{}</tr>{}</table>",
+        format_html_join("", "<th>{}</th>", ((title,) for title in titles)),
+        format_html_join("", f"<tr>{cells}</tr>", rows),
+    )
+
+
+def row_reason(row: DeadLetter) -> str:
+    """The reason stored with a row's status."""
+    return row.status_reason or "-"
+
+
+def _diff(row: DeadLetter, args: Any, kwargs: Any, *, masked: bool) -> str:
+    """Unified diff of the stored arguments against the edited ones (masked for the log)."""
+    if masked:
+        before = redaction.redact(row.args, row.kwargs, task_name=row.task_name)
+        after = redaction.redact(args, kwargs, task_name=row.task_name)
+    else:
+        before = {"args": row.args, "kwargs": row.kwargs}
+        after = {"args": args, "kwargs": kwargs}
+    lines = difflib.unified_diff(
+        _pretty(before).splitlines(),
+        _pretty(after).splitlines(),
+        "stored",
+        "edited",
+        lineterm="",
+    )
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""The dead-letter admin through the Django test client; replays run on a real worker."""
+
+import time
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from celery_guard import dlq, dlq_admin
+from celery_guard.models import DeadLetter, DeadLetterReplay
+from tests.dlq_support import dead_letter, staff
+from tests.harness import queue_length, wait_until
+from tests.testapp.dlq_tasks import fix
+from tests.testapp.models import Execution
+
+CHANGELIST = "admin:celery_guard_deadletter_changelist"
+
+
+def change_url(row):
+    return reverse("admin:celery_guard_deadletter_change", args=[row.pk])
+
+
+def tool_url(name, row):
+    return reverse(f"admin:celery_guard_deadletter_{name}", args=[row.pk])
+
+
+def action_names(response):
+    form = response.context["action_form"]  # None when the user may run no action at all
+    return [name for name, _ in form.fields["action"].choices] if form else []
+
+
+def messages_of(response):
+    return " ".join(str(m) for m in response.context["messages"])
+
+
+@pytest.mark.django_db
+def test_without_the_permission_replay_is_absent_and_refused(client, redis_url, queues):
+    row = dead_letter("viewer")
+    client.force_login(staff("viewer"))
+    page = client.get(reverse(CHANGELIST))
+    assert page.status_code == 200
+    assert "replay_selected" not in action_names(page)
+    assert "discard_selected" not in action_names(page)
+    detail = client.get(change_url(row))
+    assert detail.status_code == 200
+    assert b"cg-replay" not in detail.content
+    crafted = {"action": "replay_selected", "_selected_action": [row.pk]}
+    assert client.post(reverse(CHANGELIST), crafted).status_code == 403
+    assert client.post(tool_url("replay", row)).status_code == 403
+    assert client.get(tool_url("edit_replay", row)).status_code == 403
+    assert client.post(tool_url("edit_replay", row), {"confirm": "1"}).status_code == 403
+    assert client.post(tool_url("discard", row), {"discard_reason": "x"}).status_code == 403
+    row.refresh_from_db()
+    assert row.status == DeadLetter.Status.DEAD
+    assert queue_length(redis_url, queues["default"]) == 0
+    # Read-only: no add, no change, no delete.
+    assert client.get(reverse("admin:celery_guard_deadletter_add")).status_code == 403
+    assert b'name="_save"' not in detail.content
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_replay_runs_on_a_real_worker_and_a_double_replay_publishes_once(
+    client, start_worker, redis_url, queues
+):
+    row = dead_letter("admin-replay")
+    client.force_login(staff("operator", "replay_deadletter"))
+    page = client.get(reverse(CHANGELIST))
+    assert "replay_selected" in action_names(page)
+    fix("admin-replay")  # the cause is fixed; now replay
+    action = {"action": "replay_selected", "_selected_action": [row.pk]}
+    first = client.post(reverse(CHANGELIST), action, follow=True)
+    assert "1 replayed, 0 skipped (not dead any more), 0 unroutable" in messages_of(first)
+    # A double submit and the detail page's button: nothing more is published.
+    again = client.post(reverse(CHANGELIST), action, follow=True)
+    assert "0 replayed, 1 skipped" in messages_of(again)
+    button = client.post(tool_url("replay", row), follow=True)
+    assert "0 replayed, 1 skipped" in messages_of(button)
+    assert queue_length(redis_url, queues["default"]) == 1
+    start_worker(["default"])
+    run = wait_until(lambda: Execution.objects.filter(label="admin-replay").first())
+    time.sleep(0.5)
+    assert Execution.objects.filter(label="admin-replay").count() == 1
+    record = DeadLetterReplay.objects.get(dead_letter=row)
+    assert record.replayed_by == "operator"
+    assert run.guard_header["replay_of"] == row.pk
+    assert run.guard_header["attempt"] == 1
+    row.refresh_from_db()
+    assert row.status == DeadLetter.Status.REPLAYED
+    [entry] = LogEntry.objects.filter(object_id=str(row.pk))
+    assert entry.user.username == "operator"
+    assert record.task_id in entry.get_change_message()
+    detail = client.get(change_url(row))
+    assert record.task_id.encode() in detail.content
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_replay_that_fails_again_links_to_its_new_dead_letter(client, start_worker):
+    row = dead_letter("still-broken")
+    client.force_login(staff("operator", "replay_deadletter"))
+    client.post(tool_url("replay", row))
+    start_worker(["default"])
+    again = wait_until(lambda: DeadLetter.objects.filter(replay_of=row.pk).first())
+    assert again.task_id == DeadLetterReplay.objects.get(dead_letter=row).task_id
+    detail = client.get(change_url(row)).content.decode()
+    assert f"failed again: dead letter #{again.pk}" in detail
+    assert change_url(again) in detail
+
+
+@pytest.mark.django_db
+def test_unroutable_rows_are_reported_and_nothing_is_published(client, redis_url, queues):
+    gone = dead_letter("gone", task_name="tests.testapp.dlq_tasks.removed")
+    stale = dead_letter("stale", kwargs={"removed_parameter": 1})
+    client.force_login(staff("operator", "replay_deadletter"))
+    action = {"action": "replay_selected", "_selected_action": [gone.pk, stale.pk]}
+    response = client.post(reverse(CHANGELIST), action, follow=True)
+    text = messages_of(response)
+    assert "0 replayed, 0 skipped (not dead any more), 2 unroutable" in text
+    assert "is not registered" in text and "removed_parameter" in text
+    assert queue_length(redis_url, queues["default"]) == 0
+    assert set(DeadLetter.objects.values_list("status", flat=True)) == {"unroutable"}
+    assert not DeadLetterReplay.objects.exists()
+    assert LogEntry.objects.filter(change_message__contains="unroutable").count() == 2
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_edit_and_replay_needs_its_permission_shows_a_diff_and_is_audited(
+    client, start_worker, redis_url, queues
+):
+    row = dead_letter("typo", kwargs={"removed_parameter": 1, "token": "s3cret"})
+    client.force_login(staff("operator", "replay_deadletter"))
+    assert client.get(tool_url("edit_replay", row)).status_code == 403
+    client.force_login(staff("editor", "replay_deadletter", "edit_deadletter"))
+    form = client.get(tool_url("edit_replay", row))
+    assert form.status_code == 200 and b"removed_parameter" in form.content
+    edited = {"args": '["fixed-label"]', "kwargs": '{"note": "s3cret"}'}
+    bad = client.post(tool_url("edit_replay", row), {**edited, "args": '["a", "b", "c"]'})
+    assert b"do not bind" in bad.content and b"cg-confirm" not in bad.content
+    preview = client.post(tool_url("edit_replay", row), {**edited, "preview": "1"})
+    diff = preview.context["diff"]
+    assert '-    "removed_parameter": 1' in diff and '+    "note": "s3cret"' in diff
+    assert b"cg-confirm" in preview.content
+    assert queue_length(redis_url, queues["default"]) == 0  # a preview publishes nothing
+    fix("fixed-label")
+    done = client.post(tool_url("edit_replay", row), {**edited, "confirm": "1"}, follow=True)
+    assert "1 replayed" in messages_of(done)
+    start_worker(["default"])
+    wait_until(lambda: Execution.objects.filter(label="fixed-label").exists())
+    record = DeadLetterReplay.objects.get(dead_letter=row)
+    assert record.edited and record.kwargs == {"note": "s3cret"}
+    row.refresh_from_db()
+    assert row.kwargs == {"removed_parameter": 1, "token": "s3cret"}  # stored data untouched
+    entry = LogEntry.objects.get(object_id=str(row.pk))
+    message = entry.get_change_message()
+    assert entry.user.username == "editor"
+    assert "edited arguments" in message and "fixed-label" in message
+    assert "s3cret" not in message.replace('"note": "s3cret"', "")  # the token stays masked
+
+
+@pytest.mark.django_db
+def test_sensitive_values_are_masked_and_revealed_only_with_the_edit_permission(client):
+    row = dead_letter("secret", kwargs={"password": "hunter2", "user": "bob"})
+    client.force_login(staff("operator", "replay_deadletter"))
+    for url in (change_url(row), change_url(row) + "?reveal=1"):
+        page = client.get(url).content
+        assert b"hunter2" not in page and b"********" in page and b"bob" in page
+    client.force_login(staff("editor", "edit_deadletter"))
+    assert b"hunter2" not in client.get(change_url(row)).content
+    assert b"hunter2" in client.get(change_url(row) + "?reveal=1").content
+
+
+@pytest.mark.django_db
+def test_discard_needs_a_reason_and_is_audited(client):
+    row = dead_letter("discard-me")
+    client.force_login(staff("operator", "discard_deadletter"))
+    action = {"action": "discard_selected", "_selected_action": [row.pk]}
+    page = client.post(reverse(CHANGELIST), action)
+    assert page.status_code == 200 and b"discard_reason" in page.content
+    empty = client.post(reverse(CHANGELIST), {**action, "confirm": "1", "discard_reason": " "})
+    assert b"A reason is required" in empty.content
+    row.refresh_from_db()
+    assert row.status == DeadLetter.Status.DEAD
+    reason = {**action, "confirm": "1", "discard_reason": "customer deleted"}
+    done = client.post(reverse(CHANGELIST), reason, follow=True)
+    assert "1 dead letter(s) discarded" in messages_of(done)
+    row.refresh_from_db()
+    assert (row.status, row.status_reason) == ("discarded", "customer deleted")
+    entry = LogEntry.objects.get(object_id=str(row.pk))
+    assert "Discarded (was dead): customer deleted" in entry.get_change_message()
+
+
+@pytest.mark.django_db
+def test_search_is_exact_on_task_id_key_and_id(client):
+    target = dead_letter("find", idempotency_key="order:42")
+    dead_letter("other", idempotency_key="order:421")
+    client.force_login(staff("viewer"))
+
+    def found(term):
+        page = client.get(reverse(CHANGELIST), {"q": term})
+        return [r.pk for r in page.context["cl"].result_list]
+
+    assert found(target.task_id) == [target.pk]
+    assert found("order:42") == [target.pk]
+    assert found(str(target.pk)) == [target.pk]
+    assert found(target.task_id[:8]) == []  # no substring match
+
+
+@pytest.mark.django_db
+def test_filters_and_query_count_independent_of_page_size(client, monkeypatch):
+    dlq.seed(60, batch=30)
+    client.force_login(staff("viewer"))
+    page = client.get(reverse(CHANGELIST), {"status__exact": "dead"})
+    shown = page.context["cl"].result_list
+    assert shown and all(r.status == "dead" for r in shown)
+    some_task = shown[0].task_name
+    filtered = client.get(reverse(CHANGELIST), {"task_name": some_task})
+    assert all(r.task_name == some_task for r in filtered.context["cl"].result_list)
+    assert some_task.encode() in filtered.content  # listed as a filter choice
+    counts = []
+    for per_page in (5, 50):
+        monkeypatch.setattr(dlq_admin.DeadLetterAdmin, "list_per_page", per_page)
+        with CaptureQueriesContext(connection) as queries:
+            page = client.get(reverse(CHANGELIST), {"reason__exact": "permanent"})
+        assert len(page.context["cl"].result_list) == min(
+            per_page, DeadLetter.objects.filter(reason="permanent").count()
+        )
+        counts.append(len(queries))
+    assert counts[0] == counts[1]
+    assert not any("COUNT(*)" in q["sql"] and "LIMIT" not in q["sql"] for q in queries)
+
+
+@pytest.mark.django_db
+def test_detail_links_sentry_and_the_replayed_dead_letter(client, settings):
+    original = dead_letter("first")
+    row = dead_letter("again", sentry_event_id="abc123", replay_of=original.pk)
+    client.force_login(staff("viewer"))
+    page = client.get(change_url(row)).content.decode()
+    assert "abc123" in page and "https://sentry" not in page
+    assert f'href="{change_url(original)}"' in page
+    settings.CELERY_GUARD_SENTRY_EVENT_URL = "https://sentry.example/issues/?query={event_id}"
+    page = client.get(change_url(row)).content.decode()
+    assert 'href="https://sentry.example/issues/?query=abc123"' in page

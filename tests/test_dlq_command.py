@@ -1,0 +1,125 @@
+"""``manage.py celery_guard replay / purge / seed-dead-letters`` on the real broker."""
+
+import datetime as dt
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from celery_guard.models import DeadLetter, DeadLetterReplay
+from tests.dlq_support import dead_letter, published
+from tests.harness import ROOT, queue_length
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_queues")]
+
+
+def run(*args):
+    out, err = io.StringIO(), io.StringIO()
+    call_command("celery_guard", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def replayed_labels():
+    return sorted(
+        r.dead_letter.args[0] for r in DeadLetterReplay.objects.select_related("dead_letter")
+    )
+
+
+def test_filters_select_what_is_replayed(redis_url, queues):
+    now = timezone.now()
+    dead_letter("a", failed_at=now - dt.timedelta(hours=3))
+    dead_letter("b", failed_at=now - dt.timedelta(minutes=30), reason="exhausted")
+    dead_letter("c", failed_at=now - dt.timedelta(minutes=10), exception_class="x.Boom")
+    dead_letter("d", failed_at=now - dt.timedelta(minutes=5), queue="elsewhere")
+    dead_letter("e", failed_at=now - dt.timedelta(minutes=1), status="discarded")
+    run("replay", "--reason", "exhausted", "--no-progress")
+    assert replayed_labels() == ["b"]
+    run("replay", "--exception", "x.Boom", "--no-progress")
+    assert replayed_labels() == ["b", "c"]
+    out, _ = run("replay", "--since", "4h", "--until", "2h", "--no-progress")
+    assert replayed_labels() == ["a", "b", "c"]
+    assert "1 replayed, 0 skipped (not dead any more), 0 unroutable of 1" in out
+    run("replay", "--queue", "elsewhere", "--task", DeadLetter.objects.get(args=["d"]).task_name)
+    assert replayed_labels() == ["a", "b", "c", "d"]
+    assert queue_length(redis_url, queues["default"]) == 3
+    assert DeadLetter.objects.get(args=["e"]).status == "discarded"
+    out, _ = run("replay")  # nothing dead is left: nothing more is published
+    assert "0 replayed" in out and "of 0 matching" in out
+
+
+def test_dry_run_and_limit(redis_url, queues):
+    for n in range(4):
+        dead_letter(f"dry{n}")
+    dead_letter("gone", task_name="nope.task")
+    out, _ = run("replay", "--dry-run", "--no-progress")
+    assert "dry run: would have 4 replayed, 0 skipped (not dead any more), 1 unroutable" in out
+    assert "unroutable #" in out and "not registered" in out
+    assert queue_length(redis_url, queues["default"]) == 0
+    assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
+    out, err = run("replay", "--limit", "2")
+    assert "2 replayed" in out and "2/2" in err  # the progress bar ends at the total
+    assert queue_length(redis_url, queues["default"]) == 2
+
+
+def test_rate_paces_the_publishes(redis_url, queues):
+    q = queues["default"]
+    for n in range(5):
+        dead_letter(f"paced{n}")
+    run("replay", "--rate", "10/s", "--no-progress")
+    # Each message's guard header is stamped just before its publish.
+    stamps = sorted(m[0]["celery_guard"]["first_enqueued_at"] for m in published(redis_url, q))
+    assert len(stamps) == 5 and DeadLetterReplay.objects.count() == 5
+    # 5 publishes at 10/s: the first is immediate, then one every 0.1 s at the earliest.
+    assert stamps[-1] - stamps[0] >= 0.35
+    with pytest.raises(CommandError, match="rate must look like"):
+        run("replay", "--rate", "fast")
+    with pytest.raises(CommandError, match="ISO date"):
+        run("replay", "--since", "yesterday")
+
+
+def test_purge_and_seed():
+    out, _ = run("seed-dead-letters", "30", "--batch", "7")
+    assert "seeded 30" in out and DeadLetter.objects.count() == 30
+    old = timezone.now() - dt.timedelta(days=400)
+    DeadLetter.objects.filter(status__in=["replayed", "discarded"]).update(failed_at=old)
+    finished = DeadLetter.objects.filter(status__in=["replayed", "discarded"]).count()
+    assert finished  # the seed mixes statuses
+    out, _ = run("purge")
+    assert f"purged {finished} dead letter(s)" in out
+    assert "idempotency record(s)" in out
+    assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_two_replay_processes_at_once_publish_each_row_once(test_db_name, redis_url, queues):
+    rows = [dead_letter(f"proc{n}") for n in range(60)]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example_project")]),
+        "CG_WORKER_DB_NAME": test_db_name,
+        "CELERY_BROKER_URL": redis_url,
+        "CELERY_GUARD_LOG_LEVEL": "WARNING",
+    }
+    command = [sys.executable, "-m", "django", "celery_guard", "replay", "--rate", "2000/s"]
+    procs = [
+        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    replayed = [int(re.search(r"(\d+) replayed", out).group(1)) for out in outputs]
+    skipped = [int(re.search(r"(\d+) skipped", out).group(1)) for out in outputs]
+    # Both saw all 60 rows, or one found them already replayed: never 60 published twice.
+    assert sum(replayed) == 60 and sum(replayed) + sum(skipped) <= 120
+    assert queue_length(redis_url, queues["default"]) == 60
+    assert DeadLetterReplay.objects.count() == 60
+    assert set(
+        DeadLetter.objects.filter(pk__in=[r.pk for r in rows]).values_list("status", flat=True)
+    ) == {"replayed"}
