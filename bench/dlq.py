@@ -160,7 +160,11 @@ def bulk_replay(n: int, queue: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - t
         published = int(broker.llen(key))
     finally:
-        broker.delete(key)
+        # The messages, and the exchange bindings kombu declared with the queue.
+        prefix = naming.prefix()
+        broker.delete(
+            key, f"{prefix}:_kombu.binding.{queue}", f"{prefix}:_kombu.binding_permanent.{queue}"
+        )
         DeadLetterReplay.objects.filter(dead_letter_id__in=ids).delete()
         DeadLetter.objects.filter(pk__in=ids).delete()
         broker.close()
