@@ -48,6 +48,10 @@ class Config:
     pushpop_n: int
     commit_n: int
     micro_n: int = 300
+    #: Dead letters the changelist is timed at (bench/dlq.py), smallest first.
+    dlq_rows: tuple[int, ...] = (100_000,)
+    #: Dead letters replayed in bulk.
+    dlq_replay_n: int = 5000
 
 
 QUICK = Config(
@@ -76,6 +80,8 @@ FULL = Config(
     pushpop_n=20000,
     commit_n=3000,
     micro_n=2000,
+    dlq_rows=(100_000, 1_000_000),
+    dlq_replay_n=20_000,
 )
 
 

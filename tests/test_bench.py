@@ -235,3 +235,52 @@ def test_report_shows_ledger_decisions_and_lease_share():
     assert ledgers[-1].startswith("| Redis")  # the database rows first
     assert "| 5 s | 0.017% / 0.032% | < 1% |" in rows["PostgreSQL"]
     assert "| 900 / 2,000 | 800 / 1,500 | 850 / 1,600 |" in rows["SQLite"]
+
+
+def _changelist_step(rows, p95):
+    figures = {"p50_ms": p95 / 2, "p95_ms": p95, "queries": 12, "queries_min": 12, "n": 7}
+    return {"rows": rows, "seed_s": 30.0, "requests": {"first page": figures}}
+
+
+def test_report_shows_dead_letter_changelist_and_replay():
+    results = copy.deepcopy(RESULTS)
+    results["dlq"] = {
+        "engine": "postgresql",
+        "changelist": [_changelist_step(100_000, 80.0), _changelist_step(1_000_000, 350.0)],
+        "replay": {
+            "rows": 5000,
+            "seconds": 2.5,
+            "rows_per_s": 2000.0,
+            "replayed": 5000,
+            "skipped": 0,
+            "unroutable": 0,
+            "published": 5000,
+        },
+    }
+    lines = report.render(results).splitlines()
+    assert "### Dead letters: admin changelist and bulk replay" in lines
+    header = next(line for line in lines if line.startswith("| request |"))
+    assert "100,000 rows" in header and "1,000,000 rows" in header
+    row = next(line for line in lines if line.startswith("| first page |"))
+    assert row == "| first page | 40 / 80, 12 | 175 / 350, 12 | missed |"
+    replay = next(line for line in lines if line.startswith("| `celery_guard.replay.replay`"))
+    assert "| 5,000 | 5,000 | 5,000 | 2.5 | 2,000 | ≥ 1,000 rows/s met |" in replay
+
+
+def test_dead_letter_report_without_postgresql_or_the_full_run():
+    quick = report.dlq_tables({"changelist": [_changelist_step(100_000, 80.0)]})
+    assert "| first page | 40 / 80, 12 | not measured (FULL=1) |" in quick.splitlines()
+    sqlite = report.dlq_tables(
+        {
+            "changelist_note": "Changelist timings skipped: they need PostgreSQL.",
+            "replay": {
+                "rows": 10,
+                "seconds": 0.1,
+                "rows_per_s": 100.0,
+                "replayed": 10,
+                "published": 10,
+            },
+        }
+    )
+    assert sqlite.startswith("> Changelist timings skipped")
+    assert "≥ 1,000 rows/s missed" in sqlite
