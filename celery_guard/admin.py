@@ -6,7 +6,6 @@ The dead-letter queue's admin lives in :mod:`celery_guard.dlq_admin`, registered
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -14,24 +13,9 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from celery_guard import dlq_admin  # noqa: F401  (registers the dead-letter admin)
+from celery_guard.admin_base import ReadOnlyAdmin
 from celery_guard.ledger import DatabaseLedger
 from celery_guard.models import BeatFire, BeatLease, IdempotencyRecord
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """A changelist that nobody can add to, change or delete from: the beats write these."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Rows are written by the beats only."""
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Rows are written by the beats only."""
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """History is kept; delete old rows with a query or a periodic task of your own."""
-        return False
 
 
 @admin.register(BeatLease)
@@ -75,7 +59,7 @@ RELEASE_PERMISSION = "celery_guard.release_idempotencyrecord"
 
 
 @admin.register(IdempotencyRecord)
-class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class IdempotencyRecordAdmin(ReadOnlyAdmin):
     """The ledger as written by the workers; operators may only release keys."""
 
     list_display = (
@@ -93,18 +77,6 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     search_fields = ("key", "task_id")
     ordering = ("-updated_at",)
     actions = ["release_keys"]
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Records are written by the ledger only."""
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Records are written by the ledger only."""
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Expired records are removed by ``celery_guard purge``; live ones by release."""
-        return False
 
     @admin.display(description="state", ordering="state")
     def state_detail(self, obj: IdempotencyRecord) -> str:

@@ -22,6 +22,7 @@ from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from celery_guard import redaction, replay
+from celery_guard.admin_base import ReadOnlyAdmin
 from celery_guard.conf import guard_settings
 from celery_guard.dlq_scale import (
     EstimatedCountPaginator,
@@ -69,7 +70,7 @@ def _parse_json(text: str, kind: type, label: str) -> Any:
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class DeadLetterAdmin(ReadOnlyAdmin):
     """Dead letters as the workers wrote them: read-only, with gated replay and discard."""
 
     list_display = (
@@ -132,20 +133,6 @@ class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         ("Attempt history", {"fields": ("attempt_history",)}),
         ("Replay history", {"fields": ("replay_history",)}),
     )
-
-    # -- read-only ---------------------------------------------------------------------------
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Dead letters are written by workers only."""
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Stored fields are never edited; the tools change the status through their views."""
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Rows leave through discard and ``celery_guard purge``, never a bare delete."""
-        return False
 
     def has_replay_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """Replay: ``celery_guard.replay_deadletter``."""
