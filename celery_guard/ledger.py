@@ -272,24 +272,12 @@ class DatabaseLedger(Ledger):
         lease: float,
     ) -> Start:
         """See :meth:`Ledger.start`."""
+        # The conditional UPDATE comes first: a keyed task was usually claimed at enqueue,
+        # so its row exists and an INSERT first would fail (a wasted transaction) every run.
         for _ in range(10):
             now = timezone.now()
             lease_until = now + dt.timedelta(seconds=lease)
             new_window = now + dt.timedelta(seconds=window)
-            if self._insert(
-                key=key,
-                state=RUNNING,
-                task_name=task_name,
-                task_id=task_id,
-                fingerprint=fingerprint,
-                owner=owner,
-                lease_expires_at=lease_until,
-                fencing_token=1,
-                created_at=now,
-                updated_at=now,
-                expires_at=new_window,
-            ):
-                return Start("run", 1, task_id=task_id)
             takeable = (
                 Q(state__in=[PENDING, FAILED, RELEASED])
                 | Q(state=RUNNING, lease_expires_at__lte=now)
@@ -323,6 +311,20 @@ class DatabaseLedger(Ledger):
                 if token is not None:
                     return Start("run", int(token), task_id=task_id)
                 continue  # taken over already: a pathological lease; decide again
+            if self._insert(
+                key=key,
+                state=RUNNING,
+                task_name=task_name,
+                task_id=task_id,
+                fingerprint=fingerprint,
+                owner=owner,
+                lease_expires_at=lease_until,
+                fencing_token=1,
+                created_at=now,
+                updated_at=now,
+                expires_at=new_window,
+            ):
+                return Start("run", 1, task_id=task_id)
             row = (
                 self._rows()
                 .filter(key=key)
@@ -644,13 +646,23 @@ def redis_url() -> str:
     return broker
 
 
+@functools.lru_cache(maxsize=16)
+def redis_ledger(url: str, prefix: str) -> RedisLedger:
+    """Return this process's Redis ledger for ``url`` and ``prefix`` (built once).
+
+    One client, so one connection pool, per process: a ledger built per call would open a new
+    connection for every enqueue and every run.
+    """
+    return RedisLedger(url, prefix)
+
+
 def get_ledger() -> Ledger:
     """Return the ledger ``CELERY_GUARD_IDEMPOTENCY_BACKEND`` selects."""
     backend = guard_settings.idempotency_backend
     if backend == "database":
         return DatabaseLedger()
     if backend == "redis":
-        return RedisLedger(redis_url(), guard_settings.idempotency_redis_prefix)
+        return redis_ledger(redis_url(), guard_settings.idempotency_redis_prefix)
     raise ValueError(
         f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
     )

@@ -219,3 +219,40 @@ def test_a_run_that_gave_its_lease_back_for_a_retry_is_not_abandoned(idem_store)
     assert claim(idem_store, task_id="t2", grace=0.1) == ledger.Claim("duplicate", "t1", FP)
     assert idem_store.confirm("t:k", "t1") is False
     assert start(idem_store, "w2").fencing_token == 2  # the retry runs
+
+
+def test_the_redis_ledger_is_built_once_per_process(redis_url):
+    from django.test import override_settings
+
+    with override_settings(
+        CELERY_GUARD_IDEMPOTENCY_BACKEND="redis", CELERY_GUARD_IDEMPOTENCY_REDIS_URL=redis_url
+    ):
+        first, second = ledger.get_ledger(), ledger.get_ledger()
+        # One client and connection pool, not a new connection per enqueue and per run.
+        assert first is second
+        with override_settings(CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX="cg-other:"):
+            other = ledger.get_ledger()
+        assert other is not first
+        assert other.prefix == "cg-other:"
+
+
+def test_a_run_of_a_key_claimed_at_enqueue_does_not_try_an_insert():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    store = ledger.DatabaseLedger()
+    store.claim("order-sql", task_name="t", task_id="id-1", fingerprint="f", window=60)
+    with CaptureQueriesContext(connection) as queries:
+        start = store.start(
+            "order-sql",
+            task_name="t",
+            task_id="id-1",
+            fingerprint="f",
+            window=60,
+            owner="w",
+            lease=30,
+        )
+    assert start.outcome == "run"
+    assert not [
+        q for q in queries.captured_queries if q["sql"].lstrip().upper().startswith("INSERT")
+    ]

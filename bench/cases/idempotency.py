@@ -83,7 +83,7 @@ def sqlite_ledger() -> ledger_module.Ledger:
 
 def redis_ledger() -> ledger_module.Ledger:
     """The Redis ledger on the broker's Redis, under the run's key prefix."""
-    return ledger_module.RedisLedger(
+    return ledger_module.redis_ledger(
         ledger_module.redis_url(), guard_settings.idempotency_redis_prefix
     )
 
