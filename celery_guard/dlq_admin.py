@@ -329,7 +329,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         summary = replay.Summary()
         app = current_app._get_current_object()
         try:
-            replay.replay_rows(rows, app=app, user=self._user(request), summary=summary)
+            replay.replay(
+                [row.pk for row in rows], app=app, user=self._user(request), summary=summary
+            )
         except Exception as exc:
             self.message_user(
                 request,

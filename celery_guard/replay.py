@@ -10,12 +10,12 @@ import logging
 import re
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Case, Value, When
 
 from celery_guard import headers, idempotency, redaction
 from celery_guard.models import DeadLetter, DeadLetterReplay
@@ -29,9 +29,13 @@ UNROUTABLE = "unroutable"
 #: Statuses a dead letter can be replayed from: ``unroutable`` rows are validated again, so
 #: replaying them works once the code that binds their arguments is deployed.
 REPLAYABLE = ("dead", "unroutable")
-#: Dead letters loaded and claimed per transaction in a bulk replay. A process that dies
-#: mid-batch leaves the claimed rows of that batch not yet published marked ``replayed``.
+#: Dead letters claimed and published per transaction.
 BATCH = 100
+#: With a rate limit, a batch holds at most this many seconds of publishing: its rows stay
+#: locked (and, on SQLite, the whole database) until the batch commits.
+BATCH_SECONDS = 0.5
+#: Columns a replay never reads: left out of the rows it loads (the biggest ones).
+UNUSED_FIELDS = ("traceback", "message", "history")
 
 
 @dataclass
@@ -51,14 +55,14 @@ class Summary:
         """Dead letters looked at."""
         return self.replayed + self.skipped + self.unroutable
 
-    def add(self, outcome: str) -> None:
-        """Count one dead letter's outcome."""
-        setattr(self, outcome, getattr(self, outcome) + 1)
+    def add(self, outcome: str, count: int = 1) -> None:
+        """Count ``count`` dead letters with one outcome."""
+        setattr(self, outcome, getattr(self, outcome) + count)
 
     def __str__(self) -> str:
         return (
-            f"{self.replayed} replayed, {self.skipped} skipped (not dead any more), "
-            f"{self.unroutable} unroutable"
+            f"{self.replayed} replayed, {self.skipped} skipped (not dead any more, or in "
+            f"another replay), {self.unroutable} unroutable"
         )
 
 
@@ -118,18 +122,21 @@ def unroutable_reason(
     )
 
 
-def rearm_idempotency(row: DeadLetter) -> bool:
-    """Free the idempotency key the dead task holds, so its replay can run; True if freed.
+def rearm_idempotency(rows: Sequence[DeadLetter]) -> int:
+    """Free the idempotency keys that the dead tasks of ``rows`` hold; return how many.
 
-    Released only while the dead letter's own task id holds the key (a run that died with
+    Released only while the dead letter's own task id holds its key (a run that died with
     its lease, or ``CELERY_GUARD_RELEASE_ON_DEAD_LETTER = False``). A key that a newer task
     has taken since stays taken: if that task succeeded, the replay is skipped by the worker
     as a duplicate of work that already ran. A key in state ``failed`` or ``released`` needs
     no release: the replay takes it.
+
+    Called inside the claim transaction: with the database ledger the release commits with
+    the claim, and a worker that receives the replay first waits for it on the ledger row.
     """
-    if not row.idempotency_key:
-        return False
-    return idempotency.release(row.idempotency_key, row.task_id)
+    return sum(
+        idempotency.release(row.idempotency_key, row.task_id) for row in rows if row.idempotency_key
+    )
 
 
 def publish_options(
@@ -151,203 +158,171 @@ def publish_options(
     return found
 
 
-def _mark_unroutable(row: DeadLetter, reason: str, allowed: Sequence[str]) -> None:
-    DeadLetter.objects.filter(pk=row.pk, status__in=allowed).update(
-        status=DeadLetter.Status.UNROUTABLE, status_reason=reason
-    )
-    logger.warning(
-        "celery_guard: dead letter %s (%s[%s]) is unroutable: %s",
-        row.pk,
-        row.task_name,
-        row.task_id,
-        reason,
-    )
+@dataclass
+class _Run:
+    """What every batch of one replay run shares."""
+
+    app: Any
+    summary: Summary
+    user: str
+    args: Sequence[Any] | None
+    kwargs: Mapping[str, Any] | None
+    producer: Any = None
+    pace: Callable[[], None] | None = None
+
+    @property
+    def edited(self) -> bool:
+        return self.args is not None or self.kwargs is not None
 
 
-def _claim(
-    rows: Sequence[DeadLetter],
-    user: str,
-    allowed: Sequence[str],
-    args: Sequence[Any] | None,
-    kwargs: Mapping[str, Any] | None,
-) -> dict[int, DeadLetterReplay]:
-    """Claim ``rows`` for replay in one transaction; return the replay record of each claimed.
-
-    The rows are locked (``SELECT ... FOR UPDATE``) and updated only while their status is
-    still replayable: of two concurrent claims of a row, the second waits for the first to
-    commit, then finds the row ``replayed`` and does not claim it. Only claimed rows are
-    published, so a row is published at most once per claim.
-    """
-    edited = args is not None or kwargs is not None
-    with transaction.atomic():
-        # Locked in id order, so two claims of overlapping batches cannot deadlock.
-        locked = set(
-            DeadLetter.objects.select_for_update()
-            .filter(pk__in=[row.pk for row in rows], status__in=allowed)
-            .order_by("pk")
-            .values_list("pk", flat=True)
-        )
-        if not locked:
-            return {}
-        records = [
-            DeadLetterReplay(
-                dead_letter_id=row.pk,
-                task_id=str(uuid.uuid4()),
-                replayed_by=user,
-                edited=edited,
-                args=list(row.args if args is None else args),
-                kwargs=dict(row.kwargs if kwargs is None else kwargs),
-            )
-            for row in rows
-            if row.pk in locked
-        ]
-        DeadLetter.objects.filter(pk__in=locked, status__in=allowed).update(
-            status=DeadLetter.Status.REPLAYED,
-            status_reason=Case(
-                *(
-                    When(pk=r.dead_letter_id, then=Value(f"replayed as {r.task_id}"))
-                    for r in records
-                ),
-                default=Value("replayed"),
-            ),
-        )
-        DeadLetterReplay.objects.bulk_create(records)
-    return {record.dead_letter_id: record for record in records}
-
-
-def _revert(rows: Sequence[DeadLetter], records: Mapping[int, DeadLetterReplay]) -> None:
-    """Undo the claim of ``rows`` whose replay was not published."""
-    with transaction.atomic():
-        DeadLetterReplay.objects.filter(
-            task_id__in=[records[row.pk].task_id for row in rows]
-        ).delete()
-        for row in rows:
-            DeadLetter.objects.filter(pk=row.pk, status=DeadLetter.Status.REPLAYED).update(
-                status=row.status, status_reason=row.status_reason
-            )
-
-
-def _publish(
-    row: DeadLetter,
-    record: DeadLetterReplay,
-    app: Any,
-    producer: Any,
-    args: Sequence[Any] | None,
-    kwargs: Mapping[str, Any] | None,
-) -> None:
-    rearm_idempotency(row)
-    options = publish_options(row, record.task_id, args, kwargs)
-    app.send_task(row.task_name, producer=producer, **options)
-    shown = redaction.redact(options["args"], options["kwargs"], task_name=row.task_name)
-    logger.info(
-        "celery_guard: replayed dead letter %s (%s[%s]) as %s by %s%s: args %s kwargs %s",
-        row.pk,
-        row.task_name,
-        row.task_id,
-        record.task_id,
-        record.replayed_by or "?",
-        " with edited arguments" if record.edited else "",
-        shown["args"],
-        shown["kwargs"],
-    )
-
-
-def replay_rows(
-    rows: Sequence[DeadLetter],
-    *,
-    app: Any,
-    summary: Summary,
-    user: str = "",
-    args: Sequence[Any] | None = None,
-    kwargs: Mapping[str, Any] | None = None,
-    dry_run: bool = False,
-    allowed: Sequence[str] = REPLAYABLE,
-    producer: Any = None,
-    pace: Callable[[], None] | None = None,
-) -> None:
-    """Replay ``rows``, recording each outcome in ``summary``.
-
-    A row whose status is not in ``allowed`` is skipped. One that fails validation is marked
-    unroutable (unless ``dry_run``) and nothing is published for it. The others are claimed
-    together (status ``replayed`` and a :class:`DeadLetterReplay` each, one transaction; rows
-    claimed meanwhile by someone else are skipped), their idempotency keys re-armed and their
-    messages published under new task ids.
-
-    Args:
-        rows: Dead letters as loaded (their status is re-checked by the claim).
-        app: The Celery app to publish with.
-        summary: Where the outcomes, new task ids and unroutable reasons are recorded.
-        user: Who replays (recorded).
-        args: Edited positional arguments (the stored ones when None).
-        kwargs: Edited keyword arguments (the stored ones when None).
-        dry_run: Validate only; change and publish nothing.
-        allowed: Statuses a row may be replayed from.
-        producer: A kombu producer to publish with (bulk replays share one).
-        pace: Called before each publish (a rate limiter's ``acquire``).
-
-    Raises:
-        Exception: A publish failed; the claims of that row and of the rows of ``rows`` not
-            published yet were undone first.
-    """
-    ready = []
+def _routable(rows: Sequence[DeadLetter], run: _Run, *, mark: bool) -> list[DeadLetter]:
+    """The rows that pass validation; the others are counted (and marked when ``mark``)."""
+    ready, refused = [], defaultdict(list)
     for row in rows:
-        if row.status not in allowed:
-            summary.add(SKIPPED)
-            continue
-        reason = unroutable_reason(row, app, args, kwargs)
-        if reason is not None:
-            if not dry_run:
-                _mark_unroutable(row, reason, allowed)
-            summary.reasons[row.pk] = reason
-            summary.add(UNROUTABLE)
-        elif dry_run:
-            summary.add(REPLAYED)
-        else:
+        reason = unroutable_reason(row, run.app, run.args, run.kwargs)
+        if reason is None:
             ready.append(row)
-    if not ready:
-        return
-    records = _claim(ready, user, allowed, args, kwargs)
-    claimed = [row for row in ready if row.pk in records]
-    for _ in range(len(ready) - len(claimed)):
-        summary.add(SKIPPED)
-    for index, row in enumerate(claimed):
-        if pace is not None:
-            pace()
-        try:
-            _publish(row, records[row.pk], app, producer, args, kwargs)
-        except Exception:
-            logger.exception(
-                "celery_guard: publishing the replay of dead letter %s (%s[%s]) failed; it "
-                "and %d more not published yet are dead again",
-                row.pk,
-                row.task_name,
-                row.task_id,
-                len(claimed) - index - 1,
+            continue
+        refused[reason].append(row.pk)
+        run.summary.reasons[row.pk] = reason
+        run.summary.add(UNROUTABLE)
+        logger.warning(
+            "celery_guard: dead letter %s (%s[%s]) is unroutable: %s",
+            row.pk,
+            row.task_name,
+            row.task_id,
+            reason,
+        )
+    if mark:
+        # One statement per distinct reason: a removed task makes a whole batch unroutable.
+        for reason, pks in refused.items():
+            DeadLetter.objects.filter(pk__in=pks).update(
+                status=DeadLetter.Status.UNROUTABLE, status_reason=reason
             )
-            _revert(claimed[index:], records)
-            raise
-        summary.task_ids[row.pk] = records[row.pk].task_id
-        summary.add(REPLAYED)
+    return ready
 
 
-def replay_one(
-    row: DeadLetter,
-    *,
-    app: Any,
-    summary: Summary | None = None,
-    **options: Any,
-) -> str:
-    """Replay one dead letter (see :func:`replay_rows` for ``options``).
+def _claim(rows: Sequence[DeadLetter], run: _Run) -> list[DeadLetterReplay]:
+    """Mark locked ``rows`` replayed and write their replay records (same transaction)."""
+    records = [
+        DeadLetterReplay(
+            dead_letter_id=row.pk,
+            task_id=str(uuid.uuid4()),
+            replayed_by=run.user,
+            edited=run.edited,
+            args=list(row.args if run.args is None else run.args),
+            kwargs=dict(row.kwargs if run.kwargs is None else run.kwargs),
+        )
+        for row in rows
+    ]
+    DeadLetter.objects.filter(pk__in=[row.pk for row in rows]).update(
+        status=DeadLetter.Status.REPLAYED,
+        status_reason=f"replayed by {run.user}" if run.user else "replayed",
+    )
+    DeadLetterReplay.objects.bulk_create(records)
+    return records
 
-    Returns:
-        ``"replayed"``, ``"skipped"`` or ``"unroutable"``.
+
+def _unclaim(rows: Sequence[DeadLetter], records: Sequence[DeadLetterReplay]) -> None:
+    """Undo the claim of ``rows`` whose replay was not published (same transaction)."""
+    DeadLetterReplay.objects.filter(task_id__in=[record.task_id for record in records]).delete()
+    for row in rows:
+        DeadLetter.objects.filter(pk=row.pk).update(
+            status=row.status, status_reason=row.status_reason
+        )
+
+
+def _publish(row: DeadLetter, record: DeadLetterReplay, run: _Run) -> None:
+    options = publish_options(row, record.task_id, run.args, run.kwargs)
+    run.app.send_task(row.task_name, producer=run.producer, **options)
+    if logger.isEnabledFor(logging.INFO):
+        shown = redaction.redact(options["args"], options["kwargs"], task_name=row.task_name)
+        logger.info(
+            "celery_guard: replayed dead letter %s (%s[%s]) as %s by %s%s: args %s kwargs %s",
+            row.pk,
+            row.task_name,
+            row.task_id,
+            record.task_id,
+            record.replayed_by or "?",
+            " with edited arguments" if record.edited else "",
+            shown["args"],
+            shown["kwargs"],
+        )
+
+
+def _dry_run_batch(ids: Sequence[int], run: _Run) -> None:
+    rows = list(DeadLetter.objects.filter(pk__in=ids, status__in=REPLAYABLE).defer(*UNUSED_FIELDS))
+    run.summary.add(SKIPPED, len(ids) - len(rows))
+    run.summary.add(REPLAYED, len(_routable(rows, run, mark=False)))
+
+
+def _replay_batch(ids: Sequence[int], run: _Run) -> None:
+    """Validate, claim and publish the dead letters ``ids`` in one transaction.
+
+    The rows are locked (``SELECT ... FOR UPDATE SKIP LOCKED``, in id order so overlapping
+    batches cannot deadlock) while still replayable; rows gone, not replayable any more or
+    locked by a replay in progress elsewhere are skipped. They are marked replayed, their
+    messages published, and only then is the claim committed. Of two replays of a row, one
+    publishes; a process that dies before the commit leaves its rows as they were, not
+    ``replayed`` without a message. Its publishes before the death are then published
+    again by the next replay: at least once, like every delivery (an idempotency key makes
+    the second run a skip).
     """
-    summary = summary if summary is not None else Summary()
-    before = (summary.replayed, summary.skipped)
-    replay_rows([row], app=app, summary=summary, **options)
-    if summary.replayed > before[0]:
-        return REPLAYED
-    return SKIPPED if summary.skipped > before[1] else UNROUTABLE
+    published: list[tuple[DeadLetter, DeadLetterReplay]] = []
+    failure: Exception | None = None
+    try:
+        with transaction.atomic():
+            found = (
+                DeadLetter.objects.select_for_update(skip_locked=True)
+                .filter(pk__in=ids, status__in=REPLAYABLE)
+                .defer(*UNUSED_FIELDS)
+                .order_by("pk")
+            )
+            locked = {row.pk: row for row in found}
+            run.summary.add(SKIPPED, len(ids) - len(locked))
+            ready = _routable([locked[pk] for pk in ids if pk in locked], run, mark=True)
+            records = _claim(ready, run) if ready else []
+            rearm_idempotency(ready)
+            for index, (row, record) in enumerate(zip(ready, records, strict=True)):
+                if run.pace is not None:
+                    run.pace()
+                try:
+                    _publish(row, record, run)
+                except Exception as exc:
+                    logger.exception(
+                        "celery_guard: publishing the replay of dead letter %s (%s[%s]) "
+                        "failed; it and %d more not published yet stay as they were",
+                        row.pk,
+                        row.task_name,
+                        row.task_id,
+                        len(ready) - index - 1,
+                    )
+                    _unclaim(ready[index:], records[index:])
+                    failure = exc
+                    break
+                published.append((row, record))
+    except Exception:
+        if published:
+            logger.error(
+                "celery_guard: %d replays were published but their claim was not committed: "
+                "dead letters %s stay replayable, and replaying them again publishes them "
+                "again",
+                len(published),
+                [row.pk for row, _ in published],
+            )
+        raise
+    for row, record in published:
+        run.summary.task_ids[row.pk] = record.task_id
+    run.summary.add(REPLAYED, len(published))
+    if failure is not None:
+        raise failure
+
+
+def batch_size(rate: float | None) -> int:
+    """Dead letters per transaction: :data:`BATCH`, fewer when a slow rate would hold locks."""
+    if rate is None:
+        return BATCH
+    return max(1, min(BATCH, int(rate * BATCH_SECONDS)))
 
 
 def replay(
@@ -355,40 +330,75 @@ def replay(
     *,
     app: Any,
     user: str = "",
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
     dry_run: bool = False,
-    pace: Callable[[], None] | None = None,
+    rate: float | None = None,
     progress: Callable[[int], None] | None = None,
+    summary: Summary | None = None,
 ) -> Summary:
-    """Replay the dead letters ``ids`` in batches; rows not dead or unroutable are skipped.
+    """Replay the dead letters ``ids``: the service of the admin and ``celery_guard replay``.
+
+    Each dead letter that is ``dead`` or ``unroutable`` is validated (:func:`unroutable_reason`);
+    one that fails is marked ``unroutable`` and nothing is published for it. The others have
+    their idempotency keys re-armed and are published afresh under new task ids, in batches
+    of one transaction each (:func:`_replay_batch`), with a :class:`DeadLetterReplay` record
+    each. Rows in another state, gone, or being replayed by someone else are skipped.
 
     Args:
         ids: Dead letter ids, in the order to replay them.
         app: The Celery app to publish with.
         user: Who replays (recorded on each replay).
-        dry_run: Validate only.
-        pace: Called before each publish (a rate limiter's ``acquire``).
+        args: Edited positional arguments for every row (the stored ones when None).
+        kwargs: Edited keyword arguments for every row (the stored ones when None).
+        dry_run: Validate only; change and publish nothing.
+        rate: Publishes per second at most (no limit when None).
         progress: Called with the number of dead letters done so far, after each batch.
+        summary: Where to count (a new :class:`Summary` when None).
+
+    Returns:
+        The counts, the new task ids and the unroutable reasons.
+
+    Raises:
+        Exception: A publish failed. The rows published before it stay replayed; the others
+            of its batch are as they were, and later batches were not started.
     """
-    summary = Summary()
+    summary = summary if summary is not None else Summary()
     ids = list(ids)
+    size = batch_size(rate)
     with app.producer_or_acquire() as producer:
-        for start in range(0, len(ids), BATCH):
-            chunk = ids[start : start + BATCH]
-            found = DeadLetter.objects.in_bulk(chunk)
-            for _ in range(len(chunk) - len(found)):  # purged meanwhile
-                summary.add(SKIPPED)
-            replay_rows(
-                [found[pk] for pk in chunk if pk in found],
-                app=app,
-                summary=summary,
-                user=user,
-                dry_run=dry_run,
-                producer=producer,
-                pace=pace,
-            )
+        run = _Run(
+            app=app,
+            summary=summary,
+            user=user,
+            args=args,
+            kwargs=kwargs,
+            producer=producer,
+            pace=TokenBucket(rate).acquire if rate is not None else None,
+        )
+        for start in range(0, len(ids), size):
+            chunk = ids[start : start + size]
+            if dry_run:
+                _dry_run_batch(chunk, run)
+            else:
+                _replay_batch(chunk, run)
             if progress is not None:
                 progress(summary.total)
     return summary
+
+
+def replay_one(row: DeadLetter, *, app: Any, summary: Summary | None = None, **options: Any) -> str:
+    """Replay one dead letter (see :func:`replay` for ``options``).
+
+    Returns:
+        ``"replayed"``, ``"skipped"`` or ``"unroutable"``.
+    """
+    summary = summary if summary is not None else Summary()
+    before = (summary.replayed, summary.skipped)
+    replay([row.pk], app=app, summary=summary, **options)
+    if summary.replayed > before[0]:
+        return REPLAYED
+    return SKIPPED if summary.skipped > before[1] else UNROUTABLE
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*$")

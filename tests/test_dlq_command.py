@@ -4,6 +4,7 @@ import datetime as dt
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -11,9 +12,12 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from celery_guard import idempotency
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from tests.dlq_support import dead_letter, published
-from tests.harness import ROOT, queue_length
+from tests.harness import ROOT, queue_length, wait_until
+from tests.testapp import idem_tasks
+from tests.testapp.models import Execution
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_queues")]
 
@@ -43,7 +47,9 @@ def test_filters_select_what_is_replayed(redis_url, queues):
     assert replayed_labels() == ["b", "c"]
     out, _ = run("replay", "--since", "4h", "--until", "2h", "--no-progress")
     assert replayed_labels() == ["a", "b", "c"]
-    assert "1 replayed, 0 skipped (not dead any more), 0 unroutable of 1" in out
+    assert (
+        "1 replayed, 0 skipped (not dead any more, or in another replay), 0 unroutable of 1" in out
+    )
     run("replay", "--queue", "elsewhere", "--task", DeadLetter.objects.get(args=["d"]).task_name)
     assert replayed_labels() == ["a", "b", "c", "d"]
     assert queue_length(redis_url, queues["default"]) == 3
@@ -57,7 +63,8 @@ def test_dry_run_and_limit(redis_url, queues):
         dead_letter(f"dry{n}")
     dead_letter("gone", task_name="nope.task")
     out, _ = run("replay", "--dry-run", "--no-progress")
-    assert "dry run: would have 4 replayed, 0 skipped (not dead any more), 1 unroutable" in out
+    assert "dry run: would have 4 replayed, 0 skipped (not dead any more, or in another " in out
+    assert "replay), 1 unroutable" in out
     assert "unroutable #" in out and "not registered" in out
     assert queue_length(redis_url, queues["default"]) == 0
     assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
@@ -95,10 +102,8 @@ def test_purge_and_seed():
     assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
 
 
-@pytest.mark.integration
-@pytest.mark.django_db(transaction=True)
-def test_two_replay_processes_at_once_publish_each_row_once(test_db_name, redis_url, queues):
-    rows = [dead_letter(f"proc{n}") for n in range(60)]
+def replay_process(test_db_name, redis_url, *args):
+    """``manage.py celery_guard replay *args`` in a process of its own, on the test database."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
@@ -107,11 +112,15 @@ def test_two_replay_processes_at_once_publish_each_row_once(test_db_name, redis_
         "CELERY_BROKER_URL": redis_url,
         "CELERY_GUARD_LOG_LEVEL": "WARNING",
     }
-    command = [sys.executable, "-m", "django", "celery_guard", "replay", "--rate", "2000/s"]
-    procs = [
-        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
+    command = [sys.executable, "-m", "django", "celery_guard", "replay", *args]
+    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_two_replay_processes_at_once_publish_each_row_once(test_db_name, redis_url, queues):
+    rows = [dead_letter(f"proc{n}") for n in range(60)]
+    procs = [replay_process(test_db_name, redis_url, "--rate", "2000/s") for _ in range(2)]
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     replayed = [int(re.search(r"(\d+) replayed", out).group(1)) for out in outputs]
@@ -123,3 +132,56 @@ def test_two_replay_processes_at_once_publish_each_row_once(test_db_name, redis_
     assert set(
         DeadLetter.objects.filter(pk__in=[r.pk for r in rows]).values_list("status", flat=True)
     ) == {"replayed"}
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_replay_killed_mid_batch_loses_nothing_and_each_key_runs_once(
+    test_db_name, redis_url, queues, start_worker
+):
+    high = queues["high"]
+    name = idem_tasks.idem_notify.name
+    rows = [
+        dead_letter(
+            f"crash{n}",
+            task_name=name,
+            queue=high,
+            args=[n, "v1"],
+            headers={"celery_guard": {"v": 1, "attempt": 2, "priority": "high"}},
+            idempotency_key=idempotency.namespaced(name, f"notify:{n}:v1"),
+        )
+        for n in range(30)
+    ]
+    # 20/s makes batches of 10 (half a second of publishing each): killed after 3 publishes,
+    # the first batch has published but not committed its claim.
+    proc = replay_process(test_db_name, redis_url, "--rate", "20/s", "--no-progress")
+    wait_until(lambda: queue_length(redis_url, high) >= 3, timeout=60, interval=0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    early = {
+        headers["id"]: headers["celery_guard"]["replay_of"]
+        for headers, _, _ in published(redis_url, high)
+    }
+    recorded = set(DeadLetterReplay.objects.values_list("task_id", flat=True))
+    assert recorded <= set(early)  # every committed claim was published
+    orphans = {dl for task_id, dl in early.items() if task_id not in recorded}
+    assert orphans  # published before the kill, claim never committed
+    # Those dead letters are dead still, not "replayed" without a run: nothing is lost.
+    assert set(DeadLetter.objects.filter(pk__in=orphans).values_list("status", flat=True)) == {
+        "dead"
+    }
+
+    out, _ = run("replay", "--rate", "1000/s", "--no-progress")
+    assert f"{30 - len(recorded)} replayed" in out
+    assert set(
+        DeadLetter.objects.filter(pk__in=[r.pk for r in rows]).values_list("status", flat=True)
+    ) == {"replayed"}
+    duplicates = len(orphans)
+    assert queue_length(redis_url, high) == 30 + duplicates  # at least once, not exactly once
+
+    worker = start_worker(["high"])
+    wait_until(lambda: Execution.objects.filter(task=name).count() == 30, timeout=60)
+    # The duplicates of the killed batch ran into their keys and were skipped.
+    wait_until(lambda: worker.log_tail(400).count("already succeeded") == duplicates, timeout=30)
+    labels = list(Execution.objects.filter(task=name).values_list("label", flat=True))
+    assert len(set(labels)) == 30 == len(labels)

@@ -149,7 +149,6 @@ def test_edited_arguments_are_published_and_recorded(redis_url, queues):
         app=app,
         args=["edited"],
         kwargs={"note": "by hand"},
-        allowed=("dead", "unroutable"),
     )
     assert outcome == replay.REPLAYED
     [(_, args, kwargs)] = published(redis_url, queues["default"])
@@ -161,23 +160,26 @@ def test_edited_arguments_are_published_and_recorded(redis_url, queues):
 
 
 @pytest.mark.django_db
-def test_bulk_replay_counts_and_paces(redis_url, queues):
+def test_bulk_replay_counts(redis_url, queues):
     rows = [dead_letter(f"bulk{n}") for n in range(4)]
     gone = dead_letter("bulk-gone", task_name="nope.task")
     rows[0].status = DeadLetter.Status.DISCARDED
     rows[0].save()
-    paced = []
     done = []
     summary = replay.replay(
-        [r.pk for r in rows] + [gone.pk, 999_999],
-        app=app,
-        pace=lambda: paced.append(1),
-        progress=done.append,
+        [r.pk for r in rows] + [gone.pk, 999_999], app=app, progress=done.append
     )
     assert (summary.replayed, summary.skipped, summary.unroutable) == (3, 2, 1)
-    assert len(paced) == 3  # before each publish
     assert done == [6]  # after each batch
     assert queue_length(redis_url, queues["default"]) == 3
+
+
+def test_a_slow_rate_makes_short_batches():
+    # A batch holds its rows locked while it publishes: at most BATCH_SECONDS of a rate.
+    assert replay.batch_size(None) == replay.BATCH
+    assert replay.batch_size(10_000) == replay.BATCH
+    assert replay.batch_size(20) == int(20 * replay.BATCH_SECONDS)
+    assert replay.batch_size(0.1) == 1
 
 
 @pytest.mark.django_db

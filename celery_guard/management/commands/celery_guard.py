@@ -99,7 +99,6 @@ class Command(BaseCommand):
             rows = rows[:limit]
         ids = list(rows.values_list("pk", flat=True))
         total = len(ids)
-        bucket = replay.TokenBucket(per_second)
         started = time.monotonic()
 
         def progress(done: int) -> None:
@@ -116,7 +115,7 @@ class Command(BaseCommand):
             app=current_app._get_current_object(),
             user="manage.py celery_guard replay",
             dry_run=dry_run,
-            pace=bucket.acquire,
+            rate=per_second,
             progress=progress,
         )
         elapsed = time.monotonic() - started
