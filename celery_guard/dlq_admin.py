@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import hashlib
 import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
 from celery import current_app
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
@@ -57,6 +59,23 @@ def _summary_message(summary: replay.Summary) -> str:
     for pk, reason in list(summary.reasons.items())[:SHOWN_REASONS]:
         text += f" #{pk}: {reason}."
     return text
+
+
+def _filter_lookups(list_filter: Any, date_hierarchy: str | None) -> frozenset[str]:
+    """The URL parameters that the field filters and the date hierarchy use."""
+    lookups = set()
+    for entry in list_filter:
+        name = entry if isinstance(entry, str) else entry[0]
+        lookups |= {name, f"{name}__exact", f"{name}__isnull"}
+    if date_hierarchy:
+        lookups |= {f"{date_hierarchy}__{part}" for part in ("year", "month", "day")}
+    return frozenset(lookups)
+
+
+def _digest(args: Any, kwargs: Any) -> str:
+    """A fingerprint of edited arguments: what the operator previewed is what is confirmed."""
+    text = json.dumps([args, kwargs], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _parse_json(text: str, kind: type, label: str) -> Any:
@@ -134,13 +153,26 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         ("Replay history", {"fields": ("replay_history",)}),
     )
 
+    def lookup_allowed(self, lookup: str, value: str, request: Any = None) -> bool:
+        """Only the changelist's own filters and date hierarchy may filter by URL.
+
+        Django accepts a lookup on any field of the model by default: ``?kwargs__password
+        __startswith=a`` would let a user who sees masked values guess them one character at
+        a time, and ``?traceback__icontains=`` scans the whole table.
+        """
+        return lookup in _filter_lookups(self.list_filter, self.date_hierarchy)
+
     def has_replay_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """Replay: ``celery_guard.replay_deadletter``."""
         return bool(request.user.has_perm(REPLAY_PERMISSION))
 
     def has_edit_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Edit-and-replay and revealing masked values: ``celery_guard.edit_deadletter``."""
+        """Revealing masked values: ``celery_guard.edit_deadletter``."""
         return bool(request.user.has_perm(EDIT_PERMISSION))
+
+    def has_edit_replay_permission(self, request: HttpRequest) -> bool:
+        """Edit-and-replay: ``edit_deadletter`` to edit, and ``replay_deadletter`` to replay."""
+        return self.has_edit_permission(request) and self.has_replay_permission(request)
 
     def has_discard_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """Discard: ``celery_guard.discard_deadletter``."""
@@ -205,6 +237,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             **(extra_context or {}),
             "can_replay": self.has_replay_permission(request),
             "can_edit": self.has_edit_permission(request),
+            "can_edit_replay": self.has_edit_replay_permission(request),
             "can_discard": self.has_discard_permission(request),
             "revealing": revealing,
         }
@@ -286,7 +319,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         template = guard_settings.sentry_event_url
         if not template:
             return format_html("{}", obj.sentry_event_id)
-        url = template.format(event_id=obj.sentry_event_id)
+        # replace, not format: other braces in the URL are not ours to interpret.
+        url = template.replace("{event_id}", quote(obj.sentry_event_id, safe=""))
         return format_html('<a href="{}" rel="noopener">{}</a>', url, obj.sentry_event_id)
 
     # -- tools -------------------------------------------------------------------------------
@@ -312,6 +346,13 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             ),
             *super().get_urls(),
         ]
+
+    def _get_row(self, request: HttpRequest, object_id: str) -> DeadLetter:
+        """The dead letter of a tool URL, or 404 (also for an id that is not a number)."""
+        row: DeadLetter | None = self.get_object(request, unquote(object_id))
+        if row is None:
+            raise Http404(f"no dead letter {object_id!r}")
+        return row
 
     def _user(self, request: HttpRequest) -> str:
         return str(request.user.get_username())
@@ -356,18 +397,18 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         """POST: replay one dead letter (the detail page's button)."""
         if not self.has_replay_permission(request):
             raise PermissionDenied
-        row = get_object_or_404(DeadLetter, pk=object_id)
+        row = self._get_row(request, object_id)
         self._replay_rows(request, [row])
         return HttpResponseRedirect(reverse("admin:celery_guard_deadletter_change", args=[row.pk]))
 
     def edit_replay_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """Edit the arguments as JSON, preview the diff, confirm: replay with them."""
-        if not self.has_edit_permission(request):
+        if not self.has_edit_replay_permission(request):
             raise PermissionDenied
-        row = get_object_or_404(DeadLetter, pk=object_id)
+        row = self._get_row(request, object_id)
         args_text = request.POST.get("args", _pretty(row.args))
         kwargs_text = request.POST.get("kwargs", _pretty(row.kwargs))
-        error = diff = ""
+        error = diff = digest = ""
         if request.method == "POST":
             try:
                 args = _parse_json(args_text, list, "args")
@@ -381,8 +422,13 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                 error = str(exc)
             else:
                 diff = _diff(row, args, kwargs, masked=False)
+                digest = _digest(args, kwargs)
                 if "confirm" in request.POST:
-                    return self._confirm_edit(request, row, args, kwargs)
+                    # Only what was previewed is confirmed: arguments changed (or never
+                    # previewed) go back to the preview instead of being published.
+                    if request.POST.get("previewed") == digest:
+                        return self._confirm_edit(request, row, args, kwargs)
+                    error = "The arguments differ from the preview: check the changes again."
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
@@ -392,7 +438,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "kwargs_text": kwargs_text,
             "error": error,
             "diff": diff,
-            "previewed": request.method == "POST" and not error,
+            "digest": digest,
+            "previewed": bool(digest),
         }
         return TemplateResponse(request, "admin/celery_guard/deadletter/edit_replay.html", context)
 
@@ -415,7 +462,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                 row,
                 f"Replayed with edited arguments as task {summary.task_ids[row.pk]}:\n{change}",
             )
-        self.message_user(request, _summary_message(summary), messages.SUCCESS)
+        level = messages.SUCCESS if row.pk in summary.task_ids else messages.WARNING
+        self.message_user(request, _summary_message(summary), level)
         return HttpResponseRedirect(reverse("admin:celery_guard_deadletter_change", args=[row.pk]))
 
     def _discard(self, request: HttpRequest, queryset: QuerySet[Any], reason: str) -> int:
@@ -476,7 +524,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         """Discard one dead letter with a reason (the detail page's button)."""
         if not self.has_discard_permission(request):
             raise PermissionDenied
-        queryset = DeadLetter.objects.filter(pk=object_id)
+        queryset = DeadLetter.objects.filter(pk=self._get_row(request, object_id).pk)
         page = self._discard_flow(request, queryset, request.method == "POST")
         if page is not None:
             return page

@@ -46,13 +46,20 @@ def redact(args: Any, kwargs: Any, *, task_name: str = "") -> dict[str, Any]:
     or raises masks everything: failing closed is the safe side for secrets.
     """
     fragments = guard_settings.redact_fields
-    data: dict[str, Any] = {"args": mask(args, fragments), "kwargs": mask(kwargs, fragments)}
+    # Arguments that were not JSON are stored as their repr (a string): nothing in it can be
+    # told apart, so it is masked whole.
+    data: dict[str, Any] = {
+        "args": mask(args, fragments) if isinstance(args, (list, tuple)) else MASK,
+        "kwargs": mask(kwargs, fragments) if isinstance(kwargs, Mapping) else MASK,
+    }
     path = guard_settings.redactor
     if not path:
         return data
     try:
         hook = import_string(path)
-        result: dict[str, Any] = hook(data, task_name=task_name)
+        result = hook(data, task_name=task_name)
+        if not isinstance(result, Mapping) or set(result) != {"args", "kwargs"}:
+            raise TypeError(f"returned {type(result).__name__}, not {{'args', 'kwargs'}}")
     except Exception:
         logger.exception(
             "celery_guard: the redactor CELERY_GUARD_REDACTOR=%r failed for %s; masking all "
@@ -61,4 +68,4 @@ def redact(args: Any, kwargs: Any, *, task_name: str = "") -> dict[str, Any]:
             task_name,
         )
         return {"args": MASK, "kwargs": MASK}
-    return result
+    return dict(result)

@@ -232,9 +232,14 @@ def _unclaim(rows: Sequence[DeadLetter], records: Sequence[DeadLetterReplay]) ->
         )
 
 
-def _publish(row: DeadLetter, record: DeadLetterReplay, run: _Run) -> None:
+def _publish(row: DeadLetter, record: DeadLetterReplay, run: _Run) -> dict[str, Any]:
+    """Publish the replay of ``row``; return the ``send_task`` options it was sent with."""
     options = publish_options(row, record.task_id, run.args, run.kwargs)
     run.app.send_task(row.task_name, producer=run.producer, **options)
+    return options
+
+
+def _log_published(row: DeadLetter, record: DeadLetterReplay, options: dict[str, Any]) -> None:
     if logger.isEnabledFor(logging.INFO):
         shown = redaction.redact(options["args"], options["kwargs"], task_name=row.task_name)
         logger.info(
@@ -268,7 +273,7 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
     again by the next replay: at least once, like every delivery (an idempotency key makes
     the second run a skip).
     """
-    published: list[tuple[DeadLetter, DeadLetterReplay]] = []
+    published: list[tuple[DeadLetter, DeadLetterReplay, dict[str, Any]]] = []
     failure: Exception | None = None
     try:
         with transaction.atomic():
@@ -287,7 +292,7 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
                 if run.pace is not None:
                     run.pace()
                 try:
-                    _publish(row, record, run)
+                    options = _publish(row, record, run)
                 except Exception as exc:
                     logger.exception(
                         "celery_guard: publishing the replay of dead letter %s (%s[%s]) "
@@ -300,7 +305,7 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
                     _unclaim(ready[index:], records[index:])
                     failure = exc
                     break
-                published.append((row, record))
+                published.append((row, record, options))
     except Exception:
         if published:
             logger.error(
@@ -308,11 +313,12 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
                 "dead letters %s stay replayable, and replaying them again publishes them "
                 "again",
                 len(published),
-                [row.pk for row, _ in published],
+                [row.pk for row, _, _ in published],
             )
         raise
-    for row, record in published:
+    for row, record, options in published:
         run.summary.task_ids[row.pk] = record.task_id
+        _log_published(row, record, options)
     run.summary.add(REPLAYED, len(published))
     if failure is not None:
         raise failure

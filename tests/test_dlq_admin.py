@@ -137,6 +137,10 @@ def test_edit_and_replay_needs_its_permission_shows_a_diff_and_is_audited(
     row = dead_letter("typo", kwargs={"removed_parameter": 1, "token": "s3cret"})
     client.force_login(staff("operator", "replay_deadletter"))
     assert client.get(tool_url("edit_replay", row)).status_code == 403
+    # Editing is not replaying: the edit permission alone cannot publish either.
+    client.force_login(staff("edit-only", "edit_deadletter"))
+    assert b"cg-edit-replay" not in client.get(change_url(row)).content
+    assert client.post(tool_url("edit_replay", row), {"confirm": "1"}).status_code == 403
     client.force_login(staff("editor", "replay_deadletter", "edit_deadletter"))
     form = client.get(tool_url("edit_replay", row))
     assert form.status_code == 200 and b"removed_parameter" in form.content
@@ -148,8 +152,16 @@ def test_edit_and_replay_needs_its_permission_shows_a_diff_and_is_audited(
     assert '-    "removed_parameter": 1' in diff and '+    "note": "s3cret"' in diff
     assert b"cg-confirm" in preview.content
     assert queue_length(redis_url, queues["default"]) == 0  # a preview publishes nothing
+    previewed = preview.context["digest"]
+    # A confirm of arguments other than the previewed ones (or never previewed) publishes
+    # nothing: it shows their diff for a new confirmation.
+    changed = {"args": '["other"]', "kwargs": '{"note": "s3cret"}', "previewed": previewed}
+    unseen = client.post(tool_url("edit_replay", row), {**changed, "confirm": "1"})
+    assert b"differ from the preview" in unseen.content and b"cg-confirm" in unseen.content
+    assert queue_length(redis_url, queues["default"]) == 0
     fix("fixed-label")
-    done = client.post(tool_url("edit_replay", row), {**edited, "confirm": "1"}, follow=True)
+    confirm = {**edited, "confirm": "1", "previewed": previewed}
+    done = client.post(tool_url("edit_replay", row), confirm, follow=True)
     assert "1 replayed" in messages_of(done)
     start_worker(["default"])
     wait_until(lambda: Execution.objects.filter(label="fixed-label").exists())
@@ -247,3 +259,43 @@ def test_detail_links_sentry_and_the_replayed_dead_letter(client, settings):
     settings.CELERY_GUARD_SENTRY_EVENT_URL = "https://sentry.example/issues/?query={event_id}"
     page = client.get(change_url(row)).content.decode()
     assert 'href="https://sentry.example/issues/?query=abc123"' in page
+
+
+@pytest.mark.django_db
+def test_only_the_changelist_filters_may_filter_by_url(client):
+    dead_letter("probe", kwargs={"api_key": "sk-live-1"})
+    client.force_login(staff("viewer"))
+    # A lookup on stored arguments would let a viewer guess a masked value letter by letter.
+    for crafted in (
+        {"kwargs__api_key__startswith": "sk"},
+        {"args__0": "probe"},
+        {"traceback__icontains": "Error"},
+    ):
+        assert client.get(reverse(CHANGELIST), crafted).status_code == 400, crafted
+    for allowed in (
+        {"status__exact": "dead"},
+        {"queue": "x"},
+        {"reason__exact": "permanent"},
+        {"failed_at__year": "2026"},
+    ):
+        assert client.get(reverse(CHANGELIST), allowed).status_code == 200, allowed
+
+
+@pytest.mark.django_db
+def test_arguments_stored_as_repr_are_masked_whole(client):
+    # A payload that was not JSON (an unguarded pickle task) is stored as its repr string.
+    row = dead_letter("repr", args="('x',)", kwargs="{'password': 'hunter2'}")
+    client.force_login(staff("viewer"))
+    page = client.get(change_url(row)).content
+    assert b"hunter2" not in page and b"********" in page
+
+
+@pytest.mark.django_db
+def test_tool_urls_of_unknown_rows_are_404(client):
+    client.force_login(
+        staff("operator", "replay_deadletter", "edit_deadletter", "discard_deadletter")
+    )
+    for name in ("replay", "edit_replay", "discard"):
+        for bad in ("999999", "not-a-number"):
+            url = reverse(f"admin:celery_guard_deadletter_{name}", args=[bad])
+            assert client.post(url).status_code == 404, (name, bad)

@@ -244,6 +244,22 @@ def test_redactor_hook_runs_after_the_fields_and_fails_closed(settings):
     }
     settings.CELERY_GUARD_REDACTOR = "tests.nowhere.hook"
     assert redaction.redact([1], {"n": 1}) == {"args": redaction.MASK, "kwargs": redaction.MASK}
+    settings.CELERY_GUARD_REDACTOR = "tests.test_dlq_replay.half_a_result"
+    assert redaction.redact([1], {"n": 1}) == {"args": redaction.MASK, "kwargs": redaction.MASK}
+
+
+def half_a_result(data, task_name):
+    """A broken project redactor hook: it loses the args."""
+    return {"kwargs": data["kwargs"]}
+
+
+@pytest.mark.django_db
+def test_a_broken_redactor_does_not_undo_a_published_replay(settings, redis_url, queues):
+    settings.CELERY_GUARD_REDACTOR = "tests.test_dlq_replay.half_a_result"
+    row = dead_letter("hooked")
+    assert replay.replay_one(row, app=app) == replay.REPLAYED
+    assert replay.replay_one(row, app=app) == replay.SKIPPED
+    assert queue_length(redis_url, queues["default"]) == 1
 
 
 @pytest.mark.django_db
