@@ -156,7 +156,7 @@ def bulk_replay(n: int, queue: str) -> dict[str, Any]:
     key = f"{naming.prefix()}:{queue}"  # the run's global key prefix (bench/settings.py)
     try:
         t = time.perf_counter()
-        summary = replay.replay(ids, app=app, user="bench")
+        summary = replay.replay(ids, app=app, via="bench")
         elapsed = time.perf_counter() - t
         published = int(broker.llen(key))
     finally:

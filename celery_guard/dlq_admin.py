@@ -357,22 +357,11 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     def _user(self, request: HttpRequest) -> str:
         return str(request.user.get_username())
 
-    def _audit_replay(
-        self, request: HttpRequest, rows: list[DeadLetter], summary: replay.Summary
-    ) -> None:
-        for row in rows:
-            if row.pk in summary.task_ids:
-                self.log_change(request, row, f"Replayed as task {summary.task_ids[row.pk]}.")
-            elif row.pk in summary.reasons:
-                self.log_change(request, row, f"Replay refused, unroutable: {row_reason(row)}")
-
     def _replay_rows(self, request: HttpRequest, rows: list[DeadLetter]) -> replay.Summary:
         summary = replay.Summary()
         app = current_app._get_current_object()
         try:
-            replay.replay(
-                [row.pk for row in rows], app=app, user=self._user(request), summary=summary
-            )
+            replay.replay([row.pk for row in rows], app=app, user=request.user, summary=summary)
         except Exception as exc:
             self.message_user(
                 request,
@@ -380,10 +369,6 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                 "as they were.",
                 messages.ERROR,
             )
-        for row in rows:
-            if row.pk in summary.reasons:
-                row.status_reason = summary.reasons[row.pk]
-        self._audit_replay(request, rows, summary)
         level = messages.SUCCESS if not summary.unroutable else messages.WARNING
         self.message_user(request, _summary_message(summary), level)
         return summary
@@ -450,18 +435,12 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         replay.replay_one(
             row,
             app=current_app._get_current_object(),
-            user=self._user(request),
+            user=request.user,
+            change=_diff(row, args, kwargs, masked=True) or "(no change)",
             args=args,
             kwargs=kwargs,
             summary=summary,
         )
-        if row.pk in summary.task_ids:
-            change = _diff(row, args, kwargs, masked=True) or "(no change)"
-            self.log_change(
-                request,
-                row,
-                f"Replayed with edited arguments as task {summary.task_ids[row.pk]}:\n{change}",
-            )
         level = messages.SUCCESS if row.pk in summary.task_ids else messages.WARNING
         self.message_user(request, _summary_message(summary), level)
         return HttpResponseRedirect(reverse("admin:celery_guard_deadletter_change", args=[row.pk]))
@@ -543,11 +522,6 @@ def _table(titles: tuple[str, ...], rows: list[tuple[Any, ...]]) -> SafeString:
         format_html_join("", "<th>{}</th>", ((title,) for title in titles)),
         format_html_join("", f"<tr>{cells}</tr>", rows),
     )
-
-
-def row_reason(row: DeadLetter) -> str:
-    """The reason stored with a row's status."""
-    return row.status_reason or "-"
 
 
 def _diff(row: DeadLetter, args: Any, kwargs: Any, *, masked: bool) -> str:

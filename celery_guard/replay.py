@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.apps import apps as django_apps
 from django.db import transaction
 
 from celery_guard import headers, idempotency, redaction
@@ -164,7 +165,9 @@ class _Run:
 
     app: Any
     summary: Summary
-    user: str
+    user: Any
+    via: str
+    change: str
     args: Sequence[Any] | None
     kwargs: Mapping[str, Any] | None
     producer: Any = None
@@ -173,6 +176,43 @@ class _Run:
     @property
     def edited(self) -> bool:
         return self.args is not None or self.kwargs is not None
+
+    @property
+    def replayed_by(self) -> str:
+        """Who replays, as recorded: the user's name, else where the replay came from."""
+        return str(self.user.get_username()) if self.user is not None else self.via
+
+    def replayed_message(self, task_id: str) -> str:
+        """The admin log message of one replay."""
+        edited = " with edited arguments" if self.edited else ""
+        via = f" ({self.via})" if self.via else ""
+        change = f":\n{self.change}" if self.change else "."
+        return f"Replayed{edited} as task {task_id}{via}{change}"
+
+
+def _audit(run: _Run, entries: Sequence[tuple[DeadLetter, str]]) -> None:
+    """Write one admin log entry (``LogEntry``) per ``(row, message)`` for ``run.user``.
+
+    In the claim's transaction: a replay is audited exactly when it is committed. Skipped
+    when there is no user to name or the admin app (its log) is not installed.
+    """
+    if run.user is None or not entries or not django_apps.is_installed("django.contrib.admin"):
+        return
+    from django.contrib.admin.models import CHANGE, LogEntry
+    from django.contrib.contenttypes.models import ContentType
+
+    content_type = ContentType.objects.get_for_model(DeadLetter)
+    LogEntry.objects.bulk_create(
+        LogEntry(
+            user_id=run.user.pk,
+            content_type_id=content_type.pk,
+            object_id=str(row.pk),
+            object_repr=str(row)[:200],
+            action_flag=CHANGE,
+            change_message=message,
+        )
+        for row, message in entries
+    )
 
 
 def _routable(rows: Sequence[DeadLetter], run: _Run, *, mark: bool) -> list[DeadLetter]:
@@ -199,6 +239,14 @@ def _routable(rows: Sequence[DeadLetter], run: _Run, *, mark: bool) -> list[Dead
             DeadLetter.objects.filter(pk__in=pks).update(
                 status=DeadLetter.Status.UNROUTABLE, status_reason=reason
             )
+        _audit(
+            run,
+            [
+                (row, f"Replay refused, unroutable: {run.summary.reasons[row.pk]}")
+                for row in rows
+                if row.pk in run.summary.reasons
+            ],
+        )
     return ready
 
 
@@ -208,7 +256,7 @@ def _claim(rows: Sequence[DeadLetter], run: _Run) -> list[DeadLetterReplay]:
         DeadLetterReplay(
             dead_letter_id=row.pk,
             task_id=str(uuid.uuid4()),
-            replayed_by=run.user,
+            replayed_by=run.replayed_by,
             edited=run.edited,
             args=list(row.args if run.args is None else run.args),
             kwargs=dict(row.kwargs if run.kwargs is None else run.kwargs),
@@ -217,7 +265,7 @@ def _claim(rows: Sequence[DeadLetter], run: _Run) -> list[DeadLetterReplay]:
     ]
     DeadLetter.objects.filter(pk__in=[row.pk for row in rows]).update(
         status=DeadLetter.Status.REPLAYED,
-        status_reason=f"replayed by {run.user}" if run.user else "replayed",
+        status_reason=f"replayed by {run.replayed_by}" if run.replayed_by else "replayed",
     )
     DeadLetterReplay.objects.bulk_create(records)
     return records
@@ -306,6 +354,9 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
                     failure = exc
                     break
                 published.append((row, record, options))
+            _audit(
+                run, [(row, run.replayed_message(record.task_id)) for row, record, _ in published]
+            )
     except Exception:
         if published:
             logger.error(
@@ -335,7 +386,9 @@ def replay(
     ids: Iterable[int],
     *,
     app: Any,
-    user: str = "",
+    user: Any = None,
+    via: str = "",
+    change: str = "",
     args: Sequence[Any] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     dry_run: bool = False,
@@ -354,7 +407,12 @@ def replay(
     Args:
         ids: Dead letter ids, in the order to replay them.
         app: The Celery app to publish with.
-        user: Who replays (recorded on each replay).
+        user: The Django user who replays: recorded on each replay, and every replay and
+            unroutable row gets an entry in the admin log under this user, in the claim's
+            transaction. None for no admin log entries.
+        via: Where the replay comes from (``"manage.py celery_guard replay"``): added to the
+            log entries, and recorded as who replayed when there is no ``user``.
+        change: Text appended to each replay's log entry (the diff of edited arguments).
         args: Edited positional arguments for every row (the stored ones when None).
         kwargs: Edited keyword arguments for every row (the stored ones when None).
         dry_run: Validate only; change and publish nothing.
@@ -377,6 +435,8 @@ def replay(
             app=app,
             summary=summary,
             user=user,
+            via=via,
+            change=change,
             args=args,
             kwargs=kwargs,
             producer=producer,

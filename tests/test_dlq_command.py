@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
@@ -24,8 +26,15 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_queues")]
 
 def run(*args):
     out, err = io.StringIO(), io.StringIO()
+    if args[:1] == ("replay",) and "--dry-run" not in args:
+        args = (*args, "--user", operator().username)
     call_command("celery_guard", *args, stdout=out, stderr=err)
     return out.getvalue(), err.getvalue()
+
+
+def operator():
+    """The Django user the command's replays are audited under."""
+    return User.objects.get_or_create(username="ops")[0]
 
 
 def replayed_labels():
@@ -56,6 +65,22 @@ def test_filters_select_what_is_replayed(redis_url, queues):
     assert DeadLetter.objects.get(args=["e"]).status == "discarded"
     out, _ = run("replay")  # nothing dead is left: nothing more is published
     assert "0 replayed" in out and "of 0 matching" in out
+    # Each replay is in the admin log, under the operator, naming the command.
+    entries = LogEntry.objects.filter(user=operator())
+    assert entries.count() == 4
+    assert all("(manage.py celery_guard replay)" in e.change_message for e in entries)
+    assert set(DeadLetterReplay.objects.values_list("replayed_by", flat=True)) == {"ops"}
+
+
+def test_replay_needs_a_known_user_except_for_a_dry_run(redis_url, queues):
+    dead_letter("who")
+    with pytest.raises(CommandError, match="--user USERNAME is required"):
+        call_command("celery_guard", "replay", stdout=io.StringIO())
+    with pytest.raises(CommandError, match="no Django user 'nobody'"):
+        call_command("celery_guard", "replay", "--user", "nobody", stdout=io.StringIO())
+    assert queue_length(redis_url, queues["default"]) == 0
+    out, _ = run("replay", "--dry-run")
+    assert "would have 1 replayed" in out and not LogEntry.objects.exists()
 
 
 def test_dry_run_and_limit(redis_url, queues):
@@ -113,6 +138,7 @@ def replay_process(test_db_name, redis_url, *args):
         "CELERY_GUARD_LOG_LEVEL": "WARNING",
     }
     command = [sys.executable, "-m", "django", "celery_guard", "replay", *args]
+    command += ["--user", operator().username]
     return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 

@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import User
 from django.db import connection
 from django.utils import timezone
 
@@ -26,9 +28,10 @@ pytestmark = pytest.mark.usefixtures("empty_queues")
 @pytest.mark.django_db
 def test_replay_publishes_a_fresh_first_attempt_naming_the_dead_letter(redis_url, queues):
     row = dead_letter("fresh", kwargs={"note": "n"})
+    alice = User.objects.create_user("alice")
     before = time.time()
     summary = replay.Summary()
-    outcome = replay.replay_one(row, app=app, user="alice", summary=summary)
+    outcome = replay.replay_one(row, app=app, user=alice, summary=summary)
     assert outcome == replay.REPLAYED
     [(message_headers, args, kwargs)] = published(redis_url, queues["default"])
     guard = message_headers["celery_guard"]
@@ -48,6 +51,9 @@ def test_replay_publishes_a_fresh_first_attempt_naming_the_dead_letter(redis_url
         "alice",
         False,
     )
+    # Audited in the admin log in the claim's transaction.
+    [entry] = LogEntry.objects.filter(object_id=str(row.pk))
+    assert entry.user == alice and record.task_id in entry.change_message
 
 
 @pytest.mark.django_db

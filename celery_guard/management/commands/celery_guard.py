@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from celery import current_app
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from celery_guard import dlq, doctor, idempotency, replay
@@ -35,6 +36,11 @@ class Command(BaseCommand):
         r.add_argument("--dry-run", action="store_true", help="Validate only; publish nothing.")
         r.add_argument("--rate", default="200/s", help="Publish rate: 200/s, 600/m, 10/h.")
         r.add_argument("--no-progress", action="store_true", help="No progress bar.")
+        r.add_argument(
+            "--user",
+            help="The Django user (username) the replays are recorded and audited under in "
+            "the admin log. Required, except with --dry-run.",
+        )
         p = sub.add_parser(
             "purge",
             help="Delete idempotency records past their dedup window and the retention, and "
@@ -80,9 +86,11 @@ class Command(BaseCommand):
         dry_run: bool,
         rate: str,
         no_progress: bool,
+        user: str | None,
         **options: Any,
     ) -> None:
         """Replay matching dead letters through the same service as the admin action."""
+        operator = self._operator(user, required=not dry_run)
         try:
             per_second = replay.parse_rate(rate)
             rows = dlq.select(
@@ -113,7 +121,8 @@ class Command(BaseCommand):
         summary = replay.replay(
             ids,
             app=current_app._get_current_object(),
-            user="manage.py celery_guard replay",
+            user=operator,
+            via="manage.py celery_guard replay",
             dry_run=dry_run,
             rate=per_second,
             progress=progress,
@@ -127,6 +136,21 @@ class Command(BaseCommand):
         )
         for pk, why in summary.reasons.items():
             self.stdout.write(self.style.WARNING(f"  unroutable #{pk}: {why}"))
+
+    def _operator(self, username: str | None, *, required: bool) -> Any:
+        """The Django user named by ``--user`` (None when absent and not required)."""
+        if username is None:
+            if required:
+                raise CommandError(
+                    "--user USERNAME is required: every replay is recorded in the admin log "
+                    "under the Django user who made it (or use --dry-run)"
+                )
+            return None
+        model = get_user_model()
+        try:
+            return model._default_manager.get_by_natural_key(username)
+        except model.DoesNotExist as exc:
+            raise CommandError(f"--user: no Django user {username!r}") from exc
 
     def handle_purge(self, *, days: float | None = None, **options: Any) -> None:
         """Purge expired idempotency records and old replayed/discarded dead letters."""
