@@ -18,7 +18,7 @@ from celery_guard import idempotency
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from tests.dlq_support import dead_letter, published
 from tests.harness import ROOT, queue_length, wait_until
-from tests.testapp import idem_tasks
+from tests.testapp import dlq_tasks, idem_tasks
 from tests.testapp.models import Execution
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_queues")]
@@ -45,11 +45,19 @@ def replayed_labels():
 
 def test_filters_select_what_is_replayed(redis_url, queues):
     now = timezone.now()
-    dead_letter("a", failed_at=now - dt.timedelta(hours=3))
-    dead_letter("b", failed_at=now - dt.timedelta(minutes=30), reason="exhausted")
-    dead_letter("c", failed_at=now - dt.timedelta(minutes=10), exception_class="x.Boom")
-    dead_letter("d", failed_at=now - dt.timedelta(minutes=5), queue="elsewhere")
-    dead_letter("e", failed_at=now - dt.timedelta(minutes=1), status="discarded")
+
+    def ago(**delta):
+        return now - dt.timedelta(**delta)
+
+    dead_letter("a", failed_at=ago(hours=3))
+    dead_letter("b", failed_at=ago(minutes=30), reason="exhausted")
+    dead_letter("c", failed_at=ago(minutes=10), exception_class="x.Boom")
+    dead_letter("d", failed_at=ago(minutes=5), queue="elsewhere")
+    dead_letter("e", failed_at=ago(minutes=1), status="discarded")
+    # Each filter below leaves out a row that only that filter excludes.
+    dead_letter("f", failed_at=ago(hours=5))  # --since
+    plain = dlq_tasks.dlq_plain.name
+    dead_letter("g", failed_at=ago(minutes=4), queue="elsewhere", task_name=plain)  # --task
     run("replay", "--reason", "exhausted", "--no-progress")
     assert replayed_labels() == ["b"]
     run("replay", "--exception", "x.Boom", "--no-progress")
@@ -59,15 +67,19 @@ def test_filters_select_what_is_replayed(redis_url, queues):
     assert (
         "1 replayed, 0 skipped (not dead any more, or in another replay), 0 unroutable of 1" in out
     )
-    run("replay", "--queue", "elsewhere", "--task", DeadLetter.objects.get(args=["d"]).task_name)
+    run("replay", "--queue", "elsewhere", "--task", dlq_tasks.dlq_until_fixed.name)
     assert replayed_labels() == ["a", "b", "c", "d"]
-    assert queue_length(redis_url, queues["default"]) == 3
+    run("replay", "--until", "4h")
+    assert replayed_labels() == ["a", "b", "c", "d", "f"]
+    run("replay", "--limit", "1", "--no-progress")
+    assert replayed_labels() == ["a", "b", "c", "d", "f", "g"]
+    assert queue_length(redis_url, queues["default"]) == 4
     assert DeadLetter.objects.get(args=["e"]).status == "discarded"
     out, _ = run("replay")  # nothing dead is left: nothing more is published
     assert "0 replayed" in out and "of 0 matching" in out
     # Each replay is in the admin log, under the operator, naming the command.
     entries = LogEntry.objects.filter(user=operator())
-    assert entries.count() == 4
+    assert entries.count() == 6
     assert all("(manage.py celery_guard replay)" in e.change_message for e in entries)
     assert set(DeadLetterReplay.objects.values_list("replayed_by", flat=True)) == {"ops"}
 
