@@ -10,11 +10,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
+from celery_guard import audit
 from celery_guard.conf import guard_settings
 from celery_guard.models import DeadLetter
 
@@ -65,6 +66,55 @@ def select(
         rows = rows.filter(failed_at__lt=until)
     ordered: QuerySet[DeadLetter] = rows.order_by("failed_at", "id")
     return ordered
+
+
+#: Dead letters discarded per transaction.
+DISCARD_BATCH = 1000
+
+
+def discard(rows: QuerySet[DeadLetter], reason: str, *, user: Any = None) -> int:
+    """Discard ``rows`` (those not discarded yet) with ``reason``; return how many.
+
+    In batches of :data:`DISCARD_BATCH` rows by id, one transaction each: the rows are locked
+    (``SKIP LOCKED``: a row that a replay is publishing right now is left to it), set to
+    ``discarded`` with the reason, and audited in the admin log under ``user``.
+
+    Raises:
+        ValueError: ``reason`` is blank.
+    """
+    reason = reason.strip()
+    if not reason:
+        raise ValueError("a reason is required")
+    pending = rows.exclude(status=DeadLetter.Status.DISCARDED).order_by("pk")
+    done, after = 0, 0
+    while True:
+        ids = list(pending.filter(pk__gt=after).values_list("pk", flat=True)[:DISCARD_BATCH])
+        if not ids:
+            return done
+        after = ids[-1]
+        with transaction.atomic():
+            locked = list(
+                DeadLetter.objects.select_for_update(skip_locked=True)
+                .filter(pk__in=ids)
+                .exclude(status=DeadLetter.Status.DISCARDED)
+                .only("pk", "task_name", "task_id", "reason", "status")
+                .order_by("pk")
+            )
+            DeadLetter.objects.filter(pk__in=[row.pk for row in locked]).update(
+                status=DeadLetter.Status.DISCARDED, status_reason=reason
+            )
+            audit.log_changes(
+                user, [(row, f"Discarded (was {row.status}): {reason}") for row in locked]
+            )
+        for row in locked:
+            logger.info(
+                "celery_guard: dead letter %s discarded by %s (was %s): %s",
+                row.pk,
+                user.get_username() if user is not None else "?",
+                row.status,
+                reason,
+            )
+        done += len(locked)
 
 
 def purge(days: float | None = None, *, now: dt.datetime | None = None) -> int:

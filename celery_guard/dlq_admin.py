@@ -23,7 +23,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
-from celery_guard import redaction, replay
+from celery_guard import dlq, redaction, replay
 from celery_guard.admin_base import ReadOnlyAdmin
 from celery_guard.conf import guard_settings
 from celery_guard.dlq_scale import (
@@ -43,6 +43,8 @@ DISCARD_PERMISSION = "celery_guard.discard_deadletter"
 GATED_ACTIONS = {"replay_selected": REPLAY_PERMISSION, "discard_selected": DISCARD_PERMISSION}
 #: Unroutable reasons listed in a message after a replay (the rest are on the rows).
 SHOWN_REASONS = 5
+#: Rows listed on the discard page (all of them are discarded).
+SHOWN_ROWS = 100
 
 # Whether the detail page being rendered shows unmasked arguments. The readonly field methods
 # get no request, and the ModelAdmin instance is shared by every request: a context variable
@@ -354,9 +356,6 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             raise Http404(f"no dead letter {object_id!r}")
         return row
 
-    def _user(self, request: HttpRequest) -> str:
-        return str(request.user.get_username())
-
     def _replay_rows(self, request: HttpRequest, rows: list[DeadLetter]) -> replay.Summary:
         summary = replay.Summary()
         app = current_app._get_current_object()
@@ -445,35 +444,24 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         self.message_user(request, _summary_message(summary), level)
         return HttpResponseRedirect(reverse("admin:celery_guard_deadletter_change", args=[row.pk]))
 
-    def _discard(self, request: HttpRequest, queryset: QuerySet[Any], reason: str) -> int:
-        done = 0
-        for row in queryset.exclude(status=DeadLetter.Status.DISCARDED):
-            # Conditional: a row replayed meanwhile by someone else keeps its status.
-            if (
-                DeadLetter.objects.filter(pk=row.pk, status=row.status).update(
-                    status=DeadLetter.Status.DISCARDED, status_reason=reason
-                )
-                == 1
-            ):
-                self.log_change(request, row, f"Discarded (was {row.status}): {reason}")
-                logger.info(
-                    "celery_guard: dead letter %s discarded by %s: %s",
-                    row.pk,
-                    self._user(request),
-                    reason,
-                )
-                done += 1
-        return done
-
     def _discard_page(
         self, request: HttpRequest, queryset: QuerySet[Any], error: str = ""
     ) -> TemplateResponse:
+        # "Select all N" posts select_across and the changelist's filters (in the URL), not
+        # N ids: the page carries the same, whatever N is.
+        select_across = request.POST.get("select_across") == "1"
+        shown = list(queryset[: SHOWN_ROWS + 1])
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
             "title": "Discard dead letters",
-            "rows": queryset[:100],
-            "ids": [str(pk) for pk in queryset.values_list("pk", flat=True)],
+            "rows": shown[:SHOWN_ROWS],
+            "more": len(shown) > SHOWN_ROWS,
+            "select_across": select_across,
+            # Without select_across the queryset is the ticked rows: one page at most.
+            "ids": []
+            if select_across
+            else [str(pk) for pk in queryset.values_list("pk", flat=True)],
             "error": error,
             "action_checkbox_name": ACTION_CHECKBOX_NAME,
         }
@@ -485,10 +473,10 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         """The reason page until a reason is confirmed; then discard (None)."""
         if not confirmed:
             return self._discard_page(request, queryset)
-        reason = request.POST.get("discard_reason", "").strip()
-        if not reason:
+        try:
+            done = dlq.discard(queryset, request.POST.get("discard_reason", ""), user=request.user)
+        except ValueError:
             return self._discard_page(request, queryset, "A reason is required.")
-        done = self._discard(request, queryset, reason)
         self.message_user(request, f"{done} dead letter(s) discarded.", messages.SUCCESS)
         return None
 

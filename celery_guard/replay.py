@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.apps import apps as django_apps
 from django.db import transaction
 
-from celery_guard import headers, idempotency, redaction
+from celery_guard import audit, headers, idempotency, redaction
 from celery_guard.models import DeadLetter, DeadLetterReplay
 
 logger = logging.getLogger(__name__)
@@ -190,31 +189,6 @@ class _Run:
         return f"Replayed{edited} as task {task_id}{via}{change}"
 
 
-def _audit(run: _Run, entries: Sequence[tuple[DeadLetter, str]]) -> None:
-    """Write one admin log entry (``LogEntry``) per ``(row, message)`` for ``run.user``.
-
-    In the claim's transaction: a replay is audited exactly when it is committed. Skipped
-    when there is no user to name or the admin app (its log) is not installed.
-    """
-    if run.user is None or not entries or not django_apps.is_installed("django.contrib.admin"):
-        return
-    from django.contrib.admin.models import CHANGE, LogEntry
-    from django.contrib.contenttypes.models import ContentType
-
-    content_type = ContentType.objects.get_for_model(DeadLetter)
-    LogEntry.objects.bulk_create(
-        LogEntry(
-            user_id=run.user.pk,
-            content_type_id=content_type.pk,
-            object_id=str(row.pk),
-            object_repr=str(row)[:200],
-            action_flag=CHANGE,
-            change_message=message,
-        )
-        for row, message in entries
-    )
-
-
 def _routable(rows: Sequence[DeadLetter], run: _Run, *, mark: bool) -> list[DeadLetter]:
     """The rows that pass validation; the others are counted (and marked when ``mark``)."""
     ready, refused = [], defaultdict(list)
@@ -239,8 +213,8 @@ def _routable(rows: Sequence[DeadLetter], run: _Run, *, mark: bool) -> list[Dead
             DeadLetter.objects.filter(pk__in=pks).update(
                 status=DeadLetter.Status.UNROUTABLE, status_reason=reason
             )
-        _audit(
-            run,
+        audit.log_changes(
+            run.user,
             [
                 (row, f"Replay refused, unroutable: {run.summary.reasons[row.pk]}")
                 for row in rows
@@ -354,8 +328,9 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
                     failure = exc
                     break
                 published.append((row, record, options))
-            _audit(
-                run, [(row, run.replayed_message(record.task_id)) for row, record, _ in published]
+            audit.log_changes(
+                run.user,
+                [(row, run.replayed_message(record.task_id)) for row, record, _ in published],
             )
     except Exception:
         if published:

@@ -299,3 +299,24 @@ def test_tool_urls_of_unknown_rows_are_404(client):
         for bad in ("999999", "not-a-number"):
             url = reverse(f"admin:celery_guard_deadletter_{name}", args=[bad])
             assert client.post(url).status_code == 404, (name, bad)
+
+
+@pytest.mark.django_db
+def test_discarding_all_that_a_filter_selects_carries_the_filter_not_the_ids(client, monkeypatch):
+    monkeypatch.setattr(dlq, "DISCARD_BATCH", 7)  # several batches
+    doomed = [dead_letter(f"d{n}", queue="doomed") for n in range(20)]
+    kept = dead_letter("kept")
+    client.force_login(staff("operator", "discard_deadletter"))
+    url = reverse(CHANGELIST) + "?queue=doomed"
+    action = {"action": "discard_selected", "select_across": "1", "index": "0"}
+    action["_selected_action"] = [doomed[0].pk]  # the ticked row; select_across takes all
+    page = client.post(url, action)
+    assert page.status_code == 200 and b'name="select_across" value="1"' in page.content
+    assert page.content.count(b'name="_selected_action"') == 0
+    done = client.post(url, {**action, "confirm": "1", "discard_reason": "bad batch"}, follow=True)
+    assert "20 dead letter(s) discarded" in messages_of(done)
+    statuses = dict(DeadLetter.objects.values_list("pk", "status"))
+    assert {statuses[row.pk] for row in doomed} == {"discarded"}
+    assert statuses[kept.pk] == "dead"
+    entries = LogEntry.objects.filter(change_message="Discarded (was dead): bad batch")
+    assert entries.count() == 20 and {e.user.username for e in entries} == {"operator"}
