@@ -18,6 +18,9 @@ COUNT_CAP = 1000
 ESTIMATE_FROM = 10_000
 #: Distinct values a filter lists at most.
 MAX_CHOICES = 100
+#: Pages a changelist offers at most: page N costs an ``OFFSET`` of N pages of rows, so the
+#: last of 20,000 pages would walk a million index entries. Filters reach the rest.
+MAX_PAGES = 200
 
 
 def estimated_rows(queryset: QuerySet[Any]) -> int | None:
@@ -61,6 +64,12 @@ class EstimatedCountPaginator(Paginator):  # type: ignore[type-arg]
             self.capped = True
             return COUNT_CAP
         return int(counted)
+
+    @cached_property
+    def num_pages(self) -> int:
+        """Pages offered: at most :data:`MAX_PAGES`."""
+        pages: int = super().num_pages
+        return min(pages, MAX_PAGES)
 
 
 def distinct_values(queryset: QuerySet[Any], column: str, limit: int = MAX_CHOICES) -> list[Any]:

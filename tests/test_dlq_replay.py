@@ -11,6 +11,7 @@ import time
 import pytest
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import User
+from django.core.paginator import InvalidPage
 from django.db import connection
 from django.utils import timezone
 
@@ -321,6 +322,12 @@ def test_estimated_count_on_postgresql(postgres):
         paginator = EstimatedCountPaginator(DeadLetter.objects.all(), 10)
         # ANALYZE ran after the seed, inside this test's transaction: the estimate is exact.
         assert paginator.count == 200 and paginator.estimated
+        # No page deeper than MAX_PAGES: its OFFSET would walk the whole index.
+        patch.setattr("celery_guard.dlq_scale.MAX_PAGES", 5)
+        paginator = EstimatedCountPaginator(DeadLetter.objects.all(), 10)
+        assert paginator.num_pages == 5
+        with pytest.raises(InvalidPage):
+            paginator.page(6)
 
 
 def test_parse_when():
