@@ -8,10 +8,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from celery_guard import dlq, dlq_admin
+from celery_guard import dlq, dlq_admin, idempotency, ledger
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from tests.dlq_support import dead_letter, staff
 from tests.harness import queue_length, wait_until
+from tests.testapp import idem_tasks
 from tests.testapp.dlq_tasks import fix
 from tests.testapp.models import Execution
 
@@ -320,3 +321,34 @@ def test_discarding_all_that_a_filter_selects_carries_the_filter_not_the_ids(cli
     assert statuses[kept.pk] == "dead"
     entries = LogEntry.objects.filter(change_message="Discarded (was dead): bad batch")
     assert entries.count() == 20 and {e.user.username for e in entries} == {"operator"}
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_replay_runs_although_its_dead_task_still_holds_the_key(client, start_worker, queues):
+    task = idem_tasks.idem_notify
+    identity = idempotency.identify(task, [7, "v1"], {}, {})
+    row = dead_letter(
+        "held",
+        task_name=task.name,
+        queue=queues["high"],
+        args=[7, "v1"],
+        headers={"celery_guard": {"v": 1, "attempt": 1, "priority": "high"}},
+        idempotency_key=identity.key,
+    )
+    # The dead run's worker died holding the key under an hour's lease.
+    ledger.get_ledger().start(
+        identity.key,
+        task_name=task.name,
+        task_id=row.task_id,
+        fingerprint=identity.fingerprint,
+        window=identity.window,
+        owner="a-dead-worker",
+        lease=3600,
+    )
+    client.force_login(staff("operator", "replay_deadletter"))
+    client.post(tool_url("replay", row))
+    start_worker(["high"])
+    # Re-armed by the replay: the body runs now, not after the dead run's lease.
+    run = wait_until(lambda: Execution.objects.filter(task=task.name).first(), timeout=30)
+    assert run.guard_header["replay_of"] == row.pk
