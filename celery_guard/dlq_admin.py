@@ -216,8 +216,12 @@ class DeadLetterAdmin(ReadOnlyAdmin):
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
         """Refuse (403) a POST naming a gated action the user may not run."""
-        action = request.POST.get("action") if request.method == "POST" else None
-        if action in GATED_ACTIONS and not request.user.has_perm(GATED_ACTIONS[action]):
+        # Every value: Django runs the one at the POST's "index", not necessarily the last.
+        named = request.POST.getlist("action") if request.method == "POST" else []
+        if any(
+            action in GATED_ACTIONS and not request.user.has_perm(GATED_ACTIONS[action])
+            for action in named
+        ):
             raise PermissionDenied
         return super().changelist_view(request, extra_context)
 

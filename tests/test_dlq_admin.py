@@ -49,6 +49,8 @@ def test_without_the_permission_replay_is_absent_and_refused(client, redis_url, 
     assert b"cg-replay" not in detail.content
     crafted = {"action": "replay_selected", "_selected_action": [row.pk]}
     assert client.post(reverse(CHANGELIST), crafted).status_code == 403
+    hidden = {**crafted, "action": ["replay_selected", "delete_selected"], "index": "0"}
+    assert client.post(reverse(CHANGELIST), hidden).status_code == 403
     assert client.post(tool_url("replay", row)).status_code == 403
     assert client.get(tool_url("edit_replay", row)).status_code == 403
     assert client.post(tool_url("edit_replay", row), {"confirm": "1"}).status_code == 403

@@ -219,6 +219,21 @@ def test_token_bucket_paces_to_the_rate():
             replay.parse_rate(bad)
 
 
+def test_the_default_fields_cover_the_usual_secrets():
+    kwargs = {
+        "password": 1,
+        "auth_token": 2,
+        "client_secret": 3,
+        "Authorization": 4,
+        "api_key": 5,
+        "card_number": 6,
+        "ssn": 7,
+        "name": "kept",
+    }
+    masked = redaction.redact([], kwargs)["kwargs"]
+    assert masked == {**dict.fromkeys(kwargs, redaction.MASK), "name": "kept"}
+
+
 def test_redaction_masks_sensitive_keys_case_insensitively(settings):
     data = redaction.redact(
         [{"Password": "p", "user": "u"}, ["x"]],
