@@ -56,8 +56,8 @@ def test_operator_filters_and_replays_a_dead_letter(live_server, monkeypatch, re
     staff("browser", "replay_deadletter")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 900})
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 900})
             page.goto(f"{live_server.url}/admin/login/?next=/admin/celery_guard/deadletter/")
             page.fill("#id_username", "browser")
             page.fill("#id_password", "pw")
@@ -74,9 +74,10 @@ def test_operator_filters_and_replays_a_dead_letter(live_server, monkeypatch, re
             message.wait_for()
             assert "1 replayed, 0 skipped" in message.inner_text()
             assert "replayed" in page.locator("#result_list tbody tr td.field-status").inner_text()
+        finally:
+            # Also when a step failed: the screenshot then shows where it stopped.
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dlq-replay.png"), full_page=True)
-        finally:
             browser.close()
     target.refresh_from_db()
     other.refresh_from_db()
