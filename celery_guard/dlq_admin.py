@@ -283,7 +283,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
 
     @admin.display(description="replays")
     def replay_history(self, obj: DeadLetter) -> SafeString:
-        """Each replay's task id, who and when, and its dead letter if it failed again."""
+        """Each replay: task id, who, when, outcome (its new dead letter linked), finish."""
         replays = list(obj.replays.all())
         again = {
             row.task_id: row.pk
@@ -291,13 +291,15 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         }
         lines = []
         for record in replays:
+            # Linked whatever the recorded outcome: recording it is best effort (it never
+            # fails the task), the dead letter is not.
             if record.task_id in again:
                 url = reverse("admin:celery_guard_deadletter_change", args=[again[record.task_id]])
                 outcome = format_html(
                     '<a href="{}">failed again: dead letter #{}</a>', url, again[record.task_id]
                 )
             else:
-                outcome = format_html("{}", "published; no failure recorded")
+                outcome = format_html("{}", record.get_outcome_display())
             lines.append(
                 (
                     record.task_id,
@@ -305,9 +307,10 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                     record.replayed_at,
                     "yes" if record.edited else "no",
                     outcome,
+                    record.finished_at or "-",
                 )
             )
-        return _table(("task id", "by", "at", "edited", "outcome"), lines)
+        return _table(("task id", "by", "at", "edited", "outcome", "finished"), lines)
 
     @admin.display(description="replay of")
     def replay_of_link(self, obj: DeadLetter) -> SafeString:

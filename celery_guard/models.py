@@ -234,12 +234,26 @@ class IdempotencyRecord(models.Model):
 
 
 class DeadLetterReplay(models.Model):
-    """One replay of a dead letter: the task id it was published under, by whom, when.
+    """One replay of a dead letter: its task id, who replayed it and when, and how it ran.
 
     Written in the same transaction that claims the dead letter, before the publish; deleted
     again if the publish fails. A replay that fails for good writes a new ``DeadLetter`` whose
-    ``task_id`` is this ``task_id`` and whose ``replay_of`` is ``dead_letter_id``.
+    ``task_id`` is this ``task_id`` and whose ``replay_of`` is ``dead_letter_id``. The worker
+    that runs the replay sets ``outcome`` (see ``celery_guard.receivers``).
     """
+
+    PUBLISHED = "published"
+    STARTED = "started"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    OUTCOMES = [
+        (PUBLISHED, "published, not started"),
+        (STARTED, "started"),
+        (RETRYING, "retrying"),
+        (SUCCEEDED, "succeeded"),
+        (FAILED, "failed"),
+    ]
 
     dead_letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="replays")
     task_id = models.CharField(max_length=255, db_index=True)
@@ -249,6 +263,11 @@ class DeadLetterReplay(models.Model):
     edited = models.BooleanField(default=False)
     args = models.JSONField(default=list, blank=True)
     kwargs = models.JSONField(default=dict, blank=True)
+    outcome = models.CharField(max_length=16, choices=OUTCOMES, default=PUBLISHED)
+    #: When the run reached ``succeeded`` or ``failed`` (worker time).
+    finished_at = models.DateTimeField(null=True, blank=True)
+    #: When a worker last changed ``outcome``.
+    updated_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-replayed_at", "-id"]

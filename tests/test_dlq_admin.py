@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from celery import current_app
 from django.contrib.admin.models import LogEntry
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -98,8 +99,15 @@ def test_replay_runs_on_a_real_worker_and_a_double_replay_publishes_once(
     [entry] = LogEntry.objects.filter(object_id=str(row.pk))
     assert entry.user.username == "operator"
     assert record.task_id in entry.get_change_message()
-    detail = client.get(change_url(row))
-    assert record.task_id.encode() in detail.content
+    # The worker recorded how the replay ended, and the detail page shows it.
+    record = wait_until(
+        lambda: DeadLetterReplay.objects.filter(dead_letter=row, outcome="succeeded").first()
+    )
+    assert record.finished_at is not None
+    detail = client.get(change_url(row)).content.decode()
+    assert record.task_id in detail
+    assert "<td>succeeded</td>" in detail
+    assert "failed again" not in detail
 
 
 @pytest.mark.integration
@@ -110,10 +118,47 @@ def test_a_replay_that_fails_again_links_to_its_new_dead_letter(client, start_wo
     client.post(tool_url("replay", row))
     start_worker(["default"])
     again = wait_until(lambda: DeadLetter.objects.filter(replay_of=row.pk).first())
-    assert again.task_id == DeadLetterReplay.objects.get(dead_letter=row).task_id
+    record = wait_until(
+        lambda: DeadLetterReplay.objects.filter(dead_letter=row, outcome="failed").first()
+    )
+    assert again.task_id == record.task_id
+    assert record.finished_at is not None
     detail = client.get(change_url(row)).content.decode()
     assert f"failed again: dead letter #{again.pk}" in detail
     assert change_url(again) in detail
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_replay_that_ends_before_its_claim_commits_still_records_its_outcome(
+    client, start_worker, monkeypatch
+):
+    row = dead_letter("quick")
+    fix("quick")
+    client.force_login(staff("operator", "replay_deadletter"))
+    start_worker(["default"])
+    app = current_app._get_current_object()
+    send_task = app.send_task
+    ended_first = []
+
+    def send_then_hold_the_claim(*args, **kwargs):
+        result = send_task(*args, **kwargs)
+        # The claim (and the replay record) commits only after this returns. On PostgreSQL
+        # the worker runs the whole task meanwhile; on SQLite it waits for the write lock.
+        if connection.vendor == "postgresql":
+            ended_first.append(wait_until(lambda: Execution.objects.filter(label="quick").exists()))
+            time.sleep(0.5)  # the end of the run (task_postrun) finds no committed record yet
+        return result
+
+    monkeypatch.setattr(app, "send_task", send_then_hold_the_claim)
+    client.post(tool_url("replay", row))
+    if connection.vendor == "postgresql":
+        assert ended_first == [True]
+    record = wait_until(
+        lambda: DeadLetterReplay.objects.filter(dead_letter=row, outcome="succeeded").first(),
+        timeout=15,
+    )
+    assert record.finished_at is not None
 
 
 @pytest.mark.django_db

@@ -7,15 +7,18 @@ import datetime as dt
 import logging
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+from celery import states
+from celery.exceptions import Reject
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import User
 from django.core.paginator import InvalidPage
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from celery_guard import deadletter, dlq, redaction, replay
+from celery_guard import deadletter, dlq, receivers, redaction, replay
 from celery_guard.dlq_scale import EstimatedCountPaginator, ProbedDatesQuerySet, distinct_values
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from proj.celery import app
@@ -415,3 +418,74 @@ def test_replay_logs_mask_sensitive_arguments(monkeypatch):
     assert replay.replay_one(row, app=app) == replay.REPLAYED
     [line] = [line for line in lines if "replayed dead letter" in line]
     assert "t0k" not in line and f"'Token': '{redaction.MASK}'" in line
+
+
+def guarded(guard):
+    """A stand-in for the task a ``task_prerun``/``task_postrun`` signal names."""
+    return SimpleNamespace(request=SimpleNamespace(headers={"celery_guard": guard}))
+
+
+@pytest.mark.django_db
+def test_the_replay_receivers_cost_an_ordinary_task_no_query(django_assert_num_queries):
+    ordinary = [
+        SimpleNamespace(),
+        SimpleNamespace(request=SimpleNamespace(headers=None)),
+        guarded({"v": 1, "attempt": 2, "priority": "default"}),
+        guarded({"v": 1, "replay_of": "junk"}),
+    ]
+    with django_assert_num_queries(0):
+        for task in ordinary:
+            receivers.replay_run_started(task_id="t", task=task)
+            receivers.replay_run_finished(task_id="t", task=task, state=states.SUCCESS)
+    row = dead_letter("replayed")
+    DeadLetterReplay.objects.create(dead_letter=row, task_id="r-1")
+    with django_assert_num_queries(1):  # a replay: one UPDATE by task id
+        receivers.replay_run_finished(
+            task_id="r-1", task=guarded({"replay_of": row.pk}), state=states.SUCCESS
+        )
+
+
+@pytest.mark.django_db
+def test_the_replay_record_follows_its_run():
+    row = dead_letter("run")
+    record = DeadLetterReplay.objects.create(dead_letter=row, task_id="r-1")
+    task = guarded({"v": 1, "attempt": 1, "replay_of": row.pk})
+
+    def signal(receiver, **kw):
+        receiver(task_id="r-1", task=task, **kw)
+        record.refresh_from_db()
+        return record.outcome
+
+    assert record.outcome == "published"
+    assert signal(receivers.replay_run_started) == "started"
+    assert signal(receivers.replay_run_finished, state=states.RETRY) == "retrying"
+    assert record.finished_at is None and record.updated_at is not None
+    assert signal(receivers.replay_run_started) == "started"
+    assert signal(receivers.replay_run_finished, state=states.IGNORED) == "started"
+    assert signal(receivers.replay_run_finished, state=states.SUCCESS) == "succeeded"
+    assert record.finished_at is not None
+    # A redelivery of a finished replay does not make it look running again.
+    assert signal(receivers.replay_run_started) == "succeeded"
+    assert receivers.replay_outcome(states.FAILURE) == "failed"
+    assert receivers.replay_outcome(states.REVOKED) == "failed"
+    # The guard requeues the message when it cannot write the dead letter: it runs again.
+    assert receivers.replay_outcome(states.REJECTED, Reject("x", requeue=True)) == "retrying"
+    assert receivers.replay_outcome(states.REJECTED, Reject("x", requeue=False)) == "failed"
+    assert receivers.replay_outcome(None) is None
+
+
+@pytest.mark.django_db
+def test_replay_bookkeeping_errors_are_logged_never_raised(monkeypatch, caplog):
+    task = guarded({"replay_of": 999999})
+    with caplog.at_level(logging.INFO, logger="celery_guard"):
+        receivers.replay_run_finished(task_id="gone", task=task, state=states.SUCCESS)
+        assert "has no replay record" in caplog.text
+
+        def broken(*args, **kwargs):
+            raise DatabaseError("database down")
+
+        monkeypatch.setattr(receivers, "record_replay_outcome", broken)
+        receivers.replay_run_started(task_id="gone", task=task)
+        receivers.replay_run_finished(task_id="gone", task=task, state=states.FAILURE)
+    assert "could not record the start of replay gone" in caplog.text
+    assert "could not record the outcome of replay gone" in caplog.text
