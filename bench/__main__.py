@@ -1,13 +1,15 @@
 """``python -m bench``: run the benchmark, write the JSON and print the Markdown table.
 
 Options: ``--full`` (longer run), ``--write-docs`` (also fill the results section of
-docs/benchmarks.md), ``--only NAME`` (compare only these guarded variants), ``--sqlite``
-(use SQLite even when PostgreSQL is available), ``--out DIR``.
+docs/benchmarks.md), ``--only NAME`` (compare only these guarded variants), ``--only-dlq``
+(only the dead-letter section), ``--dlq-rows N`` (time the changelist at these sizes),
+``--sqlite`` (use SQLite even when PostgreSQL is available), ``--out DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -29,9 +31,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="the full, longer run")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--only", action="append", metavar="NAME", help="guarded variant(s)")
+    parser.add_argument(
+        "--only-dlq",
+        action="store_true",
+        help="only the dead-letter section (no variants, worker or micro-benchmarks)",
+    )
+    parser.add_argument(
+        "--dlq-rows",
+        action="append",
+        type=int,
+        metavar="N",
+        help="dead letters to time the changelist at, instead of the mode's sizes (repeatable)",
+    )
     parser.add_argument("--sqlite", action="store_true", help="use SQLite, not PostgreSQL")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.only_dlq and args.only:
+        parser.error("--only picks variants, which --only-dlq does not run")
+    if args.only_dlq and args.write_docs:
+        # The docs' results section is one whole run: a partial one would replace it.
+        parser.error("--write-docs needs the whole run, not --only-dlq")
+    if args.dlq_rows and min(args.dlq_rows) < 1:
+        parser.error("--dlq-rows must be positive")
+    return args
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -52,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.services import Services, forget_keys
 
     config = FULL if args.full else QUICK
+    if args.dlq_rows:
+        config = dataclasses.replace(config, dlq_rows=tuple(sorted(set(args.dlq_rows))))
     run_id = uuid.uuid4().hex[:8]
     os.environ[naming.RUN_ID_ENV] = run_id
     started = dt.datetime.now(dt.timezone.utc)
@@ -84,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.worker import BenchWorker
         from proj.celery import app
 
-        variants = cases.variants(args.only)
+        variants = [] if args.only_dlq else cases.variants(args.only)
         if any(v.needs_database for v in variants):
             progress("migrating the bench database")
             call_command("migrate", verbosity=0)
@@ -111,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             services.record("celery worker (prefork, 2 processes)", worker.pid, worker.stop)
             return worker
 
-        progress(f"run {run_id}: {config.mode} mode, variants {[v.name for v in variants]}")
-        measured = runner.run(start_worker)
-        progress("micro-benchmarks: ledger decisions and beat lease operations")
-        measured["micro"] = micro.run_all(config.micro_n, database.engine)
+        measured: dict[str, Any]
+        if args.only_dlq:
+            progress(f"run {run_id}: {config.mode} mode, dead letters only")
+            measured = {"config": dataclasses.asdict(config)}
+        else:
+            progress(f"run {run_id}: {config.mode} mode, variants {[v.name for v in variants]}")
+            measured = runner.run(start_worker)
+            progress("micro-benchmarks: ledger decisions and beat lease operations")
+            measured["micro"] = micro.run_all(config.micro_n, database.engine)
         progress("dead letters: changelist timings and bulk replay")
         measured["dlq"] = dlq.run(list(config.dlq_rows), config.dlq_replay_n)
         fp["load_end"] = fingerprint.load_average()

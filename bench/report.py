@@ -173,17 +173,16 @@ def command_lines(results: Mapping[str, Any], name: str) -> list[str]:
 
 
 def fingerprint_table(results: Mapping[str, Any]) -> str:
-    """Machine, versions, services and the reference figures of the run."""
+    """Machine, versions, services and the reference figures of the run (when it measured them)."""
     fp = results["fingerprint"]
-    refs = results["references"]
-    push = refs["pushpop"]
-    db = refs["db_commit"]
+    config = results["config"]
+    duration = f"{results.get('duration_s', 0):.0f} s"
+    if results.get("variants"):
+        mode = f"{config['mode']} ({config['reps']} repetitions, {duration})"
+    else:
+        mode = f"{config['mode']}, dead letters only ({duration})"
     rows = [
-        (
-            "mode",
-            f"{results['config']['mode']} ({results['config']['reps']} repetitions, "
-            f"{results.get('duration_s', 0):.0f} s)",
-        ),
+        ("mode", mode),
         ("started", results.get("started_at", "")),
         ("CPU", f"{fp['cpu_model']}, {fp['cores']} cores"),
         ("load average (start → end)", f"{fp['load_start']} → {fp.get('load_end', '?')}"),
@@ -191,17 +190,24 @@ def fingerprint_table(results: Mapping[str, Any]) -> str:
         ("packages", ", ".join(f"{k} {v}" for k, v in fp["packages"].items())),
         ("Redis", f"{fp['redis_version']} — {results['services']['redis']}"),
         ("database", f"{fp['database_version']} — {results['services']['database']}"),
-        ("Redis round trip (PING p50)", f"{refs['redis_ping_p50_us']:.0f} µs"),
-        (
-            "raw Redis LPUSH+BRPOP",
-            f"{fmt(push['pairs_per_s'])} pairs/s (p50 {push['p50_us']:.0f} µs, "
-            f"{push['message_bytes']} B message, as Celery's)",
-        ),
-        (
-            f"raw {db['engine']} single-row insert+commit",
-            f"{fmt(db['commits_per_s'])} commits/s (p50 {db['p50_ms']:.2f} ms, {db['setting']})",
-        ),
     ]
+    refs = results.get("references")
+    if refs:
+        push = refs["pushpop"]
+        db = refs["db_commit"]
+        rows += [
+            ("Redis round trip (PING p50)", f"{refs['redis_ping_p50_us']:.0f} µs"),
+            (
+                "raw Redis LPUSH+BRPOP",
+                f"{fmt(push['pairs_per_s'])} pairs/s (p50 {push['p50_us']:.0f} µs, "
+                f"{push['message_bytes']} B message, as Celery's)",
+            ),
+            (
+                f"raw {db['engine']} single-row insert+commit",
+                f"{fmt(db['commits_per_s'])} commits/s (p50 {db['p50_ms']:.2f} ms, "
+                f"{db['setting']})",
+            ),
+        ]
     lines = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     return "\n".join(lines)
 
@@ -322,12 +328,13 @@ def dlq_tables(dlq: Mapping[str, Any]) -> str:
 
 def render(results: Mapping[str, Any]) -> str:
     """The whole Markdown report of one run."""
-    parts = ["### Machine and references", "", fingerprint_table(results)]
+    heading = "### Machine and references" if results.get("references") else "### Machine"
+    parts = [heading, "", fingerprint_table(results)]
     busy = busy_note(results["fingerprint"])
     notes = [*results.get("notes", []), *([busy] if busy else [])]
     for note in notes:
         parts += ["", f"> {note}"]
-    for name, variant in results["variants"].items():
+    for name, variant in results.get("variants", {}).items():
         if variant["baseline"]:
             continue
         parts += ["", f"### {variant['title']} vs plain Celery", "", variant_table(results, name)]
@@ -346,12 +353,13 @@ def render(results: Mapping[str, Any]) -> str:
             "",
             dlq_tables(results["dlq"]),
         ]
-    parts += [
-        "",
-        "Medians over the repetitions, (min..max) in brackets. Ratios above 1 mean the guarded "
-        "side is faster for throughputs and slower for latencies. Targets are reported, never "
-        "asserted.",
-    ]
+    footer = "Targets are reported, never asserted."
+    if results.get("variants"):
+        footer = (
+            "Medians over the repetitions, (min..max) in brackets. Ratios above 1 mean the "
+            f"guarded side is faster for throughputs and slower for latencies. {footer}"
+        )
+    parts += ["", footer]
     return "\n".join(parts) + "\n"
 
 

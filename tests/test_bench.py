@@ -10,6 +10,7 @@ import copy
 import pytest
 
 from bench import cases, report, stats
+from bench.__main__ import parse_args
 
 
 def test_percentile_interpolates_between_ranks():
@@ -284,3 +285,25 @@ def test_dead_letter_report_without_postgresql_or_the_full_run():
     )
     assert sqlite.startswith("> Changelist timings skipped")
     assert "≥ 1,000 rows/s missed" in sqlite
+
+
+def test_only_dlq_options_parse_and_refuse_what_they_skip():
+    args = parse_args(["--only-dlq", "--dlq-rows", "1000000", "--dlq-rows", "100000"])
+    assert args.only_dlq and args.dlq_rows == [1_000_000, 100_000]
+    for conflicting in (["--write-docs"], ["--only", "guarded-routing"], ["--dlq-rows", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--only-dlq", *conflicting])
+
+
+def test_report_of_a_dead_letter_only_run():
+    results = {
+        key: value for key, value in RESULTS.items() if key not in ("variants", "references")
+    }
+    results["config"] = {"mode": "full", "reps": 7}
+    results["dlq"] = {"engine": "postgresql", "changelist": [_changelist_step(1_000_000, 80.0)]}
+    lines = report.render(results).splitlines()
+    assert lines[0] == "### Machine"
+    assert "| mode | full, dead letters only (100 s) |" in lines
+    assert "| first page | 40 / 80, 12 | met |" in lines
+    assert not any("vs plain Celery" in line or "PING" in line for line in lines)
+    assert lines[-1] == "Targets are reported, never asserted."

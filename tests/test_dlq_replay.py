@@ -348,6 +348,26 @@ def test_estimated_count_on_postgresql(postgres):
             paginator.page(6)
 
 
+@pytest.mark.django_db
+def test_seed_copies_exactly_the_fake_rows(postgres, monkeypatch):
+    def no_bulk_create(*args, **kwargs):
+        raise AssertionError("PostgreSQL seeds with COPY")
+
+    monkeypatch.setattr(DeadLetter.objects, "bulk_create", no_bulk_create)
+    now = timezone.now()
+    assert dlq.seed(12, seed=3, now=now) == 12
+    names = [f.attname for f in DeadLetter._meta.concrete_fields if not f.primary_key]
+    expected = [
+        tuple(getattr(row, name) for name in names) for row in dlq.fake_rows(12, seed=3, now=now)
+    ]
+    # Every column read back as bulk_create would have written it: a column out of order,
+    # double-encoded JSON or "None" for NULL all differ.
+    assert list(DeadLetter.objects.order_by("pk").values_list(*names)) == expected
+    written = DeadLetter.objects.all()
+    assert {row.tenant is None for row in written} == {True, False}
+    assert {row.idempotency_key is None for row in written} == {True, False}
+
+
 def test_parse_when():
     now = timezone.now()
     assert dlq.parse_when("2h", now=now) == now - dt.timedelta(hours=2)

@@ -51,7 +51,12 @@ class Command(BaseCommand):
         )
         s = sub.add_parser("seed-dead-letters", help="Insert fake dead letters (benchmarks).")
         s.add_argument("count", type=int)
-        s.add_argument("--batch", type=int, default=5000)
+        s.add_argument(
+            "--batch",
+            type=int,
+            default=5000,
+            help="Rows per bulk_create (PostgreSQL writes them all with one COPY).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the chosen subcommand."""
