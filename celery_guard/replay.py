@@ -5,6 +5,7 @@ Shared by the admin (action, detail button, edit-and-replay) and ``celery_guard 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -405,7 +406,8 @@ def replay(
     summary = summary if summary is not None else Summary()
     ids = list(ids)
     size = batch_size(rate)
-    with app.producer_or_acquire() as producer:
+    # A dry run publishes nothing: it needs no broker connection.
+    with contextlib.nullcontext() if dry_run else app.producer_or_acquire() as producer:
         run = _Run(
             app=app,
             summary=summary,

@@ -193,8 +193,13 @@ def test_a_slow_rate_makes_short_batches():
 
 
 @pytest.mark.django_db
-def test_dry_run_changes_and_publishes_nothing(redis_url, queues):
+def test_dry_run_changes_and_publishes_nothing(redis_url, queues, monkeypatch):
     ok, gone = dead_letter("dry"), dead_letter("dry-gone", task_name="nope.task")
+
+    def no_broker():
+        raise ConnectionError("a dry run must not need the broker")
+
+    monkeypatch.setattr(app, "producer_or_acquire", no_broker)
     summary = replay.replay([ok.pk, gone.pk], app=app, dry_run=True)
     assert (summary.replayed, summary.unroutable) == (1, 1)
     assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
