@@ -278,8 +278,21 @@ DLQ_TARGET_ROWS = 1_000_000
 DLQ_REPLAY_TARGET = 1000.0
 
 
-def dlq_tables(dlq: Mapping[str, Any]) -> str:
-    """Changelist p50 / p95 and SQL queries per request kind and table size; bulk replay."""
+def plain_enqueue_rate(results: Mapping[str, Any]) -> float | None:
+    """The baseline's median enqueue throughput of the run, or None (a dead-letter-only run)."""
+    for variant in results.get("variants", {}).values():
+        if variant["baseline"]:
+            median: float | None = variant["metrics"].get("enqueue_rate", {}).get("median")
+            return median
+    return None
+
+
+def dlq_tables(dlq: Mapping[str, Any], plain_enqueue: float | None = None) -> str:
+    """Changelist p50 / p95 and SQL queries per request kind and table size; bulk replay.
+
+    ``plain_enqueue`` is plain Celery's enqueue throughput in the same run: the bound of a
+    replay that publishes one message per row, shown as the replay's ratio to it.
+    """
     parts = []
     steps = dlq.get("changelist") or []
     if steps:
@@ -314,13 +327,15 @@ def dlq_tables(dlq: Mapping[str, Any]) -> str:
     if replay:
         rate = replay["rows_per_s"]
         met = "met" if rate >= DLQ_REPLAY_TARGET else "missed"
+        ratio = stats.ratio(rate, plain_enqueue)
+        shown = "—" if ratio is None else f"{ratio:.2f}x"
         parts += [
             "",
             "| bulk replay (no rate limit) | dead letters | replayed | published | seconds "
-            "| rows/s | target |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| rows/s | vs plain enqueue | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
             f"| `celery_guard.replay.replay` | {fmt(replay['rows'])} | {fmt(replay['replayed'])} "
-            f"| {fmt(replay['published'])} | {replay['seconds']:.1f} | {fmt(rate)} "
+            f"| {fmt(replay['published'])} | {replay['seconds']:.1f} | {fmt(rate)} | {shown} "
             f"| ≥ {DLQ_REPLAY_TARGET:,.0f} rows/s {met} |",
         ]
     return "\n".join(parts).strip("\n")
@@ -351,7 +366,7 @@ def render(results: Mapping[str, Any]) -> str:
             "",
             "### Dead letters: admin changelist and bulk replay",
             "",
-            dlq_tables(results["dlq"]),
+            dlq_tables(results["dlq"], plain_enqueue_rate(results)),
         ]
     footer = "Targets are reported, never asserted."
     if results.get("variants"):
