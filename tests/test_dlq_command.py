@@ -137,6 +137,9 @@ def test_purge_and_seed():
     assert f"purged {finished} dead letter(s)" in out
     assert "idempotency record(s)" in out
     assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
+    for bad in ("0", "-1"):
+        with pytest.raises(CommandError, match="--days must be a positive"):
+            run("purge", "--days", bad)
 
 
 def replay_process(test_db_name, redis_url, *args):

@@ -159,6 +159,9 @@ class Command(BaseCommand):
 
     def handle_purge(self, *, days: float | None = None, **options: Any) -> None:
         """Purge expired idempotency records and old replayed/discarded dead letters."""
+        if days is not None and not days > 0:
+            # 0 would purge every replayed or discarded row at once, history and all.
+            raise CommandError(f"--days must be a positive number of days, got {days:g}")
         deleted = idempotency.purge()
         self.stdout.write(self.style.SUCCESS(f"purged {deleted} expired idempotency record(s)"))
         letters = dlq.purge(days)
