@@ -363,11 +363,11 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             raise Http404(f"no dead letter {object_id!r}")
         return row
 
-    def _replay_rows(self, request: HttpRequest, rows: list[DeadLetter]) -> replay.Summary:
+    def _replay_rows(self, request: HttpRequest, ids: list[int]) -> replay.Summary:
         summary = replay.Summary()
         app = current_app._get_current_object()
         try:
-            replay.replay([row.pk for row in rows], app=app, user=request.user, summary=summary)
+            replay.replay(ids, app=app, user=request.user, summary=summary)
         except Exception as exc:
             self.message_user(
                 request,
@@ -382,14 +382,15 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     @admin.action(description="Replay selected dead letters", permissions=["replay"])
     def replay_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         """Publish each selected dead letter again (each at most once)."""
-        self._replay_rows(request, list(queryset))
+        # Ids only: the service loads each batch itself ("select all" may be a million rows).
+        self._replay_rows(request, list(queryset.values_list("pk", flat=True)))
 
     def replay_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """POST: replay one dead letter (the detail page's button)."""
         if not self.has_replay_permission(request):
             raise PermissionDenied
         row = self._get_row(request, object_id)
-        self._replay_rows(request, [row])
+        self._replay_rows(request, [row.pk])
         return HttpResponseRedirect(reverse("admin:celery_guard_deadletter_change", args=[row.pk]))
 
     def edit_replay_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
