@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 help:
 	@echo "make test   - run the whole test suite (unit + real-worker integration)"
 	@echo "make demo   - run the priority-routing demo on real workers"
-	@echo "make lint   - ruff (lint + format check) and mypy"
+	@echo "make lint   - ruff (lint + format check), mypy and the import contracts"
 	@echo "make bench  - benchmark the guard against plain Celery (FULL=1 for the full run,"
 	@echo "             WRITE_DOCS=1 to put the table into docs/benchmarks.md)"
 	@echo "make docs   - build the Sphinx docs"
@@ -38,6 +38,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: venv
 	$(BIN)/ruff format .

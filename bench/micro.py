@@ -2,7 +2,7 @@
 
 ``python -m bench.micro --n N [--redis]`` runs in a process of its own, set up by the runner
 with the database to measure (``DATABASE_URL`` or ``SQLITE_PATH``), and prints one JSON
-object. A process per database, because ``celery_guard.locks`` works on the default database
+object. A process per database, because ``celery_guard.beat.lease`` works on the default database
 alias: the SQLite figures come from a process whose default database is a SQLite file.
 """
 
@@ -78,15 +78,15 @@ def lease_operations(n: int) -> dict[str, Any]:
     and one beat tick's lease step when a renewal is due (the scheduler's real code path)."""
     from django.utils import timezone
 
-    from celery_guard import locks
+    from celery_guard.beat import lease
     from celery_guard.conf import guard_settings
     from celery_guard.models import BeatLease
 
     name = f"bench-micro-{uuid.uuid4().hex[:12]}"
     ttl = guard_settings.beat_lease_seconds
-    holders = [locks.make_identity(), locks.make_identity()]
+    holders = [lease.make_identity(), lease.make_identity()]
     try:
-        locks.acquire_or_renew(name, holders[0], ttl)  # first acquisition inserts the row
+        lease.acquire_or_renew(name, holders[0], ttl)  # first acquisition inserts the row
         acquire = []
         expired = timezone.now() - timedelta(seconds=60)
         for i in range(n):
@@ -94,23 +94,23 @@ def lease_operations(n: int) -> dict[str, Any]:
             # Expired a minute ago (not timed): the next beat takes over.
             BeatLease.objects.filter(name=name, holder=previous).update(expires_at=expired)
             t = time.perf_counter()
-            record = locks.acquire_or_renew(name, me, ttl)
+            record = lease.acquire_or_renew(name, me, ttl)
             acquire.append(time.perf_counter() - t)
             if not record.held:
                 raise RuntimeError("lease acquisition failed")
         holder = holders[n % 2]
-        renew = _timed([lambda: locks.acquire_or_renew(name, holder, ttl)] * n)
-        lease = locks.Lease(name, ttl, renew_every=BEAT_MAX_INTERVAL)
-        lease.identity = holder
-        lease.step()  # takes over our own lease: the "acquired" log line, not timed
+        renew = _timed([lambda: lease.acquire_or_renew(name, holder, ttl)] * n)
+        beat_lease = lease.Lease(name, ttl, renew_every=BEAT_MAX_INTERVAL)
+        beat_lease.identity = holder
+        beat_lease.step()  # takes over our own lease: the "acquired" log line, not timed
         steps = []
         for _ in range(n):
-            lease.renew_at = 0.0  # renewal due, as on the tick after renew_every
+            beat_lease.renew_at = 0.0  # renewal due, as on the tick after renew_every
             t = time.perf_counter()
-            lease.step()
+            beat_lease.step()
             steps.append(time.perf_counter() - t)
     finally:
-        locks.release(name, holders[0])
+        lease.release(name, holders[0])
         BeatLease.objects.filter(name=name).delete()
     step = _summary(steps)
     return {
@@ -118,9 +118,9 @@ def lease_operations(n: int) -> dict[str, Any]:
         "renew": _summary(renew),
         "tick_step": step,
         "ttl_s": ttl,
-        "renew_every_s": lease.renew_every,
-        "loop_share_p50": step["p50_us"] / 1e6 / lease.renew_every,
-        "loop_share_p99": step["p99_us"] / 1e6 / lease.renew_every,
+        "renew_every_s": beat_lease.renew_every,
+        "loop_share_p50": step["p50_us"] / 1e6 / beat_lease.renew_every,
+        "loop_share_p99": step["p99_us"] / 1e6 / beat_lease.renew_every,
     }
 
 
@@ -129,8 +129,8 @@ def measure(n: int, with_redis: bool) -> dict[str, Any]:
     from django.core.management import call_command
     from django.db import connection
 
-    from celery_guard import ledger
     from celery_guard.conf import guard_settings
+    from celery_guard.idempotency import ledger
 
     call_command("migrate", verbosity=0)
     engine = "postgresql" if connection.vendor == "postgresql" else "sqlite"

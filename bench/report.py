@@ -320,7 +320,7 @@ def dlq_tables(dlq: Mapping[str, Any], plain_enqueue: float | None = None) -> st
                 verdict = "—" if p95 is None else "met" if p95 < DLQ_P95_TARGET_MS else "missed"
             lines.append(f"| {label} | {' | '.join(cells)} | {verdict} |")
         seeded = ", ".join(f"{fmt(s['rows'])} rows in {s['seed_s']:.0f} s" for s in steps)
-        parts += ["\n".join(lines), "", f"Seeded with `celery_guard.dlq.seed`: {seeded}."]
+        parts += ["\n".join(lines), "", f"Seeded with `celery_guard.dlq.services.seed`: {seeded}."]
     elif dlq.get("changelist_note"):
         parts.append(f"> {dlq['changelist_note']}")
     replay = dlq.get("replay")
@@ -334,8 +334,9 @@ def dlq_tables(dlq: Mapping[str, Any], plain_enqueue: float | None = None) -> st
             "| bulk replay (no rate limit) | dead letters | replayed | published | seconds "
             "| rows/s | vs plain enqueue | target |",
             "|---|---:|---:|---:|---:|---:|---:|---|",
-            f"| `celery_guard.replay.replay` | {fmt(replay['rows'])} | {fmt(replay['replayed'])} "
-            f"| {fmt(replay['published'])} | {replay['seconds']:.1f} | {fmt(rate)} | {shown} "
+            f"| `celery_guard.dlq.replay.replay` | {fmt(replay['rows'])} "
+            f"| {fmt(replay['replayed'])} | {fmt(replay['published'])} "
+            f"| {replay['seconds']:.1f} | {fmt(rate)} | {shown} "
             f"| ≥ {DLQ_REPLAY_TARGET:,.0f} rows/s {met} |",
         ]
     return "\n".join(parts).strip("\n")

@@ -55,6 +55,16 @@ DEFAULTS: Mapping[str, Any] = {
 }
 
 
+def configured() -> bool:
+    """Whether Django's settings are configured (a task module may be imported before)."""
+    return bool(django_settings.configured)
+
+
+def declared() -> list[str]:
+    """The names of every ``CELERY_GUARD_*`` setting the project sets, known or not."""
+    return [name for name in dir(django_settings) if name.startswith(PREFIX)]
+
+
 def known_settings() -> frozenset[str]:
     """Return the full names of every ``CELERY_GUARD_*`` setting the package reads."""
     return frozenset(PREFIX + name for name in DEFAULTS)

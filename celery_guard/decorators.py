@@ -7,7 +7,7 @@ from typing import Any, overload
 
 from celery import Task, shared_task
 
-from celery_guard import options
+from celery_guard.core.options import OptionSet, suggest
 from celery_guard.task import GuardedTask
 
 # Keywords Celery's task decorators take that are not attributes of ``Task``.
@@ -38,8 +38,8 @@ def _celery_options() -> frozenset[str]:
     return frozenset(public) | _CELERY_DECORATOR_KEYWORDS
 
 
-def _split(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    guard_names = options.registered()
+def _split(opts: dict[str, Any], guard_options: OptionSet) -> tuple[dict[str, Any], dict[str, Any]]:
+    guard_names = guard_options.names()
     celery_names = _celery_options()
     guard: dict[str, Any] = {}
     celery: dict[str, Any] = {}
@@ -49,7 +49,7 @@ def _split(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         elif name in celery_names:
             celery[name] = value
         else:
-            hint = options.suggest(name, [*guard_names, *celery_names])
+            hint = suggest(name, [*guard_names, *celery_names])
             raise TypeError(
                 f"@guarded_task: unknown option {name!r}{hint}; it is neither a guard option "
                 "nor a Celery task option"
@@ -70,9 +70,9 @@ def guarded_task(
 ) -> GuardedTask | Callable[[Callable[..., Any]], GuardedTask]:
     """Declare a guarded Celery task; use with or without parentheses.
 
-    Takes every option Celery's ``shared_task`` takes, plus the guard options registered in
-    :mod:`celery_guard.options` (``priority``...). Options are validated here, so a mistake
-    fails when the module is imported, not in the worker.
+    Takes every option Celery's ``shared_task`` takes, plus the guard options of the
+    pipeline's steps (``celery_guard.steps``: ``priority``...). Options are validated here,
+    so a mistake fails when the module is imported, not in the worker.
 
     Example:
         >>> @guarded_task(priority="high")
@@ -82,11 +82,12 @@ def guarded_task(
         TypeError: An option is unknown, or has the wrong type.
         ValueError: An option has a value out of its range.
     """
-    guard, celery = _split(opts)
-    cleaned = options.clean(guard, where="@guarded_task")
-    base = celery.pop("base", GuardedTask)
+    base = opts.pop("base", GuardedTask)
     if not (isinstance(base, type) and issubclass(base, GuardedTask)):
         raise TypeError("@guarded_task option 'base': must be a subclass of GuardedTask")
+    guard_options = base.guard_pipeline.options
+    guard, celery = _split(opts, guard_options)
+    cleaned = guard_options.clean(guard, where="@guarded_task")
     serializer = celery.get("serializer", "json")
     if serializer != "json":
         raise ValueError(
@@ -96,7 +97,7 @@ def guarded_task(
     def decorate(fn: Callable[..., Any]) -> GuardedTask:
         if not callable(fn):
             raise TypeError(f"@guarded_task: expected a function, got {type(fn).__name__}")
-        bound = options.bind_to_function(
+        bound = guard_options.bind_to_function(
             cleaned, fn, bind=bool(celery.get("bind")), where="@guarded_task"
         )
         task: GuardedTask = shared_task(base=base, guard_options=bound, **celery)(fn)

@@ -9,12 +9,16 @@ from typing import Any, ClassVar
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import TimeLimitExceeded
 from celery.utils import uuid
-from django.conf import settings as django_settings
 
-# failures imports retry and idempotency registers its options: both before any decoration.
-from celery_guard import failures, headers, idempotency, options, payload, routing
+from celery_guard import conf
 from celery_guard.conf import guard_settings
+from celery_guard.core import headers, payload
+from celery_guard.core.pipeline import Pipeline, Publish
 from celery_guard.exceptions import PayloadError
+from celery_guard.failures import handler
+from celery_guard.idempotency.dedup import RunContext, context
+from celery_guard.routing import router
+from celery_guard.steps import GUARD
 
 logger = logging.getLogger(__name__)
 
@@ -30,35 +34,25 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
     # A hard time limit requeues the message so its next delivery counts the kill as an
-    # attempt (see celery_guard.failures.on_hard_timeout) instead of acking it away.
+    # attempt (see celery_guard.failures.handler.on_hard_timeout) instead of acking it away.
     acks_on_timeout = False
     serializer = "json"
 
     #: Guard options given to ``@guarded_task``, already validated.
     guard_options: ClassVar[Mapping[str, Any]] = {}
+    #: The ordered feature steps every publish and every run of the task goes through.
+    guard_pipeline: ClassVar[Pipeline] = GUARD
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
         """Install the guard router into the app this task binds to."""
         super().on_bound(app)
-        if not django_settings.configured or guard_settings.install_router:
-            routing.install(app)
+        if not conf.configured() or guard_settings.install_router:
+            router.install(app)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the body under the idempotency guard, inside the failure pipeline.
-
-        The failure pipeline is outermost so the poison-message cap and the dead-letter
-        write see every outcome, including a ledger that cannot be reached.
-        """
-        call = super().__call__
-
-        def body(*a: Any, **kw: Any) -> Any:
-            return idempotency.run_guarded(self, a, kw, call)
-
-        request = self.request
-        if request.called_directly or request.is_eager or request.id is None:
-            return body(*args, **kwargs)
-        return failures.run(self, body, args, kwargs)
+        """Run the body inside the guard pipeline (see ``celery_guard.steps``)."""
+        return self.guard_pipeline.run(self, args, kwargs, super().__call__)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -66,7 +60,7 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
         """Note a hard time limit kill (called in the worker's main process)."""
         # In the main process no request is pushed; in the pool child it is this task's.
         if isinstance(exc, TimeLimitExceeded) and self.request.id != task_id:
-            failures.on_hard_timeout(self.name, task_id)
+            handler.on_hard_timeout(self.name, task_id)
         super().on_failure(exc, task_id, args, kwargs, einfo)
 
     def guard_prepare(
@@ -96,7 +90,7 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             IdempotencyKeyError: The call's idempotency key cannot be derived.
         """
         where = f"{self.name}.apply_async(guard=...)"
-        per_call = options.clean(guard or {}, where=where, per_call=True)
+        per_call = self.guard_pipeline.options.clean(guard or {}, where=where, per_call=True)
         if serializer not in (None, "json"):
             raise ValueError(f"{self.name}: guarded tasks publish JSON, not {serializer!r}")
         try:
@@ -105,15 +99,11 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             logger.warning("celery_guard: refused to publish %s: %s", self.name, exc)
             raise
         if inherited:
-            kept = {k: v for k, v in inherited.items() if k in options.registered()}
+            kept = {k: v for k, v in inherited.items() if k in self.guard_pipeline.options}
             per_call = {**kept, **per_call}
-        level = options.resolve("priority", per_call, self.guard_options)
-        routing.queue_for(level)
-        identity = idempotency.identify(self, args, kwargs, per_call, inherited)
-        return {
-            "priority": level,
-            idempotency.HEADER_FIELD: identity.header() if identity else None,
-        }
+        return self.guard_pipeline.prepare(
+            Publish(self, args, kwargs, per_call, inherited=inherited or {})
+        )
 
     def apply_async(
         self,
@@ -155,7 +145,6 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             retries=celery_options.get("retries") or 0,
             **fields,
         )
-        identity = idempotency.Identity.from_header(message_headers[headers.HEADER])
         task_id = task_id or uuid()
 
         def publish() -> Any:
@@ -171,12 +160,12 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
                 **celery_options,
             )
 
-        return idempotency.publish_once(self, identity, task_id, publish)
+        return self.guard_pipeline.publish(self, message_headers[headers.HEADER], task_id, publish)
 
     @property
-    def guard(self) -> idempotency.RunContext:
+    def guard(self) -> RunContext:
         """The running request's guard context: ``self.guard.fencing_token``, ``.atomic()``."""
-        return idempotency.context(self.request)
+        return context(self.request)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
         """Check the arguments now, then publish when the transaction commits."""

@@ -28,7 +28,7 @@ def main() -> None:
     import django
 
     django.setup()
-    from celery_guard import ledger
+    from celery_guard.idempotency import ledger
     from tests.testapp.idem_tasks import idem_notify
 
     if where == "publish":

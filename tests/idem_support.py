@@ -11,7 +11,7 @@ import redis
 from django.conf import settings
 from django.test import override_settings
 
-from celery_guard import ledger
+from celery_guard.idempotency import ledger
 
 BACKENDS = ["database", "redis"]
 

@@ -4,7 +4,8 @@ import pytest
 from celery import current_app
 from django.test import override_settings
 
-from celery_guard import checks
+from celery_guard.beat import checks as beat_checks
+from tests.checks_support import check_setting_values
 
 
 @pytest.fixture
@@ -21,17 +22,17 @@ def loop_interval():
 
 def test_e006_lease_shorter_than_twice_the_beat_loop(loop_interval):
     loop_interval(None)  # django-celery-beat's default loop: 5 s; default lease 30 s
-    assert checks.check_beat_lease() == []
+    assert beat_checks.check_beat_lease() == []
     with override_settings(CELERY_GUARD_BEAT_LEASE_SECONDS=9):
-        [message] = checks.check_beat_lease()
+        [message] = beat_checks.check_beat_lease()
     assert message.id == "celery_guard.E006"
     assert "(9s) is less than twice the beat loop interval (5s" in message.msg
     loop_interval(20)
-    assert [m.id for m in checks.check_beat_lease()] == ["celery_guard.E006"]
+    assert [m.id for m in beat_checks.check_beat_lease()] == ["celery_guard.E006"]
     with override_settings(CELERY_GUARD_BEAT_LEASE_SECONDS=40):
-        assert checks.check_beat_lease() == []
+        assert beat_checks.check_beat_lease() == []
     with override_settings(CELERY_GUARD_BEAT_LEASE_SECONDS="long"):
-        assert checks.check_beat_lease() == []  # reported by E001 instead
+        assert beat_checks.check_beat_lease() == []  # reported by E001 instead
 
 
 @pytest.mark.parametrize(
@@ -46,9 +47,9 @@ def test_e006_lease_shorter_than_twice_the_beat_loop(loop_interval):
     ],
 )
 def test_e001_invalid_beat_settings(bad):
-    assert checks.check_setting_values() == []
+    assert check_setting_values() == []
     with override_settings(**bad):
-        messages = checks.check_setting_values()
+        messages = check_setting_values()
     assert [m.id for m in messages] == ["celery_guard.E001"]
     assert next(iter(bad)) in messages[0].msg
 
@@ -56,7 +57,7 @@ def test_e001_invalid_beat_settings(bad):
 def test_valid_beat_policies_pass():
     policies = {"nightly": {"catchup": "skip", "overlap": "skip", "overlap_timeout": 600}}
     with override_settings(CELERY_GUARD_BEAT_POLICIES=policies):
-        assert checks.check_setting_values() == []
+        assert check_setting_values() == []
 
 
 def test_w009_unguarded_database_scheduler():
@@ -64,11 +65,11 @@ def test_w009_unguarded_database_scheduler():
     saved = conf.beat_scheduler
     try:
         conf.beat_scheduler = "celery.beat:PersistentScheduler"
-        assert checks.check_beat_scheduler() == []
+        assert beat_checks.check_beat_scheduler() == []
         conf.beat_scheduler = "celery_guard.beat:GuardedScheduler"
-        assert checks.check_beat_scheduler() == []
+        assert beat_checks.check_beat_scheduler() == []
         conf.beat_scheduler = "django_celery_beat.schedulers:DatabaseScheduler"
-        [message] = checks.check_beat_scheduler()
+        [message] = beat_checks.check_beat_scheduler()
     finally:
         conf.beat_scheduler = saved
     assert message.id == "celery_guard.W009"

@@ -8,7 +8,8 @@ import pytest
 from django.utils import timezone as dj_timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from celery_guard import fires, locks, slots
+from celery_guard.beat import fires, lease, slots
+from celery_guard.core import headers
 from celery_guard.models import BeatFire
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -27,7 +28,7 @@ def entry():
 
 @pytest.fixture
 def token():
-    return locks.acquire_or_renew("lock", "me", 30).token
+    return lease.acquire_or_renew("lock", "me", 30).token
 
 
 def claim_for(entry, token, slot, *, missed=(), fire=True, policy=None, holder="me"):
@@ -100,15 +101,15 @@ def test_catchup_records_missed_slots_and_a_late_slot_under_skip(entry, token):
 def test_overlap_skip_waits_for_the_previous_run_to_finish(entry, token):
     skip = slots.EntryPolicy(overlap="skip", overlap_timeout=60)
     assert fires.claim(claim_for(entry, token, at(10), policy=skip)) is fires.Outcome.FIRED
-    headers = fires.message_headers(entry.name, at(10), token)
-    assert headers[fires.IDEMPOTENCY_HEADER] == "beat:report:2026-01-01T12:00:10Z"
-    fires.record_start(headers)
+    beat = headers.read(fires.message_headers(entry.name, at(10), token))[headers.BEAT]
+    assert beat["key"] == "beat:report:2026-01-01T12:00:10Z"
+    fires.record_start(beat)
     assert BeatFire.objects.get(slot=at(10)).started_at is not None
 
     assert fires.claim(claim_for(entry, token, at(20), policy=skip)) is fires.Outcome.SKIPPED
-    fires.record_finish(headers, "RETRY")  # not final: still running
+    fires.record_finish(beat, "RETRY")  # not final: still running
     assert fires.claim(claim_for(entry, token, at(30), policy=skip)) is fires.Outcome.SKIPPED
-    fires.record_finish(headers, "SUCCESS")
+    fires.record_finish(beat, "SUCCESS")
     assert fires.claim(claim_for(entry, token, at(40), policy=skip)) is fires.Outcome.FIRED
 
     # A run that never reports back (its worker died) stops blocking after the timeout.
@@ -129,6 +130,6 @@ def test_failed_publish_is_recorded(entry, token):
 def test_headers_without_a_slot_are_ignored_by_the_worker_side(entry, token):
     fires.claim(claim_for(entry, token, at(10)))
     fires.record_start({})
-    fires.record_start({fires.BEAT_HEADER: {"entry": "report", "slot": "yesterday"}})
+    fires.record_start({"entry": "report", "slot": "yesterday"})
     fires.record_finish(None, "SUCCESS")
     assert BeatFire.objects.get().started_at is None

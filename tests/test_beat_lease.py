@@ -9,7 +9,8 @@ import pytest
 from django.db import OperationalError, connection
 from django.utils import timezone
 
-from celery_guard import locks, signals
+from celery_guard import signals
+from celery_guard.beat import lease
 from celery_guard.models import BeatLease
 
 
@@ -40,8 +41,8 @@ class FakeStore:
             if self.holder != holder:
                 self.token += 1
             self.holder, self.expires = holder, self.clock() + ttl
-            return locks.LeaseRecord(True, holder, self.token, None)
-        return locks.LeaseRecord(False, self.holder, self.token, None)
+            return lease.LeaseRecord(True, holder, self.token, None)
+        return lease.LeaseRecord(False, self.holder, self.token, None)
 
     def release(self, name, holder):
         if self.holder != holder:
@@ -68,7 +69,7 @@ def received():
 
 
 def make(clock, store, identity, ttl=3.0, renew_every=1.0):
-    return locks.Lease(
+    return lease.Lease(
         "lock", ttl, renew_every=renew_every, store=store, identity=identity, clock=clock
     )
 
@@ -78,25 +79,25 @@ def test_state_machine_acquire_renew_takeover_and_release(received, caplog):
     store = FakeStore(clock)
     a, b = make(clock, store, "a"), make(clock, store, "b")
 
-    assert a.step() is locks.Event.ACQUIRED and a.valid() and a.token == 1
-    assert b.step() is locks.Event.STANDBY and not b.valid()
+    assert a.step() is lease.Event.ACQUIRED and a.valid() and a.token == 1
+    assert b.step() is lease.Event.STANDBY and not b.valid()
     clock.now += 0.5
     calls = store.calls
-    assert a.step() is locks.Event.HELD and store.calls == calls  # renewal not due: no query
+    assert a.step() is lease.Event.HELD and store.calls == calls  # renewal not due: no query
     clock.now += 0.6
-    assert a.step() is locks.Event.RENEWED and a.token == 1
+    assert a.step() is lease.Event.RENEWED and a.token == 1
 
     # a freezes: its lease expires, b takes over with a new fencing token.
     clock.now += 3.1
     assert not a.valid()
-    assert b.step() is locks.Event.ACQUIRED and b.token == 2
-    assert a.step() is locks.Event.LOST and not a.valid()
-    assert a.step() is locks.Event.STANDBY
+    assert b.step() is lease.Event.ACQUIRED and b.token == 2
+    assert a.step() is lease.Event.LOST and not a.valid()
+    assert a.step() is lease.Event.STANDBY
 
     b.release()
     assert not b.valid()
     clock.now += 0.001
-    assert a.step() is locks.Event.ACQUIRED and a.token == 3
+    assert a.step() is lease.Event.ACQUIRED and a.token == 3
     assert received == [
         ("acquired", "a", 1),
         ("acquired", "b", 2),
@@ -110,27 +111,29 @@ def test_state_machine_acquire_renew_takeover_and_release(received, caplog):
 def test_database_errors_stop_dispatching_only_once_the_lease_may_have_expired(received):
     clock = FakeClock()
     store = FakeStore(clock)
-    lease = make(clock, store, "a")
-    assert lease.step() is locks.Event.ACQUIRED
+    beat_lease = make(clock, store, "a")
+    assert beat_lease.step() is lease.Event.ACQUIRED
     store.fail = True
     clock.now += 1.5
-    assert lease.step() is locks.Event.ERROR
-    assert lease.valid()  # still inside the term the database granted
+    assert beat_lease.step() is lease.Event.ERROR
+    assert beat_lease.valid()  # still inside the term the database granted
     clock.now += 1.6
-    assert lease.step() is locks.Event.LOST and not lease.valid()
+    assert beat_lease.step() is lease.Event.LOST and not beat_lease.valid()
     store.fail = False
-    assert lease.step() is locks.Event.ACQUIRED and lease.token == 1  # nobody took it meanwhile
+    assert (
+        beat_lease.step() is lease.Event.ACQUIRED and beat_lease.token == 1
+    )  # nobody took it meanwhile
     assert [e[0] for e in received] == ["acquired", "lost", "acquired"]
 
 
 def test_a_renewal_elsewhere_extends_the_local_deadline():
     clock = FakeClock()
-    lease = make(clock, FakeStore(clock), "a")
-    lease.step()
+    beat_lease = make(clock, FakeStore(clock), "a")
+    beat_lease.step()
     clock.now += 2.5
-    lease.extended(clock.now)
+    beat_lease.extended(clock.now)
     clock.now += 2.0
-    assert lease.valid()
+    assert beat_lease.valid()
 
 
 def test_renewal_interval_is_capped_at_a_third_of_the_lease():
@@ -149,38 +152,38 @@ def expire(name="lock"):
 
 @pytestmark_db
 def test_acquire_renew_takeover_fence_and_release_in_the_database():
-    first = locks.acquire_or_renew("lock", "a", 30)
+    first = lease.acquire_or_renew("lock", "a", 30)
     assert first.held and first.token == 1
     row = BeatLease.objects.get(name="lock")
     assert row.holder == "a" and row.expires_at > row.renewed_at
 
-    assert not locks.acquire_or_renew("lock", "b", 30).held
-    renewed = locks.acquire_or_renew("lock", "a", 30)
+    assert not lease.acquire_or_renew("lock", "b", 30).held
+    renewed = lease.acquire_or_renew("lock", "a", 30)
     assert renewed.held and renewed.token == 1
     assert BeatLease.objects.get(name="lock").acquired_at == row.acquired_at
 
     expire()
-    taken = locks.acquire_or_renew("lock", "b", 30)
+    taken = lease.acquire_or_renew("lock", "b", 30)
     assert taken.held and taken.token == 2 and taken.holder == "b"
     assert BeatLease.objects.get(name="lock").acquired_at > row.acquired_at
-    assert not locks.acquire_or_renew("lock", "a", 30).held
-    assert not locks.fence("lock", "a", 1, 30)
-    assert locks.fence("lock", "b", 2, 30)
+    assert not lease.acquire_or_renew("lock", "a", 30).held
+    assert not lease.fence("lock", "a", 1, 30)
+    assert lease.fence("lock", "b", 2, 30)
 
-    assert not locks.release("lock", "a")
-    assert locks.release("lock", "b")
-    again = locks.acquire_or_renew("lock", "a", 30)
+    assert not lease.release("lock", "a")
+    assert lease.release("lock", "b")
+    again = lease.acquire_or_renew("lock", "a", 30)
     assert again.held and again.token == 3
     expire()
-    assert not locks.fence("lock", "a", 3, 30)  # an expired term cannot fire any more
-    assert locks.acquire_or_renew("lock", "a", 30).token == 3  # nobody else held it meanwhile
+    assert not lease.fence("lock", "a", 3, 30)  # an expired term cannot fire any more
+    assert lease.acquire_or_renew("lock", "a", 30).token == 3  # nobody else held it meanwhile
 
 
 @pytestmark_db
 def test_lock_names_are_independent():
-    assert locks.acquire_or_renew("eu", "a", 30).held
-    assert locks.acquire_or_renew("us", "b", 30).held
-    assert not locks.acquire_or_renew("eu", "b", 30).held
+    assert lease.acquire_or_renew("eu", "a", 30).held
+    assert lease.acquire_or_renew("us", "b", 30).held
+    assert not lease.acquire_or_renew("eu", "b", 30).held
 
 
 @pytestmark_db
@@ -191,7 +194,7 @@ def test_racing_first_acquisitions_elect_exactly_one_holder():
     def contend(holder):
         try:
             start.wait()
-            results[holder] = locks.acquire_or_renew("race", holder, 30).held
+            results[holder] = lease.acquire_or_renew("race", holder, 30).held
         finally:
             connection.close()
 

@@ -17,8 +17,9 @@ from django.test import override_settings
 from django.utils import timezone as dj_timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from celery_guard import fires, signals
+from celery_guard import signals
 from celery_guard.beat import GuardedScheduler
+from celery_guard.core import headers as guard_headers
 from celery_guard.models import BeatFire, BeatLease
 from tests.harness import purge, queue_length, wait_until
 
@@ -63,7 +64,7 @@ def every_second(queue, name="tick", every=1, task="tests.testapp.tasks.beat_job
 
 
 def fired_count():
-    return BeatFire.objects.filter(status=BeatFire.FIRED).count()
+    return BeatFire.objects.filter(status=BeatFire.Status.FIRED).count()
 
 
 def tick_until_fired(scheduler, count, timeout=10):
@@ -135,14 +136,15 @@ def test_catchup_skip_and_the_published_headers(schedulers, beat_queue, redis_ur
         scheduler = schedulers()
         wait_until(lambda: scheduler.tick() is not None and fired_count() >= 1, 10, interval=0.05)
     late = list(BeatFire.objects.filter(entry="late").values_list("status", flat=True))
-    assert late == [BeatFire.MISSED, BeatFire.MISSED]
-    fired = BeatFire.objects.get(entry="on-time", status=BeatFire.FIRED)
+    assert late == [BeatFire.Status.MISSED, BeatFire.Status.MISSED]
+    fired = BeatFire.objects.get(entry="on-time", status=BeatFire.Status.FIRED)
     with Connection(redis_url) as conn:
         message = conn.SimpleQueue(beat_queue).get(timeout=5)
         headers = message.headers
         message.ack()
-    assert headers[fires.IDEMPOTENCY_HEADER] == f"beat:on-time:{fired.slot:%Y-%m-%dT%H:%M:%S}Z"
-    assert headers[fires.BEAT_HEADER]["token"] == fired.token
+    beat = guard_headers.read(headers)[guard_headers.BEAT]
+    assert beat["key"] == f"beat:on-time:{fired.slot:%Y-%m-%dT%H:%M:%S}Z"
+    assert beat["token"] == fired.token
     assert headers["id"] == fired.task_id
     assert headers["periodic_task_name"] == "on-time"
 
@@ -157,7 +159,7 @@ def test_last_run_moved_back_by_hand_refires_nothing(schedulers, beat_queue, red
     entry.save()
     tick_until_fired(scheduler, 4)
     slots_fired = list(
-        BeatFire.objects.filter(status=BeatFire.FIRED).values_list("slot", flat=True)
+        BeatFire.objects.filter(status=BeatFire.Status.FIRED).values_list("slot", flat=True)
     )
     assert len(slots_fired) == len(set(slots_fired))
     assert queue_length(redis_url, beat_queue) == len(slots_fired)
@@ -167,16 +169,16 @@ def test_last_run_moved_back_by_hand_refires_nothing(schedulers, beat_queue, red
 def test_a_guarded_task_fired_by_beat_carries_the_slot_as_its_idempotency_key(
     schedulers, beat_queue
 ):
-    from celery_guard import idempotency
+    from celery_guard.idempotency import keys
     from celery_guard.models import IdempotencyRecord
     from tests.testapp.tasks import beat_guarded_job
 
     every_second(beat_queue, name="guarded", task=beat_guarded_job.name)
     tick_until_fired(schedulers(), 1)
-    fired = BeatFire.objects.get(entry="guarded", status=BeatFire.FIRED)
+    fired = BeatFire.objects.get(entry="guarded", status=BeatFire.Status.FIRED)
     slot_key = f"beat:guarded:{fired.slot:%Y-%m-%dT%H:%M:%S}Z"
     record = IdempotencyRecord.objects.get(task_id=fired.task_id)
-    assert record.key == idempotency.derive(beat_guarded_job.name, slot_key, {})
+    assert record.key == keys.derive(beat_guarded_job.name, slot_key, {})
     # The same slot published again (a frozen ex-leader's late publish, a replayed fire)
     # returns the first task id and publishes nothing.
     again = beat_guarded_job.apply_async(guard={"idempotency_key": slot_key})

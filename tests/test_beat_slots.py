@@ -9,7 +9,7 @@ import pytest
 from celery import schedules
 from django_celery_beat.tzcrontab import TzAwareCrontab
 
-from celery_guard import slots
+from celery_guard.beat import slots
 
 UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")

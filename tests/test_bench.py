@@ -264,7 +264,7 @@ def test_report_shows_dead_letter_changelist_and_replay():
     assert "100,000 rows" in header and "1,000,000 rows" in header
     row = next(line for line in lines if line.startswith("| first page |"))
     assert row == "| first page | 40 / 80, 12 | 175 / 350, 12 | missed |"
-    replay = next(line for line in lines if line.startswith("| `celery_guard.replay.replay`"))
+    replay = next(line for line in lines if line.startswith("| `celery_guard.dlq.replay.replay`"))
     # 2,000 rows/s against plain Celery's 1,000 enqueues/s of the same run.
     assert "| 5,000 | 5,000 | 5,000 | 2.5 | 2,000 | 2.00x | ≥ 1,000 rows/s met |" in replay
 

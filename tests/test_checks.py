@@ -6,7 +6,10 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
-from celery_guard import checks
+from celery_guard.core import checks as core_checks
+from celery_guard.failures import checks as failures_checks
+from celery_guard.routing import checks as routing_checks
+from tests.checks_support import check_setting_values
 
 
 def ids(messages):
@@ -14,9 +17,9 @@ def ids(messages):
 
 
 def test_w001_unknown_setting_with_suggestion():
-    assert checks.check_unknown_settings() == []
+    assert core_checks.check_unknown_settings() == []
     with override_settings(CELERY_GUARD_PRIORITY_QUEUE={"high": "h"}):
-        [message] = checks.check_unknown_settings()
+        [message] = core_checks.check_unknown_settings()
     assert message.id == "celery_guard.W001"
     assert "CELERY_GUARD_PRIORITY_QUEUE" in message.msg
     assert "did you mean 'CELERY_GUARD_PRIORITY_QUEUES'" in message.msg
@@ -35,9 +38,9 @@ def test_w001_unknown_setting_with_suggestion():
     ],
 )
 def test_e001_invalid_setting_values(bad):
-    assert checks.check_setting_values() == []
+    assert check_setting_values() == []
     with override_settings(**bad):
-        messages = checks.check_setting_values()
+        messages = check_setting_values()
     assert ids(messages) == ["celery_guard.E001"]
     assert next(iter(bad)) in messages[0].msg
 
@@ -52,30 +55,30 @@ def test_e001_invalid_setting_values(bad):
     ],
 )
 def test_e002_pickle(celery_conf, config):
-    assert checks.check_pickle() == []
+    assert core_checks.check_pickle() == []
     celery_conf(**config)
-    assert ids(checks.check_pickle()) == ["celery_guard.E002"]
+    assert ids(core_checks.check_pickle()) == ["celery_guard.E002"]
 
 
 def test_w002_acks_late_without_reject_on_worker_lost(celery_conf):
-    assert checks.check_acks_late() == []
+    assert failures_checks.check_acks_late() == []
     celery_conf(task_acks_late=True, task_reject_on_worker_lost=False)
-    assert ids(checks.check_acks_late()) == ["celery_guard.W002"]
+    assert ids(failures_checks.check_acks_late()) == ["celery_guard.W002"]
     celery_conf(task_acks_late=False)
-    assert checks.check_acks_late() == []
+    assert failures_checks.check_acks_late() == []
 
 
 def test_w003_visibility_timeout_shorter_than_a_time_limit(celery_conf):
     celery_conf(broker_url="redis://127.0.0.1:6379/0", broker_transport_options={})
-    assert checks.check_visibility_timeout() == []
+    assert failures_checks.check_visibility_timeout() == []
     celery_conf(task_time_limit=7200)
-    [message] = checks.check_visibility_timeout()
+    [message] = failures_checks.check_visibility_timeout()
     assert message.id == "celery_guard.W003"
     assert "3600s" in message.msg and "7200s" in message.msg
     celery_conf(broker_transport_options={"visibility_timeout": 7300})
-    assert checks.check_visibility_timeout() == []
+    assert failures_checks.check_visibility_timeout() == []
     celery_conf(broker_url="amqp://guest@localhost//", broker_transport_options={})
-    assert checks.check_visibility_timeout() == []
+    assert failures_checks.check_visibility_timeout() == []
 
 
 def test_w003_reads_time_limits_of_guarded_tasks(celery_conf):
@@ -90,37 +93,39 @@ def test_w003_reads_time_limits_of_guarded_tasks(celery_conf):
         pass
 
     try:
-        [message] = checks.check_visibility_timeout()
+        [message] = failures_checks.check_visibility_timeout()
         assert "tests.checks.long_task.time_limit" in message.msg
     finally:
         current_app.tasks.pop("tests.checks.long_task", None)
 
 
 def test_w004_always_eager(celery_conf):
-    assert checks.check_always_eager() == []
+    assert core_checks.check_always_eager() == []
     celery_conf(task_always_eager=True)
-    assert ids(checks.check_always_eager()) == ["celery_guard.W004"]
+    assert ids(core_checks.check_always_eager()) == ["celery_guard.W004"]
 
 
 def test_e003_and_w005_undeclared_priority_queues(celery_conf, queues):
-    assert checks.check_priority_queues() == []  # no task_queues declared: nothing to compare
+    assert (
+        routing_checks.check_priority_queues() == []
+    )  # no task_queues declared: nothing to compare
     celery_conf(task_queues=[queues["high"], queues["default"], queues["low"]])
-    assert checks.check_priority_queues() == []
+    assert routing_checks.check_priority_queues() == []
     celery_conf(task_queues=[queues["high"]], task_create_missing_queues=True)
-    [warning] = checks.check_priority_queues()
+    [warning] = routing_checks.check_priority_queues()
     assert warning.id == "celery_guard.W005"
     assert queues["low"] in warning.msg and queues["high"] not in warning.msg
     celery_conf(task_create_missing_queues=False)
-    assert ids(checks.check_priority_queues()) == ["celery_guard.E003"]
+    assert ids(routing_checks.check_priority_queues()) == ["celery_guard.E003"]
 
 
 def test_w006_router_disabled_and_not_listed(celery_conf):
-    assert checks.check_router() == []
+    assert routing_checks.check_router() == []
     with override_settings(CELERY_GUARD_INSTALL_ROUTER=False):
         celery_conf(task_routes=())
-        assert ids(checks.check_router()) == ["celery_guard.W006"]
+        assert ids(routing_checks.check_router()) == ["celery_guard.W006"]
         celery_conf(task_routes=("celery_guard.routing.route_task",))
-        assert checks.check_router() == []
+        assert routing_checks.check_router() == []
 
 
 def test_call_command_check_runs_the_guard_checks(celery_conf, capsys):
@@ -137,6 +142,6 @@ def test_call_command_check_runs_the_guard_checks(celery_conf, capsys):
 
 
 def test_w010_database_connection_reuse(celery_conf):
-    assert checks.check_db_reuse() == []  # the example project sets CELERY_DB_REUSE_MAX
+    assert core_checks.check_db_reuse() == []  # the example project sets CELERY_DB_REUSE_MAX
     celery_conf(CELERY_DB_REUSE_MAX=None)
-    assert ids(checks.check_db_reuse()) == ["celery_guard.W010"]
+    assert ids(core_checks.check_db_reuse()) == ["celery_guard.W010"]

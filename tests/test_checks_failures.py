@@ -4,8 +4,10 @@ import pytest
 from celery import current_app
 from django.test import override_settings
 
-from celery_guard import checks, guarded_task
+from celery_guard import guarded_task
 from celery_guard.backoff import Exponential
+from celery_guard.failures import checks as failures_checks
+from tests.checks_support import check_setting_values
 from tests.test_checks import ids
 
 
@@ -27,9 +29,9 @@ from tests.test_checks import ids
     ],
 )
 def test_e001_invalid_failure_settings(bad):
-    assert checks.check_setting_values() == []
+    assert check_setting_values() == []
     with override_settings(**bad):
-        messages = checks.check_setting_values()
+        messages = check_setting_values()
     assert ids(messages) == ["celery_guard.E001"]
     assert next(iter(bad)) in messages[0].msg
 
@@ -42,7 +44,7 @@ def test_valid_failure_settings_pass():
         CELERY_GUARD_SOFT_TIME_LIMIT=30,
         CELERY_GUARD_TIME_LIMIT=40.5,
     ):
-        assert checks.check_setting_values() == []
+        assert check_setting_values() == []
 
 
 def not_callable():
@@ -53,15 +55,15 @@ NOT_CALLABLE = 3
 
 
 def test_e005_classifier_must_import_as_a_callable():
-    assert checks.check_classifier() == []
+    assert failures_checks.check_classifier() == []
     with override_settings(CELERY_GUARD_ERROR_CLASSIFIER="tests.test_checks_failures.not_callable"):
-        assert checks.check_classifier() == []
+        assert failures_checks.check_classifier() == []
     for path, text in [
         ("tests.test_checks_failures.missing", "cannot be imported"),
         ("tests.test_checks_failures.NOT_CALLABLE", "is not callable"),
     ]:
         with override_settings(CELERY_GUARD_ERROR_CLASSIFIER=path):
-            [message] = checks.check_classifier()
+            [message] = failures_checks.check_classifier()
         assert message.id == "celery_guard.E005"
         assert text in message.msg
 
@@ -70,19 +72,19 @@ def test_w008_retry_delay_longer_than_the_visibility_timeout(celery_conf):
     celery_conf(
         broker_url="redis://127.0.0.1:6379/0", broker_transport_options={"visibility_timeout": 900}
     )
-    assert checks.check_retry_delay_visibility() == []  # default cap 600s
+    assert failures_checks.check_retry_delay_visibility() == []  # default cap 600s
 
     @guarded_task(name="tests.checks.slow_retry", backoff=(10, 3600))
     def slow_retry():
         pass
 
     try:
-        [message] = checks.check_retry_delay_visibility()
+        [message] = failures_checks.check_retry_delay_visibility()
         assert message.id == "celery_guard.W008"
         assert "tests.checks.slow_retry (3600s)" in message.msg
         celery_conf(broker_transport_options={"visibility_timeout": 7200})
-        assert checks.check_retry_delay_visibility() == []
+        assert failures_checks.check_retry_delay_visibility() == []
         celery_conf(broker_url="amqp://guest@localhost//")
-        assert checks.check_retry_delay_visibility() == []
+        assert failures_checks.check_retry_delay_visibility() == []
     finally:
         current_app.tasks.pop("tests.checks.slow_retry", None)

@@ -9,7 +9,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from celery_guard import dlq, dlq_admin, idempotency, ledger
+from celery_guard.dlq import admin, services
+from celery_guard.idempotency import keys, ledger
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from tests.dlq_support import dead_letter, staff
 from tests.harness import queue_length, wait_until
@@ -274,7 +275,7 @@ def test_search_is_exact_on_task_id_key_and_id(client):
 
 @pytest.mark.django_db
 def test_filters_and_query_count_independent_of_page_size(client, monkeypatch):
-    dlq.seed(60, batch=30)
+    services.seed(60, batch=30)
     client.force_login(staff("viewer"))
     page = client.get(reverse(CHANGELIST), {"status__exact": "dead"})
     shown = page.context["cl"].result_list
@@ -285,7 +286,7 @@ def test_filters_and_query_count_independent_of_page_size(client, monkeypatch):
     assert some_task.encode() in filtered.content  # listed as a filter choice
     counts = []
     for per_page in (5, 50):
-        monkeypatch.setattr(dlq_admin.DeadLetterAdmin, "list_per_page", per_page)
+        monkeypatch.setattr(admin.DeadLetterAdmin, "list_per_page", per_page)
         with CaptureQueriesContext(connection) as queries:
             page = client.get(reverse(CHANGELIST), {"reason__exact": "permanent"})
         assert len(page.context["cl"].result_list) == min(
@@ -351,7 +352,7 @@ def test_tool_urls_of_unknown_rows_are_404(client):
 
 @pytest.mark.django_db
 def test_discarding_all_that_a_filter_selects_carries_the_filter_not_the_ids(client, monkeypatch):
-    monkeypatch.setattr(dlq, "DISCARD_BATCH", 7)  # several batches
+    monkeypatch.setattr(services, "DISCARD_BATCH", 7)  # several batches
     doomed = [dead_letter(f"d{n}", queue="doomed") for n in range(20)]
     kept = dead_letter("kept")
     client.force_login(staff("operator", "discard_deadletter"))
@@ -374,7 +375,7 @@ def test_discarding_all_that_a_filter_selects_carries_the_filter_not_the_ids(cli
 @pytest.mark.django_db(transaction=True)
 def test_a_replay_runs_although_its_dead_task_still_holds_the_key(client, start_worker, queues):
     task = idem_tasks.idem_notify
-    identity = idempotency.identify(task, [7, "v1"], {}, {})
+    identity = keys.identify(task, [7, "v1"], {}, {})
     row = dead_letter(
         "held",
         task_name=task.name,

@@ -14,7 +14,7 @@ from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from celery_guard import idempotency
+from celery_guard.idempotency import keys
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from tests.dlq_support import dead_letter, published
 from tests.harness import ROOT, queue_length, wait_until
@@ -189,7 +189,7 @@ def test_a_replay_killed_mid_batch_loses_nothing_and_each_key_runs_once(
             queue=high,
             args=[n, "v1"],
             headers={"celery_guard": {"v": 1, "attempt": 2, "priority": "high"}},
-            idempotency_key=idempotency.namespaced(name, f"notify:{n}:v1"),
+            idempotency_key=keys.namespaced(name, f"notify:{n}:v1"),
         )
         for n in range(30)
     ]

@@ -18,10 +18,16 @@ from django.core.paginator import InvalidPage
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from celery_guard import deadletter, dlq, receivers, redaction, replay
-from celery_guard.dlq_scale import EstimatedCountPaginator, ProbedDatesQuerySet, distinct_values
+from celery_guard.core import redaction
+from celery_guard.dlq import receivers, records, replay, services
+from celery_guard.dlq.scale import (
+    EstimatedCountPaginator,
+    ProbedDatesQuerySet,
+    distinct_values,
+)
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from proj.celery import app
+from tests.checks_support import check_setting_values
 from tests.dlq_support import UNTIL_FIXED, dead_letter, published
 from tests.harness import queue_length
 from tests.testapp import dlq_tasks
@@ -294,7 +300,7 @@ def test_a_broken_redactor_does_not_undo_a_published_replay(settings, redis_url,
 
 @pytest.mark.django_db
 def test_a_replay_that_fails_again_links_to_its_dead_letter():
-    failure = deadletter.Failure(
+    failure = records.Failure(
         task_name=UNTIL_FIXED,
         task_id="t-again",
         reason="permanent",
@@ -302,9 +308,9 @@ def test_a_replay_that_fails_again_links_to_its_dead_letter():
         message="again",
         headers={"celery_guard": {"v": 1, "attempt": 1, "replay_of": 41}},
     )
-    assert deadletter.write(failure).replay_of == 41
+    assert records.write(failure).replay_of == 41
     failure.headers = {"celery_guard": {"replay_of": "junk"}}
-    assert deadletter.write(failure).replay_of is None
+    assert records.write(failure).replay_of is None
 
 
 @pytest.mark.django_db
@@ -317,36 +323,36 @@ def test_purge_deletes_only_old_replayed_and_discarded_rows(settings):
     ]
     dead_letter("old-replayed", failed_at=old, status="replayed")
     dead_letter("old-discarded", failed_at=old, status="discarded")
-    assert dlq.purge() == 2  # default retention: 30 days
+    assert services.purge() == 2  # default retention: 30 days
     assert set(DeadLetter.objects.values_list("pk", flat=True)) == {r.pk for r in keep}
     settings.CELERY_GUARD_DLQ_RETENTION_DAYS = 50
     dead_letter("x", failed_at=old, status="replayed")
-    assert dlq.purge() == 0
+    assert services.purge() == 0
 
 
 @pytest.mark.django_db
 def test_seed_filters_and_estimated_counts():
-    assert dlq.seed(60, batch=25) == 60
+    assert services.seed(60, batch=25) == 60
     names = distinct_values(DeadLetter.objects.all(), "task_name")
     assert names == sorted(set(DeadLetter.objects.values_list("task_name", flat=True)))
     paginator = EstimatedCountPaginator(DeadLetter.objects.all(), 10)
     assert paginator.count == 60 and not paginator.capped
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("celery_guard.dlq_scale.COUNT_CAP", 20)
+        patch.setattr("celery_guard.dlq.scale.COUNT_CAP", 20)
         capped = EstimatedCountPaginator(DeadLetter.objects.filter(attempts=5), 10)
         assert capped.count == 20 and capped.capped
 
 
 @pytest.mark.django_db
 def test_estimated_count_on_postgresql(postgres):
-    dlq.seed(200, batch=100)
+    services.seed(200, batch=100)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("celery_guard.dlq_scale.ESTIMATE_FROM", 100)
+        patch.setattr("celery_guard.dlq.scale.ESTIMATE_FROM", 100)
         paginator = EstimatedCountPaginator(DeadLetter.objects.all(), 10)
         # ANALYZE ran after the seed, inside this test's transaction: the estimate is exact.
         assert paginator.count == 200 and paginator.estimated
         # No page deeper than MAX_PAGES: its OFFSET would walk the whole index.
-        patch.setattr("celery_guard.dlq_scale.MAX_PAGES", 5)
+        patch.setattr("celery_guard.dlq.scale.MAX_PAGES", 5)
         paginator = EstimatedCountPaginator(DeadLetter.objects.all(), 10)
         assert paginator.num_pages == 5
         with pytest.raises(InvalidPage):
@@ -360,10 +366,11 @@ def test_seed_copies_exactly_the_fake_rows(postgres, monkeypatch):
 
     monkeypatch.setattr(DeadLetter.objects, "bulk_create", no_bulk_create)
     now = timezone.now()
-    assert dlq.seed(12, seed=3, now=now) == 12
+    assert services.seed(12, seed=3, now=now) == 12
     names = [f.attname for f in DeadLetter._meta.concrete_fields if not f.primary_key]
     expected = [
-        tuple(getattr(row, name) for name in names) for row in dlq.fake_rows(12, seed=3, now=now)
+        tuple(getattr(row, name) for name in names)
+        for row in services.fake_rows(12, seed=3, now=now)
     ]
     # Every column read back as bulk_create would have written it: a column out of order,
     # double-encoded JSON or "None" for NULL all differ.
@@ -375,19 +382,18 @@ def test_seed_copies_exactly_the_fake_rows(postgres, monkeypatch):
 
 def test_parse_when():
     now = timezone.now()
-    assert dlq.parse_when("2h", now=now) == now - dt.timedelta(hours=2)
-    assert dlq.parse_when("2026-01-02").isoformat() == "2026-01-02T00:00:00+00:00"
+    assert services.parse_when("2h", now=now) == now - dt.timedelta(hours=2)
+    assert services.parse_when("2026-01-02").isoformat() == "2026-01-02T00:00:00+00:00"
     with pytest.raises(ValueError):
-        dlq.parse_when("yesterday")
+        services.parse_when("yesterday")
 
 
 def test_settings_are_checked(settings):
-    from celery_guard import checks
 
     settings.CELERY_GUARD_REDACT_FIELDS = "password"
     settings.CELERY_GUARD_DLQ_RETENTION_DAYS = 0
     settings.CELERY_GUARD_SENTRY_EVENT_URL = "https://sentry.example/no-placeholder"
-    errors = " ".join(e.msg for e in checks.check_setting_values())
+    errors = " ".join(e.msg for e in check_setting_values())
     assert "REDACT_FIELDS" in errors
     assert "DLQ_RETENTION_DAYS" in errors
     assert "SENTRY_EVENT_URL" in errors
@@ -395,7 +401,7 @@ def test_settings_are_checked(settings):
 
 @pytest.mark.django_db
 def test_replay_rearms_the_key_the_dead_task_still_holds():
-    from celery_guard import ledger
+    from celery_guard.idempotency import ledger
 
     store = ledger.get_ledger()
     held = dead_letter("held", idempotency_key="dlq-test:held")
@@ -411,7 +417,7 @@ def test_replay_rearms_the_key_the_dead_task_still_holds():
 
 @pytest.mark.django_db
 def test_probed_date_hierarchy_matches_the_grouping_query():
-    dlq.seed(80)
+    services.seed(80)
     plain = DeadLetter.objects.filter(status="dead")
     probed = plain.all()
     probed.__class__ = ProbedDatesQuerySet

@@ -8,8 +8,10 @@ import pytest
 from celery import current_app
 from django.test import override_settings
 
-from celery_guard import deadletter, deliveries, guarded_task, retry
+from celery_guard import guarded_task
 from celery_guard.backoff import Exponential, Fixed, Schedule
+from celery_guard.dlq import records, replay
+from celery_guard.failures import deliveries, retry
 from celery_guard.models import DeadLetter, Delivery
 from celery_guard.signals import dead_lettered
 from tests.testapp import fail_tasks
@@ -72,13 +74,13 @@ def test_failure_options_are_not_per_call(make_task):
 def test_policy_resolution_task_over_settings():
     task = fail_tasks.fail_always
     with override_settings(CELERY_GUARD_MAX_ATTEMPTS=9, CELERY_GUARD_DEADLINE=60):
-        from celery_guard import failures
+        from celery_guard.failures import handler
 
-        policy = failures.policy_for(task)
+        policy = handler.policy_for(task)
     assert policy.max_attempts == 3  # the decorator wins
     assert policy.deadline == 60.0  # the setting fills in
     assert policy.backoff == Fixed(0.1)
-    assert failures.policy_for(fail_tasks.fail_permanent).backoff == Exponential()
+    assert handler.policy_for(fail_tasks.fail_permanent).backoff == Exponential()
 
 
 @pytest.mark.django_db
@@ -141,7 +143,7 @@ def failure(**overrides):
         },
         "queue": "q",
     }
-    return deadletter.Failure(**{**values, **overrides})
+    return records.Failure(**{**values, **overrides})
 
 
 @pytest.mark.django_db
@@ -158,7 +160,7 @@ def test_dead_letter_write_sends_the_signal_and_survives_receiver_errors(caplog)
     dead_lettered.connect(broken, weak=False)
     try:
         with caplog.at_level(logging.ERROR, logger="celery_guard"):
-            row = deadletter.write(failure())
+            row = records.write(failure())
     finally:
         dead_lettered.disconnect(receiver)
         dead_lettered.disconnect(broken)
@@ -200,7 +202,7 @@ def test_replay_options_start_a_fresh_guard_header():
         options={"priority": 5, "time_limit": 30},
         reason="exhausted",
     )
-    options = row.replay_options()
+    options = replay.replay_options(row)
     header = options["headers"]["celery_guard"]
     assert header["attempt"] == 1 and header["first_enqueued_at"] > 1.0
     assert {k: header[k] for k in ("priority", "idempotency")} == {
@@ -262,20 +264,20 @@ def test_project_default_time_limits_apply_to_tasks_without_their_own(
 
 
 def test_broker_headers_of_the_wrong_type_do_not_break_the_pipeline():
-    from celery_guard import failures
+    from celery_guard.failures import handler
 
     guard = {"consumed": "3", "throttled": True, "first_enqueued_at": [], "history": "x"}
-    assert failures._number(guard, "consumed") == 0
-    assert failures._number(guard, "throttled") == 0
-    assert failures._number(guard, "first_enqueued_at", None) is None
-    assert failures._history(guard) == []
-    assert failures._number({"consumed": 2}, "consumed") == 2
+    assert handler._number(guard, "consumed") == 0
+    assert handler._number(guard, "throttled") == 0
+    assert handler._number(guard, "first_enqueued_at", None) is None
+    assert handler._history(guard) == []
+    assert handler._number({"consumed": 2}, "consumed") == 2
 
 
 def test_an_unimportable_classifier_is_logged_and_skipped(caplog):
-    from celery_guard import failures
+    from celery_guard.failures import handler
 
     with override_settings(CELERY_GUARD_ERROR_CLASSIFIER="tests.nowhere.classify"):
-        policy = failures.policy_for(fail_tasks.fail_permanent)
+        policy = handler.policy_for(fail_tasks.fail_permanent)
     assert policy.classifier is None
     assert "cannot be imported" in caplog.text

@@ -4,12 +4,13 @@ from datetime import timedelta
 
 import pytest
 
-from celery_guard import IdempotencyKeyError, guarded_task, idempotency
+from celery_guard import IdempotencyKeyError, guarded_task
+from celery_guard.idempotency import keys
 from tests.testapp import idem_tasks
 
 
 def identify(task, *args, per_call=None, **kwargs):
-    return idempotency.identify(task, args, kwargs, per_call or {})
+    return keys.identify(task, args, kwargs, per_call or {})
 
 
 def test_template_is_formatted_from_positional_keyword_and_default_arguments():
@@ -32,7 +33,7 @@ def test_bound_task_self_is_not_a_parameter_and_callable_keys_get_the_arguments(
         return f"n-{employee_id}"
 
     task = idem_tasks.idem_notify
-    identity = identify(task, 7, "v1", per_call={"idempotency_key": idempotency.KeySpec(key)})
+    identity = identify(task, 7, "v1", per_call={"idempotency_key": keys.KeySpec(key)})
     assert identity.key == f"{task.name}:n-7"
     assert seen == {"employee_id": 7, "event_version": "v1", "note": ""}
 
@@ -53,7 +54,7 @@ def test_missing_values_raise_idempotency_key_error(call, message):
 def test_empty_or_non_string_callable_keys_raise():
     task = idem_tasks.idem_notify
     for bad, message in [("  ", "is empty"), (None, "must be a str"), (b"x", "must be a str")]:
-        spec = idempotency.KeySpec(lambda **kw: bad)  # noqa: B023
+        spec = keys.KeySpec(lambda **kw: bad)  # noqa: B023
         with pytest.raises(IdempotencyKeyError, match=message):
             identify(task, 1, "v", per_call={"idempotency_key": spec})
 
@@ -133,25 +134,23 @@ def test_tasks_without_a_key_have_no_identity():
 
 def test_namespacing_and_hashing():
     name = "app.tasks.notify"
-    assert idempotency.namespaced(name, "a:1") == "app.tasks.notify:a:1"
-    hashed = idempotency.namespaced(name, "a b*")
+    assert keys.namespaced(name, "a:1") == "app.tasks.notify:a:1"
+    hashed = keys.namespaced(name, "a b*")
     assert hashed.startswith("app.tasks.notify:#") and len(hashed) == len(name) + 2 + 64
-    long_key = idempotency.namespaced(name, "x" * 500)
-    assert len(long_key) <= idempotency.MAX_KEY_LENGTH and "#" in long_key
+    long_key = keys.namespaced(name, "x" * 500)
+    assert len(long_key) <= keys.MAX_KEY_LENGTH and "#" in long_key
     # The same raw key in two namespaces, hashed or not, never collides.
-    assert idempotency.namespaced("a", "k") != idempotency.namespaced("b", "k")
-    assert idempotency.namespaced("a", "b:k") != idempotency.namespaced("a:b", "k")
-    odd = idempotency.namespaced("weird name:with*", "k")
+    assert keys.namespaced("a", "k") != keys.namespaced("b", "k")
+    assert keys.namespaced("a", "b:k") != keys.namespaced("a:b", "k")
+    odd = keys.namespaced("weird name:with*", "k")
     assert odd.startswith("#") and odd.endswith(":k") and "*" not in odd
     for key in (hashed, long_key, odd):
         assert not set(key) & set("*?[]\\ {}")
 
 
 def test_fingerprint_is_canonical():
-    assert idempotency.fingerprint({"a": 1, "b": [1, 2]}) == idempotency.fingerprint(
-        {"b": [1, 2], "a": 1}
-    )
-    assert idempotency.fingerprint({"a": 1}) != idempotency.fingerprint({"a": "1"})
+    assert keys.fingerprint({"a": 1, "b": [1, 2]}) == keys.fingerprint({"b": [1, 2], "a": 1})
+    assert keys.fingerprint({"a": 1}) != keys.fingerprint({"a": "1"})
 
 
 def test_callable_key_must_accept_the_task_arguments_at_decoration():

@@ -4,7 +4,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.urls import reverse
 
-from celery_guard import ledger
+from celery_guard.idempotency import ledger
 from celery_guard.models import IdempotencyRecord
 
 pytestmark = pytest.mark.django_db

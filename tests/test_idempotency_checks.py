@@ -6,7 +6,9 @@ import pytest
 from celery import current_app
 from django.test import override_settings
 
-from celery_guard import checks, guarded_task
+from celery_guard import guarded_task
+from celery_guard.idempotency import checks as idempotency_checks
+from tests.checks_support import check_setting_values
 
 
 @pytest.mark.parametrize(
@@ -24,9 +26,9 @@ from celery_guard import checks, guarded_task
     ],
 )
 def test_e001_invalid_idempotency_settings(bad):
-    assert checks.check_setting_values() == []
+    assert check_setting_values() == []
     with override_settings(**bad):
-        [message] = checks.check_setting_values()
+        [message] = check_setting_values()
     assert message.id == "celery_guard.E001"
     assert next(iter(bad)) in message.msg
 
@@ -38,7 +40,7 @@ def test_e001_accepts_timedeltas_and_redis_urls():
         CELERY_GUARD_IDEMPOTENCY_REDIS_URL="redis://127.0.0.1:6379/3",
         CELERY_GUARD_IDEMPOTENCY_BACKEND="redis",
     ):
-        assert checks.check_setting_values() == []
+        assert check_setting_values() == []
 
 
 @pytest.fixture
@@ -56,15 +58,15 @@ def test_w007_window_not_longer_than_the_visibility_timeout(short_window_task):
     saved = conf.broker_transport_options
     try:
         conf.broker_transport_options = {"visibility_timeout": 30}
-        assert checks.check_dedup_window() == []
+        assert idempotency_checks.check_dedup_window() == []
         conf.broker_transport_options = {"visibility_timeout": 60}
-        [message] = checks.check_dedup_window()
+        [message] = idempotency_checks.check_dedup_window()
         assert message.id == "celery_guard.W007"
         assert "idem_checks.short (60s)" in message.msg
         saved_url = conf.broker_url
         conf.broker_url = "amqp://guest@localhost//"
         try:
-            assert checks.check_dedup_window() == []
+            assert idempotency_checks.check_dedup_window() == []
         finally:
             conf.broker_url = saved_url
     finally:
@@ -78,16 +80,18 @@ def test_e004_redis_ledger_without_a_redis():
         with override_settings(
             CELERY_GUARD_IDEMPOTENCY_BACKEND="redis", CELERY_GUARD_IDEMPOTENCY_REDIS_URL=None
         ):
-            assert checks.check_idempotency_redis() == []  # the Redis broker is used
+            assert idempotency_checks.check_idempotency_redis() == []  # the Redis broker is used
             conf.broker_url = "amqp://guest@localhost//"
-            [message] = checks.check_idempotency_redis()
+            [message] = idempotency_checks.check_idempotency_redis()
             assert message.id == "celery_guard.E004"
             assert "CELERY_GUARD_IDEMPOTENCY_REDIS_URL" in message.msg
-        assert checks.check_idempotency_redis() == []  # the database ledger needs no Redis
+        assert (
+            idempotency_checks.check_idempotency_redis() == []
+        )  # the database ledger needs no Redis
         with override_settings(
             CELERY_GUARD_IDEMPOTENCY_BACKEND="redis",
             CELERY_GUARD_IDEMPOTENCY_REDIS_URL="redis://127.0.0.1:6379/1",
         ):
-            assert checks.check_idempotency_redis() == []
+            assert idempotency_checks.check_idempotency_redis() == []
     finally:
         conf.broker_url = saved

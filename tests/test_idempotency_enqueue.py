@@ -8,7 +8,8 @@ from django.core.management import call_command
 from django.db import transaction
 from django.test import override_settings
 
-from celery_guard import IdempotencyConflict, IdempotencyKeyError, LeaseLost, idempotency, ledger
+from celery_guard import IdempotencyConflict, IdempotencyKeyError, LeaseLost
+from celery_guard.idempotency import dedup, ledger
 from celery_guard.models import IdempotencyRecord
 from celery_guard.signals import dead_lettered
 from celery_guard.tasks import purge_idempotency_records
@@ -129,13 +130,13 @@ def test_a_stale_owner_cannot_complete_and_its_effect_rolls_back():
     time.sleep(0.2)
     new = idem_store.start(key, owner="w2", lease=60, **args)
     assert new.fencing_token > stale.fencing_token
-    ctx = idempotency.RunContext(key, stale.fencing_token, "w1", "t1", idem_store)
+    ctx = dedup.RunContext(key, stale.fencing_token, "w1", "t1", idem_store)
     with pytest.raises(LeaseLost), ctx.atomic():
         Execution.objects.create(
             task="t", label="stale", queue="", hostname="", started_at=0, finished_at=0
         )
     assert Execution.objects.count() == 0
-    fresh = idempotency.RunContext(key, new.fencing_token, "w2", "t1", idem_store)
+    fresh = dedup.RunContext(key, new.fencing_token, "w2", "t1", idem_store)
     with fresh.atomic():
         Execution.objects.create(
             task="t", label="new", queue="", hostname="", started_at=0, finished_at=0

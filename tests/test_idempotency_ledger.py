@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from celery_guard import ledger
+from celery_guard.idempotency import ledger
 from celery_guard.models import IdempotencyRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -144,7 +144,7 @@ def test_a_yielded_run_may_still_fail_until_the_next_attempt_starts(idem_store):
 
 def test_renewing_a_lease_keeps_the_key_and_a_lost_lease_cannot_be_renewed(idem_store):
     from celery_guard import LeaseLost
-    from celery_guard.idempotency import RunContext
+    from celery_guard.idempotency.dedup import RunContext
 
     claim(idem_store)
     run = start(idem_store, "w1", lease=0.3)

@@ -19,7 +19,7 @@ import pytest
 from django.db import connection
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from celery_guard import slots
+from celery_guard.beat import slots
 from celery_guard.models import BeatFire, BeatLease
 from tests.beat_harness import Beat
 from tests.harness import wait_until
@@ -76,7 +76,7 @@ def _db_now() -> datetime:
 
 
 def fired(entry=None):
-    qs = BeatFire.objects.filter(status=BeatFire.FIRED)
+    qs = BeatFire.objects.filter(status=BeatFire.Status.FIRED)
     return qs.filter(entry=entry) if entry else qs
 
 
@@ -173,12 +173,12 @@ def test_three_beats_fire_every_slot_once_through_kill_freeze_and_db_loss(
         # by the catch-up of a new leader; no hole, no slot twice (the unique constraint).
         seconds = [(r.slot - rows[0].slot).total_seconds() for r in rows]
         assert seconds == list(range(len(rows))), [(r.slot, r.status) for r in rows]
-        assert {r.status for r in rows} <= {BeatFire.FIRED, BeatFire.MISSED}
+        assert {r.status for r in rows} <= {BeatFire.Status.FIRED, BeatFire.Status.MISSED}
         # Steady state under one leader: every slot fired, none missed.
         steady = [r for r in rows if r.slot <= steady_until]
-        assert len(steady) >= 8 and {r.status for r in steady} == {BeatFire.FIRED}
+        assert len(steady) >= 8 and {r.status for r in steady} == {BeatFire.Status.FIRED}
         # Fencing: a later slot was never fired by an earlier leadership term.
-        tokens = [r.token for r in rows if r.status == BeatFire.FIRED]
+        tokens = [r.token for r in rows if r.status == BeatFire.Status.FIRED]
         assert tokens == sorted(tokens)
         assert {first_row.token, second_row.token, third_row.token} <= set(tokens)
     logs = "".join(b.log_path.read_text(errors="replace") for b in running)
@@ -217,8 +217,10 @@ def test_overlap_skip_waits_for_the_running_slot_on_a_real_worker(start_worker, 
             scheduler.close()
     rows = list(BeatFire.objects.filter(entry="slow").order_by("slot"))
     statuses = [r.status for r in rows]
-    assert statuses.count(BeatFire.SKIPPED) >= 3 and statuses.count(BeatFire.FIRED) >= 2
-    total = statuses.count(BeatFire.FIRED)
+    assert (
+        statuses.count(BeatFire.Status.SKIPPED) >= 3 and statuses.count(BeatFire.Status.FIRED) >= 2
+    )
+    total = statuses.count(BeatFire.Status.FIRED)
     runs = wait_until(
         lambda: (
             list(Execution.objects.order_by("started_at"))

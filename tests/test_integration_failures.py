@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from celery_guard.dlq import replay
 from celery_guard.models import DeadLetter, Delivery
 from tests.harness import queue_length, wait_until
 from tests.testapp import fail_tasks
@@ -193,7 +194,7 @@ def test_a_dead_letter_replays_with_send_task(start_worker, queues):
         task="fix", label="fixed:replay", queue="", hostname="", started_at=now, finished_at=now
     )
 
-    app.send_task(row.task_name, **row.replay_options())
+    app.send_task(row.task_name, **replay.replay_options(row))
 
     [run] = wait_runs("replay", 1)
     assert run.queue == queues["default"]

@@ -6,6 +6,7 @@ from django.db import transaction
 from kombu import Connection
 
 from celery_guard import PayloadError
+from celery_guard.core import headers
 from tests.harness import queue_length, wait_until
 from tests.testapp import tasks
 from tests.testapp.models import Execution
@@ -61,7 +62,7 @@ def test_guard_header_is_stamped_and_kept_across_a_celery_retry(start_worker):
     start_worker(["high"])
     tasks.retry_once_job.delay("retry")
     first, second = sorted(executions(2), key=lambda r: r.started_at)
-    assert first.guard_header["v"] == 1
+    assert first.guard_header["v"] == headers.VERSION
     assert first.guard_header["attempt"] == 1
     assert second.guard_header["attempt"] == 2
     assert second.guard_header["first_enqueued_at"] == first.guard_header["first_enqueued_at"]

@@ -6,7 +6,7 @@ import decimal
 import pytest
 
 from celery_guard import PayloadError
-from celery_guard.payload import check
+from celery_guard.core.payload import check
 
 
 def test_plain_json_passes_and_reports_size():

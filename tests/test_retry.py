@@ -15,8 +15,9 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied, ValidationError
 from django.db import InterfaceError, OperationalError
 
-from celery_guard import PermanentError, ThrottledError, TransientError, retry
+from celery_guard import PermanentError, ThrottledError, TransientError
 from celery_guard.backoff import Exponential, Fixed, Schedule, parse
+from celery_guard.failures import retry
 
 NOW = 1_700_000_000.0
 

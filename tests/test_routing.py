@@ -4,7 +4,8 @@ import pytest
 from celery import Celery
 from django.test import override_settings
 
-from celery_guard import headers, routing
+from celery_guard import routing
+from celery_guard.core import headers
 
 
 def guarded_options(level):

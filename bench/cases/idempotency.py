@@ -6,7 +6,7 @@ finish around the body). The duplicate decision is timed separately (:mod:`bench
 
 The ledger backend is one global setting (``CELERY_GUARD_IDEMPOTENCY_BACKEND``), and the
 runner compares all variants in one run with one worker, so this module chooses the ledger
-per task: it wraps ``celery_guard.ledger.get_ledger`` with a selector that returns the
+per task: it wraps ``celery_guard.idempotency.ledger.get_ledger`` with a selector that returns the
 ledger of the variant being published (a context variable set by the variant's ``send``)
 or run (the task the worker is executing). The selector builds a ledger on every call, as
 ``get_ledger`` does, so the measured cost is the library's.
@@ -26,8 +26,8 @@ from bench import naming
 from bench.benchapp import bodies
 from bench.cases import ISSUE_TARGETS, Variant, register
 from celery_guard import guarded_task
-from celery_guard import ledger as ledger_module
 from celery_guard.conf import guard_settings
+from celery_guard.idempotency import ledger as ledger_module
 
 LedgerFactory = Callable[[], ledger_module.Ledger]
 

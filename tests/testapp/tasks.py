@@ -58,16 +58,16 @@ from tests.testapp.fail_tasks import *  # noqa: E402, F403  (failure-pipeline te
 @shared_task(bind=True)
 def beat_job(self, sleep_ms: int = 0) -> None:
     """A periodic task for the beat tests: records the slot key it was fired for."""
-    headers = self.request.headers or {}
+    beat = ((self.request.headers or {}).get("celery_guard") or {}).get("beat") or {}
     started = time.time()
     if sleep_ms:
         time.sleep(sleep_ms / 1000)
     Execution.objects.create(
         task=self.name,
-        label=headers.get("celery_guard_idempotency_key") or "",
+        label=beat.get("key") or "",
         queue=(self.request.delivery_info or {}).get("routing_key") or "",
         hostname=self.request.hostname or "",
-        guard_header=headers.get("celery_guard_beat"),
+        guard_header=beat or None,
         started_at=started,
         finished_at=time.time(),
     )
@@ -79,4 +79,4 @@ from tests.testapp import idem_tasks  # noqa: E402, F401  (registers the idempot
 @guarded_task(bind=True, name="tests.testapp.tasks.beat_guarded_job")
 def beat_guarded_job(self) -> None:
     """A guarded periodic task: the beat's slot key becomes its idempotency key."""
-    record(self, (self.request.headers or {}).get("celery_guard_idempotency_key") or "")
+    record(self, self.request.headers["celery_guard"]["beat"]["key"])

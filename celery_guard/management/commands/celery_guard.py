@@ -9,8 +9,10 @@ from celery import current_app
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from celery_guard import dlq, doctor, idempotency, replay
-from celery_guard.models import DeadLetter
+from celery_guard.dlq import replay, services
+from celery_guard.dlq.models import DeadLetter
+from celery_guard.idempotency import dedup
+from celery_guard.management import doctor
 
 
 class Command(BaseCommand):
@@ -98,13 +100,13 @@ class Command(BaseCommand):
         operator = self._operator(user, required=not dry_run)
         try:
             per_second = replay.parse_rate(rate)
-            rows = dlq.select(
+            rows = services.select(
                 task=task,
                 reason=reason,
                 exception=exception,
                 queue=queue,
-                since=dlq.parse_when(since) if since else None,
-                until=dlq.parse_when(until) if until else None,
+                since=services.parse_when(since) if since else None,
+                until=services.parse_when(until) if until else None,
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
@@ -162,13 +164,13 @@ class Command(BaseCommand):
         if days is not None and not days > 0:
             # 0 would purge every replayed or discarded row at once, history and all.
             raise CommandError(f"--days must be a positive number of days, got {days:g}")
-        deleted = idempotency.purge()
+        deleted = dedup.purge()
         self.stdout.write(self.style.SUCCESS(f"purged {deleted} expired idempotency record(s)"))
-        letters = dlq.purge(days)
+        letters = services.purge(days)
         self.stdout.write(self.style.SUCCESS(f"purged {letters} dead letter(s)"))
 
     def handle_seed_dead_letters(self, *, count: int, batch: int, **options: Any) -> None:
         """Insert ``count`` fake dead letters (for the changelist benchmark)."""
         started = time.monotonic()
-        written = dlq.seed(count, batch=batch)
+        written = services.seed(count, batch=batch)
         self.stdout.write(f"seeded {written} dead letter(s) in {time.monotonic() - started:.1f}s")

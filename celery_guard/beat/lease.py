@@ -19,7 +19,7 @@ from django.db.models import Case, DateTimeField, ExpressionWrapper, F, Q, Value
 from django.db.models.functions import Now
 
 from celery_guard import signals
-from celery_guard.models import BeatLease
+from celery_guard.beat.models import BeatLease
 
 logger = logging.getLogger(__name__)
 
@@ -256,12 +256,16 @@ class Lease:
             return
         token = self.token
         self.held = False
-        try:
-            released = self.store.release(self.name, self.identity)
-        except Error as exc:
-            drop_connection()
-            released = False
-            logger.warning("celery_guard: beat lease %r: release failed: %r", self.name, exc)
+        released = False
+        # Twice: the connection may have died since the last tick (a database restart); the
+        # second try runs on a new one.
+        for _ in range(2):
+            try:
+                released = self.store.release(self.name, self.identity)
+                break
+            except Error as exc:
+                drop_connection()
+                logger.warning("celery_guard: beat lease %r: release failed: %r", self.name, exc)
         self._announce_lost(token, "released on shutdown" if released else "release failed")
 
     def _lose(self, reason: str) -> None:

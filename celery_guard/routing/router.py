@@ -6,10 +6,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from django.conf import settings as django_settings
-
-from celery_guard import headers, options
+from celery_guard import conf
 from celery_guard.conf import guard_settings
+from celery_guard.core import headers, options
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ def _validate_priority(value: Any) -> str:
         )
     # Settings may not be configured yet when a task module is imported on its own; the level
     # is checked again when a message is routed.
-    if django_settings.configured:
+    if conf.configured():
         levels = guard_settings.priority_queues
         if value not in levels:
             raise ValueError(
@@ -35,12 +34,10 @@ def _validate_priority(value: Any) -> str:
     return value
 
 
-PRIORITY = options.register(
-    options.GuardOption(
-        name="priority",
-        validate=_validate_priority,
-        setting="DEFAULT_PRIORITY",
-    )
+PRIORITY = options.GuardOption(
+    name="priority",
+    validate=_validate_priority,
+    setting="DEFAULT_PRIORITY",
 )
 
 

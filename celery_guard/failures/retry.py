@@ -22,22 +22,15 @@ from django.db import InterfaceError as DbInterfaceError
 from django.db import OperationalError as DbOperationalError
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from celery_guard import backoff, options
+from celery_guard import backoff
+from celery_guard.core import options
+from celery_guard.dlq.models import Reason
 from celery_guard.exceptions import PermanentError, ThrottledError, TransientError
 
 TRANSIENT = "transient"
 PERMANENT = "permanent"
 THROTTLED = "throttled"
 KINDS = (TRANSIENT, PERMANENT, THROTTLED)
-
-#: Dead-letter reasons.
-REASON_PERMANENT = "permanent"
-REASON_EXHAUSTED = "exhausted"
-REASON_DEADLINE = "deadline"
-REASON_WORKER_LOST = "worker_lost"
-REASON_TIMEOUT = "timeout"
-REASON_REJECTED = "rejected"
-REASON_FAILED = "failed"
 
 _BUILTIN_TRANSIENT: tuple[type[BaseException], ...] = (
     ConnectionError,
@@ -121,23 +114,18 @@ def _validate_deadline(value: Any) -> float | None:
     return float(value)
 
 
-MAX_ATTEMPTS = options.register(
-    options.GuardOption(
-        "max_attempts", _validate_max_attempts, setting="MAX_ATTEMPTS", per_call=False
-    )
+MAX_ATTEMPTS = options.GuardOption(
+    "max_attempts", _validate_max_attempts, setting="MAX_ATTEMPTS", per_call=False
 )
-BACKOFF = options.register(
-    options.GuardOption("backoff", backoff.parse, setting="BACKOFF", per_call=False)
+BACKOFF = options.GuardOption("backoff", backoff.parse, setting="BACKOFF", per_call=False)
+DEADLINE = options.GuardOption("deadline", _validate_deadline, setting="DEADLINE", per_call=False)
+RETRY_ON = options.GuardOption("retry_on", _validate_exception_classes, default=(), per_call=False)
+GIVE_UP_ON = options.GuardOption(
+    "give_up_on", _validate_exception_classes, default=(), per_call=False
 )
-DEADLINE = options.register(
-    options.GuardOption("deadline", _validate_deadline, setting="DEADLINE", per_call=False)
-)
-RETRY_ON = options.register(
-    options.GuardOption("retry_on", _validate_exception_classes, default=(), per_call=False)
-)
-GIVE_UP_ON = options.register(
-    options.GuardOption("give_up_on", _validate_exception_classes, default=(), per_call=False)
-)
+
+#: The guard options of the failure pipeline.
+OPTIONS = (MAX_ATTEMPTS, BACKOFF, DEADLINE, RETRY_ON, GIVE_UP_ON)
 
 
 @dataclass(frozen=True)
@@ -162,12 +150,10 @@ def policy_for(task_options: Mapping[str, Any], **project: Any) -> Policy:
         **project: ``unknown``, ``max_throttled`` and ``classifier`` from the settings.
     """
     values = {
-        name: options.validate_value(
-            options.registered()[name],
-            options.resolve(name, {}, task_options),
-            where="settings",
+        option.name: options.validate_value(
+            option, option.resolve({}, task_options), where="settings"
         )
-        for name in ("max_attempts", "backoff", "deadline", "retry_on", "give_up_on")
+        for option in OPTIONS
     }
     return Policy(**values, **project)
 
@@ -322,13 +308,13 @@ def decide(
     kind = classification.kind
     if kind == PERMANENT:
         return Decision(
-            False, classification, consumed_before + 1, throttled_before, reason=REASON_PERMANENT
+            False, classification, consumed_before + 1, throttled_before, reason=Reason.PERMANENT
         )
     throttle = kind == THROTTLED and throttled_before < policy.max_throttled
     consumed = consumed_before if throttle else consumed_before + 1
     throttled = throttled_before + 1 if throttle else throttled_before
     if not throttle and consumed >= policy.max_attempts:
-        return Decision(False, classification, consumed, throttled, reason=REASON_EXHAUSTED)
+        return Decision(False, classification, consumed, throttled, reason=Reason.EXHAUSTED)
     delay = policy.backoff.delay(max(consumed, 1), rng)
     if classification.retry_after is not None:
         delay = max(delay, classification.retry_after)
@@ -337,7 +323,7 @@ def decide(
         and first_enqueued_at is not None
         and now + delay > first_enqueued_at + policy.deadline
     ):
-        return Decision(False, classification, consumed, throttled, reason=REASON_DEADLINE)
+        return Decision(False, classification, consumed, throttled, reason=Reason.DEADLINE)
     return Decision(True, classification, consumed, throttled, delay=delay)
 
 

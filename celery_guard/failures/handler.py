@@ -17,18 +17,15 @@ from typing import Any, NoReturn
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 from django.utils.module_loading import import_string
 
-from celery_guard import deadletter, deliveries, headers, retry
 from celery_guard.conf import guard_settings
+from celery_guard.core import headers, pipeline
+from celery_guard.dlq import records
+from celery_guard.dlq.models import Reason
 from celery_guard.exceptions import HardTimeLimitError, PoisonMessageError
+from celery_guard.failures import deliveries, retry
 
 logger = logging.getLogger(__name__)
 
-#: Guard header fields this module keeps across retries.
-CONSUMED = "consumed"
-THROTTLED = "throttled"
-HISTORY = "history"
-DELAY = "delay"
-FAILURE_FIELDS = (CONSUMED, THROTTLED, HISTORY, DELAY)
 #: Entries of the attempt history kept in the header (the oldest are dropped).
 MAX_HISTORY = 25
 
@@ -42,7 +39,7 @@ def _number(guard: Mapping[str, Any], key: str, default: Any = 0) -> Any:
 
 
 def _history(guard: Mapping[str, Any]) -> list[Any]:
-    value = guard.get(HISTORY)
+    value = guard.get(headers.HISTORY)
     return list(value) if isinstance(value, list) else []
 
 
@@ -109,7 +106,7 @@ def dead_letter(
     """
     request = task.request
     name, message, text = _error_text(exc)
-    failure = deadletter.Failure(
+    failure = records.Failure(
         task_name=task.name,
         task_id=request.id,
         reason=reason,
@@ -127,7 +124,7 @@ def dead_letter(
         guarded=guarded,
     )
     try:
-        deadletter.write(failure)
+        records.write(failure)
     except Exception as write_exc:
         raise Reject(write_exc, requeue=True) from write_exc
 
@@ -139,7 +136,7 @@ def _entry(
         "at": now,
         "attempt": attempt,
         "error": retry.qualified_name(type(exc)),
-        "message": deadletter.truncate(str(exc), 300),
+        "message": records.truncate(str(exc), 300),
         "kind": decision.classification.kind,
         "delay": round(decision.delay, 3) if decision.retry else None,
     }
@@ -166,8 +163,8 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
     decision = retry.decide(
         classification,
         policy,
-        consumed_before=_number(guard, CONSUMED),
-        throttled_before=_number(guard, THROTTLED),
+        consumed_before=_number(guard, headers.CONSUMED),
+        throttled_before=_number(guard, headers.THROTTLED),
         first_enqueued_at=_number(guard, "first_enqueued_at", None),
         now=now,
     )
@@ -189,10 +186,10 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
         )
         new_guard = {
             **guard,
-            CONSUMED: decision.consumed,
-            THROTTLED: decision.throttled,
-            HISTORY: history,
-            DELAY: decision.delay,
+            headers.CONSUMED: decision.consumed,
+            headers.THROTTLED: decision.throttled,
+            headers.HISTORY: history,
+            headers.DELAY: decision.delay,
         }
         message_headers = {**(request.headers or {}), headers.HEADER: new_guard}
         try:
@@ -215,9 +212,9 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
             )
             raise Reject(rejected.reason, requeue=True) from exc
         raise AssertionError("Task.retry returned")  # pragma: no cover
-    reason = decision.reason or retry.REASON_EXHAUSTED
-    if reason == retry.REASON_EXHAUSTED and isinstance(exc, TimeLimitExceeded):
-        reason = retry.REASON_TIMEOUT
+    reason = decision.reason or Reason.EXHAUSTED
+    if reason == Reason.EXHAUSTED and isinstance(exc, TimeLimitExceeded):
+        reason = Reason.TIMEOUT
     dead_letter(task, exc, reason, attempts=decision.consumed, history=history)
     if isinstance(exc, TimeLimitExceeded):
         raise HardTimeLimitError(f"killed at the hard time limit ({exc}); dead-lettered") from exc
@@ -290,8 +287,8 @@ def _call(
             dead_letter(
                 task,
                 rejected,
-                retry.REASON_REJECTED,
-                attempts=_number(guard, CONSUMED) + 1,
+                Reason.REJECTED,
+                attempts=_number(guard, headers.CONSUMED) + 1,
                 history=_history(guard),
             )
         raise
@@ -310,7 +307,7 @@ def _poison(task: Any, started: deliveries.Started) -> NoReturn:
         *_history(guard),
         {
             "at": time.time(),
-            "attempt": _number(guard, CONSUMED) + 1,
+            "attempt": _number(guard, headers.CONSUMED) + 1,
             "error": "billiard.exceptions.WorkerLostError",
             "message": f"worker lost {started.lost} times",
             "kind": "worker_lost",
@@ -320,8 +317,8 @@ def _poison(task: Any, started: deliveries.Started) -> NoReturn:
     dead_letter(
         task,
         exc,
-        retry.REASON_WORKER_LOST,
-        attempts=_number(guard, CONSUMED) + 1,
+        Reason.WORKER_LOST,
+        attempts=_number(guard, headers.CONSUMED) + 1,
         history=history,
     )
     deliveries.end(request.id, started.token)
@@ -345,44 +342,22 @@ def on_hard_timeout(task_name: str, task_id: str) -> None:
         )
 
 
-def replay_options(row: Any) -> dict[str, Any]:
-    """``send_task`` keyword arguments that publish a dead letter's message afresh."""
-    guard = headers.read(row.headers)
-    kept = {
-        k: v
-        for k, v in guard.items()
-        if k not in FAILURE_FIELDS and k not in ("v", "first_enqueued_at", "attempt")
-    }
-    message_headers = {**row.headers, headers.HEADER: headers.stamp(None, retries=0, **kept)}
-    found: dict[str, Any] = {
-        "args": list(row.args),
-        "kwargs": dict(row.kwargs),
-        "headers": message_headers,
-        **row.options,
-    }
-    if row.queue:
-        found["queue"] = row.queue
-    return found
-
-
 def capture_unguarded(sender: Any, task_id: str, exception: BaseException, **kw: Any) -> None:
     """``task_failure`` receiver: record a failed unguarded task (best effort, logged)."""
-    from celery_guard.task import GuardedTask
-
-    if not guard_settings.capture_unguarded or isinstance(sender, GuardedTask):
+    if not guard_settings.capture_unguarded or pipeline.is_guarded(sender):
         return
     if isinstance(exception, TimeLimitExceeded):
-        reason = retry.REASON_TIMEOUT
+        reason = Reason.TIMEOUT
     elif isinstance(exception, WorkerLostError):
-        reason = retry.REASON_WORKER_LOST
+        reason = Reason.WORKER_LOST
     elif isinstance(exception, Reject):
-        reason = retry.REASON_REJECTED
+        reason = Reason.REJECTED
     else:
-        reason = retry.REASON_FAILED
+        reason = Reason.FAILED
     request = getattr(sender, "request", None)
     name, message, text = _error_text(exception)
     einfo = kw.get("einfo")
-    failure = deadletter.Failure(
+    failure = records.Failure(
         task_name=getattr(sender, "name", str(sender)),
         task_id=task_id,
         reason=reason,
@@ -400,4 +375,4 @@ def capture_unguarded(sender: Any, task_id: str, exception: BaseException, **kw:
     )
     # write() logs and counts a failure; Celery's signal dispatch would swallow it anyway.
     with contextlib.suppress(Exception):
-        deadletter.write(failure)
+        records.write(failure)

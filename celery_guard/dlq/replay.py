@@ -18,8 +18,9 @@ from typing import Any
 
 from django.db import transaction
 
-from celery_guard import audit, headers, idempotency, redaction
-from celery_guard.models import DeadLetter, DeadLetterReplay
+from celery_guard.core import audit, headers, redaction
+from celery_guard.dlq.models import OPEN_STATUSES, DeadLetter, DeadLetterReplay, Status
+from celery_guard.idempotency import dedup
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,6 @@ REPLAYED = "replayed"
 SKIPPED = "skipped"
 UNROUTABLE = "unroutable"
 
-#: Statuses a dead letter can be replayed from: ``unroutable`` rows are validated again, so
-#: replaying them works once the code that binds their arguments is deployed.
-REPLAYABLE = ("dead", "unroutable")
 #: Dead letters claimed and published per transaction.
 BATCH = 100
 #: With a rate limit, a batch holds at most this many seconds of publishing: its rows stay
@@ -136,8 +134,26 @@ def rearm_idempotency(rows: Sequence[DeadLetter]) -> int:
     the claim, and a worker that receives the replay first waits for it on the ledger row.
     """
     return sum(
-        idempotency.release(row.idempotency_key, row.task_id) for row in rows if row.idempotency_key
+        dedup.release(row.idempotency_key, row.task_id) for row in rows if row.idempotency_key
     )
+
+
+def replay_options(row: Any) -> dict[str, Any]:
+    """``send_task`` keyword arguments that publish a dead letter's message afresh.
+
+    The replay is a new first publish: a fresh guard header (attempt 1, first enqueue now)
+    that keeps the feature fields of the original (priority, idempotency key...).
+    """
+    message_headers = {**row.headers, headers.HEADER: headers.fresh(headers.read(row.headers))}
+    found: dict[str, Any] = {
+        "args": list(row.args),
+        "kwargs": dict(row.kwargs),
+        "headers": message_headers,
+        **row.options,
+    }
+    if row.queue:
+        found["queue"] = row.queue
+    return found
 
 
 def publish_options(
@@ -147,7 +163,7 @@ def publish_options(
     kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``send_task`` keyword arguments of a replay: fresh attempt budget, ``replay_of`` set."""
-    found = row.replay_options()
+    found = replay_options(row)
     guard = dict(headers.read(found["headers"]))
     guard["replay_of"] = row.pk
     found["headers"] = {**found["headers"], headers.HEADER: guard}
@@ -211,9 +227,7 @@ def _routable(rows: Sequence[DeadLetter], run: _Run, *, mark: bool) -> list[Dead
     if mark:
         # One statement per distinct reason: a removed task makes a whole batch unroutable.
         for reason, pks in refused.items():
-            DeadLetter.objects.filter(pk__in=pks).update(
-                status=DeadLetter.Status.UNROUTABLE, status_reason=reason
-            )
+            DeadLetter.objects.filter(pk__in=pks).set_status(Status.UNROUTABLE, reason)
         audit.log_changes(
             run.user,
             [
@@ -238,9 +252,8 @@ def _claim(rows: Sequence[DeadLetter], run: _Run) -> list[DeadLetterReplay]:
         )
         for row in rows
     ]
-    DeadLetter.objects.filter(pk__in=[row.pk for row in rows]).update(
-        status=DeadLetter.Status.REPLAYED,
-        status_reason=f"replayed by {run.replayed_by}" if run.replayed_by else "replayed",
+    DeadLetter.objects.filter(pk__in=[row.pk for row in rows]).set_status(
+        Status.REPLAYED, f"replayed by {run.replayed_by}" if run.replayed_by else "replayed"
     )
     DeadLetterReplay.objects.bulk_create(records)
     return records
@@ -250,9 +263,7 @@ def _unclaim(rows: Sequence[DeadLetter], records: Sequence[DeadLetterReplay]) ->
     """Undo the claim of ``rows`` whose replay was not published (same transaction)."""
     DeadLetterReplay.objects.filter(task_id__in=[record.task_id for record in records]).delete()
     for row in rows:
-        DeadLetter.objects.filter(pk=row.pk).update(
-            status=row.status, status_reason=row.status_reason
-        )
+        DeadLetter.objects.filter(pk=row.pk).set_status(Status(row.status), row.status_reason)
 
 
 def _publish(row: DeadLetter, record: DeadLetterReplay, run: _Run) -> dict[str, Any]:
@@ -279,7 +290,9 @@ def _log_published(row: DeadLetter, record: DeadLetterReplay, options: dict[str,
 
 
 def _dry_run_batch(ids: Sequence[int], run: _Run) -> None:
-    rows = list(DeadLetter.objects.filter(pk__in=ids, status__in=REPLAYABLE).defer(*UNUSED_FIELDS))
+    rows = list(
+        DeadLetter.objects.filter(pk__in=ids, status__in=OPEN_STATUSES).defer(*UNUSED_FIELDS)
+    )
     run.summary.add(SKIPPED, len(ids) - len(rows))
     run.summary.add(REPLAYED, len(_routable(rows, run, mark=False)))
 
@@ -302,7 +315,7 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
         with transaction.atomic():
             found = (
                 DeadLetter.objects.select_for_update(skip_locked=True)
-                .filter(pk__in=ids, status__in=REPLAYABLE)
+                .filter(pk__in=ids, status__in=OPEN_STATUSES)
                 .defer(*UNUSED_FIELDS)
                 .order_by("pk")
             )

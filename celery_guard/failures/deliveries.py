@@ -42,7 +42,7 @@ def _insert_new(task_id: str, task_name: str, retries: int, token: str, hostname
     (PostgreSQL, SQLite >= 3.35), where the locked read-then-insert of :func:`begin`'s slow
     path takes four statements. A marker that exists is left untouched for the slow path.
     """
-    from celery_guard.models import Delivery
+    from celery_guard.failures.models import Delivery
 
     alias = router.db_for_write(Delivery)
     connection = connections[alias]
@@ -80,7 +80,7 @@ def begin(task_id: str, task_name: str, retries: int, hostname: str) -> Started:
     (a redelivery, or a retry racing the deletion of its predecessor's marker) is read under
     a row lock and counted.
     """
-    from celery_guard.models import Delivery
+    from celery_guard.failures.models import Delivery
 
     token = uuid.uuid4().hex
     if _insert_new(task_id, task_name, retries, token, hostname):
@@ -128,7 +128,7 @@ def end(task_id: str, token: str) -> None:
     A later delivery's marker is left alone, and so is one the main process marked as timed
     out: the pool stops a child at its hard limit with SIGTERM, which still runs ``finally``.
     """
-    from celery_guard.models import Delivery
+    from celery_guard.failures.models import Delivery
 
     # One DELETE statement: ``QuerySet.delete()`` wraps even a fast delete in a transaction
     # (BEGIN, DELETE, COMMIT), three round trips on every run of every guarded task.
@@ -145,7 +145,7 @@ def end(task_id: str, token: str) -> None:
 
 def mark_timed_out(task_id: str) -> None:
     """Note that the running delivery of ``task_id`` was killed by the hard time limit."""
-    from celery_guard.models import Delivery
+    from celery_guard.failures.models import Delivery
 
     updated = Delivery.objects.filter(task_id=task_id).update(timed_out=True)
     if not updated:

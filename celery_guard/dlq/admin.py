@@ -23,15 +23,16 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
-from celery_guard import dlq, redaction, replay
-from celery_guard.admin_base import ReadOnlyAdmin
 from celery_guard.conf import guard_settings
-from celery_guard.dlq_scale import (
+from celery_guard.core import redaction
+from celery_guard.core.admin import ReadOnlyAdmin
+from celery_guard.dlq import replay, services
+from celery_guard.dlq.models import DeadLetter
+from celery_guard.dlq.scale import (
     EstimatedCountPaginator,
     IndexedValuesFilter,
     ProbedDatesQuerySet,
 )
-from celery_guard.models import DeadLetter
 
 logger = logging.getLogger(__name__)
 
@@ -482,7 +483,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         if not confirmed:
             return self._discard_page(request, queryset)
         try:
-            done = dlq.discard(queryset, request.POST.get("discard_reason", ""), user=request.user)
+            done = services.discard(
+                queryset, request.POST.get("discard_reason", ""), user=request.user
+            )
         except ValueError:
             return self._discard_page(request, queryset, "A reason is required.")
         self.message_user(request, f"{done} dead letter(s) discarded.", messages.SUCCESS)

@@ -18,9 +18,9 @@ from django.db.models import Field, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
-from celery_guard import audit
 from celery_guard.conf import guard_settings
-from celery_guard.models import DeadLetter
+from celery_guard.core import audit
+from celery_guard.dlq.models import OPEN_STATUSES, DeadLetter, Status
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def select(
     queue: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-    statuses: tuple[str, ...] = ("dead", "unroutable"),
+    statuses: tuple[str, ...] = OPEN_STATUSES,
 ) -> QuerySet[DeadLetter]:
     """Replayable dead letters matching exact filters, oldest failure first (replay order)."""
     rows = DeadLetter.objects.filter(status__in=statuses)
@@ -103,8 +103,8 @@ def discard(rows: QuerySet[DeadLetter], reason: str, *, user: Any = None) -> int
                 .only("pk", "task_name", "task_id", "reason", "status")
                 .order_by("pk")
             )
-            DeadLetter.objects.filter(pk__in=[row.pk for row in locked]).update(
-                status=DeadLetter.Status.DISCARDED, status_reason=reason
+            DeadLetter.objects.filter(pk__in=[row.pk for row in locked]).set_status(
+                Status.DISCARDED, reason
             )
             audit.log_changes(
                 user, [(row, f"Discarded (was {row.status}): {reason}") for row in locked]

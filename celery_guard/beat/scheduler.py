@@ -2,7 +2,7 @@
 
 Run ``celery beat -S celery_guard.beat:GuardedScheduler`` on as many hosts as you like: one
 holds the lease and dispatches, the others stand by. Each slot is claimed with a unique
-fire record before it is published (``celery_guard.fires``), so a slot is published at most
+fire record before it is published (``celery_guard.beat.fires``), so a slot is published at most
 once even by a frozen ex-leader that has not yet noticed it lost the lease.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 from django.db import Error
 from django_celery_beat.schedulers import DatabaseScheduler
 
-from celery_guard import fires, locks, slots
+from celery_guard.beat import fires, lease, slots
 from celery_guard.conf import guard_settings
-from celery_guard.task import GuardedTask
+from celery_guard.core import pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
     """A ``DatabaseScheduler`` that dispatches only while it holds the beat lease.
 
-    Each tick first acquires or renews the lease (``celery_guard.locks``). A standby ticks
+    Each tick first acquires or renews the lease (``celery_guard.beat.lease``). A standby ticks
     every ``beat_max_loop_interval`` and takes over within lease seconds plus one tick once
     the leader stops renewing. A new leader re-reads the schedule from the database before
-    it dispatches anything. Due entries are planned per slot (``celery_guard.slots``) and
-    claimed (``celery_guard.fires``) before publishing; ``last_run_at`` is written in the
+    it dispatches anything. Due entries are planned per slot (``celery_guard.beat.slots``) and
+    claimed (``celery_guard.beat.fires``) before publishing; ``last_run_at`` is written in the
     claim and only ever moves forward, instead of in django-celery-beat's periodic sync.
     """
 
@@ -40,7 +40,7 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
         self._plans: dict[str, slots.Plan] = {}
         self._needs_reload = False
         super().__init__(*args, **kwargs)
-        self.lease = locks.Lease(
+        self.lease = lease.Lease(
             guard_settings.beat_lock_name,
             guard_settings.beat_lease_seconds,
             renew_every=self.max_interval,
@@ -60,9 +60,9 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Lease step, then (as leader only) one ``DatabaseScheduler`` tick."""
         event = self.lease.step()
-        if event is locks.Event.ERROR:
+        if event is lease.Event.ERROR:
             return self.retry_interval
-        reload = event is locks.Event.ACQUIRED or self._needs_reload
+        reload = event is lease.Event.ACQUIRED or self._needs_reload
         if reload and self.lease.valid() and not self._reload():
             return self.retry_interval
         if not self.lease.valid():
@@ -103,7 +103,7 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
             where,
             exc,
         )
-        locks.drop_connection()
+        lease.drop_connection()
         self._needs_reload = True
 
     def is_due(self, entry: Any) -> tuple[bool, float]:
@@ -190,7 +190,7 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
         }
         options["task_id"] = claim.task_id
         key = slots.slot_key(entry.name, slot)
-        if isinstance(self.app.tasks.get(entry.task), GuardedTask):
+        if pipeline.is_guarded(self.app.tasks.get(entry.task)):
             # The slot's key becomes the task's idempotency key, so a redelivered or
             # re-published run of this slot is deduplicated by the ledger too.
             options["guard"] = {**(options.get("guard") or {}), "idempotency_key": key}

@@ -20,16 +20,11 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from celery_guard import locks, slots
-from celery_guard.models import BeatFire
+from celery_guard.beat import lease, slots
+from celery_guard.beat.models import BeatFire, FireStatus
+from celery_guard.core import headers
 
 logger = logging.getLogger(__name__)
-
-#: Message header holding the idempotency key ``beat:<entry>:<slot>`` of a beat-fired task;
-#: the idempotency feature (and any task) can read it from ``task.request.headers``.
-IDEMPOTENCY_HEADER = "celery_guard_idempotency_key"
-#: Message header describing the slot a beat-fired task runs for (entry, slot, token).
-BEAT_HEADER = "celery_guard_beat"
 
 
 class Outcome(enum.Enum):
@@ -69,7 +64,7 @@ def _previous_run_active(claim: Claim, now: datetime) -> bool:
     return bool(
         BeatFire.objects.filter(
             entry=claim.entry,
-            status=BeatFire.FIRED,
+            status=FireStatus.FIRED,
             finished_at__isnull=True,
             fired_at__gte=since,
             slot__lt=claim.plan.slot,
@@ -86,14 +81,14 @@ def claim(c: Claim) -> Outcome:
     slot = c.plan.slot
     try:
         with transaction.atomic():
-            if not locks.fence(c.lock_name, c.holder, c.token, c.ttl):
+            if not lease.fence(c.lock_name, c.holder, c.token, c.ttl):
                 raise _Abort(Outcome.LOST)
             now = timezone.now()
-            status = BeatFire.FIRED if c.plan.fire else BeatFire.MISSED
+            status = FireStatus.FIRED if c.plan.fire else FireStatus.MISSED
             overlap_skip = c.policy.overlap == slots.OVERLAP_SKIP
-            if status == BeatFire.FIRED and overlap_skip and _previous_run_active(c, now):
-                status = BeatFire.SKIPPED
-            fired = status == BeatFire.FIRED
+            if status == FireStatus.FIRED and overlap_skip and _previous_run_active(c, now):
+                status = FireStatus.SKIPPED
+            fired = status == FireStatus.FIRED
             advanced = (
                 PeriodicTask.objects.filter(pk=c.periodic_task_id)
                 .filter(Q(last_run_at__isnull=True) | Q(last_run_at__lt=slot))
@@ -108,7 +103,7 @@ def claim(c: Claim) -> Outcome:
             if c.plan.missed:
                 BeatFire.objects.bulk_create(
                     [
-                        BeatFire(entry=c.entry, slot=s, status=BeatFire.MISSED, **common)
+                        BeatFire(entry=c.entry, slot=s, status=FireStatus.MISSED, **common)
                         for s in c.plan.missed
                     ],
                     ignore_conflicts=True,
@@ -131,9 +126,9 @@ def claim(c: Claim) -> Outcome:
 
 
 def _detail(c: Claim, status: str) -> str:
-    if status == BeatFire.SKIPPED:
+    if status == FireStatus.SKIPPED:
         return "previous run still running (overlap=skip)"
-    if status == BeatFire.MISSED:
+    if status == FireStatus.MISSED:
         return f"late beyond grace (catchup={c.policy.catchup})"
     if c.plan.missed_total:
         return f"caught up: {c.plan.missed_total} older slot(s) missed"
@@ -143,20 +138,26 @@ def _detail(c: Claim, status: str) -> str:
 def mark_failed(entry: str, slot: datetime, error: str) -> None:
     """Record that publishing a claimed slot raised (the task may or may not be queued)."""
     BeatFire.objects.filter(entry=entry, slot=slot).update(
-        status=BeatFire.FAILED, detail=error[:255]
+        status=FireStatus.FAILED, detail=error[:255]
     )
 
 
 def message_headers(entry: str, slot: datetime, token: int) -> dict[str, Any]:
-    """Return the headers a beat-fired task carries: its idempotency key and its slot."""
-    return {
-        IDEMPOTENCY_HEADER: slots.slot_key(entry, slot),
-        BEAT_HEADER: {"entry": entry, "slot": slots.format_slot(slot), "token": token},
+    """Return the headers a beat-fired task carries: the guard header's ``beat`` field.
+
+    It holds the slot (entry, slot time, the leader's fencing token) and the slot's key
+    ``beat:<entry>:<slot>``, which any task can read to deduplicate its own effects.
+    """
+    beat = {
+        "entry": entry,
+        "slot": slots.format_slot(slot),
+        "token": token,
+        "key": slots.slot_key(entry, slot),
     }
+    return {headers.HEADER: {"v": headers.VERSION, headers.BEAT: beat}}
 
 
-def _slot_of(headers: Mapping[str, Any] | None) -> tuple[str, datetime] | None:
-    value = (headers or {}).get(BEAT_HEADER)
+def _slot_of(value: Mapping[str, Any] | None) -> tuple[str, datetime] | None:
     if not isinstance(value, Mapping):
         return None
     try:
@@ -166,15 +167,15 @@ def _slot_of(headers: Mapping[str, Any] | None) -> tuple[str, datetime] | None:
         return None
 
 
-def record_start(headers: Mapping[str, Any] | None) -> None:
-    """Worker side: mark the fire row of a beat-fired task as started."""
-    where = _slot_of(headers)
+def record_start(beat: Mapping[str, Any] | None) -> None:
+    """Worker side: mark the fire row of a beat-fired task (its ``beat`` field) as started."""
+    where = _slot_of(beat)
     if where is not None:
         BeatFire.objects.filter(entry=where[0], slot=where[1]).update(started_at=timezone.now())
 
 
-def record_finish(headers: Mapping[str, Any] | None, state: str | None) -> None:
+def record_finish(beat: Mapping[str, Any] | None, state: str | None) -> None:
     """Worker side: mark the fire row finished once the run reached a final state."""
-    where = _slot_of(headers)
+    where = _slot_of(beat)
     if where is not None and state in states.READY_STATES:
         BeatFire.objects.filter(entry=where[0], slot=where[1]).update(finished_at=timezone.now())

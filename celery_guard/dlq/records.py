@@ -10,11 +10,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from celery_guard import headers
+from celery_guard.core import headers
 from celery_guard.signals import dead_lettered
 
 if TYPE_CHECKING:
-    from celery_guard.models import DeadLetter
+    from celery_guard.dlq.models import DeadLetter
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def write(failure: Failure) -> DeadLetter:
         Exception: Whatever the database raised; the failure is logged and counted first, and
             the caller must then leave the message for redelivery.
     """
-    from celery_guard.models import DeadLetter
+    from celery_guard.dlq.models import DeadLetter
 
     guard = headers.read(failure.headers)
     first = guard.get("first_enqueued_at")

@@ -1,0 +1,99 @@
+"""System checks of the guarded beat: its settings, the lease length, the scheduler in use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Warning
+
+from celery_guard import conf
+from celery_guard.beat import slots
+from celery_guard.core import checks as core_checks
+
+
+def setting_errors() -> Iterable[str]:
+    """Errors in the guarded beat's settings."""
+    name = conf.raw("BEAT_LOCK_NAME")
+    if not isinstance(name, str) or not name or len(name) > 200:
+        yield f"CELERY_GUARD_BEAT_LOCK_NAME must be a non-empty str of <= 200 chars, got {name!r}"
+    lease = conf.raw("BEAT_LEASE_SECONDS")
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease <= 0:
+        yield f"CELERY_GUARD_BEAT_LEASE_SECONDS must be a positive number, got {lease!r}"
+    policies = conf.raw("BEAT_POLICIES")
+    if not isinstance(policies, Mapping):
+        yield f"CELERY_GUARD_BEAT_POLICIES must be a dict, got {type(policies).__name__}"
+        return
+    for entry, value in policies.items():
+        try:
+            slots.parse_policy(value)
+        except (TypeError, ValueError) as exc:
+            yield f"CELERY_GUARD_BEAT_POLICIES[{entry!r}]: {exc}"
+
+
+check_setting_values = core_checks.setting_values_check(setting_errors)
+
+
+def beat_max_loop_interval(app: Any) -> float:
+    """The loop interval a guarded beat of ``app`` uses unless ``--max-interval`` overrides it."""
+    from django_celery_beat.schedulers import DEFAULT_MAX_INTERVAL
+
+    return float(app.conf.beat_max_loop_interval or DEFAULT_MAX_INTERVAL)
+
+
+def check_beat_lease(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """E006: the beat lease is not at least twice as long as the beat loop interval."""
+    if list(setting_errors()):
+        return []
+    lease = float(conf.raw("BEAT_LEASE_SECONDS"))
+    interval = beat_max_loop_interval(core_checks.celery_app())
+    if lease >= 2 * interval:
+        return []
+    return [
+        Error(
+            f"CELERY_GUARD_BEAT_LEASE_SECONDS ({lease:g}s) is less than twice the beat loop "
+            f"interval ({interval:g}s, CELERY_BEAT_MAX_LOOP_INTERVAL).",
+            hint=(
+                "A leader renews its lease once per loop; a lease that can expire between two "
+                "renewals makes leadership flap between beats (single-beat#6). Make the "
+                "lease at least twice the loop interval."
+            ),
+            id="celery_guard.E006",
+        )
+    ]
+
+
+#: ``beat_scheduler`` values that name django-celery-beat's scheduler, which has no lock.
+UNGUARDED_SCHEDULERS = frozenset(
+    {
+        "django",
+        "django_celery_beat.schedulers:DatabaseScheduler",
+        "django_celery_beat.schedulers.DatabaseScheduler",
+    }
+)
+
+
+def check_beat_scheduler(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W009: ``CELERY_BEAT_SCHEDULER`` is django-celery-beat's unguarded scheduler."""
+    scheduler = core_checks.celery_app().conf.beat_scheduler
+    if not isinstance(scheduler, str) or scheduler not in UNGUARDED_SCHEDULERS:
+        return []
+    return [
+        Warning(
+            f"CELERY_BEAT_SCHEDULER is {scheduler!r}, which has no lock.",
+            hint=(
+                "Two beat processes each fire every periodic task (django-celery-beat#337). "
+                "Use 'celery_guard.beat:GuardedScheduler': it dispatches behind a database "
+                "lease and fires each slot at most once."
+            ),
+            id="celery_guard.W009",
+        )
+    ]
+
+
+#: This feature's checks, in the order they are registered.
+CHECKS: tuple[core_checks.Check, ...] = (
+    check_setting_values,
+    check_beat_lease,
+    check_beat_scheduler,
+)

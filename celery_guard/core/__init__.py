@@ -1,0 +1,1 @@
+"""What every feature shares: options, the guard header, payload checks, the pipeline."""

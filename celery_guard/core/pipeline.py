@@ -1,0 +1,113 @@
+"""The guard pipeline: the ordered steps, one per feature, that a guarded task runs.
+
+Each feature contributes one :class:`Step` that declares the options it owns and overrides
+the hooks it needs:
+
+* :meth:`Step.prepare` (publish side, before anything reaches the broker): validate the call
+  and add the feature's fields to the guard header; raising refuses the publish.
+* :meth:`Step.publish` (publish side): wrap the publish itself (publish once per key...).
+* :meth:`Step.run` (worker side): wrap the task body.
+
+:class:`Pipeline` composes the steps in order, the first one outermost (as procrastinate's
+middleware and dramatiq's), so the failure pipeline, listed first, sees every outcome of the
+steps inside it. The list of steps lives in ``celery_guard.steps``; ``GuardedTask`` only runs
+it, so a new feature adds a step there and leaves the task class alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from celery_guard.core.options import GuardOption, OptionSet
+
+#: The continuation a run-side step calls: the steps inside it, then the task body.
+CallNext = Callable[..., Any]
+
+
+@dataclass
+class Publish:
+    """One publish being prepared: what the steps read, and the header fields they add.
+
+    Attributes:
+        task: The guarded task being published.
+        args: Positional arguments of the call.
+        kwargs: Keyword arguments of the call.
+        per_call: The validated per-call guard options (a retry's inherited ones included).
+        inherited: The guard header of the message being republished (a retry), or empty.
+        fields: Guard header fields the steps stamp; ``None`` values are left out.
+    """
+
+    task: Any
+    args: Sequence[Any] | None
+    kwargs: Mapping[str, Any] | None
+    per_call: Mapping[str, Any]
+    inherited: Mapping[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Step:
+    """One feature's part in the pipeline; every hook passes through unless overridden."""
+
+    #: Short name of the feature, for logs and docs.
+    name: ClassVar[str] = ""
+    #: The guard options this step owns (decorator and, where allowed, per call).
+    options: ClassVar[tuple[GuardOption, ...]] = ()
+
+    def prepare(self, publish: Publish) -> None:
+        """Validate a publish and add header fields to ``publish.fields``; raise to refuse it."""
+
+    def publish(
+        self, task: Any, header: Mapping[str, Any], task_id: str, send: Callable[[], Any]
+    ) -> Any:
+        """Publish through ``send()`` (or not); return the ``AsyncResult`` the caller gets."""
+        return send()
+
+    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+        """Run one delivery: call ``call(*args, **kwargs)`` (the steps inside, then the body)."""
+        return call(*args, **kwargs)
+
+
+class Pipeline:
+    """The ordered steps of guarded tasks, first step outermost."""
+
+    def __init__(self, steps: Iterable[Step]) -> None:
+        self.steps: tuple[Step, ...] = tuple(steps)
+        self.options = OptionSet(option for step in self.steps for option in step.options)
+
+    def prepare(self, publish: Publish) -> dict[str, Any]:
+        """Run every step's :meth:`Step.prepare`; return the header fields they stamped."""
+        for step in self.steps:
+            step.prepare(publish)
+        return publish.fields
+
+    def publish(
+        self, task: Any, header: Mapping[str, Any], task_id: str, send: Callable[[], Any]
+    ) -> Any:
+        """Publish through every step's :meth:`Step.publish`, the first step outermost."""
+        for step in reversed(self.steps):
+            send = _bind_publish(step, task, header, task_id, send)
+        return send()
+
+    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], body: CallNext) -> Any:
+        """Run ``body`` inside every step's :meth:`Step.run`, the first step outermost."""
+        call = body
+        for step in reversed(self.steps):
+            call = _bind_run(step, task, call)
+        return call(*args, **kwargs)
+
+
+def _bind_publish(
+    step: Step, task: Any, header: Mapping[str, Any], task_id: str, send: Callable[[], Any]
+) -> Callable[[], Any]:
+    return lambda: step.publish(task, header, task_id, send)
+
+
+def _bind_run(step: Step, task: Any, call: CallNext) -> CallNext:
+    return lambda *a, **kw: step.run(task, a, kw, call)
+
+
+def is_guarded(task: Any) -> bool:
+    """Whether ``task`` is a guarded task (without importing the task class)."""
+    return isinstance(getattr(task, "guard_pipeline", None), Pipeline)

@@ -1,0 +1,1 @@
+"""The dead-letter queue: final failures as rows, inspected, replayed and discarded."""

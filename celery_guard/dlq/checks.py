@@ -1,0 +1,35 @@
+"""System checks of the dead-letter queue: redaction, the Sentry link, retention."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from celery_guard import conf
+from celery_guard.core import checks as core_checks
+
+
+def setting_errors() -> Iterable[str]:
+    """Errors in the dead-letter queue's settings."""
+    fields = conf.raw("REDACT_FIELDS")
+    if isinstance(fields, str) or not (
+        isinstance(fields, (list, tuple, frozenset, set))
+        and all(isinstance(f, str) and f for f in fields)
+    ):
+        yield f"CELERY_GUARD_REDACT_FIELDS must be a list of non-empty strings, got {fields!r}"
+    for name in ("REDACTOR", "SENTRY_EVENT_URL"):
+        value = conf.raw(name)
+        if value is not None and not isinstance(value, str):
+            yield f"CELERY_GUARD_{name} must be None or a string, got {value!r}"
+    url = conf.raw("SENTRY_EVENT_URL")
+    if isinstance(url, str) and "{event_id}" not in url:
+        yield "CELERY_GUARD_SENTRY_EVENT_URL must contain '{event_id}'"
+    days = conf.raw("DLQ_RETENTION_DAYS")
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or days <= 0:
+        yield f"CELERY_GUARD_DLQ_RETENTION_DAYS must be a positive number, got {days!r}"
+
+
+check_setting_values = core_checks.setting_values_check(setting_errors)
+
+
+#: This feature's checks, in the order they are registered.
+CHECKS: tuple[core_checks.Check, ...] = (check_setting_values,)

@@ -1,0 +1,1 @@
+"""The failure pipeline: classify, retry with backoff, cap lost deliveries, dead-letter."""

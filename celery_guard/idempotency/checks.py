@@ -1,0 +1,111 @@
+"""System checks of idempotency keys: the ledger backend, its Redis, the dedup window."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Warning
+
+from celery_guard import conf
+from celery_guard.core import checks as core_checks
+from celery_guard.idempotency import keys, ledger
+
+
+def setting_errors() -> Iterable[str]:
+    """Errors in the idempotency settings."""
+    backend = conf.raw("IDEMPOTENCY_BACKEND")
+    if backend not in ("database", "redis"):
+        yield f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
+    url = conf.raw("IDEMPOTENCY_REDIS_URL")
+    schemes = ledger.REDIS_SCHEMES
+    if url is not None and not (isinstance(url, str) and url.split(":", 1)[0] in schemes):
+        yield f"CELERY_GUARD_IDEMPOTENCY_REDIS_URL must be None or a redis:// URL, got {url!r}"
+    if not isinstance(conf.raw("IDEMPOTENCY_REDIS_PREFIX"), str):
+        yield "CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX must be a str"
+    names = ("DEDUP_WINDOW", "IDEMPOTENCY_LEASE", "IDEMPOTENCY_PUBLISH_GRACE")
+    for name in (*names, "IDEMPOTENCY_RETENTION"):
+        value = conf.raw(name)
+        seconds = (
+            value.total_seconds()
+            if isinstance(value, timedelta)
+            else value
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else None
+        )
+        if seconds is None or seconds <= 0:
+            yield (
+                f"CELERY_GUARD_{name} must be a positive number of seconds or a timedelta, "
+                f"got {value!r}"
+            )
+    if not isinstance(conf.raw("RELEASE_ON_DEAD_LETTER"), bool):
+        yield "CELERY_GUARD_RELEASE_ON_DEAD_LETTER must be True or False"
+
+
+check_setting_values = core_checks.setting_values_check(setting_errors)
+
+
+def check_idempotency_redis(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """E004: the Redis idempotency ledger has no Redis to use."""
+    if conf.raw("IDEMPOTENCY_BACKEND") != "redis" or list(setting_errors()):
+        return []
+    try:
+        ledger.redis_url()
+    except ValueError as exc:
+        return [
+            Error(
+                f"CELERY_GUARD_IDEMPOTENCY_BACKEND is 'redis' but {exc}.",
+                hint="Set CELERY_GUARD_IDEMPOTENCY_REDIS_URL = 'redis://...'.",
+                id="celery_guard.E004",
+            )
+        ]
+    return []
+
+
+def check_dedup_window(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W007: a dedup window not longer than the Redis visibility timeout.
+
+    A message Redis redelivers after the timeout arrives when the key's window may be over,
+    so the key no longer blocks and the body runs again.
+    """
+    app = core_checks.celery_app()
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str) or url.split(":", 1)[0] not in core_checks.REDIS_SCHEMES:
+        return []
+    transport = app.conf.broker_transport_options or {}
+    timeout = float(
+        transport.get("visibility_timeout", core_checks.REDIS_DEFAULT_VISIBILITY_TIMEOUT)
+    )
+    short = []
+    for task in core_checks.guarded_tasks(app):
+        if keys.IDEMPOTENCY_KEY.resolve({}, task.guard_options) is None:
+            continue
+        window = keys.DEDUP_WINDOW.resolve({}, task.guard_options)
+        seconds = conf.GuardSettings.seconds(window)
+        if seconds <= timeout:
+            short.append(f"{task.name} ({seconds:g}s)")
+    if not short:
+        return []
+    return [
+        Warning(
+            f"Dedup window not longer than the Redis visibility_timeout ({timeout:g}s): "
+            f"{', '.join(sorted(short))}.",
+            hint=(
+                "A message redelivered after the visibility timeout (a worker lost before its "
+                "ack) can find the key's window over and run the body again. Make dedup_window "
+                "(or CELERY_GUARD_DEDUP_WINDOW) longer than the visibility timeout."
+            ),
+            id="celery_guard.W007",
+        )
+    ]
+
+
+#: This feature's checks, in the order they are registered.
+CHECKS: tuple[core_checks.Check, ...] = (
+    check_setting_values,
+    check_idempotency_redis,
+    check_dedup_window,
+)

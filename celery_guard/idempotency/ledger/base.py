@@ -1,0 +1,149 @@
+"""Idempotency ledger backends: the database (default) and Redis, with the same semantics.
+
+Every state change is one atomic step on the store (an insert guarded by the unique key, a
+conditional ``UPDATE ... WHERE``, or a Lua script), never a read followed by a write, so
+producers and workers racing on one key from many processes each get a consistent answer.
+
+States of a key: ``pending`` (claimed at enqueue, published), ``running`` (a worker holds
+the lease), ``succeeded``, ``failed``, ``released`` (free again).
+
+A claim is *provisional* until its publish is confirmed: a ``pending`` record with no owner
+and a lease expiry is a claim whose producer has not confirmed the publish yet, and the
+lease expiry is its publish deadline. :meth:`Ledger.confirm` clears the deadline after the
+publish; a claim still unconfirmed past its deadline was abandoned (the producer died
+between the claim and the publish) and the next claim takes the key over, so a crashed
+producer never loses the job. (A ``pending`` record *with* an owner is a run that gave its
+lease back for a Celery retry; it is never taken over by a claim.)
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+from celery_guard.conf import guard_settings
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Outcome of an enqueue-time claim.
+
+    Attributes:
+        outcome: ``"claimed"`` (publish), ``"duplicate"`` (same arguments, publish nothing)
+            or ``"conflict"`` (other arguments hold the key).
+        task_id: The task that holds the key (the caller's own id when claimed).
+        fingerprint: The fingerprint of the arguments that hold the key.
+        abandoned: When claimed by taking over an abandoned claim (unconfirmed past its
+            publish deadline), the task id of that claim; else ``""``.
+    """
+
+    outcome: str
+    task_id: str
+    fingerprint: str
+    abandoned: str = ""
+
+
+@dataclass(frozen=True)
+class Start:
+    """Outcome of a worker's attempt to start a run of a key.
+
+    Attributes:
+        outcome: ``"run"`` (the caller owns the lease), ``"skip"`` (already succeeded) or
+            ``"busy"`` (another live owner holds the lease).
+        fencing_token: The caller's token when ``run``, else the current token.
+        retry_in: Seconds until the other owner's lease expires (``busy`` only).
+        task_id: The task that holds the key.
+    """
+
+    outcome: str
+    fencing_token: int
+    retry_in: float = 0.0
+    task_id: str = ""
+
+
+class Ledger(abc.ABC):
+    """Storage of idempotency keys; see the module docstring for the states."""
+
+    @abc.abstractmethod
+    def claim(
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        grace: float | None = None,
+    ) -> Claim:
+        """Claim ``key`` for a publish of ``task_id``, unless a live claim holds it.
+
+        The claim is provisional: unless :meth:`confirm` is called within ``grace`` seconds
+        (default ``CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE``), a later claim takes it over.
+        A key is free when absent, released, past its window (and not running under a live
+        lease), or claimed but unconfirmed past its publish deadline (abandoned). A key
+        already held by ``task_id`` itself counts as claimed.
+        """
+
+    @abc.abstractmethod
+    def confirm(self, key: str, task_id: str) -> bool:
+        """Confirm the publish of ``task_id``'s claim: clear its publish deadline.
+
+        Only an unconfirmed ``pending`` claim of ``task_id`` changes; ``False`` when the key
+        was taken over, or a worker already started the task (its state stands).
+        """
+
+    @abc.abstractmethod
+    def unclaim(self, key: str, task_id: str) -> bool:
+        """Release a ``pending`` claim of ``task_id`` whose publish failed."""
+
+    @abc.abstractmethod
+    def start(
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        owner: str,
+        lease: float,
+    ) -> Start:
+        """Take the lease of ``key`` for a run, incrementing its fencing token.
+
+        Taken when the key is absent, pending, failed, released, running under an expired
+        lease (a takeover), or succeeded but past its window.
+        """
+
+    @abc.abstractmethod
+    def finish(self, key: str, *, owner: str, token: int, state: str) -> bool:
+        """Move a run ``owner`` still holds (with ``token``) to ``succeeded`` or ``failed``.
+
+        ``failed`` is also accepted after the run gave its lease back (a retry whose
+        publish failed), while no next attempt has taken it.
+        """
+
+    @abc.abstractmethod
+    def yield_lease(self, key: str, *, owner: str, token: int) -> bool:
+        """Give the lease back (state ``pending``) so the next attempt of a retry can run."""
+
+    @abc.abstractmethod
+    def renew(self, key: str, *, owner: str, token: int, lease: float) -> bool:
+        """Extend a running ``owner``'s lease to ``lease`` seconds from now."""
+
+    @abc.abstractmethod
+    def release(self, key: str, task_id: str | None = None) -> bool:
+        """Free ``key`` (only while ``task_id`` holds it, when given)."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Return the record of ``key`` as a dict, or ``None``."""
+
+    @abc.abstractmethod
+    def purge(self, retention: float) -> int:
+        """Delete records whose window ended more than ``retention`` seconds ago."""
+
+
+def publish_grace(grace: float | None) -> float:
+    """The publish grace of a claim: ``grace``, or ``CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE``."""
+    return guard_settings.idempotency_publish_grace if grace is None else grace

@@ -1,0 +1,248 @@
+"""The database idempotency ledger (``IdempotencyRecord`` rows, conditional updates)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django.db import IntegrityError, router, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.utils import timezone
+
+from celery_guard.idempotency.ledger.base import Claim, Ledger, Start, publish_grace
+from celery_guard.idempotency.models import KeyState
+
+
+def _unconfirmed() -> Q:
+    """Records that are claims whose publish is not confirmed yet (see the module doc)."""
+    return Q(state=KeyState.PENDING, owner="", lease_expires_at__isnull=False)
+
+
+def _abandoned(state: str, owner: str, deadline: dt.datetime | None, now: dt.datetime) -> bool:
+    return state == KeyState.PENDING and owner == "" and deadline is not None and deadline <= now
+
+
+class DatabaseLedger(Ledger):
+    """Ledger in the Django database (:class:`celery_guard.models.IdempotencyRecord`).
+
+    Works on PostgreSQL and SQLite: an insert relies on the unique key, and every other
+    transition is a single conditional ``UPDATE`` whose ``WHERE`` is the precondition.
+    """
+
+    @staticmethod
+    def _model() -> Any:
+        from celery_guard.idempotency.models import IdempotencyRecord
+
+        return IdempotencyRecord
+
+    def using(self) -> str:
+        """Database alias the ledger writes to."""
+        return str(router.db_for_write(self._model()))
+
+    def _insert(self, **fields: Any) -> bool:
+        try:
+            with transaction.atomic(using=self.using()):
+                self._model().objects.using(self.using()).create(**fields)
+        except IntegrityError:
+            return False
+        return True
+
+    def _rows(self) -> Any:
+        return self._model().objects.using(self.using())
+
+    def claim(
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        grace: float | None = None,
+    ) -> Claim:
+        """See :meth:`Ledger.claim`."""
+        grace = publish_grace(grace)
+        for _ in range(10):
+            now = timezone.now()
+            fields = {
+                "state": KeyState.PENDING,
+                "task_name": task_name,
+                "task_id": task_id,
+                "fingerprint": fingerprint,
+                "owner": "",
+                "lease_expires_at": now + dt.timedelta(seconds=grace),
+                "created_at": now,
+                "updated_at": now,
+                "expires_at": now + dt.timedelta(seconds=window),
+            }
+            if self._insert(key=key, **fields):
+                return Claim("claimed", task_id, fingerprint)
+            live_run = Q(state=KeyState.RUNNING, lease_expires_at__gt=now)
+            free = Q(state=KeyState.RELEASED) | (Q(expires_at__lte=now) & ~live_run)
+            if self._rows().filter(free, key=key).update(**fields):
+                return Claim("claimed", task_id, fingerprint)
+            row = (
+                self._rows()
+                .filter(key=key)
+                .values("task_id", "fingerprint", "state", "owner", "lease_expires_at")
+                .first()
+            )
+            if row is None:  # purged between the two statements: try again
+                continue
+            if row["task_id"] == task_id:
+                return Claim("claimed", task_id, row["fingerprint"])
+            if _abandoned(row["state"], row["owner"], row["lease_expires_at"], now):
+                # Compare-and-set on the dead claim's task id: one racing producer wins.
+                dead = self._rows().filter(
+                    _unconfirmed(), key=key, task_id=row["task_id"], lease_expires_at__lte=now
+                )
+                if dead.update(**fields):
+                    return Claim("claimed", task_id, fingerprint, abandoned=row["task_id"])
+                continue  # confirmed, started or taken over meanwhile: decide again
+            outcome = "duplicate" if row["fingerprint"] == fingerprint else "conflict"
+            return Claim(outcome, row["task_id"], row["fingerprint"])
+        raise RuntimeError(f"idempotency key {key!r} kept changing during the claim")
+
+    def confirm(self, key: str, task_id: str) -> bool:
+        """See :meth:`Ledger.confirm`."""
+        rows = self._rows().filter(_unconfirmed(), key=key, task_id=task_id)
+        return bool(rows.update(lease_expires_at=None, updated_at=timezone.now()))
+
+    def unclaim(self, key: str, task_id: str) -> bool:
+        """See :meth:`Ledger.unclaim`."""
+        rows = self._rows().filter(key=key, task_id=task_id, state=KeyState.PENDING)
+        return bool(rows.update(state=KeyState.RELEASED, updated_at=timezone.now()))
+
+    def start(
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        owner: str,
+        lease: float,
+    ) -> Start:
+        """See :meth:`Ledger.start`."""
+        # The conditional UPDATE comes first: a keyed task was usually claimed at enqueue,
+        # so its row exists and an INSERT first would fail (a wasted transaction) every run.
+        for _ in range(10):
+            now = timezone.now()
+            lease_until = now + dt.timedelta(seconds=lease)
+            new_window = now + dt.timedelta(seconds=window)
+            takeable = (
+                Q(state__in=[KeyState.PENDING, KeyState.FAILED, KeyState.RELEASED])
+                | Q(state=KeyState.RUNNING, lease_expires_at__lte=now)
+                | Q(state=KeyState.SUCCEEDED, expires_at__lte=now)
+            )
+            taken = (
+                self._rows()
+                .filter(takeable, key=key)
+                .update(
+                    state=KeyState.RUNNING,
+                    task_id=task_id,
+                    fingerprint=fingerprint,
+                    owner=owner,
+                    lease_expires_at=lease_until,
+                    fencing_token=F("fencing_token") + 1,
+                    updated_at=now,
+                    # A key past its window starts a new one; otherwise the window stands.
+                    expires_at=Case(
+                        When(expires_at__lte=now, then=Value(new_window)),
+                        default=F("expires_at"),
+                    ),
+                )
+            )
+            if taken:
+                token = (
+                    self._rows()
+                    .filter(key=key, owner=owner)
+                    .values_list("fencing_token", flat=True)
+                    .first()
+                )
+                if token is not None:
+                    return Start("run", int(token), task_id=task_id)
+                continue  # taken over already: a pathological lease; decide again
+            if self._insert(
+                key=key,
+                state=KeyState.RUNNING,
+                task_name=task_name,
+                task_id=task_id,
+                fingerprint=fingerprint,
+                owner=owner,
+                lease_expires_at=lease_until,
+                fencing_token=1,
+                created_at=now,
+                updated_at=now,
+                expires_at=new_window,
+            ):
+                return Start("run", 1, task_id=task_id)
+            row = (
+                self._rows()
+                .filter(key=key)
+                .values("state", "fencing_token", "lease_expires_at", "task_id")
+                .first()
+            )
+            if row is None:
+                continue
+            if row["state"] == KeyState.SUCCEEDED:
+                return Start("skip", int(row["fencing_token"]), task_id=row["task_id"])
+            if row["state"] == KeyState.RUNNING and row["lease_expires_at"] > now:
+                wait = (row["lease_expires_at"] - now).total_seconds()
+                return Start("busy", int(row["fencing_token"]), wait, row["task_id"])
+        raise RuntimeError(f"idempotency key {key!r} kept changing during the start")
+
+    def _transition(self, key: str, owner: str, token: int, state: str) -> bool:
+        # A run that gave its lease back for a retry whose publish then failed may still
+        # record its failure, as long as no next attempt has taken the key.
+        held = (
+            [KeyState.RUNNING, KeyState.PENDING] if state == KeyState.FAILED else [KeyState.RUNNING]
+        )
+        rows = self._rows().filter(key=key, owner=owner, fencing_token=token, state__in=held)
+        return bool(rows.update(state=state, updated_at=timezone.now()))
+
+    def finish(self, key: str, *, owner: str, token: int, state: str) -> bool:
+        """See :meth:`Ledger.finish`."""
+        if state not in (KeyState.SUCCEEDED, KeyState.FAILED):
+            raise ValueError(f"a run finishes as succeeded or failed, not {state!r}")
+        return self._transition(key, owner, token, state)
+
+    def yield_lease(self, key: str, *, owner: str, token: int) -> bool:
+        """See :meth:`Ledger.yield_lease`."""
+        return self._transition(key, owner, token, KeyState.PENDING)
+
+    def renew(self, key: str, *, owner: str, token: int, lease: float) -> bool:
+        """See :meth:`Ledger.renew`."""
+        now = timezone.now()
+        rows = self._rows().filter(
+            key=key,
+            owner=owner,
+            fencing_token=token,
+            state=KeyState.RUNNING,
+            lease_expires_at__gt=now,
+        )
+        until = now + dt.timedelta(seconds=lease)
+        return bool(rows.update(lease_expires_at=until, updated_at=now))
+
+    def release(self, key: str, task_id: str | None = None) -> bool:
+        """See :meth:`Ledger.release`."""
+        rows = self._rows().filter(key=key).exclude(state=KeyState.RELEASED)
+        if task_id is not None:
+            rows = rows.filter(task_id=task_id)
+        return bool(rows.update(state=KeyState.RELEASED, updated_at=timezone.now()))
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """See :meth:`Ledger.get`."""
+        row: dict[str, Any] | None = self._rows().filter(key=key).values().first()
+        return row
+
+    def purge(self, retention: float) -> int:
+        """See :meth:`Ledger.purge`."""
+        now = timezone.now()
+        old = self._rows().filter(expires_at__lt=now - dt.timedelta(seconds=retention))
+        deleted, _ = old.exclude(state=KeyState.RUNNING, lease_expires_at__gt=now).delete()
+        return int(deleted)
+
+
+# Shared by the scripts: the server's clock (one clock for every producer and worker), and

@@ -1,0 +1,247 @@
+"""The Redis idempotency ledger: one hash per key, every transition one Lua script."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from typing import Any
+
+from celery_guard.conf import guard_settings
+from celery_guard.idempotency.ledger.base import Claim, Ledger, Start, publish_grace
+from celery_guard.idempotency.models import KeyState
+
+# Shared by the scripts: the server's clock (one clock for every producer and worker), and
+# a TTL that outlives the window and the lease by the retention, so Redis purges itself.
+_LUA_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function touch(retention)
+  local h = redis.call('HMGET', KEYS[1], 'expires_at', 'lease_until')
+  local last = math.max(tonumber(h[1]) or now, tonumber(h[2]) or now)
+  redis.call('PEXPIRE', KEYS[1], math.ceil((last - now + retention) * 1000) + 1000)
+end
+"""
+
+_LUA_CLAIM = (
+    _LUA_PRELUDE
+    + """
+local task_name, task_id, fp = ARGV[1], ARGV[2], ARGV[3]
+local window, retention, grace = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local h = redis.call('HMGET', KEYS[1], 'state', 'task_id', 'fp', 'expires_at', 'lease_until',
+  'owner')
+local state = h[1]
+local function write(abandoned)
+  redis.call('HSET', KEYS[1], 'state', 'pending', 'task_name', task_name, 'task_id', task_id,
+    'fp', fp, 'owner', '', 'lease_until', now + grace, 'created_at', now, 'updated_at', now,
+    'expires_at', now + window)
+  redis.call('HSETNX', KEYS[1], 'token', 0)
+  touch(retention)
+  return {'claimed', task_id, fp, abandoned}
+end
+if not state then return write('') end
+if h[2] == task_id then return {'claimed', task_id, h[3], ''} end
+local live_run = state == 'running' and tonumber(h[5]) > now
+if state == 'released' or (tonumber(h[4]) <= now and not live_run) then return write('') end
+local deadline = tonumber(h[5]) or 0
+if state == 'pending' and h[6] == '' and deadline > 0 and deadline <= now then
+  return write(h[2])
+end
+if h[3] == fp then return {'duplicate', h[2], h[3], ''} end
+return {'conflict', h[2], h[3], ''}
+"""
+)
+
+_LUA_CONFIRM = (
+    _LUA_PRELUDE
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'task_id', 'owner', 'lease_until')
+if h[1] ~= 'pending' or h[2] ~= ARGV[1] or h[3] ~= '' then return 0 end
+if (tonumber(h[4]) or 0) <= 0 then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'updated_at', now)
+return 1
+"""
+)
+
+_LUA_START = (
+    _LUA_PRELUDE
+    + """
+local task_name, task_id, fp = ARGV[1], ARGV[2], ARGV[3]
+local window, retention = tonumber(ARGV[4]), tonumber(ARGV[5])
+local owner, lease = ARGV[6], tonumber(ARGV[7])
+local h = redis.call('HMGET', KEYS[1], 'state', 'task_id', 'expires_at', 'lease_until', 'token')
+local state = h[1]
+local takeable = (not state) or state == 'pending' or state == 'failed'
+  or state == 'released' or (state == 'running' and tonumber(h[4]) <= now)
+  or (state == 'succeeded' and tonumber(h[3]) <= now)
+if takeable then
+  local expires = now + window
+  if state and tonumber(h[3]) > now then expires = tonumber(h[3]) end
+  local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
+  redis.call('HSET', KEYS[1], 'state', 'running', 'task_name', task_name, 'task_id', task_id,
+    'fp', fp, 'owner', owner, 'lease_until', now + lease, 'updated_at', now,
+    'expires_at', expires)
+  redis.call('HSETNX', KEYS[1], 'created_at', now)
+  touch(retention)
+  return {'run', token, '0', task_id}
+end
+if state == 'succeeded' then return {'skip', tonumber(h[5]), '0', h[2]} end
+return {'busy', tonumber(h[5]), tostring(tonumber(h[4]) - now), h[2]}
+"""
+)
+
+_LUA_TRANSITION = (
+    _LUA_PRELUDE
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'token')
+local held = h[1] == 'running' or (ARGV[3] == 'failed' and h[1] == 'pending')
+if not held or h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', now)
+return 1
+"""
+)
+
+_LUA_RENEW = (
+    _LUA_PRELUDE
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'token', 'lease_until')
+if h[1] ~= 'running' or h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return 0 end
+if tonumber(h[4]) <= now then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[3]), 'updated_at', now)
+touch(tonumber(ARGV[4]))
+return 1
+"""
+)
+
+_LUA_RELEASE = (
+    _LUA_PRELUDE
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'task_id')
+if not h[1] or h[1] == 'released' then return 0 end
+if ARGV[1] ~= '' and h[2] ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and h[1] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'released', 'updated_at', now)
+return 1
+"""
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _redis_client(url: str) -> Any:
+    import redis
+
+    # redis-py's pool notices a fork and reconnects, so one client per process is safe.
+    return redis.Redis.from_url(url)
+
+
+class RedisLedger(Ledger):
+    """Ledger in Redis: one hash per key, every transition one Lua script.
+
+    Records expire by themselves (TTL: window or lease, plus the retention), so
+    :meth:`purge` has nothing to do.
+    """
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.client = _redis_client(url)
+        self._claim = self.client.register_script(_LUA_CLAIM)
+        self._confirm = self.client.register_script(_LUA_CONFIRM)
+        self._start = self.client.register_script(_LUA_START)
+        self._transition = self.client.register_script(_LUA_TRANSITION)
+        self._release = self.client.register_script(_LUA_RELEASE)
+        self._renew = self.client.register_script(_LUA_RENEW)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    @staticmethod
+    def _retention() -> float:
+        return guard_settings.idempotency_retention
+
+    def claim(
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        grace: float | None = None,
+    ) -> Claim:
+        """See :meth:`Ledger.claim`."""
+        args = [task_name, task_id, fingerprint, window, self._retention(), publish_grace(grace)]
+        outcome, holder, fp, abandoned = self._claim(keys=[self._key(key)], args=args)
+        return Claim(outcome.decode(), holder.decode(), fp.decode(), abandoned.decode())
+
+    def confirm(self, key: str, task_id: str) -> bool:
+        """See :meth:`Ledger.confirm`."""
+        return bool(self._confirm(keys=[self._key(key)], args=[task_id]))
+
+    def unclaim(self, key: str, task_id: str) -> bool:
+        """See :meth:`Ledger.unclaim`."""
+        return bool(self._release(keys=[self._key(key)], args=[task_id, KeyState.PENDING]))
+
+    def start(
+        self,
+        key: str,
+        *,
+        task_name: str,
+        task_id: str,
+        fingerprint: str,
+        window: float,
+        owner: str,
+        lease: float,
+    ) -> Start:
+        """See :meth:`Ledger.start`."""
+        args = [task_name, task_id, fingerprint, window, self._retention(), owner, lease]
+        outcome, token, wait, holder = self._start(keys=[self._key(key)], args=args)
+        return Start(outcome.decode(), int(token), float(wait), holder.decode())
+
+    def finish(self, key: str, *, owner: str, token: int, state: str) -> bool:
+        """See :meth:`Ledger.finish`."""
+        if state not in (KeyState.SUCCEEDED, KeyState.FAILED):
+            raise ValueError(f"a run finishes as succeeded or failed, not {state!r}")
+        return bool(self._transition(keys=[self._key(key)], args=[owner, token, state]))
+
+    def yield_lease(self, key: str, *, owner: str, token: int) -> bool:
+        """See :meth:`Ledger.yield_lease`."""
+        return bool(self._transition(keys=[self._key(key)], args=[owner, token, KeyState.PENDING]))
+
+    def renew(self, key: str, *, owner: str, token: int, lease: float) -> bool:
+        """See :meth:`Ledger.renew`."""
+        args = [owner, token, lease, self._retention()]
+        return bool(self._renew(keys=[self._key(key)], args=args))
+
+    def release(self, key: str, task_id: str | None = None) -> bool:
+        """See :meth:`Ledger.release`."""
+        return bool(self._release(keys=[self._key(key)], args=[task_id or "", ""]))
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """See :meth:`Ledger.get`."""
+        raw = self.client.hgetall(self._key(key))
+        if not raw:
+            return None
+        row = {k.decode(): v.decode() for k, v in raw.items()}
+        return {
+            "key": key,
+            "state": row["state"],
+            "task_name": row.get("task_name", ""),
+            "task_id": row.get("task_id", ""),
+            "fingerprint": row.get("fp", ""),
+            "fencing_token": int(row.get("token", 0)),
+            "owner": row.get("owner", ""),
+            "lease_expires_at": _stamp(row.get("lease_until")),
+            "created_at": _stamp(row.get("created_at")),
+            "updated_at": _stamp(row.get("updated_at")),
+            "expires_at": _stamp(row.get("expires_at")),
+        }
+
+    def purge(self, retention: float) -> int:
+        """See :meth:`Ledger.purge` (Redis expires the records itself)."""
+        return 0
+
+
+def _stamp(value: str | None) -> dt.datetime | None:
+    if not value or float(value) == 0:
+        return None
+    return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)

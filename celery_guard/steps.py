@@ -1,0 +1,12 @@
+"""The guard pipeline of every guarded task: one step per feature, outermost first.
+
+The failure step comes first so the poison-message cap and the dead-letter write see every
+outcome of the steps inside it, a ledger that cannot be reached included.
+"""
+
+from celery_guard.core.pipeline import Pipeline
+from celery_guard.failures.step import FailuresStep
+from celery_guard.idempotency.step import IdempotencyStep
+from celery_guard.routing.step import RoutingStep
+
+GUARD = Pipeline([FailuresStep(), IdempotencyStep(), RoutingStep()])
