@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-from celery import schedules
+from celery import Celery, schedules
 from django_celery_beat.tzcrontab import TzAwareCrontab
 
 from celery_guard.beat import slots
@@ -179,3 +179,86 @@ def test_invalid_policies_are_refused(value, message):
         (TypeError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")
     ):
         slots.parse_policy(value)
+
+
+KOLKATA = ZoneInfo("Asia/Kolkata")
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def app_in(zone):
+    app = Celery(set_as_current=False)
+    app.conf.timezone = zone
+    return app
+
+
+@pytest.mark.parametrize(
+    "nine",
+    [
+        TzAwareCrontab(minute="0", hour="9", tz=KOLKATA),  # django-celery-beat's crontab row
+        schedules.crontab(minute="0", hour="9", app=app_in("Asia/Kolkata")),  # CELERY_TIMEZONE
+    ],
+    ids=["row-timezone", "app-timezone"],
+)
+def test_crontab_hours_are_matched_in_the_schedules_own_zone(nine):
+    # 09:00 Asia/Kolkata is 03:30 UTC. Celery before 5.7 matched the hour of the time it was
+    # given, so a UTC last run made this entry fire at 09:00 UTC (14:30 in Kolkata).
+    assert walk(nine, at(2026, 5, 1, 3, 30), 2) == [at(2026, 5, 2, 3, 30), at(2026, 5, 3, 3, 30)]
+    assert slots.next_slot(nine, at(2026, 5, 1, 3, 0)) == at(2026, 5, 1, 3, 30)
+    assert slots.next_slot(nine, at(2026, 5, 1, 20, 0)) == at(2026, 5, 2, 3, 30)
+
+
+def test_crontab_slots_do_not_depend_on_the_current_time():
+    # Celery 5.5 looks at "now" to decide whether the rest of the last run's hour is still
+    # ahead; slots are computed against the last run itself, so a catch-up over past days
+    # finds every slot of every hour.
+    every_ten = TzAwareCrontab(minute="*/10", tz=KOLKATA)
+    long_ago = at(2020, 2, 29, 23, 40, tz=KOLKATA)
+    assert walk(every_ten, long_ago, 3) == [
+        at(2020, 2, 29, 23, 50, tz=KOLKATA),
+        at(2020, 3, 1, 0, 0, tz=KOLKATA),
+        at(2020, 3, 1, 0, 10, tz=KOLKATA),
+    ]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **f: TzAwareCrontab(tz=NEW_YORK, **f),
+        lambda **f: schedules.crontab(app=app_in("America/New_York"), **f),
+    ],
+    ids=["row-timezone", "app-timezone"],
+)
+def test_new_york_crontab_across_both_dst_changes(make):
+    # 09:00 New York: 14:00 UTC in winter (EST), 13:00 UTC in summer (EDT). 2026's changes:
+    # March 8 (02:00 -> 03:00) and November 1 (02:00 -> 01:00).
+    nine = make(minute="0", hour="9")
+    spring = walk(nine, at(2026, 3, 6, 9, tz=NEW_YORK), 3)
+    assert spring == [at(2026, 3, 7, 14), at(2026, 3, 8, 13), at(2026, 3, 9, 13)]
+    autumn = walk(nine, at(2026, 10, 30, 9, tz=NEW_YORK), 3)
+    assert autumn == [at(2026, 10, 31, 13), at(2026, 11, 1, 14), at(2026, 11, 2, 14)]
+    # Hourly at :30 through the night of each change: 02:30 does not exist on March 8 (it
+    # becomes 03:30 EDT), and 01:30 on November 1 runs once, at its first occurrence.
+    half_past = make(minute="30")
+    assert walk(half_past, at(2026, 3, 8, 0, 30, tz=NEW_YORK), 3) == [
+        at(2026, 3, 8, 6, 30),  # 01:30 EST
+        at(2026, 3, 8, 7, 30),  # 03:30 EDT
+        at(2026, 3, 8, 8, 30),  # 04:30 EDT
+    ]
+    assert walk(half_past, at(2026, 11, 1, 0, 30, tz=NEW_YORK), 3) == [
+        at(2026, 11, 1, 5, 30),  # 01:30 EDT
+        at(2026, 11, 1, 7, 30),  # 02:30 EST
+        at(2026, 11, 1, 8, 30),  # 03:30 EST
+    ]
+
+
+def test_a_due_kolkata_entry_is_planned_at_its_local_time():
+    nine = TzAwareCrontab(minute="0", hour="9", tz=KOLKATA)
+    last = at(2026, 5, 1, 3, 30)
+    # 09:00 UTC the next day is 14:30 in Kolkata: the 09:00 slot was due 5.5 hours earlier.
+    assert slots.plan(nine, last, at(2026, 5, 2, 3, 29), policy=LATEST, grace=10) is None
+    plan = slots.plan(nine, last, at(2026, 5, 2, 3, 30, 1), policy=LATEST, grace=10)
+    assert (plan.slot, plan.fire, plan.following) == (
+        at(2026, 5, 2, 3, 30),
+        True,
+        at(2026, 5, 3, 3, 30),
+    )

@@ -99,17 +99,30 @@ def _fixed_step(schedule: Any) -> timedelta | None:
     return None
 
 
+def _in_schedule_zone(schedule: Any, after: datetime) -> datetime:
+    # Before 5.7 Celery matched a crontab's hours against the time zone of the datetime it was
+    # given, not the schedule's: hand it the last run in the schedule's own zone (the row's
+    # time zone for django-celery-beat, else the app's CELERY_TIMEZONE). Interval schedules
+    # stay in UTC, where adding the interval cannot cross a DST change.
+    if isinstance(schedule, schedules.crontab):
+        return to_utc(after).astimezone(schedule.tz)
+    return to_utc(after)
+
+
 def next_slot(schedule: Any, after: datetime) -> datetime:
     """Return the first due time of ``schedule`` after ``after``, in UTC.
 
     Uses the schedule's own ``remaining_estimate`` (so crontab time zones and DST behave as
-    in Celery and django-celery-beat) against one frozen "now", which makes the result
-    independent of when it is computed. Intervals of whole seconds give whole-second slots.
+    in Celery and django-celery-beat), evaluated with "now" frozen at ``after``, which makes
+    the result a function of ``after`` alone (not of the clock, nor of the Celery version:
+    5.5 and 5.6 look at "now" to decide whether the rest of the hour is still ahead).
+    Crontabs are evaluated in their own time zone. Intervals of whole seconds give
+    whole-second slots.
     """
-    now = schedule.maybe_make_aware(schedule.now())
+    start = _in_schedule_zone(schedule, after)
     frozen = copy.copy(schedule)
-    frozen.nowfun = lambda: now
-    slot: datetime = to_utc(now) + frozen.remaining_estimate(after)
+    frozen.nowfun = lambda: start
+    slot: datetime = to_utc(start) + frozen.remaining_estimate(start)
     step = _fixed_step(schedule)
     if step is not None and step >= timedelta(seconds=1) and not step.microseconds:
         slot = slot.replace(microsecond=0)
