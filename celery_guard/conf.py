@@ -202,6 +202,11 @@ class GuardSettings:
         """Whether a dead-lettered run releases its idempotency key."""
         return bool(raw("RELEASE_ON_DEAD_LETTER"))
 
+    @property
+    def use_tz(self) -> bool:
+        """Django's ``USE_TZ``: whether datetimes are stored aware (the guarded beat needs it)."""
+        return bool(django_settings.USE_TZ)
+
     @staticmethod
     def seconds(value: Any) -> float:
         """Return a duration setting (seconds or ``timedelta``) in seconds."""

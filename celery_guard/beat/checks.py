@@ -1,10 +1,11 @@
-"""System checks of the guarded beat: its settings, the lease length, the scheduler in use."""
+"""System checks of the guarded beat: its settings, the lease length, the scheduler, USE_TZ."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from celery.utils.imports import symbol_by_name
 from django.core.checks import CheckMessage, Error, Warning
 
 from celery_guard import conf
@@ -91,9 +92,42 @@ def check_beat_scheduler(app_configs: Sequence[Any] | None = None, **kw: Any) ->
     ]
 
 
+#: Dotted path of the guarded scheduler (and of the base class of any subclass of it).
+GUARDED_SCHEDULER = "celery_guard.beat.scheduler.GuardedScheduler"
+#: E007's message; ``GuardedScheduler`` raises it too, for a beat started with ``-S``.
+NAIVE_BEAT_MESSAGE = "USE_TZ is False, and the guarded beat stores and compares aware UTC times."
+NAIVE_BEAT_HINT = (
+    "Naive local times repeat when the clocks go back, so slots and last_run_at could not "
+    "be kept unique and moving forward: the beat would crash or fire a slot twice. Set "
+    "USE_TZ = True (Django's default), or use another beat scheduler."
+)
+
+
+def is_guarded_scheduler(scheduler: Any) -> bool:
+    """Tell whether a ``beat_scheduler`` value (dotted path or class) is a ``GuardedScheduler``."""
+    if isinstance(scheduler, str):
+        try:
+            scheduler = symbol_by_name(scheduler)
+        except (ImportError, AttributeError, ValueError):
+            return False
+    return any(
+        f"{cls.__module__}.{cls.__qualname__}" == GUARDED_SCHEDULER
+        for cls in getattr(scheduler, "__mro__", ())
+    )
+
+
+def check_beat_use_tz(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """E007: the guarded beat is the beat scheduler and ``USE_TZ`` is off."""
+    scheduler = core_checks.celery_app().conf.beat_scheduler
+    if conf.guard_settings.use_tz or not is_guarded_scheduler(scheduler):
+        return []
+    return [Error(NAIVE_BEAT_MESSAGE, hint=NAIVE_BEAT_HINT, id="celery_guard.E007")]
+
+
 #: This feature's checks, in the order they are registered.
 CHECKS: tuple[core_checks.Check, ...] = (
     check_setting_values,
     check_beat_lease,
     check_beat_scheduler,
+    check_beat_use_tz,
 )

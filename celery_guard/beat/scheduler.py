@@ -14,10 +14,11 @@ import uuid
 from types import SimpleNamespace
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import Error
 from django_celery_beat.schedulers import DatabaseScheduler
 
-from celery_guard.beat import fires, lease, slots
+from celery_guard.beat import checks, fires, lease, slots
 from celery_guard.conf import guard_settings
 from celery_guard.core import pipeline
 
@@ -36,7 +37,16 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Set up the scheduler; the lease is not touched until the first tick."""
+        """Set up the scheduler; the lease is not touched until the first tick.
+
+        Raises:
+            ImproperlyConfigured: ``USE_TZ`` is off (``celery_guard.E007``), which the system
+                check cannot see when the scheduler is chosen with ``celery beat -S``.
+        """
+        if not guard_settings.use_tz:
+            raise ImproperlyConfigured(
+                f"celery_guard.E007: {checks.NAIVE_BEAT_MESSAGE} {checks.NAIVE_BEAT_HINT}"
+            )
         self._plans: dict[str, slots.Plan] = {}
         self._needs_reload = False
         super().__init__(*args, **kwargs)
