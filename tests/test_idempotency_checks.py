@@ -1,5 +1,6 @@
 """System checks of the idempotency feature: E001 for its settings, W007 for short windows."""
 
+import contextlib
 from datetime import timedelta
 
 import pytest
@@ -43,6 +44,18 @@ def test_e001_accepts_timedeltas_and_redis_urls():
         assert check_setting_values() == []
 
 
+@contextlib.contextmanager
+def amqp_broker():
+    """The Celery app's broker is RabbitMQ inside the block."""
+    conf = current_app.conf
+    saved = conf.broker_url
+    conf.broker_url = "amqp://guest@localhost//"
+    try:
+        yield
+    finally:
+        conf.broker_url = saved
+
+
 @pytest.fixture
 def short_window_task():
     @guarded_task(name="idem_checks.short", idempotency_key="k:{n}", dedup_window=60)
@@ -63,12 +76,8 @@ def test_w007_window_not_longer_than_the_visibility_timeout(short_window_task):
         [message] = idempotency_checks.check_dedup_window()
         assert message.id == "celery_guard.W007"
         assert "idem_checks.short (60s)" in message.msg
-        saved_url = conf.broker_url
-        conf.broker_url = "amqp://guest@localhost//"
-        try:
+        with amqp_broker():
             assert idempotency_checks.check_dedup_window() == []
-        finally:
-            conf.broker_url = saved_url
     finally:
         conf.broker_transport_options = saved
 
@@ -95,3 +104,24 @@ def test_e004_redis_ledger_without_a_redis():
             assert idempotency_checks.check_idempotency_redis() == []
     finally:
         conf.broker_url = saved
+
+
+def test_w011_lease_not_shorter_than_the_visibility_timeout():
+    @guarded_task(name="idem_checks.leased", idempotency_key="k:{n}", time_limit=900)
+    def leased(n: int) -> None: ...
+
+    conf = current_app.conf
+    saved = conf.broker_transport_options
+    try:
+        conf.broker_transport_options = {"visibility_timeout": 3600}
+        assert idempotency_checks.check_lease_visibility() == []
+        conf.broker_transport_options = {"visibility_timeout": 120}
+        with override_settings(CELERY_GUARD_IDEMPOTENCY_LEASE=60):
+            [message] = idempotency_checks.check_lease_visibility()
+        assert message.id == "celery_guard.W011"
+        assert "idem_checks.leased (900s)" in message.msg
+        with amqp_broker():
+            assert idempotency_checks.check_lease_visibility() == []
+    finally:
+        conf.broker_transport_options = saved
+        current_app.tasks.pop(leased.name, None)

@@ -103,9 +103,48 @@ def check_dedup_window(app_configs: Sequence[Any] | None = None, **kw: Any) -> l
     ]
 
 
+def check_lease_visibility(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """W011: an idempotency lease not shorter than the Redis visibility timeout.
+
+    A delivery that finds its key running under a live lease republishes itself with a
+    countdown of the remaining lease; past the visibility timeout Redis delivers that
+    unacknowledged ETA message again, in a loop, and ``doctor`` runs these checks too.
+    """
+    app = core_checks.celery_app()
+    timeout = core_checks.redis_visibility_timeout(app)
+    if timeout is None or list(setting_errors()):
+        return []
+    lease = conf.GuardSettings.seconds(conf.raw("IDEMPOTENCY_LEASE"))
+    long = []
+    for task in core_checks.guarded_tasks(app):
+        if keys.IDEMPOTENCY_KEY.resolve({}, task.guard_options) is None:
+            continue
+        seconds = max(lease, float(task.time_limit or 0))  # as the worker computes it
+        if seconds >= timeout:
+            long.append(f"{task.name} ({seconds:g}s)")
+    if not long:
+        return []
+    return [
+        Warning(
+            f"Idempotency lease not shorter than the Redis visibility_timeout ({timeout:g}s): "
+            f"{', '.join(sorted(long))}.",
+            hint=(
+                "A delivery whose key is running elsewhere waits out the lease as an "
+                "unacknowledged ETA message; past the visibility timeout Redis delivers it "
+                "again (celery#3270, #2599). Lower CELERY_GUARD_IDEMPOTENCY_LEASE (and the "
+                "task's time_limit) below the visibility timeout, or raise the timeout."
+            ),
+            id="celery_guard.W011",
+        )
+    ]
+
+
 #: This feature's checks, in the order they are registered.
 CHECKS: tuple[core_checks.Check, ...] = (
     check_setting_values,
     check_idempotency_redis,
     check_dedup_window,
+    check_lease_visibility,
 )
