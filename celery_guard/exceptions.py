@@ -46,6 +46,21 @@ class PoisonMessageError(GuardError):
     """The message's deliveries kept killing the worker process; it was dead-lettered unrun."""
 
 
+class InvalidHeaderError(GuardError):
+    """The message's guard header (or task id) holds values the guard never writes.
+
+    A forged or corrupt message: it is dead-lettered (reason ``invalid_header``) unrun.
+    """
+
+
+class RepublishError(GuardError):
+    """The retry of a failed attempt could not be published for a reason no redelivery fixes.
+
+    For example its priority level is no longer in ``CELERY_GUARD_PRIORITY_QUEUES``; the
+    message is dead-lettered (reason ``republish_failed``).
+    """
+
+
 class HardTimeLimitError(GuardError):
     """The last attempt was killed at its hard time limit; the task was dead-lettered.
 

@@ -203,32 +203,3 @@ def test_a_dead_letter_replays_with_send_task(start_worker, queues):
     assert "history" not in run.guard_header
     assert run.guard_header["first_enqueued_at"] > row.first_enqueued_at.timestamp()
     assert DeadLetter.objects.count() == 1
-
-
-def test_a_failed_dead_letter_write_keeps_the_message(start_worker, postgres):
-    from django.db import connection
-
-    worker = start_worker(["default"])
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            CREATE FUNCTION cg_refuse_dead_letter() RETURNS trigger AS $$
-            BEGIN RAISE EXCEPTION 'dead-letter table unavailable'; END $$ LANGUAGE plpgsql;
-            CREATE TRIGGER cg_refuse BEFORE INSERT ON celery_guard_deadletter
-            FOR EACH ROW WHEN (NEW.args ->> 0 = 'dlq-down')
-            EXECUTE FUNCTION cg_refuse_dead_letter();
-            """
-        )
-    try:
-        fail_tasks.fail_permanent.delay("dlq-down")
-        wait_runs("dlq-down", 3)  # not dropped: redelivered while the write fails
-        assert not DeadLetter.objects.exists()
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "DROP TRIGGER cg_refuse ON celery_guard_deadletter;"
-                "DROP FUNCTION cg_refuse_dead_letter();"
-            )
-    row = wait_dead_letter("dlq-down")
-    assert row.reason == DeadLetter.Reason.PERMANENT
-    assert "could NOT write the dead letter" in worker.log_path.read_text()

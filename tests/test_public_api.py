@@ -19,6 +19,8 @@ EXCEPTIONS = (
     "ThrottledError",
     "PermanentError",
     "PoisonMessageError",
+    "InvalidHeaderError",
+    "RepublishError",
     "HardTimeLimitError",
     "IdempotencyKeyError",
     "IdempotencyConflict",

@@ -15,6 +15,7 @@ field                     meaning                                              w
 ``throttled``             throttled retries so far                             failures
 ``history``               one entry per failed attempt                         failures
 ``delay``                 the delay of the retry that published this message   failures
+``write_failures``        deliveries whose dead letter could not be written    failures
 ``replay_of``             id of the dead letter this message replays           dlq
 ``tenant``                the tenant the job runs for                          (reserved)
 ``beat``                  ``{entry, slot, token, key}`` of a beat-fired run    beat
@@ -27,6 +28,7 @@ still folds them in, so messages queued before an upgrade keep working.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -42,7 +44,9 @@ CONSUMED = "consumed"
 THROTTLED = "throttled"
 HISTORY = "history"
 DELAY = "delay"
-FAILURE_FIELDS = (CONSUMED, THROTTLED, HISTORY, DELAY)
+#: Deliveries whose dead letter could not be written (the record is retried later).
+WRITE_FAILURES = "write_failures"
+FAILURE_FIELDS = (CONSUMED, THROTTLED, HISTORY, DELAY, WRITE_FAILURES)
 
 #: Fields of one publish: a replay stamps them afresh.
 PUBLISH_FIELDS = ("v", "first_enqueued_at", "attempt")
@@ -104,3 +108,98 @@ def read(headers: Mapping[str, Any] | None) -> Mapping[str, Any]:
             beat["key"] = key
         return {**guard, BEAT: beat}
     return guard
+
+
+#: Largest count (attempt, consumed...) a header may carry: what a PositiveIntegerField holds.
+MAX_COUNT = 2**31 - 1
+#: Latest first-enqueue time a header may carry (the last second of year 9999, UTC).
+MAX_TIMESTAMP = 253402300799.0
+#: Longest idempotency key (the ledger's key column; derived keys never exceed it).
+MAX_KEY = 200
+#: Longest idempotency window a header may carry (100 years).
+MAX_WINDOW = 100 * 365.25 * 86400
+#: Longest text a header field may carry where a 255-character column stores it.
+MAX_TEXT = 255
+
+_COUNTS = ("attempt", CONSUMED, THROTTLED, WRITE_FAILURES)
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _count_ok(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= MAX_COUNT
+
+
+def _unstorable(value: Any, path: str, found: list[str], depth: int = 0) -> None:
+    """Collect NUL characters and non-finite numbers, which no database column can hold."""
+    if depth > 20:
+        found.append(f"{path}: nested too deeply")
+    elif isinstance(value, str):
+        if "\x00" in value:
+            found.append(f"{path}: contains a NUL character")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            found.append(f"{path}: {value!r} is not a finite number")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _unstorable(key, f"{path} key", found, depth + 1)
+            _unstorable(item, f"{path}.{key}", found, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _unstorable(item, f"{path}[{index}]", found, depth + 1)
+
+
+def problems(guard: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a guard header the worker received (empty when nothing is).
+
+    Every value the worker reads is checked against what the guard itself writes and what the
+    dead-letter row can store, so a forged or corrupt header is refused with a reason instead
+    of breaking (or looping in) the failure pipeline.
+    """
+    found: list[str] = []
+    _unstorable(dict(guard), HEADER, found)
+    for name in _COUNTS:
+        if name in guard and not _count_ok(guard[name]):
+            found.append(f"{HEADER}.{name}: {guard[name]!r} is not a count in 0..{MAX_COUNT}")
+    first = guard.get("first_enqueued_at")
+    if first is not None and not (_finite(first) and 0 <= first <= MAX_TIMESTAMP):
+        found.append(f"{HEADER}.first_enqueued_at: {first!r} is not a Unix time")
+    delay = guard.get("delay")
+    if delay is not None and not (_finite(delay) and delay >= 0):
+        found.append(f"{HEADER}.delay: {delay!r} is not a delay in seconds")
+    if "history" in guard and not isinstance(guard["history"], list):
+        found.append(f"{HEADER}.history: not a list")
+    for name in ("tenant", "priority"):
+        value = guard.get(name)
+        if value is not None and not (isinstance(value, str) and len(value) <= MAX_TEXT):
+            found.append(f"{HEADER}.{name}: not a string of at most {MAX_TEXT} characters")
+    replay_of = guard.get("replay_of")
+    if replay_of is not None and not (
+        not isinstance(replay_of, bool) and isinstance(replay_of, int) and 1 <= replay_of < 2**63
+    ):
+        found.append(f"{HEADER}.replay_of: {replay_of!r} is not a dead-letter id")
+    entry = guard.get("idempotency")
+    if entry is not None:
+        found.extend(_identity_problems(entry))
+    return found
+
+
+def _identity_problems(entry: Any) -> list[str]:
+    where = f"{HEADER}.idempotency"
+    if not isinstance(entry, Mapping):
+        return [f"{where}: not a mapping"]
+    found = []
+    key = entry.get("key")
+    if not (isinstance(key, str) and 0 < len(key) <= MAX_KEY):
+        found.append(f"{where}.key: not a string of 1..{MAX_KEY} characters")
+    fingerprint = entry.get("fingerprint", "")
+    if not (isinstance(fingerprint, str) and len(fingerprint) <= 64):
+        found.append(f"{where}.fingerprint: not a string of at most 64 characters")
+    window = entry.get("window")
+    if window is not None and not (_finite(window) and 0 < window <= MAX_WINDOW):
+        found.append(f"{where}.window: {window!r} is not a window of 0..{MAX_WINDOW:g} seconds")
+    if entry.get("on_conflict", "raise") not in ("raise", "ignore"):
+        found.append(f"{where}.on_conflict: not 'raise' or 'ignore'")
+    return found

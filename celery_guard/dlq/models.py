@@ -16,6 +16,8 @@ class Reason(models.TextChoices):
     TIMEOUT = "timeout", "hard time limit"
     REJECTED = "rejected", "rejected by the task"
     FAILED = "failed", "unguarded task failed"
+    INVALID_HEADER = "invalid_header", "invalid guard header"
+    REPUBLISH_FAILED = "republish_failed", "retry could not be published"
 
 
 class Status(models.TextChoices):

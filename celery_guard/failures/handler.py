@@ -9,31 +9,48 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import traceback as tb_module
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
+from django.db import connections
 from django.utils.module_loading import import_string
 
 from celery_guard.conf import guard_settings
-from celery_guard.core import headers, pipeline
+from celery_guard.core import headers, options, pipeline
 from celery_guard.dlq import records
 from celery_guard.dlq.models import Reason
-from celery_guard.exceptions import HardTimeLimitError, PoisonMessageError
+from celery_guard.exceptions import (
+    HardTimeLimitError,
+    InvalidHeaderError,
+    PoisonMessageError,
+    RepublishError,
+)
 from celery_guard.failures import deliveries, retry
+from celery_guard.idempotency import dedup
 
 logger = logging.getLogger(__name__)
 
 #: Entries of the attempt history kept in the header (the oldest are dropped).
 MAX_HISTORY = 25
+#: Deliveries whose dead letter could not be written at all before the guard gives up on it.
+MAX_WRITE_FAILURES = 8
+#: Longest pause (seconds) before a message is requeued during an outage.
+MAX_OUTAGE_PAUSE = 10.0
+#: Longest task id a dead letter (and a delivery marker) stores.
+MAX_TASK_ID = 255
+
+#: Consecutive requeues of this worker process during an outage (for the backoff).
+_outages = 0
 
 
 def _number(guard: Mapping[str, Any], key: str, default: Any = 0) -> Any:
     # The header comes from the broker: a value of the wrong type must not break the pipeline.
     value = guard.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return default
     return int(value) if isinstance(default, int) else float(value)
 
@@ -100,9 +117,13 @@ def dead_letter(
 ) -> None:
     """Record the running request of ``task`` as a dead letter.
 
+    When not even a minimal row can be written (the database is down), the message is kept:
+    republished with a growing countdown, up to ``MAX_WRITE_FAILURES`` times; then the guard
+    gives up on the record, logs the whole message at CRITICAL and returns.
+
     Raises:
-        celery.exceptions.Reject: With ``requeue=True`` when the row cannot be written, so the
-            broker keeps the message instead of it being acknowledged and lost.
+        celery.exceptions.Retry: The message was republished to write the record later.
+        celery.exceptions.Reject: With ``requeue=True`` when it could not even be republished.
     """
     request = task.request
     name, message, text = _error_text(exc)
@@ -122,11 +143,93 @@ def dead_letter(
         history=history,
         hostname=request.hostname or "",
         guarded=guarded,
+        idempotency_key=dedup.context(request).key,
     )
     try:
         records.write(failure)
     except Exception as write_exc:
-        raise Reject(write_exc, requeue=True) from write_exc
+        _keep_unrecorded(task, failure, write_exc)
+
+
+def replace_broken_connections() -> None:
+    """Close the database connections an error left unusable, so the next query reconnects.
+
+    Django marks a connection after a database error; a dead one (a server restart) would
+    fail every later query of this process until Celery recycles it.
+    """
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is None or not connection.errors_occurred:
+            continue
+        if connection.in_atomic_block:
+            continue  # the block's owner handles it; closing would break its transaction
+        try:
+            if connection.is_usable():
+                connection.errors_occurred = False
+            else:
+                connection.close()
+        except Exception:
+            logger.debug("celery_guard: closing a broken connection failed", exc_info=True)
+
+
+def requeue_after_outage(task: Any, error: BaseException) -> NoReturn:
+    """Requeue the running message during an outage, after a pause that grows while it lasts.
+
+    Raises:
+        celery.exceptions.Reject: Always, with ``requeue=True``.
+    """
+    global _outages
+    replace_broken_connections()
+    _outages += 1
+    pause = min(0.25 * 2 ** min(_outages, 10), MAX_OUTAGE_PAUSE)
+    logger.warning(
+        "celery_guard: %s[%s]: %s: %s; requeueing it in %.2fs (outage %s of this process)",
+        task.name,
+        task.request.id,
+        retry.qualified_name(type(error)),
+        records.truncate(str(error), 200),
+        pause,
+        _outages,
+    )
+    time.sleep(pause)
+    raise Reject(error, requeue=True) from error
+
+
+def _keep_unrecorded(task: Any, failure: records.Failure, error: BaseException) -> None:
+    request = task.request
+    replace_broken_connections()
+    guard = headers.read(request.headers)
+    count = _number(guard, headers.WRITE_FAILURES) + 1
+    if count > MAX_WRITE_FAILURES:
+        records.give_up(failure, error, count - 1)
+        return
+    delay = min(2.0 ** (count - 1), 60.0)  # 1, 2, 4... 60 s: about 3 min in all
+    new_guard = {**guard, headers.WRITE_FAILURES: count}
+    try:
+        again = task.signature_from_request(
+            request,
+            countdown=delay,
+            retries=request.retries,
+            headers={**(request.headers or {}), headers.HEADER: new_guard},
+        )
+        again.apply_async()
+    except Exception as publish_exc:
+        logger.error(
+            "celery_guard: could not republish %s[%s] to write its dead letter later",
+            task.name,
+            request.id,
+            exc_info=True,
+        )
+        requeue_after_outage(task, publish_exc)
+    logger.error(
+        "celery_guard: %s[%s]: dead letter not written (%s of %s); republished to try again "
+        "in %.0fs",
+        task.name,
+        request.id,
+        count,
+        MAX_WRITE_FAILURES,
+        delay,
+    )
+    raise Retry(f"dead letter not written: {error}", when=delay, sig=again)
 
 
 def _entry(
@@ -152,6 +255,8 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
         BaseException: ``exc`` itself once it has been dead-lettered.
     """
     request = task.request
+    if retry.is_outage(exc):
+        replace_broken_connections()
     guard = headers.read(request.headers)
     now = time.time()
     policy = policy_for(task)
@@ -202,15 +307,30 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
         except Retry:
             raise
         except Reject as rejected:
-            # Celery drops the message when publishing a retry fails; keep it instead.
+            # Celery drops the message when publishing a retry fails (Reject, requeue=False).
+            cause = rejected.reason if isinstance(rejected.reason, BaseException) else rejected
             logger.error(
-                "celery_guard: could not publish the retry of %s[%s]; leaving the message "
-                "for redelivery",
+                "celery_guard: could not publish the retry of %s[%s]",
                 task.name,
                 request.id,
                 exc_info=True,
             )
-            raise Reject(rejected.reason, requeue=True) from exc
+            if retry.is_outage(cause):
+                requeue_after_outage(task, cause)  # the broker (or ledger) comes back
+            # A publish refused by the guard's own checks fails the same way every time.
+            error = RepublishError(
+                f"the retry after {retry.qualified_name(type(exc))} ({exc}) could not be "
+                f"published: {retry.qualified_name(type(cause))}: {cause}"
+            )
+            error.__cause__ = cause
+            dead_letter(
+                task,
+                error,
+                Reason.REPUBLISH_FAILED,
+                attempts=decision.consumed,
+                history=history,
+            )
+            raise error from cause
         raise AssertionError("Task.retry returned")  # pragma: no cover
     reason = decision.reason or Reason.EXHAUSTED
     if reason == Reason.EXHAUSTED and isinstance(exc, TimeLimitExceeded):
@@ -223,18 +343,27 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
 
 def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
     """Run one delivery of a guarded task through the failure pipeline."""
+    global _outages
     request = task.request
+    guard = headers.read(request.headers)
+    found = _request_problems(request, guard)
+    if found:
+        _refuse(task, found)
+    if _past_deadline(task, guard):
+        _expire(task, guard)
     try:
         started: deliveries.Started | None = deliveries.begin(
             request.id, task.name, request.retries or 0, request.hostname or ""
         )
-    except Exception:
+    except Exception as exc:
         logger.exception(
             "celery_guard: could not write the delivery marker of %s[%s]; running it without "
             "the poison-message cap",
             task.name,
             request.id,
         )
+        if retry.is_outage(exc):
+            replace_broken_connections()
         started = None
     if started is not None and started.lost:
         logger.warning(
@@ -254,6 +383,7 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
             handle(task, TimeLimitExceeded((request.timelimit or (None, None))[0]))
         result = _call(task, body, args, kwargs)
         ended = True
+        _outages = 0
         return result
     except Exception:
         ended = True
@@ -294,6 +424,56 @@ def _call(
         raise
     except Exception as exc:
         handle(task, exc)
+
+
+def _request_problems(request: Any, guard: Mapping[str, Any]) -> list[str]:
+    found = headers.problems(guard)
+    task_id = request.id
+    if not isinstance(task_id, str) or len(task_id) > MAX_TASK_ID or "\x00" in task_id:
+        found.append(f"task id: not a string of at most {MAX_TASK_ID} characters without NUL")
+    return found
+
+
+def _refuse(task: Any, found: Sequence[str]) -> NoReturn:
+    """Dead-letter a message whose header the guard cannot trust, without running it."""
+    exc = InvalidHeaderError(
+        "the message carries values the guard never writes (forged or corrupt): "
+        + "; ".join(records.truncate(problem, 200) for problem in found[:10])
+    )
+    logger.error("celery_guard: %s[%s] refused: %s", task.name, task.request.id, exc)
+    dead_letter(task, exc, Reason.INVALID_HEADER, attempts=0, history=[])
+    raise exc
+
+
+def _past_deadline(task: Any, guard: Mapping[str, Any]) -> bool:
+    first = _number(guard, "first_enqueued_at", None)
+    if first is None:
+        return False
+    value = retry.DEADLINE.resolve({}, task.guard_options)
+    deadline = options.validate_value(retry.DEADLINE, value, where="settings")
+    return deadline is not None and time.time() > first + deadline
+
+
+def _expire(task: Any, guard: Mapping[str, Any]) -> NoReturn:
+    """Dead-letter a delivery that starts after its deadline, without running it."""
+    first = _number(guard, "first_enqueued_at", 0.0)
+    late = time.time() - first
+    exc = TimeoutError(f"started {late:.1f}s after its first enqueue, past its deadline")
+    history = [
+        *_history(guard),
+        {
+            "at": time.time(),
+            "attempt": _number(guard, headers.CONSUMED) + 1,
+            "error": retry.qualified_name(TimeoutError),
+            "message": str(exc),
+            "kind": "deadline",
+            "delay": None,
+        },
+    ][-MAX_HISTORY:]
+    dead_letter(
+        task, exc, Reason.DEADLINE, attempts=_number(guard, headers.CONSUMED), history=history
+    )
+    raise exc
 
 
 def _poison(task: Any, started: deliveries.Started) -> NoReturn:

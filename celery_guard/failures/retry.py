@@ -32,7 +32,8 @@ PERMANENT = "permanent"
 THROTTLED = "throttled"
 KINDS = (TRANSIENT, PERMANENT, THROTTLED)
 
-_BUILTIN_TRANSIENT: tuple[type[BaseException], ...] = (
+#: Errors of an unreachable broker or database: waiting fixes them, a dead letter does not.
+_OUTAGES: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
     socket.gaierror,
@@ -40,9 +41,8 @@ _BUILTIN_TRANSIENT: tuple[type[BaseException], ...] = (
     KombuOperationalError,
     DbOperationalError,
     DbInterfaceError,
-    SoftTimeLimitExceeded,
-    TimeLimitExceeded,
 )
+_BUILTIN_TRANSIENT = (*_OUTAGES, SoftTimeLimitExceeded, TimeLimitExceeded)
 
 # Optional libraries are recognised by (top-level package, class name) anywhere in the
 # exception's MRO, so classification works without importing them.
@@ -210,6 +210,11 @@ def retry_after_of(exc: BaseException, now: float) -> float | None:
     except Exception:
         return None
     return parse_retry_after(header, now)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says a broker, a database or a network is unreachable."""
+    return isinstance(exc, _OUTAGES) or _duck_match(exc)
 
 
 def _duck_match(exc: BaseException) -> bool:

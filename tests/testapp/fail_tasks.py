@@ -90,3 +90,15 @@ def fail_until_fixed(self, label: str, count: int = 1) -> None:
 @shared_task(bind=True)
 def fail_unguarded(self, label: str) -> None:
     raise RuntimeError(f"unguarded {label}")
+
+
+@guarded_task(bind=True)
+def fail_nul(self, label: str, text: str) -> None:
+    record(self, label)
+    raise ValueError(f"bad input {text}")
+
+
+@guarded_task(bind=True, max_attempts=3, backoff=0.1)
+def fail_down(self, label: str) -> None:
+    record(self, label)
+    raise ConnectionError("upstream down")

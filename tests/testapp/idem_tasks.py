@@ -83,3 +83,9 @@ def idem_crash(self, label: str, marker: str, when: str) -> None:
         _record(self, f"{label}:{self.guard.fencing_token}")
     if when in ("atomic", "before_completion"):
         _kill_own_worker(marker)
+
+
+@guarded_task(priority="high", bind=True, idempotency_key="give_up:{label}")
+def idem_give_up(self, label: str) -> None:
+    _record(self, label)
+    raise ValueError("fails for good")
