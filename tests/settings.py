@@ -47,6 +47,8 @@ if os.environ.get("CG_VISIBILITY_TIMEOUT"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": float(os.environ["CG_VISIBILITY_TIMEOUT"])
     }
+if os.environ.get("CG_MAX_WORKER_LOST"):
+    CELERY_GUARD_MAX_WORKER_LOST = int(os.environ["CG_MAX_WORKER_LOST"])
 if os.environ.get("CG_IDEMPOTENCY_LEASE"):
     CELERY_GUARD_IDEMPOTENCY_LEASE = float(os.environ["CG_IDEMPOTENCY_LEASE"])
 if os.environ.get("CG_IDEMPOTENCY_PUBLISH_GRACE"):

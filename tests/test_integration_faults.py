@@ -240,3 +240,40 @@ def test_a_key_failed_by_a_message_without_the_guard_header_is_released(start_wo
     # The fixed resubmission is published, not answered with the dead task's id.
     again = idem_give_up.delay("k9")
     assert again.id != first.id
+
+
+def test_a_keyed_poison_message_takes_its_key_over_and_is_capped(start_worker, broker, queues):
+    from tests.testapp.idem_tasks import idem_kill_self
+
+    # The default 600 s lease: a redelivery that waited it out would never reach the cap.
+    worker = start_worker(["high"], broker_url=broker)
+    result = send(broker, idem_kill_self, ("p5",))
+    row = dead_letter_of(result.id, timeout=60)
+    time.sleep(1)
+    # CELERY_GUARD_MAX_WORKER_LOST = 3: each redelivery took its own key over at once.
+    labels = sorted(Execution.objects.values_list("label", flat=True))
+    assert labels == ["p5:1", "p5:2", "p5:3"]
+    assert row.reason == DeadLetter.Reason.WORKER_LOST
+    assert queue_length(broker, queues["high"]) == 0
+    assert worker.process.poll() is None
+
+
+def test_a_key_that_succeeded_is_never_dead_lettered(start_worker, queues):
+    from celery_guard.models import IdempotencyRecord
+    from tests.testapp.idem_tasks import idem_commit_then_die
+
+    # One lost delivery is the cap: the redelivery would be a poison message.
+    worker = start_worker(["high"], extra_env={"CG_MAX_WORKER_LOST": "1"})
+    idem_commit_then_die.delay("p7")
+    key = f"{idem_commit_then_die.name}:done:p7"
+    wait_until(lambda: "skipped: its key already succeeded" in worker.log_path.read_text(), 60)
+    settled(settings.CELERY_BROKER_URL, queues["high"], "p7:1", 1)
+    assert not DeadLetter.objects.exists()
+    assert IdempotencyRecord.objects.get(key=key).state == "succeeded"
+    # A duplicate publish of the key is a skip too: the body never runs again.
+    from celery import current_app
+
+    current_app.send_task(idem_commit_then_die.name, ("p7",), queue=queues["high"])
+    wait_until(lambda: worker.log_path.read_text().count("skipped: key") >= 1, 30)
+    settled(settings.CELERY_BROKER_URL, queues["high"], "p7:1", 1)
+    assert not DeadLetter.objects.exists()

@@ -126,6 +126,15 @@ def dead_letter(
         celery.exceptions.Reject: With ``requeue=True`` when it could not even be republished.
     """
     request = task.request
+    if _committed(task):
+        logger.warning(
+            "celery_guard: %s[%s] not dead-lettered (%s): its idempotency key already "
+            "succeeded, so its effect committed",
+            task.name,
+            request.id,
+            reason,
+        )
+        return
     name, message, text = _error_text(exc)
     failure = records.Failure(
         task_name=task.name,
@@ -149,6 +158,20 @@ def dead_letter(
         records.write(failure)
     except Exception as write_exc:
         _keep_unrecorded(task, failure, write_exc)
+
+
+def _committed(task: Any) -> bool:
+    """Whether the running request's key already succeeded (False when it cannot be told)."""
+    try:
+        return dedup.succeeded(task)
+    except Exception:
+        logger.warning(
+            "celery_guard: could not ask the ledger whether %s[%s] already succeeded",
+            task.name,
+            task.request.id,
+            exc_info=True,
+        )
+        return False
 
 
 def replace_broken_connections() -> None:
@@ -374,7 +397,18 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
             started.lost,
             guard_settings.max_worker_lost,
         )
+    if started is not None and started.lost:
+        setattr(request, dedup.LOST_ATTR, started.lost)
     if started is not None and started.lost >= guard_settings.max_worker_lost:
+        if _committed(task):
+            # Its effect committed (the worker died after it): a skip, never a dead letter.
+            logger.info(
+                "celery_guard: %s[%s] skipped: its key already succeeded",
+                task.name,
+                request.id,
+            )
+            deliveries.end(request.id, started.token)
+            return None
         _poison(task, started)
     ended = False
     try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from celery.exceptions import Retry
 from django.db import transaction
+from django.utils import timezone
 
 from celery_guard.conf import guard_settings
 from celery_guard.core import headers
@@ -118,6 +119,8 @@ class RunContext:
 
 
 _CONTEXT_ATTR = "celery_guard_run"
+#: Request attribute the failure pipeline sets on a redelivery after a lost worker.
+LOST_ATTR = "celery_guard_lost"
 
 
 def context(request: Any) -> RunContext:
@@ -273,6 +276,8 @@ def run_guarded(
         window=identity.window,
         owner=owner,
         lease=lease,
+        # Its own previous delivery died holding the key: waiting out that lease is useless.
+        reclaim=bool(getattr(request, LOST_ATTR, 0)),
     )
     ctx = RunContext(key=identity.key, task_id=request.id, store=store)
     setattr(request, _CONTEXT_ATTR, ctx)
@@ -339,6 +344,28 @@ def run_guarded(
                 start.fencing_token,
             )
     return result
+
+
+def succeeded(task: Any) -> bool:
+    """Whether the key of ``task``'s running request already succeeded, inside its window.
+
+    Asked before the guard would dead-letter a delivery: a job whose effect committed is
+    never turned into a dead letter, whatever happened to its message since.
+    """
+    request = task.request
+    ctx = context(request)
+    if ctx.completed:
+        return True
+    identity = Identity.from_header(headers.read(getattr(request, "headers", None)))
+    if identity is None:
+        identity = identify(task, request.args, request.kwargs, {})
+    if identity is None:
+        return False
+    record = ledger.get_ledger().get(identity.key)
+    if record is None or record["state"] != KeyState.SUCCEEDED:
+        return False
+    expires = record.get("expires_at")
+    return expires is None or expires > timezone.now()
 
 
 def release(key: str, task_id: str | None = None) -> bool:

@@ -89,3 +89,18 @@ def idem_crash(self, label: str, marker: str, when: str) -> None:
 def idem_give_up(self, label: str) -> None:
     _record(self, label)
     raise ValueError("fails for good")
+
+
+@guarded_task(priority="high", bind=True, idempotency_key="poison:{label}")
+def idem_kill_self(self, label: str) -> None:
+    """Kills its own pool process on every run, holding its key's lease."""
+    _record(self, f"{label}:{self.guard.fencing_token}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@guarded_task(priority="high", bind=True, idempotency_key="done:{label}")
+def idem_commit_then_die(self, label: str) -> None:
+    """Commits its effect with the key, then its pool process dies before the ack."""
+    with self.guard.atomic():
+        _record(self, f"{label}:{self.guard.fencing_token}")
+    os.kill(os.getpid(), signal.SIGKILL)

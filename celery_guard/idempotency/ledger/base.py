@@ -108,11 +108,14 @@ class Ledger(abc.ABC):
         window: float,
         owner: str,
         lease: float,
+        reclaim: bool = False,
     ) -> Start:
         """Take the lease of ``key`` for a run, incrementing its fencing token.
 
         Taken when the key is absent, pending, failed, released, running under an expired
-        lease (a takeover), or succeeded but past its window.
+        lease (a takeover), or succeeded but past its window. With ``reclaim`` (a redelivery
+        after its own worker was lost) also when ``task_id`` itself holds it running, whatever
+        its lease.
         """
 
     @abc.abstractmethod

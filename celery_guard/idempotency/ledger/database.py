@@ -123,6 +123,7 @@ class DatabaseLedger(Ledger):
         window: float,
         owner: str,
         lease: float,
+        reclaim: bool = False,
     ) -> Start:
         """See :meth:`Ledger.start`."""
         # The conditional UPDATE comes first: a keyed task was usually claimed at enqueue,
@@ -136,6 +137,8 @@ class DatabaseLedger(Ledger):
                 | Q(state=KeyState.RUNNING, lease_expires_at__lte=now)
                 | Q(state=KeyState.SUCCEEDED, expires_at__lte=now)
             )
+            if reclaim:
+                takeable |= Q(state=KeyState.RUNNING, task_id=task_id)
             taken = (
                 self._rows()
                 .filter(takeable, key=key)

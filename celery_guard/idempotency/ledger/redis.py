@@ -73,6 +73,7 @@ local state = h[1]
 local takeable = (not state) or state == 'pending' or state == 'failed'
   or state == 'released' or (state == 'running' and tonumber(h[4]) <= now)
   or (state == 'succeeded' and tonumber(h[3]) <= now)
+  or (ARGV[8] == '1' and state == 'running' and h[2] == task_id)
 if takeable then
   local expires = now + window
   if state and tonumber(h[3]) > now then expires = tonumber(h[3]) end
@@ -191,9 +192,11 @@ class RedisLedger(Ledger):
         window: float,
         owner: str,
         lease: float,
+        reclaim: bool = False,
     ) -> Start:
         """See :meth:`Ledger.start`."""
         args = [task_name, task_id, fingerprint, window, self._retention(), owner, lease]
+        args.append("1" if reclaim else "0")
         outcome, token, wait, holder = self._start(keys=[self._key(key)], args=args)
         return Start(outcome.decode(), int(token), float(wait), holder.decode())
 
