@@ -503,6 +503,8 @@ def test_the_replay_record_follows_its_run():
     assert receivers.replay_outcome(states.REJECTED, Reject("x", requeue=True)) == "retrying"
     assert receivers.replay_outcome(states.REJECTED, Reject("x", requeue=False)) == "failed"
     assert receivers.replay_outcome(None) is None
+    # The worker skipped it: its key had already succeeded.
+    assert receivers.replay_outcome(states.SUCCESS, skipped=True) == "skipped"
 
 
 @pytest.mark.django_db

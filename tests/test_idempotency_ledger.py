@@ -54,6 +54,16 @@ def test_window_expiry_release_and_unclaim_free_the_key(idem_store):
     assert claim(idem_store, task_id="t4").outcome == "claimed"
 
 
+def test_a_release_that_keeps_succeeded_keys_leaves_a_success_alone(idem_store):
+    claim(idem_store)
+    run = start(idem_store, "w")
+    assert idem_store.finish("t:k", owner="w", token=run.fencing_token, state="succeeded")
+    assert idem_store.release("t:k", task_id="t1", keep_succeeded=True) is False
+    assert idem_store.get("t:k")["state"] == "succeeded"
+    assert start(idem_store, "w2", task_id="t2").outcome == "skip"
+    assert idem_store.release("t:k", task_id="t1") is True  # an operator's release still frees it
+
+
 def test_start_runs_once_then_skips(idem_store):
     claim(idem_store)
     first = start(idem_store, "w1")

@@ -277,3 +277,51 @@ def test_a_key_that_succeeded_is_never_dead_lettered(start_worker, queues):
     wait_until(lambda: worker.log_path.read_text().count("skipped: key") >= 1, 30)
     settled(settings.CELERY_BROKER_URL, queues["high"], "p7:1", 1)
     assert not DeadLetter.objects.exists()
+
+
+def test_a_dead_letter_never_releases_a_key_that_succeeded_and_its_replay_is_skipped(
+    start_worker, queues
+):
+    from celery import current_app
+
+    from celery_guard import signals
+    from celery_guard.dlq import replay
+    from celery_guard.dlq.models import DeadLetterReplay, ReplayOutcome
+    from celery_guard.models import IdempotencyRecord
+    from tests.testapp.idem_tasks import idem_atomic
+
+    start_worker(["high"])
+    result = idem_atomic.delay("r7")
+    key = f"{idem_atomic.name}:atomic:r7"
+    wait_until(lambda: IdempotencyRecord.objects.filter(key=key, state="succeeded").exists(), 30)
+    [run] = Execution.objects.filter(label="r7")
+    # A dead letter of that same task id (a copy Redis restored past the visibility timeout
+    # and counted as a lost worker, by a version without the ledger check): its signal must
+    # not free the key, and its replay must not run the committed effect again.
+    signals.dead_lettered.send(
+        sender=None,
+        task_name=idem_atomic.name,
+        task_id=result.id,
+        idempotency_key=key,
+        reason=Reason.WORKER_LOST,
+    )
+    assert IdempotencyRecord.objects.get(key=key).state == "succeeded"
+    row = DeadLetter.objects.create(
+        task_name=idem_atomic.name,
+        task_id=result.id,
+        queue=queues["high"],
+        args=["r7"],
+        headers={"celery_guard": run.guard_header},
+        idempotency_key=key,
+        reason=Reason.WORKER_LOST,
+    )
+    assert replay.replay_one(row, app=current_app) == replay.REPLAYED
+    record = wait_until(
+        lambda: DeadLetterReplay.objects.filter(
+            dead_letter=row, outcome=ReplayOutcome.SKIPPED
+        ).first(),
+        30,
+    )
+    assert record.get_outcome_display() == "skipped (already succeeded)"
+    settled(settings.CELERY_BROKER_URL, queues["high"], "r7", 1)
+    assert IdempotencyRecord.objects.get(key=key).state == "succeeded"

@@ -41,10 +41,12 @@ class ReplayOutcome(models.TextChoices):
     RETRYING = "retrying", "retrying"
     SUCCEEDED = "succeeded", "succeeded"
     FAILED = "failed", "failed"
+    #: The replay's idempotency key had already succeeded: the body did not run again.
+    SKIPPED = "skipped", "skipped (already succeeded)"
 
 
 #: Outcomes that a later delivery of the same replay does not turn back into a running one.
-FINAL_OUTCOMES = (ReplayOutcome.SUCCEEDED, ReplayOutcome.FAILED)
+FINAL_OUTCOMES = (ReplayOutcome.SUCCEEDED, ReplayOutcome.FAILED, ReplayOutcome.SKIPPED)
 
 
 class DeadLetterQuerySet(models.QuerySet["DeadLetter"]):

@@ -12,6 +12,7 @@ from django.utils import timezone
 from celery_guard.core import headers
 from celery_guard.dlq import records
 from celery_guard.dlq.models import FINAL_OUTCOMES, DeadLetter, DeadLetterReplay, ReplayOutcome
+from celery_guard.idempotency import dedup
 
 logger = logging.getLogger("celery_guard.receivers")
 
@@ -29,14 +30,15 @@ def _replay_of(task: Any) -> int | None:
     return records.replay_of(headers.read(_request_headers(task)))
 
 
-def replay_outcome(state: str | None, retval: Any = None) -> str | None:
+def replay_outcome(state: str | None, retval: Any = None, *, skipped: bool = False) -> str | None:
     """The replay outcome that a task's end state means, or None when it means none.
 
     ``IGNORED`` (the task asked for no state, e.g. ``Task.replace``) and ``None`` (the process
-    is stopping mid-run; the redelivery reports) leave the outcome as it was.
+    is stopping mid-run; the redelivery reports) leave the outcome as it was. A success that
+    was a skip of a key that already succeeded (``skipped``) is ``skipped``.
     """
     if state == states.SUCCESS:
-        return ReplayOutcome.SUCCEEDED
+        return ReplayOutcome.SKIPPED if skipped else ReplayOutcome.SUCCEEDED
     if state == states.RETRY:
         return ReplayOutcome.RETRYING
     if state == states.REJECTED:
@@ -113,7 +115,8 @@ def replay_run_finished(
     replay_of = _replay_of(task)
     if replay_of is None or not task_id:
         return
-    outcome = replay_outcome(state, retval)
+    skipped = dedup.context(getattr(task, "request", None)).skipped
+    outcome = replay_outcome(state, retval, skipped=skipped)
     if outcome is None:
         return
     try:

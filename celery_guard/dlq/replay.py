@@ -127,14 +127,18 @@ def rearm_idempotency(rows: Sequence[DeadLetter]) -> int:
     Released only while the dead letter's own task id holds its key (a run that died with
     its lease, or ``CELERY_GUARD_RELEASE_ON_DEAD_LETTER = False``). A key that a newer task
     has taken since stays taken: if that task succeeded, the replay is skipped by the worker
-    as a duplicate of work that already ran. A key in state ``failed`` or ``released`` needs
-    no release: the replay takes it.
+    as a duplicate of work that already ran. A key that succeeded stays succeeded, also when
+    the dead letter's own task id holds it (a success dead-lettered by an older version, or
+    with the release off): its effect committed, and the worker skips the replay. A key in
+    state ``failed`` or ``released`` needs no release: the replay takes it.
 
     Called inside the claim transaction: with the database ledger the release commits with
     the claim, and a worker that receives the replay first waits for it on the ledger row.
     """
     return sum(
-        dedup.release(row.idempotency_key, row.task_id) for row in rows if row.idempotency_key
+        dedup.release(row.idempotency_key, row.task_id, keep_succeeded=True)
+        for row in rows
+        if row.idempotency_key
     )
 
 

@@ -407,6 +407,7 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
                 task.name,
                 request.id,
             )
+            dedup.mark_skipped(request)
             deliveries.end(request.id, started.token)
             return None
         _poison(task, started)

@@ -46,6 +46,8 @@ class RunContext:
     task_id: str | None = None
     store: ledger.Ledger | None = field(default=None, repr=False)
     completed: bool = False
+    #: The key had already succeeded: this delivery did not run the body.
+    skipped: bool = False
 
     def renew(self, lease: float | None = None) -> None:
         """Extend this run's lease, for a body that may outlive it (call it periodically).
@@ -127,6 +129,15 @@ def context(request: Any) -> RunContext:
     """Return the run context of a task request (an empty one outside a guarded run)."""
     ctx = getattr(request, _CONTEXT_ATTR, None)
     return ctx if isinstance(ctx, RunContext) else RunContext()
+
+
+def mark_skipped(request: Any) -> None:
+    """Record on ``request`` that it ended as a skip of a key that already succeeded."""
+    ctx = getattr(request, _CONTEXT_ATTR, None)
+    if not isinstance(ctx, RunContext):
+        ctx = RunContext(task_id=getattr(request, "id", None))
+        setattr(request, _CONTEXT_ATTR, ctx)
+    ctx.skipped = True
 
 
 def publish_once(
@@ -282,6 +293,7 @@ def run_guarded(
     ctx = RunContext(key=identity.key, task_id=request.id, store=store)
     setattr(request, _CONTEXT_ATTR, ctx)
     if start.outcome == "skip":
+        ctx.skipped = True
         logger.info(
             "celery_guard: %s[%s] skipped: key %r already succeeded (task %s)",
             task.name,
@@ -368,9 +380,13 @@ def succeeded(task: Any) -> bool:
     return expires is None or expires > timezone.now()
 
 
-def release(key: str, task_id: str | None = None) -> bool:
-    """Free ``key`` so a new call can run (only while ``task_id`` holds it, when given)."""
-    released = ledger.get_ledger().release(key, task_id)
+def release(key: str, task_id: str | None = None, *, keep_succeeded: bool = False) -> bool:
+    """Free ``key`` so a new call can run (only while ``task_id`` holds it, when given).
+
+    With ``keep_succeeded`` a key that succeeded is kept: its effect committed, and a
+    resubmission or replay of it must stay a skip.
+    """
+    released = ledger.get_ledger().release(key, task_id, keep_succeeded=keep_succeeded)
     logger.info("celery_guard: key %r %s", key, "released" if released else "not held")
     return released
 

@@ -22,7 +22,8 @@ def release_dead_lettered_key(
 ) -> None:
     """Release the key of a dead-lettered run, so a corrected resubmission or replay can run.
 
-    Only while that run still holds the key; off with
+    Only while that run still holds the key, and never a key that succeeded (its effect
+    committed: a replay of it must stay a skip); off with
     ``CELERY_GUARD_RELEASE_ON_DEAD_LETTER = False``.
     """
     if not idempotency_key:
@@ -38,7 +39,7 @@ def release_dead_lettered_key(
         )
         return
     logger.info("celery_guard: %s[%s] dead-lettered (%s)", task_name, task_id, reason)
-    dedup.release(idempotency_key, task_id)
+    dedup.release(idempotency_key, task_id, keep_succeeded=True)
 
 
 def connect() -> None:

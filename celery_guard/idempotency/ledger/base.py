@@ -135,8 +135,13 @@ class Ledger(abc.ABC):
         """Extend a running ``owner``'s lease to ``lease`` seconds from now."""
 
     @abc.abstractmethod
-    def release(self, key: str, task_id: str | None = None) -> bool:
-        """Free ``key`` (only while ``task_id`` holds it, when given)."""
+    def release(
+        self, key: str, task_id: str | None = None, *, keep_succeeded: bool = False
+    ) -> bool:
+        """Free ``key`` (only while ``task_id`` holds it, when given).
+
+        With ``keep_succeeded`` a key that succeeded stays as it is: its effect committed.
+        """
 
     @abc.abstractmethod
     def get(self, key: str) -> dict[str, Any] | None:

@@ -228,9 +228,13 @@ class DatabaseLedger(Ledger):
         until = now + dt.timedelta(seconds=lease)
         return bool(rows.update(lease_expires_at=until, updated_at=now))
 
-    def release(self, key: str, task_id: str | None = None) -> bool:
+    def release(
+        self, key: str, task_id: str | None = None, *, keep_succeeded: bool = False
+    ) -> bool:
         """See :meth:`Ledger.release`."""
         rows = self._rows().filter(key=key).exclude(state=KeyState.RELEASED)
+        if keep_succeeded:
+            rows = rows.exclude(state=KeyState.SUCCEEDED)
         if task_id is not None:
             rows = rows.filter(task_id=task_id)
         return bool(rows.update(state=KeyState.RELEASED, updated_at=timezone.now()))

@@ -120,6 +120,7 @@ local h = redis.call('HMGET', KEYS[1], 'state', 'task_id')
 if not h[1] or h[1] == 'released' then return 0 end
 if ARGV[1] ~= '' and h[2] ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' and h[1] ~= ARGV[2] then return 0 end
+if ARGV[3] == '1' and h[1] == 'succeeded' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'released', 'updated_at', now)
 return 1
 """
@@ -180,7 +181,7 @@ class RedisLedger(Ledger):
 
     def unclaim(self, key: str, task_id: str) -> bool:
         """See :meth:`Ledger.unclaim`."""
-        return bool(self._release(keys=[self._key(key)], args=[task_id, KeyState.PENDING]))
+        return bool(self._release(keys=[self._key(key)], args=[task_id, KeyState.PENDING, "0"]))
 
     def start(
         self,
@@ -215,9 +216,12 @@ class RedisLedger(Ledger):
         args = [owner, token, lease, self._retention()]
         return bool(self._renew(keys=[self._key(key)], args=args))
 
-    def release(self, key: str, task_id: str | None = None) -> bool:
+    def release(
+        self, key: str, task_id: str | None = None, *, keep_succeeded: bool = False
+    ) -> bool:
         """See :meth:`Ledger.release`."""
-        return bool(self._release(keys=[self._key(key)], args=[task_id or "", ""]))
+        args = [task_id or "", "", "1" if keep_succeeded else "0"]
+        return bool(self._release(keys=[self._key(key)], args=args))
 
     def get(self, key: str) -> dict[str, Any] | None:
         """See :meth:`Ledger.get`."""
