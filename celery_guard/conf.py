@@ -26,6 +26,7 @@ DEFAULTS: Mapping[str, Any] = {
     "ERROR_CLASSIFIER": None,
     "MAX_THROTTLED": 50,
     "MAX_WORKER_LOST": 3,
+    "DEAD_LETTER_WRITE_TRIES": 8,
     "SOFT_TIME_LIMIT": None,
     "TIME_LIMIT": None,
     "CAPTURE_UNGUARDED": False,
@@ -127,6 +128,11 @@ class GuardSettings:
     def max_worker_lost(self) -> int:
         """Deliveries of one task id that may lose their worker before it is dead-lettered."""
         return int(raw("MAX_WORKER_LOST"))
+
+    @property
+    def dead_letter_write_tries(self) -> int:
+        """Deliveries that may fail to write a dead letter before the guard gives up on it."""
+        return int(raw("DEAD_LETTER_WRITE_TRIES"))
 
     @property
     def soft_time_limit(self) -> float | None:

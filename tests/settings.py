@@ -49,6 +49,8 @@ if os.environ.get("CG_VISIBILITY_TIMEOUT"):
     }
 if os.environ.get("CG_MAX_WORKER_LOST"):
     CELERY_GUARD_MAX_WORKER_LOST = int(os.environ["CG_MAX_WORKER_LOST"])
+if os.environ.get("CG_DEAD_LETTER_WRITE_TRIES"):
+    CELERY_GUARD_DEAD_LETTER_WRITE_TRIES = int(os.environ["CG_DEAD_LETTER_WRITE_TRIES"])
 if os.environ.get("CG_IDEMPOTENCY_LEASE"):
     CELERY_GUARD_IDEMPOTENCY_LEASE = float(os.environ["CG_IDEMPOTENCY_LEASE"])
 if os.environ.get("CG_IDEMPOTENCY_PUBLISH_GRACE"):

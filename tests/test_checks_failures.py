@@ -23,6 +23,7 @@ from tests.test_checks import ids
         {"CELERY_GUARD_ERROR_CLASSIFIER": 42},
         {"CELERY_GUARD_MAX_THROTTLED": -1},
         {"CELERY_GUARD_MAX_WORKER_LOST": 0},
+        {"CELERY_GUARD_DEAD_LETTER_WRITE_TRIES": 0},
         {"CELERY_GUARD_SOFT_TIME_LIMIT": "30"},
         {"CELERY_GUARD_TIME_LIMIT": 0},
         {"CELERY_GUARD_CAPTURE_UNGUARDED": 1},

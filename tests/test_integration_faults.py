@@ -5,6 +5,7 @@ in a dead letter with a clear reason (or run as it should), and the queue must b
 """
 
 import math
+import re
 import time
 import uuid
 
@@ -325,3 +326,106 @@ def test_a_dead_letter_never_releases_a_key_that_succeeded_and_its_replay_is_ski
     assert record.get_outcome_display() == "skipped (already succeeded)"
     settled(settings.CELERY_BROKER_URL, queues["high"], "r7", 1)
     assert IdempotencyRecord.objects.get(key=key).state == "succeeded"
+
+
+def unacked_ids(broker_url):
+    """Task ids of the messages Redis holds delivered but not acknowledged."""
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    found = set()
+    for raw in client.hvals("unacked"):
+        message, _exchange, _routing_key = json.loads(raw)
+        found.add(message["headers"].get("id"))
+    return found
+
+
+def test_no_guarded_message_is_acked_without_a_run_a_skip_or_a_record(
+    start_worker, postgres, queues, settings
+):
+    """Every terminal path this test can trigger ends in one of the three, per message id.
+
+    The record is a dead letter; when not even a minimal one can be written for
+    ``CELERY_GUARD_DEAD_LETTER_WRITE_TRIES`` deliveries, it is the CRITICAL log line that
+    carries the whole message (the bounded give-up, shortened here to two tries).
+    """
+    from celery import current_app
+
+    from tests.testapp.idem_tasks import idem_atomic
+
+    spare = f"{queues['low']}-spare"
+    settings.CELERY_GUARD_PRIORITY_QUEUES = {**queues, "spare": spare}
+    worker = start_worker(
+        ["default", "high", spare],
+        extra_env={"CG_DEAD_LETTER_WRITE_TRIES": "2", "CG_MAX_WORKER_LOST": "1"},
+    )
+    broker = settings.CELERY_BROKER_URL
+    lost_record = str(uuid.uuid4())
+    refuse_dead_letters(f"NEW.task_id = '{lost_record}'")
+    expected = {}  # message id -> "run" | "skip" | "record" | "given up"
+    try:
+        expected[default_job.delay("ok").id] = "run"
+        first = idem_atomic.delay("once")
+        expected[first.id] = "run"
+        wait_until(lambda: runs("once") == 1, 30)
+        duplicate = current_app.send_task(idem_atomic.name, ("once",), queue=queues["high"])
+        expected[duplicate.id] = "skip"
+        expected[fail_tasks.fail_permanent.delay("perm").id] = "record"
+        expected[fail_tasks.fail_always.delay("exhausted").id] = "record"
+        late = fail_tasks.fail_deadline.apply_async(("late",), countdown=2.5)
+        expected[late.id] = "record"
+        forged = {"v": 2, "first_enqueued_at": time.time(), "attempt": 1, "consumed": -1}
+        invalid = send_raw(
+            broker,
+            default_job.name,
+            ("forged",),
+            queues["default"],
+            headers={"celery_guard": forged},
+        )
+        expected[invalid.id] = "record"
+        unroutable = send(
+            broker, fail_tasks.fail_down, ("unroutable",), guard={"priority": "spare"}
+        )
+        expected[unroutable.id] = "record"
+        expected[fail_tasks.fail_kill_self.delay("poison").id] = "record"
+        gave_up = fail_tasks.fail_permanent.apply_async(("lost-record",), task_id=lost_record)
+        expected[gave_up.id] = "given up"
+        # Nothing left queued or delivered-but-unacknowledged: every message was acked.
+        queue_names = [queues["default"], queues["high"], spare]
+        wait_until(
+            lambda: (
+                all(queue_length(broker, q) == 0 for q in queue_names)
+                and not (unacked_ids(broker) & set(expected))
+                and "GAVE UP" in worker.log_path.read_text()
+            ),
+            120,
+        )
+        time.sleep(1)
+    finally:
+        accept_dead_letters()
+    log = worker.log_path.read_text()
+    outcomes = {}
+    for task_id in expected:
+        found = []
+        if DeadLetter.objects.filter(task_id=task_id).exists():
+            found.append("record")
+        if re.search(rf"GAVE UP recording the dead letter of \S+\[{task_id}\] after", log):
+            found.append("given up")
+        if f"[{task_id}] skipped" in log:
+            found.append("skip")
+        elif re.search(rf"\[{task_id}\] succeeded in", log):
+            found.append("run")
+        outcomes[task_id] = found
+    assert outcomes == {task_id: [outcome] for task_id, outcome in expected.items()}
+    assert runs("once") == 1 and runs("ok") == 1 and runs("forged") == 0
+    reasons = set(DeadLetter.objects.values_list("reason", flat=True))
+    assert reasons == {
+        Reason.PERMANENT,
+        Reason.EXHAUSTED,
+        Reason.DEADLINE,
+        Reason.INVALID_HEADER,
+        Reason.REPUBLISH_FAILED,
+        Reason.WORKER_LOST,
+    }

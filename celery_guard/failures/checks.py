@@ -32,7 +32,11 @@ def setting_errors() -> Iterable[str]:
     classifier = conf.raw("ERROR_CLASSIFIER")
     if classifier is not None and not isinstance(classifier, str):
         yield f"CELERY_GUARD_ERROR_CLASSIFIER must be a dotted path (str), got {classifier!r}"
-    for name, minimum in (("MAX_THROTTLED", 0), ("MAX_WORKER_LOST", 1)):
+    for name, minimum in (
+        ("MAX_THROTTLED", 0),
+        ("MAX_WORKER_LOST", 1),
+        ("DEAD_LETTER_WRITE_TRIES", 1),
+    ):
         value = conf.raw(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             yield f"CELERY_GUARD_{name} must be an int >= {minimum}, got {value!r}"

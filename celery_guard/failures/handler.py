@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: Entries of the attempt history kept in the header (the oldest are dropped).
 MAX_HISTORY = 25
-#: Deliveries whose dead letter could not be written at all before the guard gives up on it.
-MAX_WRITE_FAILURES = 8
 #: Longest pause (seconds) before a message is requeued during an outage.
 MAX_OUTAGE_PAUSE = 10.0
 #: Longest task id a dead letter (and a delivery marker) stores.
@@ -118,8 +116,9 @@ def dead_letter(
     """Record the running request of ``task`` as a dead letter.
 
     When not even a minimal row can be written (the database is down), the message is kept:
-    republished with a growing countdown, up to ``MAX_WRITE_FAILURES`` times; then the guard
-    gives up on the record, logs the whole message at CRITICAL and returns.
+    republished with a growing countdown, up to ``CELERY_GUARD_DEAD_LETTER_WRITE_TRIES``
+    times; then the guard gives up on the record, logs the whole message at CRITICAL and
+    returns.
 
     Raises:
         celery.exceptions.Retry: The message was republished to write the record later.
@@ -222,7 +221,8 @@ def _keep_unrecorded(task: Any, failure: records.Failure, error: BaseException) 
     replace_broken_connections()
     guard = headers.read(request.headers)
     count = _number(guard, headers.WRITE_FAILURES) + 1
-    if count > MAX_WRITE_FAILURES:
+    tries = guard_settings.dead_letter_write_tries
+    if count > tries:
         records.give_up(failure, error, count - 1)
         return
     delay = min(2.0 ** (count - 1), 60.0)  # 1, 2, 4... 60 s: about 3 min in all
@@ -249,7 +249,7 @@ def _keep_unrecorded(task: Any, failure: records.Failure, error: BaseException) 
         task.name,
         request.id,
         count,
-        MAX_WRITE_FAILURES,
+        tries,
         delay,
     )
     raise Retry(f"dead letter not written: {error}", when=delay, sig=again)
