@@ -6,6 +6,7 @@ from celery_guard.core.checks import Check
 from celery_guard.dlq import checks as dlq
 from celery_guard.failures import checks as failures
 from celery_guard.idempotency import checks as idempotency
+from celery_guard.observability import checks as observability
 from celery_guard.routing import checks as routing
 
 #: Every check, in the order ``AppConfig.ready()`` registers them.
@@ -16,4 +17,5 @@ ALL: tuple[Check, ...] = (
     *beat.CHECKS,
     *idempotency.CHECKS,
     *dlq.CHECKS,
+    *observability.CHECKS,
 )

@@ -53,6 +53,14 @@ DEFAULTS: Mapping[str, Any] = {
     "REDACTOR": None,
     "DLQ_RETENTION_DAYS": 30,
     "SENTRY_EVENT_URL": None,
+    "METRICS": True,
+    "METRICS_TOKEN": None,
+    "ROLLUPS": True,
+    "ROLLUP_FLUSH_SECONDS": 10,
+    "SLOS": {},
+    "ALERT_SINKS": ("log", "mail", "sentry", "webhook"),
+    "ALERT_WEBHOOK_URL": None,
+    "PLAYBOOK_URL": "https://celery-guard.readthedocs.io/en/latest/observability.html",
 }
 
 
@@ -241,6 +249,54 @@ class GuardSettings:
         """URL template of a Sentry event, with ``{event_id}`` in it."""
         value = raw("SENTRY_EVENT_URL")
         return None if value is None else str(value)
+
+    @property
+    def metrics(self) -> bool:
+        """Whether events feed Prometheus metrics (when prometheus-client is installed)."""
+        return bool(raw("METRICS"))
+
+    @property
+    def metrics_token(self) -> str | None:
+        """Bearer token that may read ``celery-guard/metrics`` (besides staff users)."""
+        value = raw("METRICS_TOKEN")
+        return str(value) if value else None
+
+    @property
+    def rollups(self) -> bool:
+        """Whether events are counted into the per-minute database rollups."""
+        return bool(raw("ROLLUPS"))
+
+    @property
+    def rollup_flush_seconds(self) -> float:
+        """Seconds a process buffers its rollup counts before writing them."""
+        return self.seconds(raw("ROLLUP_FLUSH_SECONDS"))
+
+    @property
+    def slos(self) -> Mapping[str, Mapping[str, Any]]:
+        """Task name or ``"queue:<name>"`` -> its objectives (see docs/observability.md)."""
+        value: Mapping[str, Mapping[str, Any]] = raw("SLOS")
+        return value
+
+    @property
+    def alert_sinks(self) -> tuple[str, ...]:
+        """Where alerts go: any of ``"log"``, ``"mail"``, ``"sentry"``, ``"webhook"``."""
+        return tuple(str(name) for name in raw("ALERT_SINKS"))
+
+    @property
+    def alert_webhook_url(self) -> str | None:
+        """URL that receives a Slack-compatible JSON post per alert."""
+        value = raw("ALERT_WEBHOOK_URL")
+        return str(value) if value else None
+
+    @property
+    def playbook_url(self) -> str:
+        """Base URL of the alert playbooks (docs/observability.md); anchors are appended."""
+        return str(raw("PLAYBOOK_URL"))
+
+    @staticmethod
+    def admins() -> list[Any]:
+        """Django's ``ADMINS`` (the mail sink's recipients)."""
+        return list(getattr(django_settings, "ADMINS", []) or [])
 
 
 guard_settings = GuardSettings()

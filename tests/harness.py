@@ -58,8 +58,10 @@ class Worker:
         concurrency: int = 1,
         pool: str = "prefork",
         extra_env: dict[str, str] | None = None,
+        extra_args: Iterable[str] = (),
     ) -> None:
         self.queues = list(queues)
+        self.extra_args = list(extra_args)
         self.name = name or f"w{uuid.uuid4().hex[:6]}"
         self.broker_url = broker_url
         self.db_name = db_name
@@ -125,6 +127,7 @@ class Worker:
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
+            *self.extra_args,
         )
 
     @property

@@ -62,3 +62,21 @@ CELERY_GUARD_IDEMPOTENCY_REDIS_URL = REDIS_URL  # also when a worker's broker is
 CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX = os.environ.get(
     "CG_IDEMPOTENCY_REDIS_PREFIX", f"cgt-{RUN_ID}:idem:"
 )
+
+ROOT_URLCONF = "tests.urls"
+# Observability: processes started with CG_JSON_LOGS write the guard's records as JSON lines.
+if os.environ.get("CG_JSON_LOGS"):
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "celery_guard.observability.logs.JsonFormatter"}},
+        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json"}},
+        "loggers": {"celery_guard": {"handlers": ["json"], "level": "INFO", "propagate": False}},
+    }
+if os.environ.get("CG_ROLLUP_FLUSH_SECONDS"):
+    CELERY_GUARD_ROLLUP_FLUSH_SECONDS = float(os.environ["CG_ROLLUP_FLUSH_SECONDS"])
+# Sentry with a transport that appends each event to a file (the Sentry tests read it).
+if os.environ.get("CG_SENTRY_FILE"):
+    from tests.sentry_transport import init_sentry
+
+    init_sentry(os.environ["CG_SENTRY_FILE"])

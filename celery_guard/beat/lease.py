@@ -20,6 +20,7 @@ from django.db.models.functions import Now
 
 from celery_guard import signals
 from celery_guard.beat.models import BeatLease
+from celery_guard.observability import events, providers
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ class Lease:
         signals.lease_acquired.send(
             sender=self.sender, lock_name=self.name, holder=self.identity, token=record.token
         )
+        events.emit("lease_acquired", lock=self.name, holder=self.identity, token=record.token)
         return Event.ACQUIRED
 
     def lost(self, reason: str) -> None:
@@ -282,6 +284,7 @@ class Lease:
             token,
             reason,
         )
+        events.emit("lease_lost", lock=self.name, holder=self.identity, why=reason)
         signals.lease_lost.send(
             sender=self.sender,
             lock_name=self.name,
@@ -289,3 +292,12 @@ class Lease:
             token=token,
             reason=reason,
         )
+
+
+def leaders() -> list[providers.Leader]:
+    """Every beat lock and its holder (``None`` once the lease expired)."""
+    found = []
+    for row in BeatLease.objects.annotate(live=Q(expires_at__gt=Now())).order_by("name"):
+        live = bool(row.live) and bool(row.holder)
+        found.append(providers.Leader(row.name, row.holder if live else None, row.token))
+    return found

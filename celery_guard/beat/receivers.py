@@ -7,8 +7,9 @@ from typing import Any
 
 from celery import signals
 
-from celery_guard.beat import fires
+from celery_guard.beat import fires, lease
 from celery_guard.core import headers
+from celery_guard.observability import providers
 
 logger = logging.getLogger("celery_guard.receivers")
 
@@ -43,6 +44,7 @@ def beat_run_finished(task: Any = None, state: str | None = None, **kw: Any) -> 
 
 def connect() -> None:
     """Connect the receivers; ``dispatch_uid`` makes repeated calls harmless."""
+    providers.register("beat_leaders", lease.leaders)
     signals.task_prerun.connect(
         beat_run_started, dispatch_uid="celery_guard.beat_run_started", weak=False
     )

@@ -21,6 +21,7 @@ from django_celery_beat.schedulers import DatabaseScheduler
 from celery_guard.beat import checks, fires, lease, slots
 from celery_guard.conf import guard_settings
 from celery_guard.core import pipeline
+from celery_guard.observability import events
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,14 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
             except Error as db_exc:
                 self._database_error("marking a failed publish", db_exc)
             return
+        events.emit(
+            "slot_fired",
+            task_name=entry.task,
+            task_id=claim.task_id,
+            entry=entry.name,
+            slot=slot.isoformat(),
+            missed=claim.plan.missed_total,
+        )
         logger.info(
             "celery_guard: beat fired %s as %s[%s] (token %s)",
             key,

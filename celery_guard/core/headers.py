@@ -9,6 +9,7 @@ field                     meaning                                              w
 ``v``                     layout version (:data:`VERSION`)                     every publish
 ``first_enqueued_at``     epoch seconds of the first publish of this job       every publish
 ``attempt``               Celery's retry count + 1                             every publish
+``sent_at``               epoch seconds of this publish (lag, oldest age)      every publish
 ``priority``              the priority level the router maps to a queue        routing
 ``idempotency``           ``{key, fingerprint, window, on_conflict}``          idempotency
 ``consumed``              attempts used (failure budget)                       failures
@@ -19,6 +20,8 @@ field                     meaning                                              w
 ``replay_of``             id of the dead letter this message replays           dlq
 ``tenant``                the tenant the job runs for                          (reserved)
 ``beat``                  ``{entry, slot, token, key}`` of a beat-fired run    beat
+``request``               ``{id, initiator}``: the HTTP request that started   observability
+                          the job (inherited by tasks its tasks enqueue)
 ========================  ===================================================  ============
 
 Version 1 messages (published before the beat fields moved in) carried the beat fields in two
@@ -49,7 +52,7 @@ WRITE_FAILURES = "write_failures"
 FAILURE_FIELDS = (CONSUMED, THROTTLED, HISTORY, DELAY, WRITE_FAILURES)
 
 #: Fields of one publish: a replay stamps them afresh.
-PUBLISH_FIELDS = ("v", "first_enqueued_at", "attempt")
+PUBLISH_FIELDS = ("v", "first_enqueued_at", "attempt", "sent_at")
 
 #: The beat's fields (a mapping: entry, slot, token, key).
 BEAT = "beat"
@@ -73,11 +76,13 @@ def stamp(previous: Mapping[str, Any] | None, *, retries: int, **fields: Any) ->
         **fields: Feature fields to record (``priority``...); ``None`` values are left out.
     """
     first = previous.get("first_enqueued_at") if previous else None
+    now = time.time()
     header: dict[str, Any] = {
         **(previous or {}),
         "v": VERSION,
-        "first_enqueued_at": first if first is not None else time.time(),
+        "first_enqueued_at": first if first is not None else now,
         "attempt": retries + 1,
+        "sent_at": now,
     }
     header.update({k: v for k, v in fields.items() if v is not None})
     return header

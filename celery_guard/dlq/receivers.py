@@ -10,9 +10,10 @@ from django.db import connections, router, transaction
 from django.utils import timezone
 
 from celery_guard.core import headers
-from celery_guard.dlq import records
+from celery_guard.dlq import records, services
 from celery_guard.dlq.models import FINAL_OUTCOMES, DeadLetter, DeadLetterReplay, ReplayOutcome
 from celery_guard.idempotency import dedup
+from celery_guard.observability import providers
 
 logger = logging.getLogger("celery_guard.receivers")
 
@@ -127,6 +128,7 @@ def replay_run_finished(
 
 def connect() -> None:
     """Connect the receivers; ``dispatch_uid`` makes repeated calls harmless."""
+    providers.register("dead_letters", services.open_counts)
     signals.task_prerun.connect(
         replay_run_started, dispatch_uid="celery_guard.replay_run_started", weak=False
     )

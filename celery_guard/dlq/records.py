@@ -317,3 +317,17 @@ def give_up(failure: Failure, error: BaseException, tries: int) -> None:
         truncate(failure.message, 500),
         json.dumps(jsonable(message), default=repr),
     )
+
+
+def set_sentry_event(row: DeadLetter, event_id: str) -> None:
+    """Record the Sentry event of a dead letter (logged, never raised: the row is written)."""
+    from celery_guard.dlq.models import DeadLetter
+
+    try:
+        DeadLetter.objects.filter(pk=row.pk).update(sentry_event_id=event_id[:64])
+    except Exception:
+        logger.exception(
+            "celery_guard: could not store Sentry event %s on dead letter %s", event_id, row.pk
+        )
+        return
+    row.sentry_event_id = event_id[:64]

@@ -21,6 +21,7 @@ from django.db import transaction
 from celery_guard.core import audit, headers, redaction
 from celery_guard.dlq.models import OPEN_STATUSES, DeadLetter, DeadLetterReplay, Status
 from celery_guard.idempotency import dedup
+from celery_guard.observability import events
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +364,16 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
     for row, record, options in published:
         run.summary.task_ids[row.pk] = record.task_id
         _log_published(row, record, options)
+        events.emit(
+            "replayed",
+            task_name=row.task_name,
+            task_id=row.task_id,
+            queue=row.queue or None,
+            dead_letter_id=row.pk,
+            new_task_id=record.task_id,
+            edited=record.edited,
+            by=record.replayed_by or None,
+        )
     run.summary.add(REPLAYED, len(published))
     if failure is not None:
         raise failure

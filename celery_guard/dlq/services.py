@@ -14,13 +14,14 @@ from typing import Any, cast
 
 from django.db import connections, models, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Field, QuerySet
+from django.db.models import Count, Field, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from celery_guard.conf import guard_settings
 from celery_guard.core import audit
 from celery_guard.dlq.models import OPEN_STATUSES, DeadLetter, Status
+from celery_guard.observability import providers
 
 logger = logging.getLogger(__name__)
 
@@ -279,3 +280,14 @@ def seed(count: int, *, batch: int = 5000, seed: int = 0, now: dt.datetime | Non
         with connection.cursor() as cursor:
             cursor.execute(f"ANALYZE {connection.ops.quote_name(DeadLetter._meta.db_table)}")
     return written
+
+
+def open_counts() -> list[providers.DeadLetterCount]:
+    """Open dead letters (dead or unroutable) by task and queue: the DLQ depth."""
+    rows = (
+        DeadLetter.objects.filter(status__in=OPEN_STATUSES)
+        .values("task_name", "queue")
+        .annotate(count=Count("pk"))
+        .order_by("task_name", "queue")
+    )
+    return [providers.DeadLetterCount(r["task_name"], r["queue"], r["count"]) for r in rows]

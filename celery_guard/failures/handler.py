@@ -31,6 +31,7 @@ from celery_guard.exceptions import (
 )
 from celery_guard.failures import deliveries, retry
 from celery_guard.idempotency import dedup
+from celery_guard.observability import events, sentry
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +155,20 @@ def dead_letter(
         idempotency_key=dedup.context(request).key,
     )
     try:
-        records.write(failure)
+        row = records.write(failure)
     except Exception as write_exc:
         _keep_unrecorded(task, failure, write_exc)
+        return
+    events.emit(
+        "dead_lettered",
+        reason=str(reason),
+        error_class=name,
+        attempts_used=attempts,
+        dead_letter_id=row.pk,
+    )
+    event_id = sentry.capture_final(exc, reason=str(reason), dead_letter_id=row.pk, history=history)
+    if event_id:
+        records.set_sentry_event(row, event_id)
 
 
 def _committed(task: Any) -> bool:
@@ -328,6 +340,13 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
                 max_retries=request.retries + 1,
             )
         except Retry:
+            events.emit(
+                "retry_scheduled",
+                error_class=retry.qualified_name(type(exc)),
+                kind=classification.kind,
+                delay=decision.delay,
+                attempts_used=decision.consumed,
+            )
             raise
         except Reject as rejected:
             # Celery drops the message when publishing a retry fails (Reject, requeue=False).
@@ -339,6 +358,7 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
                 exc_info=True,
             )
             if retry.is_outage(cause):
+                events.emit("requeued", why="the retry could not be published")
                 requeue_after_outage(task, cause)  # the broker (or ledger) comes back
             # A publish refused by the guard's own checks fails the same way every time.
             error = RepublishError(
@@ -397,6 +417,7 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
             started.lost,
             guard_settings.max_worker_lost,
         )
+        events.emit("worker_lost", lost=started.lost)
     if started is not None and started.lost:
         setattr(request, dedup.LOST_ATTR, started.lost)
     if started is not None and started.lost >= guard_settings.max_worker_lost:

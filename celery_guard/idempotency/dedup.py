@@ -25,6 +25,7 @@ from celery_guard.exceptions import IdempotencyConflict, LeaseLost
 from celery_guard.idempotency import ledger
 from celery_guard.idempotency.keys import Identity, identify
 from celery_guard.idempotency.models import KeyState
+from celery_guard.observability import events
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,17 @@ def publish_once(
             task_id=claim.task_id,
         )
     if claim.outcome != "claimed":
+        events.emit(
+            "deduplicated",
+            task_id=task_id,
+            task_name=task.name,
+            queue=None,
+            attempt=None,
+            where="enqueue",
+            idempotency_key_hash=events.key_hash(identity.key),
+            held_by=claim.task_id,
+            state=claim.outcome,
+        )
         logger.info(
             "celery_guard: %s not published: key %r is held by %s (%s)",
             task.name,
@@ -294,6 +306,13 @@ def run_guarded(
     setattr(request, _CONTEXT_ATTR, ctx)
     if start.outcome == "skip":
         ctx.skipped = True
+        events.emit(
+            "deduplicated",
+            where="run",
+            idempotency_key_hash=events.key_hash(identity.key),
+            held_by=start.task_id,
+            state="succeeded",
+        )
         logger.info(
             "celery_guard: %s[%s] skipped: key %r already succeeded (task %s)",
             task.name,
@@ -303,6 +322,12 @@ def run_guarded(
         )
         return None
     if start.outcome == "busy":
+        events.emit(
+            "key_busy",
+            idempotency_key_hash=events.key_hash(identity.key),
+            held_by=start.task_id,
+            retry_in=start.retry_in,
+        )
         logger.info(
             "celery_guard: %s[%s]: key %r is running in %s; retrying in %.1fs",
             task.name,

@@ -1,35 +1,38 @@
-"""Celery signal receivers that report guarded runs in the logs."""
+"""Subscribe the log, metrics, Sentry and rollup writers to the guard's events."""
 
 from __future__ import annotations
 
-import logging
-import time
+import os
 from typing import Any
 
 from celery import signals
 
-from celery_guard.core import headers
+from celery_guard.conf import guard_settings
+from celery_guard.observability import events, logs, metrics, rollups, sentry
 
-logger = logging.getLogger("celery_guard.receivers")
 
-
-def log_start(sender: Any = None, task_id: str | None = None, task: Any = None, **kw: Any) -> None:
-    """Log when a guarded task starts, with its attempt and its lag since the first enqueue."""
-    guard = headers.read(getattr(task.request, "headers", None)) if task is not None else {}
-    if not guard:
-        return
-    first = guard.get("first_enqueued_at")
-    lag = time.time() - first if isinstance(first, (int, float)) else None
-    logger.info(
-        "celery_guard: %s[%s] started: attempt %s, priority %s, %.3fs after first enqueue",
-        getattr(task, "name", sender),
-        task_id,
-        guard.get("attempt"),
-        guard.get("priority"),
-        lag if lag is not None else float("nan"),
-    )
+def _process_shutdown(**kw: Any) -> None:
+    """A pool process exits: write its pending rollups, drop its live gauges."""
+    rollups.flush()
+    metrics.mark_process_dead(os.getpid())
 
 
 def connect() -> None:
-    """Connect the receivers; ``dispatch_uid`` makes repeated calls harmless."""
-    signals.task_prerun.connect(log_start, dispatch_uid="celery_guard.log_start", weak=False)
+    """Subscribe the writers the settings enable; repeated calls replace, never duplicate."""
+    events.subscribe(logs.log_event, uid="logs")
+    if metrics.enabled():
+        events.subscribe(metrics.record, uid="metrics")
+    else:
+        events.unsubscribe("metrics")
+    if guard_settings.rollups:
+        events.subscribe(rollups.record, uid="rollups")
+    else:
+        events.unsubscribe("rollups")
+    sentry.install()
+    events.subscribe(sentry.breadcrumb, uid="sentry")
+    signals.worker_process_shutdown.connect(
+        _process_shutdown, dispatch_uid="celery_guard.observability.shutdown", weak=False
+    )
+    signals.worker_shutdown.connect(
+        _process_shutdown, dispatch_uid="celery_guard.observability.worker_shutdown", weak=False
+    )

@@ -34,6 +34,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # A request id for each request, carried into the tasks it enqueues and their logs.
+    "celery_guard.middleware.RequestIdMiddleware",
 ]
 
 ROOT_URLCONF = "proj.urls"

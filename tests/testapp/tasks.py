@@ -80,3 +80,6 @@ from tests.testapp import idem_tasks  # noqa: E402, F401  (registers the idempot
 def beat_guarded_job(self) -> None:
     """A guarded periodic task: the beat's slot key becomes its idempotency key."""
     record(self, self.request.headers["celery_guard"]["beat"]["key"])
+
+
+from tests.testapp import obs_tasks  # noqa: E402, F401  (registers the observability test tasks)

@@ -13,18 +13,22 @@ from celery_guard.dlq import replay, services
 from celery_guard.dlq.models import DeadLetter
 from celery_guard.idempotency import dedup
 from celery_guard.management import doctor
+from celery_guard.observability import alerts, status
 
 
 class Command(BaseCommand):
     """Dispatch to one subcommand method per operation (``handle_<name>``)."""
 
-    help = "celery_guard operations: doctor, replay, purge, seed-dead-letters."
+    help = "celery_guard operations: doctor, status, alerts, replay, purge, seed-dead-letters."
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Declare the subcommands and their arguments."""
         sub = parser.add_subparsers(dest="subcommand", required=True, metavar="subcommand")
         d = sub.add_parser("doctor", help="Check configuration, broker, database and consumers.")
         d.add_argument("--timeout", type=float, default=2.0, help="Seconds per network probe.")
+        st = sub.add_parser("status", help="The dashboard's figures: queues, dead letters, alerts.")
+        st.add_argument("--json", action="store_true", help="Print JSON instead of tables.")
+        sub.add_parser("alerts", help="Evaluate CELERY_GUARD_SLOS once: raise/resolve alerts.")
         r = sub.add_parser(
             "replay", help="Replay dead letters (status dead or unroutable) matching filters."
         )
@@ -63,6 +67,81 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the chosen subcommand."""
         getattr(self, f"handle_{options['subcommand'].replace('-', '_')}")(**options)
+
+    def handle_status(self, json: bool = False, **options: Any) -> None:
+        """Print the dashboard's figures as tables (or as JSON)."""
+        figures = status.figures()
+        if json:
+            import json as json_module
+
+            self.stdout.write(json_module.dumps(figures.as_json(), indent=2, default=str))
+            return
+        self.stdout.write(f"celery_guard status at {figures.at:%Y-%m-%d %H:%M:%S %Z}\n")
+        self.stdout.write(
+            _table(
+                [
+                    "queue",
+                    "health",
+                    "depth",
+                    "oldest age",
+                    "lag p95 (1h)",
+                    "objective",
+                    "done (1h)",
+                    "failing",
+                    "dead",
+                ],
+                [
+                    [
+                        q.queue,
+                        q.health,
+                        _num(q.depth),
+                        _secs(q.oldest_age),
+                        _secs(q.lag_p95),
+                        _secs(q.lag_objective),
+                        str(q.throughput),
+                        _share(q.failure_share),
+                        str(q.dead_letters),
+                    ]
+                    for q in figures.queues
+                ],
+            )
+        )
+        self.stdout.write("\nDead letters (open) by task:")
+        self.stdout.write(
+            _table(
+                ["task", "queue", "count"],
+                [[d.task_name, d.queue, str(d.count)] for d in figures.dead_letters],
+            )
+        )
+        self.stdout.write("\nBeat leaders:")
+        self.stdout.write(
+            _table(
+                ["lock", "holder", "token"],
+                [[b.lock, b.holder or "(nobody)", _num(b.token)] for b in figures.leaders],
+            )
+        )
+        self.stdout.write("\nOpen alerts:")
+        self.stdout.write(
+            _table(
+                ["slo", "objective", "status", "value", "threshold"],
+                [
+                    [a["slo"], a["objective"], a["status"], _num(a["value"]), _num(a["threshold"])]
+                    for a in figures.alerts
+                ],
+            )
+        )
+
+    def handle_alerts(self, **options: Any) -> None:
+        """Evaluate the SLOs once and say what was raised and resolved."""
+        summary = alerts.evaluate()
+        for alert in summary.raised:
+            self.stdout.write(self.style.ERROR(alerts.text(alert, raised=True)))
+        for alert in summary.resolved:
+            self.stdout.write(self.style.SUCCESS(alerts.text(alert, raised=False)))
+        self.stdout.write(
+            f"{len(summary.raised)} raised, {len(summary.resolved)} resolved, "
+            f"{summary.pending} breach(es) not held long enough yet"
+        )
 
     def handle_doctor(self, timeout: float, **options: Any) -> None:
         """Print the doctor report and the worker command lines; fail on errors."""
@@ -174,3 +253,29 @@ class Command(BaseCommand):
         started = time.monotonic()
         written = services.seed(count, batch=batch)
         self.stdout.write(f"seeded {written} dead letter(s) in {time.monotonic() - started:.1f}s")
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """Rows as a plain-text table (``(none)`` when empty)."""
+    if not rows:
+        return "  (none)"
+    widths = [max(len(str(cell)) for cell in column) for column in zip(head, *rows, strict=True)]
+    lines = [head, ["-" * w for w in widths], *rows]
+    return "\n".join(
+        "  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True))
+        for line in lines
+    )

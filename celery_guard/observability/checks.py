@@ -1,0 +1,63 @@
+"""System checks of observability: SLOs (E010), metrics under prefork (W018), rollups (W019)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Warning
+
+from celery_guard import conf
+from celery_guard.conf import guard_settings
+from celery_guard.observability import alerts, metrics, slos
+
+
+def check_slos(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """E010: ``CELERY_GUARD_SLOS`` or ``CELERY_GUARD_ALERT_SINKS`` is malformed."""
+    found: list[CheckMessage] = [
+        Error(text, id="celery_guard.E010") for text in slos.errors(conf.raw("SLOS"))
+    ]
+    unknown = [name for name in guard_settings.alert_sinks if name not in alerts.SINKS]
+    if unknown:
+        found.append(
+            Error(
+                f"CELERY_GUARD_ALERT_SINKS names unknown sinks {unknown} "
+                f"(known: {', '.join(alerts.SINKS)})",
+                id="celery_guard.E010",
+            )
+        )
+    return found
+
+
+def check_multiprocess(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W018: metrics on, but no ``PROMETHEUS_MULTIPROC_DIR``: worker counts never show."""
+    if not metrics.enabled() or os.environ.get(metrics.MULTIPROC_ENV):
+        return []
+    return [
+        Warning(
+            "prometheus-client is installed and CELERY_GUARD_METRICS is on, but "
+            "PROMETHEUS_MULTIPROC_DIR is not set: each worker pool process counts in its own "
+            "memory and celery-guard/metrics (served by the web process) never sees it.",
+            hint="Set PROMETHEUS_MULTIPROC_DIR to one empty directory for the workers and the "
+            "web process of a machine (emptied at deploy), or CELERY_GUARD_METRICS = False.",
+            id="celery_guard.W018",
+        )
+    ]
+
+
+def check_rollups(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W019: SLOs are set but rollups are off, so no alert can ever be raised."""
+    if not guard_settings.slos or guard_settings.rollups:
+        return []
+    return [
+        Warning(
+            "CELERY_GUARD_SLOS is set but CELERY_GUARD_ROLLUPS is False: the SLOs are "
+            "evaluated on the rollups, so no alert will ever be raised.",
+            hint="Turn CELERY_GUARD_ROLLUPS back on, or remove CELERY_GUARD_SLOS.",
+            id="celery_guard.W019",
+        )
+    ]
+
+
+CHECKS = (check_slos, check_multiprocess, check_rollups)
