@@ -81,3 +81,16 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"{self.slo} {self.objective}: {self.status}"
+
+
+class Dashboard(models.Model):
+    """No table: gives the admin dashboard its URL and its own ``view_dashboard`` permission."""
+
+    class Meta:
+        managed = False
+        verbose_name = "dashboard"
+        verbose_name_plural = "dashboard"
+        default_permissions = ("view",)
+
+    def __str__(self) -> str:
+        return "dashboard"
