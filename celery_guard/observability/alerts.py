@@ -149,14 +149,17 @@ def text(alert: Alert, *, raised: bool) -> str:
 
 def notify(alert: Alert, *, raised: bool) -> None:
     """Send the alert (or its resolution) to every configured sink; failures are logged."""
-    events.emit(
-        "alert_raised" if raised else "alert_resolved",
-        slo=alert.slo,
-        objective=alert.objective,
-        value=alert.value,
-        threshold=alert.threshold,
-        alert_id=alert.pk,
-    )
+    fields = {
+        "slo": alert.slo,
+        "objective": alert.objective,
+        "value": alert.value,
+        "threshold": alert.threshold,
+        "alert_id": alert.pk,
+    }
+    if raised:
+        events.emit("alert_raised", **fields)
+    else:
+        events.emit("alert_resolved", **fields)
     for name in guard_settings.alert_sinks:
         sink = _SINKS.get(name)
         if sink is None:
