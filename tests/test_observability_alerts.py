@@ -134,6 +134,7 @@ def test_e010_malformed_slos_and_sinks():
         assert checks.check_slos() == []
 
 
+@override_settings(CELERY_GUARD_METRICS=True)
 def test_w018_metrics_without_a_multiprocess_directory(monkeypatch):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     assert [m.id for m in checks.check_multiprocess()] == ["celery_guard.W018"]

@@ -103,3 +103,7 @@ LOGGING = {
         }
     },
 }
+
+# Prometheus metrics from the guard's events only where the workers and the web process share
+# a multiprocess directory (celery_guard.W018 explains why counting without one is useless).
+CELERY_GUARD_METRICS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
