@@ -18,10 +18,12 @@ __all__ = [
     "PermanentError",
     "PoisonMessageError",
     "RepublishError",
+    "RunItemError",
     "ThrottledError",
     "TransientError",
     "__version__",
     "guarded_task",
+    "start_run",
 ]
 
 from celery_guard.exceptions import (
@@ -35,12 +37,14 @@ from celery_guard.exceptions import (
     PermanentError,
     PoisonMessageError,
     RepublishError,
+    RunItemError,
     ThrottledError,
     TransientError,
 )
 
 if TYPE_CHECKING:
     from celery_guard.decorators import guarded_task
+    from celery_guard.runs.launch import start_run
     from celery_guard.task import GuardedTask
 
 
@@ -51,6 +55,10 @@ def __getattr__(name: str) -> Any:
         from celery_guard.decorators import guarded_task
 
         return guarded_task
+    if name == "start_run":
+        from celery_guard.runs.launch import start_run
+
+        return start_run
     if name == "GuardedTask":
         from celery_guard.task import GuardedTask
 

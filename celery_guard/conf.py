@@ -52,6 +52,8 @@ DEFAULTS: Mapping[str, Any] = {
     ),
     "REDACTOR": None,
     "DLQ_RETENTION_DAYS": 30,
+    "RUNS_RETENTION_DAYS": 30,
+    "RUNS_SWEEP_GRACE": 60,
     "SENTRY_EVENT_URL": None,
     "METRICS": True,
     "METRICS_TOKEN": None,
@@ -243,6 +245,16 @@ class GuardSettings:
     def dlq_retention_days(self) -> float:
         """Age (days) past which replayed or discarded dead letters are purged."""
         return float(raw("DLQ_RETENTION_DAYS"))
+
+    @property
+    def runs_retention_days(self) -> float:
+        """Age (days since they finished) past which bulk runs and their items are purged."""
+        return float(raw("RUNS_RETENTION_DAYS"))
+
+    @property
+    def runs_sweep_grace(self) -> float:
+        """Seconds without progress after which the sweep publishes a run's items or completion."""
+        return self.seconds(raw("RUNS_SWEEP_GRACE"))
 
     @property
     def sentry_event_url(self) -> str | None:

@@ -94,3 +94,15 @@ class LeaseLost(GuardError):
 
     Raised by ``self.guard.atomic()`` so the stale attempt's writes roll back.
     """
+
+
+class RunItemError(GuardError, ValueError):
+    """An item given to ``start_run`` cannot be published; nothing of the run was written.
+
+    Attributes:
+        index: Position of the bad item in ``items`` (0-based).
+    """
+
+    def __init__(self, message: str, *, index: int) -> None:
+        super().__init__(message)
+        self.index = index

@@ -5,11 +5,14 @@ from celery_guard.dlq.models import DeadLetter, DeadLetterReplay
 from celery_guard.failures.models import Delivery
 from celery_guard.idempotency.models import IdempotencyRecord
 from celery_guard.observability.models import Alert, Dashboard, TaskMinute
+from celery_guard.runs.models import BulkRun, BulkRunItem
 
 __all__ = [
     "Alert",
     "BeatFire",
     "BeatLease",
+    "BulkRun",
+    "BulkRunItem",
     "Dashboard",
     "DeadLetter",
     "DeadLetterReplay",

@@ -1,9 +1,11 @@
 """The guard pipeline of every guarded task: one step per feature, outermost first.
 
 The observability step comes first, so every event of the steps inside it carries the run's
-context (task id, queue, attempt, request id). The failure step comes next so the
-poison-message cap and the dead-letter write see every outcome of the steps inside it, a
-ledger that cannot be reached included.
+context (task id, queue, attempt, request id). The runs step comes next so it records the final
+outcome of a bulk run's item as the failure step decides it (a retry leaves the item running,
+a dead letter fails it). The failure step follows so the poison-message cap and the
+dead-letter write see every outcome of the steps inside it, a ledger that cannot be reached
+included.
 """
 
 from celery_guard.core.pipeline import Pipeline
@@ -11,5 +13,8 @@ from celery_guard.failures.step import FailuresStep
 from celery_guard.idempotency.step import IdempotencyStep
 from celery_guard.observability.step import ObservabilityStep
 from celery_guard.routing.step import RoutingStep
+from celery_guard.runs.step import RunsStep
 
-GUARD = Pipeline([ObservabilityStep(), FailuresStep(), IdempotencyStep(), RoutingStep()])
+GUARD = Pipeline(
+    [ObservabilityStep(), RunsStep(), FailuresStep(), IdempotencyStep(), RoutingStep()]
+)

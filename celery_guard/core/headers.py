@@ -22,6 +22,8 @@ field                     meaning                                              w
 ``beat``                  ``{entry, slot, token, key}`` of a beat-fired run    beat
 ``request``               ``{id, initiator}``: the HTTP request that started   observability
                           the job (inherited by tasks its tasks enqueue)
+``run``                   ``{run, item}`` of a bulk run's item; ``{run,        runs
+                          complete, summary}`` on the run's completion task
 ========================  ===================================================  ============
 
 Version 1 messages (published before the beat fields moved in) carried the beat fields in two
@@ -56,6 +58,9 @@ PUBLISH_FIELDS = ("v", "first_enqueued_at", "attempt", "sent_at")
 
 #: The beat's fields (a mapping: entry, slot, token, key).
 BEAT = "beat"
+
+#: A bulk run's fields (a mapping: run, item; or run, complete, summary).
+RUN = "run"
 
 #: Header names of version 1 that :func:`read` still understands.
 LEGACY_BEAT_HEADER = "celery_guard_beat"

@@ -49,6 +49,9 @@ class RunContext:
     completed: bool = False
     #: The key had already succeeded: this delivery did not run the body.
     skipped: bool = False
+    #: Set when the body was skipped because the key already succeeded: the task id of the
+    #: run that succeeded (this task's own id when an earlier delivery of it did).
+    skipped_for: str | None = None
 
     def renew(self, lease: float | None = None) -> None:
         """Extend this run's lease, for a body that may outlive it (call it periodically).
@@ -306,6 +309,7 @@ def run_guarded(
     setattr(request, _CONTEXT_ATTR, ctx)
     if start.outcome == "skip":
         ctx.skipped = True
+        ctx.skipped_for = start.task_id or ""
         events.emit(
             "deduplicated",
             where="run",

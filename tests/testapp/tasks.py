@@ -83,3 +83,4 @@ def beat_guarded_job(self) -> None:
 
 
 from tests.testapp import obs_tasks  # noqa: E402, F401  (registers the observability test tasks)
+from tests.testapp import run_tasks  # noqa: E402, F401  (registers the bulk-run test tasks)

@@ -1,0 +1,279 @@
+"""Every change of state of a bulk run or of its items (the one place that makes them).
+
+Counters are columns of the run, changed in the transaction that moves an item to a final
+status, by a conditional UPDATE on the item (``WHERE status IN (pending, running)``): an
+item leaves its open statuses once, whoever reports it and however often, so each item is
+counted once and ``succeeded + failed + skipped + cancelled = total`` once the run ends.
+The run's row lock serializes the counter updates, so exactly one transaction sees the last
+item become final: it marks the run finished and claims the completion in the same UPDATE.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from celery_guard.core import audit
+from celery_guard.runs.models import (
+    COUNTERS,
+    FINISHED_RUN_STATUSES,
+    OPEN_ITEM_STATUSES,
+    BulkRun,
+    BulkRunItem,
+    ItemStatus,
+    RunStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Longest stored error message (characters).
+MAX_ERROR_MESSAGE = 2000
+
+
+def initiator_name(initiator: Any) -> str:
+    """How an initiator (a user, a string, or None) is stored on the run."""
+    if initiator is None:
+        return ""
+    if isinstance(initiator, str):
+        return initiator[:255]
+    name = getattr(initiator, "get_username", None)
+    return str(name() if callable(name) else initiator)[:255]
+
+
+def audit_user(initiator: Any) -> Any:
+    """The Django user to audit a change under, when the initiator is one."""
+    return None if initiator is None or isinstance(initiator, str) else initiator
+
+
+def _all_final() -> Q:
+    return Q(total=F("succeeded") + F("failed") + F("skipped") + F("cancelled"))
+
+
+def _final_status() -> Case:
+    return Case(
+        When(status=RunStatus.CANCELLED, then=Value(RunStatus.CANCELLED)),
+        When(failed__gt=0, then=Value(RunStatus.COMPLETED_WITH_ERRORS)),
+        default=Value(RunStatus.SUCCEEDED),
+    )
+
+
+def _finish_if_done(run_id: int) -> bool:
+    """Mark the run finished when every item is final; True for the one caller that does.
+
+    Runs in the transaction that counted the last item (the run's row is locked by it), so
+    of two workers finishing the last two items only the second sees ``total`` reached.
+    """
+    now = timezone.now()
+    finished = BulkRun.objects.filter(_all_final(), pk=run_id, finished_at=None).update(
+        status=_final_status(),
+        finished_at=now,
+        started_at=Coalesce(F("started_at"), Value(now)),
+        completion_claimed_at=Case(
+            When(on_complete__isnull=False, then=Value(now)), default=Value(None)
+        ),
+    )
+    return bool(finished)
+
+
+def create(
+    *,
+    task_name: str,
+    name: str,
+    initiator: Any,
+    on_complete: dict[str, Any] | None,
+    parent: BulkRun | None = None,
+) -> BulkRun:
+    """Create a queued run without items (call in the transaction that adds them)."""
+    return BulkRun.objects.create(
+        task_name=task_name,
+        name=name[:255],
+        initiator=initiator_name(initiator),
+        on_complete=on_complete,
+        parent=parent,
+    )
+
+
+def add_items(run: BulkRun, rows: Sequence[BulkRunItem]) -> None:
+    """Insert one chunk of item rows and count them into the run's total."""
+    BulkRunItem.objects.bulk_create(rows)
+    BulkRun.objects.filter(pk=run.pk).update(total=F("total") + len(rows))
+    run.total += len(rows)
+
+
+def seal(run: BulkRun) -> bool:
+    """End the creation of a run (in its transaction); a run without items finishes at once."""
+    return _finish_if_done(run.pk)
+
+
+def mark_published(run_id: int, item_ids: Iterable[int]) -> None:
+    """Record that these items' messages were published; beat the run's publish heartbeat."""
+    ids = list(item_ids)
+    if ids:
+        BulkRunItem.objects.filter(pk__in=ids).update(published=True)
+    BulkRun.objects.filter(pk=run_id).update(publish_heartbeat=timezone.now())
+
+
+def mark_all_published(run_id: int) -> None:
+    """Every item of the run is published: the sweep leaves it alone."""
+    BulkRun.objects.filter(pk=run_id).update(published=True, publish_heartbeat=timezone.now())
+
+
+def claim_publishing(run_id: int, heartbeat: dt.datetime) -> bool:
+    """Take over the publishing of a run whose publisher stopped beating (the sweep)."""
+    return bool(
+        BulkRun.objects.filter(pk=run_id, published=False, publish_heartbeat=heartbeat).update(
+            publish_heartbeat=timezone.now()
+        )
+    )
+
+
+def start_item(run_id: int, item_id: int, *, mark_run: bool) -> bool:
+    """A worker starts a delivery of an item; False when the item is final already.
+
+    Args:
+        mark_run: Also move the run from queued to running (once per process and run).
+    """
+    now = timezone.now()
+    started = BulkRunItem.objects.filter(pk=item_id, status__in=OPEN_ITEM_STATUSES).update(
+        status=ItemStatus.RUNNING,
+        attempts=F("attempts") + 1,
+        started_at=Coalesce(F("started_at"), Value(now)),
+    )
+    if started and mark_run:
+        BulkRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
+            status=RunStatus.RUNNING, started_at=now
+        )
+    return bool(started)
+
+
+def finish_item(
+    run_id: int,
+    item_id: int,
+    status: ItemStatus,
+    *,
+    error_class: str = "",
+    error_message: str = "",
+    dead_letter_id: int | None = None,
+) -> tuple[bool, bool]:
+    """Move an open item to a final status and count it, once.
+
+    Returns:
+        ``(moved, finished)``: whether this call moved the item (False: it was final
+        already), and whether it was the run's last item (the caller then publishes the
+        completion, after the commit).
+    """
+    if status not in COUNTERS:
+        raise ValueError(f"{status!r} is not a final item status")
+    counter = COUNTERS[status]
+    with transaction.atomic():
+        moved = BulkRunItem.objects.filter(pk=item_id, status__in=OPEN_ITEM_STATUSES).update(
+            status=status,
+            finished_at=timezone.now(),
+            error_class=error_class[:255],
+            error_message=error_message[:MAX_ERROR_MESSAGE],
+            dead_letter_id=dead_letter_id,
+        )
+        if not moved:
+            return False, False
+        BulkRun.objects.filter(pk=run_id).update(**{counter: F(counter) + 1})
+        return True, _finish_if_done(run_id)
+
+
+def finish_items(run_id: int, item_ids: Sequence[int], status: ItemStatus, reason: str) -> bool:
+    """Move several open items of one run to ``status`` (publish-side skips); see above."""
+    counter = COUNTERS[status]
+    with transaction.atomic():
+        moved = BulkRunItem.objects.filter(
+            run_id=run_id, pk__in=item_ids, status__in=OPEN_ITEM_STATUSES
+        ).update(status=status, finished_at=timezone.now(), error_message=reason)
+        if not moved:
+            return False
+        BulkRun.objects.filter(pk=run_id).update(**{counter: F(counter) + moved})
+        return _finish_if_done(run_id)
+
+
+def cancel(run: BulkRun, *, initiator: Any = None) -> tuple[int, bool]:
+    """Cancel a run: its pending items become cancelled; running ones finish as they do.
+
+    Returns:
+        ``(cancelled items, finished)``; ``finished`` when that ended the run (the caller
+        publishes the completion after the commit).
+    """
+    who = initiator_name(initiator)
+    with transaction.atomic():
+        locked = BulkRun.objects.select_for_update().get(pk=run.pk)
+        if locked.status in FINISHED_RUN_STATUSES:
+            return 0, False
+        BulkRun.objects.filter(pk=run.pk).update(status=RunStatus.CANCELLED, cancelled_by=who)
+        count = BulkRunItem.objects.filter(run_id=run.pk, status=ItemStatus.PENDING).update(
+            status=ItemStatus.CANCELLED,
+            finished_at=timezone.now(),
+            error_message=f"cancelled by {who or 'an operator'}",
+        )
+        BulkRun.objects.filter(pk=run.pk).update(cancelled=F("cancelled") + count)
+        finished = _finish_if_done(run.pk)
+        audit.log_changes(
+            audit_user(initiator), [(locked, f"Cancelled: {count} pending item(s) cancelled.")]
+        )
+    logger.warning(
+        "celery_guard: run %s cancelled by %s: %d pending item(s) cancelled",
+        run.pk,
+        who or "?",
+        count,
+    )
+    run.refresh_from_db()
+    return count, finished
+
+
+def record_retry(parent: BulkRun, child: BulkRun, initiator: Any) -> None:
+    """Audit that ``child`` retries the failed items of ``parent``."""
+    audit.log_changes(
+        audit_user(initiator),
+        [(parent, f"Retried {child.total} failed item(s) as run #{child.pk}.")],
+    )
+
+
+def claim_completion(run_id: int, claimed_at: dt.datetime | None) -> bool:
+    """Take over a completion whose publisher did not confirm it (the sweep)."""
+    return bool(
+        BulkRun.objects.filter(
+            pk=run_id, completion_published_at=None, completion_claimed_at=claimed_at
+        ).update(completion_claimed_at=timezone.now())
+    )
+
+
+def completion_published(run_id: int, task_id: str) -> None:
+    """Record that the completion of the run was published."""
+    BulkRun.objects.filter(pk=run_id).update(
+        completion_published_at=timezone.now(), completion_task_id=task_id
+    )
+
+
+def purge(days: float, *, now: dt.datetime | None = None) -> int:
+    """Delete finished runs (and their items) that finished more than ``days`` ago."""
+    cutoff = (now or timezone.now()) - dt.timedelta(days=days)
+    old = BulkRun.objects.filter(finished_at__lt=cutoff)
+    deleted = 0
+    while True:
+        ids = list(old.values_list("pk", flat=True)[:100])
+        if not ids:
+            break
+        # Items first, in batches: one cascade over 100,000 rows would be one huge statement.
+        while True:
+            item_ids = list(
+                BulkRunItem.objects.filter(run_id__in=ids).values_list("pk", flat=True)[:5000]
+            )
+            if not item_ids:
+                break
+            BulkRunItem.objects.filter(pk__in=item_ids).delete()
+        BulkRun.objects.filter(pk__in=ids).delete()
+        deleted += len(ids)
+    logger.info("celery_guard: purged %d bulk runs finished more than %s days ago", deleted, days)
+    return deleted
