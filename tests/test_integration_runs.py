@@ -16,7 +16,7 @@ from tests.testapp.run_tasks import run_barrier, run_complete, run_item
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 #: Items of the crash test (the issue's 8,000 run by hand: CG_RUN_ITEMS=8000).
-ITEMS = int(os.environ.get("CG_RUN_ITEMS", "2000"))
+ITEMS = int(os.environ.get("CG_RUN_ITEMS", "1000"))
 #: Redelivery of a dead worker's messages, and takeover of the key it held, after seconds.
 CRASH_ENV = {"CG_VISIBILITY_TIMEOUT": "5", "CG_IDEMPOTENCY_LEASE": "5"}
 

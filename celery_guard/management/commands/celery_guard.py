@@ -9,11 +9,13 @@ from celery import current_app
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from celery_guard.conf import guard_settings
 from celery_guard.dlq import replay, services
 from celery_guard.dlq.models import DeadLetter
 from celery_guard.idempotency import dedup
 from celery_guard.management import doctor
 from celery_guard.observability import alerts, status
+from celery_guard.runs import services as run_services
 
 
 class Command(BaseCommand):
@@ -49,8 +51,9 @@ class Command(BaseCommand):
         )
         p = sub.add_parser(
             "purge",
-            help="Delete idempotency records past their dedup window and the retention, and "
-            "replayed/discarded dead letters older than CELERY_GUARD_DLQ_RETENTION_DAYS.",
+            help="Delete idempotency records past their dedup window and the retention, "
+            "replayed/discarded dead letters older than CELERY_GUARD_DLQ_RETENTION_DAYS, and "
+            "bulk runs finished more than CELERY_GUARD_RUNS_RETENTION_DAYS ago.",
         )
         p.add_argument(
             "--days", type=float, help="Dead letters: override CELERY_GUARD_DLQ_RETENTION_DAYS."
@@ -247,6 +250,8 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(f"purged {deleted} expired idempotency record(s)"))
         letters = services.purge(days)
         self.stdout.write(self.style.SUCCESS(f"purged {letters} dead letter(s)"))
+        bulk = run_services.purge(guard_settings.runs_retention_days)
+        self.stdout.write(self.style.SUCCESS(f"purged {bulk} finished bulk run(s)"))
 
     def handle_seed_dead_letters(self, *, count: int, batch: int, **options: Any) -> None:
         """Insert ``count`` fake dead letters (for the changelist benchmark)."""
