@@ -20,7 +20,7 @@ def test_a_bad_item_names_its_index_and_nothing_is_written_or_published(redis_ur
     with pytest.raises(RunItemError, match=r"item 2: .*colour") as info:
         start_run(run_item, items, name="bad")
     assert info.value.index == 2
-    with pytest.raises(RunItemError, match="item 1: .*JSON"):
+    with pytest.raises(RunItemError, match=r"item 1: .*JSON"):
         start_run(run_item, [{"n": 0}, {"n": object()}])
     with pytest.raises(RunItemError, match="item 0 must be a mapping"):
         start_run(run_item, [(1,)])
@@ -62,9 +62,7 @@ def test_the_sweep_publishes_items_a_dead_publisher_left(redis_url, queues, monk
     assert run.published
 
 
-def test_cancel_cancels_pending_items_ends_the_run_and_publishes_the_completion(
-    redis_url, queues
-):
+def test_cancel_cancels_pending_items_ends_the_run_and_publishes_the_completion(redis_url, queues):
     run = start_run(run_item, [{"n": n} for n in range(10)], on_complete=run_complete.si("c"))
     services.start_item(run.pk, BulkRunItem.objects.get(run=run, seq=0).pk, mark_run=True)
     assert cancel(run, initiator="ops") == 9
