@@ -8,6 +8,7 @@ from celery_guard.failures import checks as failures
 from celery_guard.idempotency import checks as idempotency
 from celery_guard.observability import checks as observability
 from celery_guard.routing import checks as routing
+from celery_guard.runs import checks as runs
 
 #: Every check, in the order ``AppConfig.ready()`` registers them.
 ALL: tuple[Check, ...] = (
@@ -18,4 +19,5 @@ ALL: tuple[Check, ...] = (
     *idempotency.CHECKS,
     *dlq.CHECKS,
     *observability.CHECKS,
+    *runs.CHECKS,
 )

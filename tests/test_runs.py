@@ -94,3 +94,30 @@ def test_purge_deletes_finished_runs_past_the_retention(settings):
     settings.CELERY_GUARD_RUNS_RETENTION_DAYS = 0.0000001
     call_command("celery_guard", "purge")
     assert set(BulkRun.objects.values_list("pk", flat=True)) == {live.pk}
+
+
+def test_the_runs_command_lists_watches_and_sweeps(settings):
+    import io
+
+    run = start_run(run_item, [{"n": 1}, {"n": 2}], name="Salary update")
+    cancel(run)
+    out = io.StringIO()
+    call_command("celery_guard", "runs", stdout=out)
+    assert f"{run.pk}  cancelled" in out.getvalue()
+    assert "2/2" in out.getvalue() and "Salary update" in out.getvalue()
+    out = io.StringIO()
+    call_command("celery_guard", "runs", "watch", str(run.pk), stdout=out)
+    assert "] 2/2 succeeded 0 failed 0 cancelled" in out.getvalue()
+    out = io.StringIO()
+    call_command("celery_guard", "runs", "sweep", stdout=out)
+    assert "published 0 item(s) and 0 completion(s)" in out.getvalue()
+
+
+def test_invalid_runs_settings_are_e001(settings):
+    from celery_guard.runs.checks import check_setting_values
+
+    settings.CELERY_GUARD_RUNS_RETENTION_DAYS = 0
+    settings.CELERY_GUARD_RUNS_SWEEP_GRACE = "soon"
+    errors = [e.msg for e in check_setting_values() if e.id == "celery_guard.E001"]
+    assert len(errors) == 2
+    assert "RUNS_RETENTION_DAYS" in errors[0] and "RUNS_SWEEP_GRACE" in errors[1]

@@ -15,13 +15,15 @@ from celery_guard.dlq.models import DeadLetter
 from celery_guard.idempotency import dedup
 from celery_guard.management import doctor
 from celery_guard.observability import alerts, status
+from celery_guard.runs import launch
 from celery_guard.runs import services as run_services
+from celery_guard.runs.models import BulkRun
 
 
 class Command(BaseCommand):
     """Dispatch to one subcommand method per operation (``handle_<name>``)."""
 
-    help = "celery_guard operations: doctor, status, alerts, replay, purge, seed-dead-letters."
+    help = "celery_guard operations: doctor, status, alerts, replay, purge, runs, seed-dead-letters."
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Declare the subcommands and their arguments."""
@@ -57,6 +59,17 @@ class Command(BaseCommand):
         )
         p.add_argument(
             "--days", type=float, help="Dead letters: override CELERY_GUARD_DLQ_RETENTION_DAYS."
+        )
+        runs = sub.add_parser("runs", help="List bulk runs; watch one; sweep stalled ones.")
+        runs.add_argument("--limit", type=int, default=20, help="Runs listed (newest first).")
+        runs_sub = runs.add_subparsers(dest="runs_command", metavar="command")
+        watch = runs_sub.add_parser("watch", help="A live progress bar until the run ends.")
+        watch.add_argument("run_id", type=int)
+        watch.add_argument("--interval", type=float, default=1.0, help="Seconds between polls.")
+        runs_sub.add_parser(
+            "sweep",
+            help="Publish items and completions that a dead process left unpublished "
+            "(after CELERY_GUARD_RUNS_SWEEP_GRACE).",
         )
         s = sub.add_parser("seed-dead-letters", help="Insert fake dead letters (benchmarks).")
         s.add_argument("count", type=int)
@@ -252,6 +265,51 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(f"purged {letters} dead letter(s)"))
         bulk = run_services.purge(guard_settings.runs_retention_days)
         self.stdout.write(self.style.SUCCESS(f"purged {bulk} finished bulk run(s)"))
+
+    def handle_runs(
+        self,
+        *,
+        limit: int = 20,
+        runs_command: str | None = None,
+        run_id: int | None = None,
+        interval: float = 1.0,
+        **options: Any,
+    ) -> None:
+        """List runs, watch one until it ends, or sweep."""
+        if runs_command == "sweep":
+            done = launch.sweep()
+            self.stdout.write(
+                f"published {done['items']} item(s) and {done['completions']} completion(s)"
+            )
+            return
+        if runs_command == "watch":
+            assert run_id is not None
+            self._watch(run_id, interval)
+            return
+        self.stdout.write(f"{'id':>6}  {'status':<22} {'done':>15}  {'failed':>7}  name")
+        for run in BulkRun.objects.order_by("-created_at", "-id")[:limit]:
+            self.stdout.write(
+                f"{run.pk:>6}  {run.status:<22} {f'{run.done}/{run.total}':>15}  "
+                f"{run.failed:>7}  {run.name or run.task_name}"
+            )
+
+    def _watch(self, run_id: int, interval: float) -> None:
+        while True:
+            run = BulkRun.objects.filter(pk=run_id).first()
+            if run is None:
+                raise CommandError(f"no bulk run {run_id}")
+            width = 30
+            filled = width * run.done // max(run.total, 1)
+            self.stdout.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {run.done}/{run.total} "
+                f"succeeded {run.succeeded} failed {run.failed} {run.status}",
+                ending="",
+            )
+            self.stdout.flush()
+            if run.is_finished:
+                self.stdout.write("")
+                return
+            time.sleep(interval)
 
     def handle_seed_dead_letters(self, *, count: int, batch: int, **options: Any) -> None:
         """Insert ``count`` fake dead letters (for the changelist benchmark)."""
