@@ -9,7 +9,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("celery_guard", "0003_deadletter_reasons"),
+        ("celery_guard", "0004_observability"),
     ]
 
     operations = [

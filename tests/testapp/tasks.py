@@ -82,5 +82,7 @@ def beat_guarded_job(self) -> None:
     record(self, self.request.headers["celery_guard"]["beat"]["key"])
 
 
-from tests.testapp import obs_tasks  # noqa: E402, F401  (registers the observability test tasks)
-from tests.testapp import run_tasks  # noqa: E402, F401  (registers the bulk-run test tasks)
+from tests.testapp import (  # noqa: E402  (register the observability and bulk-run test tasks)
+    obs_tasks,  # noqa: F401
+    run_tasks,  # noqa: F401
+)

@@ -23,7 +23,9 @@ from celery_guard.runs.models import BulkRun
 class Command(BaseCommand):
     """Dispatch to one subcommand method per operation (``handle_<name>``)."""
 
-    help = "celery_guard operations: doctor, status, alerts, replay, purge, runs, seed-dead-letters."
+    help = (
+        "celery_guard operations: doctor, status, alerts, replay, purge, runs, seed-dead-letters."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Declare the subcommands and their arguments."""
