@@ -39,6 +39,7 @@ DEFAULTS: Mapping[str, Any] = {
     "DEDUP_WINDOW": 24 * 3600,
     "IDEMPOTENCY_LEASE": 600,
     "IDEMPOTENCY_PUBLISH_GRACE": 60,
+    "IDEMPOTENCY_START_GRACE": 300,
     "IDEMPOTENCY_RETENTION": 7 * 24 * 3600,
     "RELEASE_ON_DEAD_LETTER": True,
     "REDACT_FIELDS": (
@@ -207,6 +208,11 @@ class GuardSettings:
     def idempotency_publish_grace(self) -> float:
         """Seconds a claim may stay unconfirmed before another enqueue takes it over."""
         return self.seconds(raw("IDEMPOTENCY_PUBLISH_GRACE"))
+
+    @property
+    def idempotency_start_grace(self) -> float:
+        """Seconds past its countdown/ETA and visibility timeout a published key may wait."""
+        return self.seconds(raw("IDEMPOTENCY_START_GRACE"))
 
     @property
     def idempotency_retention(self) -> float:

@@ -13,7 +13,7 @@ from celery.utils import uuid
 from celery_guard import conf
 from celery_guard.conf import guard_settings
 from celery_guard.core import headers, payload
-from celery_guard.core.pipeline import Pipeline, Publish
+from celery_guard.core.pipeline import Pipeline, Publish, publish_delay
 from celery_guard.exceptions import PayloadError
 from celery_guard.failures import handler
 from celery_guard.idempotency.dedup import RunContext, context
@@ -160,7 +160,12 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
                 **celery_options,
             )
 
-        return self.guard_pipeline.publish(self, message_headers[headers.HEADER], task_id, publish)
+        delay = publish_delay(
+            celery_options.get("countdown"), celery_options.get("eta"), self.app.timezone
+        )
+        return self.guard_pipeline.publish(
+            self, message_headers[headers.HEADER], task_id, publish, delay
+        )
 
     @property
     def guard(self) -> RunContext:

@@ -73,3 +73,30 @@ def test_the_state_column_tells_the_kinds_of_pending_apart():
     assert IdempotencyRecord.objects.get().state_detail() == "running"
     store.yield_lease("t:k", owner="w", token=run.fencing_token)
     assert IdempotencyRecord.objects.get().state_detail() == "pending (retry)"
+
+
+def test_keys_claimed_and_never_started_show_in_the_state_the_filter_and_doctor(client):
+    from celery_guard.management import doctor
+
+    store = ledger.DatabaseLedger()
+    for key in ("t:lost", "t:queued"):
+        store.claim(key, task_name="t", task_id=key, fingerprint="f", window=60)
+    store.confirm("t:lost", "t:lost", start_within=0)
+    store.confirm("t:queued", "t:queued", start_within=60)
+    lost = IdempotencyRecord.objects.get(key="t:lost")
+    assert lost.state_detail() == "pending (claimed, never started)"
+    assert IdempotencyRecord.objects.get(key="t:queued").state_detail() == "pending (published)"
+    staff(client, "view_idempotencyrecord")
+    page = client.get(reverse(CHANGELIST), {"start": "never"})
+    assert b"t:lost" in page.content
+    assert b"t:queued" not in page.content
+    report = doctor.Report()
+    doctor._check_never_started(report)
+    assert report.lines == [
+        (
+            "warning",
+            "idempotency keys claimed, never started: 1 (published, no worker started them by "
+            "their start-by time: lost messages; the next enqueue of each runs it; see the "
+            "admin's 'claimed, never started' filter)",
+        )
+    ]

@@ -22,6 +22,7 @@ from tests.checks_support import check_setting_values
         {"CELERY_GUARD_IDEMPOTENCY_LEASE": "10m"},
         {"CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE": 0},
         {"CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE": None},
+        {"CELERY_GUARD_IDEMPOTENCY_START_GRACE": -1},
         {"CELERY_GUARD_IDEMPOTENCY_RETENTION": timedelta(0)},
         {"CELERY_GUARD_RELEASE_ON_DEAD_LETTER": "yes"},
     ],

@@ -238,3 +238,21 @@ def test_an_enqueue_confirms_its_claim_once_published(
     assert high(redis_url, queues) == 2
     assert f"[{second.id}] published but its claim of key" in caplog.text
     assert idem_store.get(f"{NOTIFY}:notify:41:v1")["lease_expires_at"] is not None
+
+
+def test_a_published_key_must_start_by_its_eta_plus_the_visibility_timeout_and_grace(
+    idem_backend, idem_store, queues, empty_queues, celery_conf, settings
+):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    settings.CELERY_GUARD_IDEMPOTENCY_START_GRACE = 300
+    celery_conf(broker_transport_options={"visibility_timeout": 7200})
+    before = timezone.now()
+    idem_notify.apply_async((3, "v1"), countdown=3600)
+    idem_notify.apply_async((3, "v2"), eta=before + dt.timedelta(hours=2))
+    for version, delay in (("v1", 3600), ("v2", 7200)):
+        start_by = idem_store.get(f"{NOTIFY}:notify:3:{version}")["start_by"]
+        assert start_by >= before + dt.timedelta(seconds=delay + 7200 + 300)
+        assert start_by < before + dt.timedelta(seconds=delay + 7200 + 300 + 60)

@@ -266,3 +266,40 @@ def test_a_run_of_a_key_claimed_at_enqueue_does_not_try_an_insert():
     assert not [
         q for q in queries.captured_queries if q["sql"].lstrip().upper().startswith("INSERT")
     ]
+
+
+def test_a_confirmed_claim_never_started_is_taken_over_after_its_start_by(idem_store):
+    claim(idem_store)
+    assert idem_store.confirm("t:k", "t1", start_within=0.3) is True
+    assert idem_store.get("t:k")["start_by"] is not None
+    # Before its start-by time the message may still be queued: a duplicate, as usual.
+    assert claim(idem_store, task_id="t2") == ledger.Claim("duplicate", "t1", FP)
+    time.sleep(0.4)
+    # Past it the message was lost: the next call takes the key over and publishes again.
+    taken = claim(idem_store, task_id="t2", fp=OTHER_FP)
+    assert taken == ledger.Claim("claimed", "t2", OTHER_FP, "t1", never_started=True)
+    record = idem_store.get("t:k")
+    assert (record["state"], record["task_id"], record["start_by"]) == ("pending", "t2", None)
+    assert record["lease_expires_at"] is not None  # a new claim: unconfirmed again
+    # The lost message, should it turn up after all, runs once; the new one then skips.
+    assert start(idem_store, "w1").outcome == "run"
+    assert idem_store.finish("t:k", owner="w1", token=1, state="succeeded") is True
+    assert start(idem_store, "w2", task_id="t2").outcome == "skip"
+
+
+def test_a_started_claim_is_never_taken_over_as_never_started(idem_store):
+    claim(idem_store)
+    idem_store.confirm("t:k", "t1", start_within=0.1)
+    run = start(idem_store, "w1", lease=60)
+    assert idem_store.get("t:k")["start_by"] is None
+    idem_store.yield_lease("t:k", owner="w1", token=run.fencing_token)  # a Celery retry
+    time.sleep(0.2)
+    assert claim(idem_store, task_id="t2") == ledger.Claim("duplicate", "t1", FP)
+
+
+def test_a_confirmed_claim_waits_the_start_grace_by_default(idem_store, settings):
+    settings.CELERY_GUARD_IDEMPOTENCY_START_GRACE = 0.1
+    claim(idem_store)
+    idem_store.confirm("t:k", "t1")
+    time.sleep(0.2)
+    assert claim(idem_store, task_id="t2").never_started is True

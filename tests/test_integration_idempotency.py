@@ -303,3 +303,40 @@ def test_a_producer_killed_between_publish_and_confirm_costs_a_duplicate_run_onc
     wait_until(lambda: queue_length(redis_url, queues["high"]) == 0, 10)
     assert idem_store.get(key)["state"] == "succeeded"
     assert labels("notify:31:v1") == ["notify:31:v1::1"]
+
+
+def test_a_published_message_the_broker_lost_does_not_block_its_key_past_the_start_by(
+    idem_backend,
+    idem_store,
+    start_worker,
+    redis_url,
+    queues,
+    empty_queues,
+    settings,
+    celery_conf,
+    caplog,
+):
+    # The bound: no countdown + a 1 s visibility timeout + a 1 s start grace.
+    settings.CELERY_GUARD_IDEMPOTENCY_START_GRACE = 1
+    celery_conf(broker_transport_options={"visibility_timeout": 1})
+    key = f"{idem_notify.name}:notify:40:v1"
+    lost = idem_notify.delay(40, "v1")
+    record = idem_store.get(key)
+    assert (record["state"], record["lease_expires_at"]) == ("pending", None)  # confirmed
+    redis.Redis.from_url(redis_url).delete(queues["high"])  # the broker loses the message
+
+    # Before the bound the message may still be queued: the re-enqueue is a duplicate.
+    assert idem_notify.delay(40, "v1").id == lost.id
+    assert time.time() < record["start_by"].timestamp()  # decided before the bound
+    assert queue_length(redis_url, queues["high"]) == 0
+
+    wait_past(record["start_by"])
+    caplog.set_level(logging.WARNING, logger="celery_guard")
+    again = idem_notify.delay(40, "v1")
+    assert again.id != lost.id
+    assert f"took key '{key}' over from {lost.id}, which was published but never" in caplog.text
+    assert queue_length(redis_url, queues["high"]) == 1
+    start_worker(["high"])
+    wait_until(lambda: (idem_store.get(key) or {}).get("state") == "succeeded", 60)
+    assert labels("notify:40:v1") == ["notify:40:v1::1"]  # the job ran, once
+    assert idem_store.get(key)["task_id"] == again.id

@@ -16,6 +16,7 @@ it, so a new feature adds a step there and leaves the task class alone.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -59,9 +60,18 @@ class Step:
         """Validate a publish and add header fields to ``publish.fields``; raise to refuse it."""
 
     def publish(
-        self, task: Any, header: Mapping[str, Any], task_id: str, send: Callable[[], Any]
+        self,
+        task: Any,
+        header: Mapping[str, Any],
+        task_id: str,
+        send: Callable[[], Any],
+        delay: float = 0.0,
     ) -> Any:
-        """Publish through ``send()`` (or not); return the ``AsyncResult`` the caller gets."""
+        """Publish through ``send()`` (or not); return the ``AsyncResult`` the caller gets.
+
+        ``delay`` is how many seconds after the publish the message is due (its
+        countdown/ETA), 0 when it is due at once.
+        """
         return send()
 
     def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
@@ -83,11 +93,16 @@ class Pipeline:
         return publish.fields
 
     def publish(
-        self, task: Any, header: Mapping[str, Any], task_id: str, send: Callable[[], Any]
+        self,
+        task: Any,
+        header: Mapping[str, Any],
+        task_id: str,
+        send: Callable[[], Any],
+        delay: float = 0.0,
     ) -> Any:
         """Publish through every step's :meth:`Step.publish`, the first step outermost."""
         for step in reversed(self.steps):
-            send = _bind_publish(step, task, header, task_id, send)
+            send = _bind_publish(step, task, header, task_id, send, delay)
         return send()
 
     def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], body: CallNext) -> Any:
@@ -99,9 +114,28 @@ class Pipeline:
 
 
 def _bind_publish(
-    step: Step, task: Any, header: Mapping[str, Any], task_id: str, send: Callable[[], Any]
+    step: Step,
+    task: Any,
+    header: Mapping[str, Any],
+    task_id: str,
+    send: Callable[[], Any],
+    delay: float,
 ) -> Callable[[], Any]:
-    return lambda: step.publish(task, header, task_id, send)
+    return lambda: step.publish(task, header, task_id, send, delay)
+
+
+def publish_delay(countdown: Any, eta: Any, tz: dt.tzinfo = dt.timezone.utc) -> float:
+    """Seconds from now until a message published with ``countdown``/``eta`` is due (>= 0).
+
+    A naive ``eta`` is in ``tz`` (pass the app's timezone, as Celery reads it); anything
+    that is not a number or a datetime counts as due now: Celery refuses it at the publish.
+    """
+    if isinstance(eta, dt.datetime):
+        aware = eta if eta.tzinfo is not None else eta.replace(tzinfo=tz)
+        return max(0.0, (aware - dt.datetime.now(dt.timezone.utc)).total_seconds())
+    if isinstance(countdown, (int, float)) and not isinstance(countdown, bool):
+        return max(0.0, float(countdown))
+    return 0.0
 
 
 def _bind_run(step: Step, task: Any, call: CallNext) -> CallNext:

@@ -24,7 +24,12 @@ def setting_errors() -> Iterable[str]:
         yield f"CELERY_GUARD_IDEMPOTENCY_REDIS_URL must be None or a redis:// URL, got {url!r}"
     if not isinstance(conf.raw("IDEMPOTENCY_REDIS_PREFIX"), str):
         yield "CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX must be a str"
-    names = ("DEDUP_WINDOW", "IDEMPOTENCY_LEASE", "IDEMPOTENCY_PUBLISH_GRACE")
+    names = (
+        "DEDUP_WINDOW",
+        "IDEMPOTENCY_LEASE",
+        "IDEMPOTENCY_PUBLISH_GRACE",
+        "IDEMPOTENCY_START_GRACE",
+    )
     for name in (*names, "IDEMPOTENCY_RETENTION"):
         value = conf.raw(name)
         seconds = (

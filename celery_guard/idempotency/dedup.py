@@ -20,6 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from celery_guard.conf import guard_settings
+from celery_guard.core import checks as core_checks
 from celery_guard.core import headers
 from celery_guard.exceptions import IdempotencyConflict, LeaseLost
 from celery_guard.idempotency import ledger
@@ -145,7 +146,11 @@ def mark_skipped(request: Any) -> None:
 
 
 def publish_once(
-    task: Any, identity: Identity | None, task_id: str, publish: Callable[[], Any]
+    task: Any,
+    identity: Identity | None,
+    task_id: str,
+    publish: Callable[[], Any],
+    delay: float = 0.0,
 ) -> Any:
     """Publish a call unless its key is already held inside its window.
 
@@ -153,8 +158,11 @@ def publish_once(
     publish leaves no claim behind. The claim is provisional until the publish is confirmed
     after it returns: a producer that dies in between leaves a claim that the next enqueue
     takes over once ``CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE`` has passed, so the job is not
-    lost. A republish of the running task itself (a Celery retry) gives its lease back
-    instead, so the next attempt can run.
+    lost. The confirmed claim must start within :func:`start_within` (``delay``, the
+    message's countdown/ETA, plus the visibility timeout and the start grace), or the next
+    enqueue takes it over as never started: its message was lost. A republish of the
+    running task itself (a Celery retry) gives its lease back instead, so the next attempt
+    can run.
 
     Returns:
         The ``AsyncResult`` of the publish, or of the first task when this is a duplicate.
@@ -211,7 +219,17 @@ def publish_once(
             claim.outcome,
         )
         return task.AsyncResult(claim.task_id)
-    if claim.abandoned:
+    if claim.never_started:
+        logger.warning(
+            "celery_guard: %s[%s] took key %r over from %s, which was published but never "
+            "started by its start-by time (its message was lost by the broker, or waited in "
+            "the queue longer than CELERY_GUARD_IDEMPOTENCY_START_GRACE)",
+            task.name,
+            task_id,
+            identity.key,
+            claim.abandoned,
+        )
+    elif claim.abandoned:
         logger.warning(
             "celery_guard: %s[%s] took key %r over from %s, whose publish was never "
             "confirmed (its producer died between the claim and the publish, or the publish "
@@ -234,18 +252,29 @@ def publish_once(
             identity.key,
         )
         raise
-    _confirm(store, task, identity.key, task_id)
+    _confirm(store, task, identity.key, task_id, start_within(task, delay))
     return result
 
 
-def _confirm(store: ledger.Ledger, task: Any, key: str, task_id: str) -> None:
+def start_within(task: Any, delay: float) -> float:
+    """Seconds a published message may take to start before its claim counts as lost.
+
+    Its countdown/ETA ``delay``, plus the Redis visibility timeout (a message a dead consumer
+    held comes back only after it; RabbitMQ returns it when the channel closes), plus
+    ``CELERY_GUARD_IDEMPOTENCY_START_GRACE`` for the queue wait.
+    """
+    visibility = core_checks.redis_visibility_timeout(task.app) or 0.0
+    return delay + visibility + guard_settings.idempotency_start_grace
+
+
+def _confirm(store: ledger.Ledger, task: Any, key: str, task_id: str, within: float) -> None:
     """Confirm a published claim; never raises, since the message is out already.
 
     An unconfirmed claim only means that, after the grace, another enqueue may publish the
     key again: a duplicate message that the worker-side guard runs at most once.
     """
     try:
-        confirmed = store.confirm(key, task_id)
+        confirmed = store.confirm(key, task_id, within)
     except Exception:
         logger.warning(
             "celery_guard: %s[%s] published but its claim of key %r could not be confirmed; "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from django.db import models
+from django.db.models import Q
+from django.utils import timezone
 
 
 class KeyState(models.TextChoices):
@@ -13,6 +15,16 @@ class KeyState(models.TextChoices):
     SUCCEEDED = "succeeded", "succeeded"
     FAILED = "failed", "failed"
     RELEASED = "released", "released"
+
+
+def never_started() -> Q:
+    """Records of confirmed claims past their start-by time: claimed, never started."""
+    return Q(
+        state=KeyState.PENDING,
+        owner="",
+        lease_expires_at__isnull=True,
+        start_by__lte=timezone.now(),
+    )
 
 
 class IdempotencyRecord(models.Model):
@@ -33,6 +45,8 @@ class IdempotencyRecord(models.Model):
     fencing_token = models.PositiveBigIntegerField(default=0)
     owner = models.CharField(max_length=255, blank=True, default="")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    #: A confirmed claim's start-by time: no start by then means its message was lost.
+    start_by = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
     expires_at = models.DateTimeField(db_index=True)
@@ -47,8 +61,9 @@ class IdempotencyRecord(models.Model):
     def state_detail(self) -> str:
         """The state, telling the kinds of ``pending`` apart (see ``idempotency.ledger``).
 
-        An unconfirmed claim's ``lease_expires_at`` is its publish deadline; a run that gave
-        its lease back for a Celery retry keeps its owner.
+        An unconfirmed claim's ``lease_expires_at`` is its publish deadline; a confirmed
+        claim past its ``start_by`` was never started (its message was lost); a run that
+        gave its lease back for a Celery retry keeps its owner.
         """
         if self.state != KeyState.PENDING:
             return str(self.state)
@@ -56,4 +71,6 @@ class IdempotencyRecord(models.Model):
             return "pending (retry)"
         if self.lease_expires_at is not None:
             return "pending (publish unconfirmed)"
+        if self.start_by is not None and self.start_by <= timezone.now():
+            return "pending (claimed, never started)"
         return "pending (published)"

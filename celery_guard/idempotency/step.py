@@ -23,10 +23,16 @@ class IdempotencyStep(Step):
         publish.fields[keys.HEADER_FIELD] = identity.header() if identity else None
 
     def publish(
-        self, task: Any, header: Mapping[str, Any], task_id: str, send: Callable[[], Any]
+        self,
+        task: Any,
+        header: Mapping[str, Any],
+        task_id: str,
+        send: Callable[[], Any],
+        delay: float = 0.0,
     ) -> Any:
         """Publish unless the key is already held inside its window."""
-        return dedup.publish_once(task, keys.Identity.from_header(header), task_id, send)
+        identity = keys.Identity.from_header(header)
+        return dedup.publish_once(task, identity, task_id, send, delay)
 
     def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
         """Run the body under the key's lease, or skip a key that already succeeded."""

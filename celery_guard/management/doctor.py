@@ -12,6 +12,7 @@ from django.core import checks
 from django.db import connection
 
 from celery_guard.conf import guard_settings
+from celery_guard.idempotency.models import IdempotencyRecord, never_started
 
 
 @dataclass
@@ -83,6 +84,32 @@ def _check_consumers(app: Any, report: Report, timeout: float) -> None:
             report.add("warning", f"priority {level!r} -> queue {queue!r}: no worker consumes it")
 
 
+def _check_never_started(report: Report) -> None:
+    """Count the keys claimed and published but never started (their messages were lost)."""
+    if guard_settings.idempotency_backend != "database":
+        # Counting them in Redis means a SCAN of every key of the ledger: too costly here.
+        report.add(
+            "ok",
+            "idempotency keys claimed, never started: not counted with the Redis ledger "
+            "(the next enqueue of such a key takes it over)",
+        )
+        return
+    try:
+        count = IdempotencyRecord.objects.filter(never_started()).count()
+    except Exception as exc:
+        report.add("warning", f"idempotency keys claimed, never started: not counted: {exc}")
+        return
+    if count:
+        report.add(
+            "warning",
+            f"idempotency keys claimed, never started: {count} (published, no worker started "
+            "them by their start-by time: lost messages; the next enqueue of each runs it; "
+            "see the admin's 'claimed, never started' filter)",
+        )
+    else:
+        report.add("ok", "idempotency keys claimed, never started: none")
+
+
 def worker_commands(app: Any) -> list[str]:
     """Return one worker command line per priority queue, so each level has its own pool."""
     queues = dict.fromkeys(guard_settings.priority_queues.values())
@@ -95,6 +122,7 @@ def run(timeout: float = 2.0) -> Report:
     report = Report()
     _check_messages(report)
     _check_database(report)
+    _check_never_started(report)
     if _check_broker(app, report, timeout):
         _check_consumers(app, report, timeout)
     return report

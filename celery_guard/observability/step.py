@@ -65,7 +65,12 @@ class ObservabilityStep(Step):
         publish.fields[REQUEST] = origin.header() if origin is not None else None
 
     def publish(
-        self, task: Any, header: Mapping[str, Any], task_id: str, send: Callable[[], Any]
+        self,
+        task: Any,
+        header: Mapping[str, Any],
+        task_id: str,
+        send: Callable[[], Any],
+        delay: float = 0.0,
     ) -> Any:
         """Emit ``enqueued`` when the message went out (not for a deduplicated call)."""
         result = send()

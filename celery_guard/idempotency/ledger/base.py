@@ -14,6 +14,13 @@ publish; a claim still unconfirmed past its deadline was abandoned (the producer
 between the claim and the publish) and the next claim takes the key over, so a crashed
 producer never loses the job. (A ``pending`` record *with* an owner is a run that gave its
 lease back for a Celery retry; it is never taken over by a claim.)
+
+A confirmed claim gets a *start-by* time instead: the publish plus the message's
+countdown/ETA, the Redis visibility timeout and ``CELERY_GUARD_IDEMPOTENCY_START_GRACE``. A
+confirmed claim that no worker started by then is *claimed, never started*: its message was
+lost by the broker (Redis without persistence restarted, a consumer killed between taking
+the message and recording it unacked), and the next claim takes the key over, so a lost
+message blocks a resubmission for a bounded time, not for the whole window.
 """
 
 from __future__ import annotations
@@ -35,13 +42,16 @@ class Claim:
         task_id: The task that holds the key (the caller's own id when claimed).
         fingerprint: The fingerprint of the arguments that hold the key.
         abandoned: When claimed by taking over an abandoned claim (unconfirmed past its
-            publish deadline), the task id of that claim; else ``""``.
+            publish deadline, or confirmed but never started by its start-by time), the
+            task id of that claim; else ``""``.
+        never_started: The abandoned claim was confirmed (published) but never started.
     """
 
     outcome: str
     task_id: str
     fingerprint: str
     abandoned: str = ""
+    never_started: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,16 +91,20 @@ class Ledger(abc.ABC):
         The claim is provisional: unless :meth:`confirm` is called within ``grace`` seconds
         (default ``CELERY_GUARD_IDEMPOTENCY_PUBLISH_GRACE``), a later claim takes it over.
         A key is free when absent, released, past its window (and not running under a live
-        lease), or claimed but unconfirmed past its publish deadline (abandoned). A key
-        already held by ``task_id`` itself counts as claimed.
+        lease), claimed but unconfirmed past its publish deadline, or confirmed but never
+        started past its start-by time (both abandoned). A key already held by ``task_id``
+        itself counts as claimed.
         """
 
     @abc.abstractmethod
-    def confirm(self, key: str, task_id: str) -> bool:
+    def confirm(self, key: str, task_id: str, start_within: float | None = None) -> bool:
         """Confirm the publish of ``task_id``'s claim: clear its publish deadline.
 
-        Only an unconfirmed ``pending`` claim of ``task_id`` changes; ``False`` when the key
-        was taken over, or a worker already started the task (its state stands).
+        The claim must then start within ``start_within`` seconds (default
+        ``CELERY_GUARD_IDEMPOTENCY_START_GRACE``; the producer adds the countdown/ETA and
+        the visibility timeout), or a later claim takes it over as never started. Only an
+        unconfirmed ``pending`` claim of ``task_id`` changes; ``False`` when the key was
+        taken over, or a worker already started the task (its state stands).
         """
 
     @abc.abstractmethod
@@ -150,6 +164,11 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def purge(self, retention: float) -> int:
         """Delete records whose window ended more than ``retention`` seconds ago."""
+
+
+def start_bound(seconds: float | None) -> float:
+    """How long a confirmed claim may wait for its start: ``seconds``, or the start grace."""
+    return guard_settings.idempotency_start_grace if seconds is None else seconds
 
 
 def publish_grace(grace: float | None) -> float:

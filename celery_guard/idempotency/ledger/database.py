@@ -9,7 +9,7 @@ from django.db import IntegrityError, router, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
-from celery_guard.idempotency.ledger.base import Claim, Ledger, Start, publish_grace
+from celery_guard.idempotency.ledger.base import Claim, Ledger, Start, publish_grace, start_bound
 from celery_guard.idempotency.models import KeyState
 
 
@@ -18,8 +18,14 @@ def _unconfirmed() -> Q:
     return Q(state=KeyState.PENDING, owner="", lease_expires_at__isnull=False)
 
 
-def _abandoned(state: str, owner: str, deadline: dt.datetime | None, now: dt.datetime) -> bool:
-    return state == KeyState.PENDING and owner == "" and deadline is not None and deadline <= now
+def _abandoned(row: dict[str, Any], now: dt.datetime) -> str:
+    """Why a claim was abandoned: ``"unconfirmed"``, ``"never started"``, or ``""`` (held)."""
+    if row["state"] != KeyState.PENDING or row["owner"] != "":
+        return ""
+    if row["lease_expires_at"] is not None:
+        return "unconfirmed" if row["lease_expires_at"] <= now else ""
+    start_by = row["start_by"]
+    return "never started" if start_by is not None and start_by <= now else ""
 
 
 class DatabaseLedger(Ledger):
@@ -71,6 +77,7 @@ class DatabaseLedger(Ledger):
                 "fingerprint": fingerprint,
                 "owner": "",
                 "lease_expires_at": now + dt.timedelta(seconds=grace),
+                "start_by": None,
                 "created_at": now,
                 "updated_at": now,
                 "expires_at": now + dt.timedelta(seconds=window),
@@ -84,29 +91,38 @@ class DatabaseLedger(Ledger):
             row = (
                 self._rows()
                 .filter(key=key)
-                .values("task_id", "fingerprint", "state", "owner", "lease_expires_at")
+                .values("task_id", "fingerprint", "state", "owner", "lease_expires_at", "start_by")
                 .first()
             )
             if row is None:  # purged between the two statements: try again
                 continue
             if row["task_id"] == task_id:
                 return Claim("claimed", task_id, row["fingerprint"])
-            if _abandoned(row["state"], row["owner"], row["lease_expires_at"], now):
+            why = _abandoned(row, now)
+            if why:
                 # Compare-and-set on the dead claim's task id: one racing producer wins.
+                past = (
+                    Q(lease_expires_at__lte=now)
+                    if why == "unconfirmed"
+                    else Q(lease_expires_at__isnull=True, start_by__lte=now)
+                )
                 dead = self._rows().filter(
-                    _unconfirmed(), key=key, task_id=row["task_id"], lease_expires_at__lte=now
+                    past, key=key, task_id=row["task_id"], state=KeyState.PENDING, owner=""
                 )
                 if dead.update(**fields):
-                    return Claim("claimed", task_id, fingerprint, abandoned=row["task_id"])
+                    never_started = why == "never started"
+                    return Claim("claimed", task_id, fingerprint, row["task_id"], never_started)
                 continue  # confirmed, started or taken over meanwhile: decide again
             outcome = "duplicate" if row["fingerprint"] == fingerprint else "conflict"
             return Claim(outcome, row["task_id"], row["fingerprint"])
         raise RuntimeError(f"idempotency key {key!r} kept changing during the claim")
 
-    def confirm(self, key: str, task_id: str) -> bool:
+    def confirm(self, key: str, task_id: str, start_within: float | None = None) -> bool:
         """See :meth:`Ledger.confirm`."""
+        now = timezone.now()
+        start_by = now + dt.timedelta(seconds=start_bound(start_within))
         rows = self._rows().filter(_unconfirmed(), key=key, task_id=task_id)
-        return bool(rows.update(lease_expires_at=None, updated_at=timezone.now()))
+        return bool(rows.update(lease_expires_at=None, start_by=start_by, updated_at=now))
 
     def unclaim(self, key: str, task_id: str) -> bool:
         """See :meth:`Ledger.unclaim`."""
@@ -148,6 +164,7 @@ class DatabaseLedger(Ledger):
                     fingerprint=fingerprint,
                     owner=owner,
                     lease_expires_at=lease_until,
+                    start_by=None,
                     fencing_token=F("fencing_token") + 1,
                     updated_at=now,
                     # A key past its window starts a new one; otherwise the window stands.

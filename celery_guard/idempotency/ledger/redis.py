@@ -7,7 +7,7 @@ import functools
 from typing import Any
 
 from celery_guard.conf import guard_settings
-from celery_guard.idempotency.ledger.base import Claim, Ledger, Start, publish_grace
+from celery_guard.idempotency.ledger.base import Claim, Ledger, Start, publish_grace, start_bound
 from celery_guard.idempotency.models import KeyState
 
 # Shared by the scripts: the server's clock (one clock for every producer and worker), and
@@ -28,26 +28,28 @@ _LUA_CLAIM = (
 local task_name, task_id, fp = ARGV[1], ARGV[2], ARGV[3]
 local window, retention, grace = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local h = redis.call('HMGET', KEYS[1], 'state', 'task_id', 'fp', 'expires_at', 'lease_until',
-  'owner')
+  'owner', 'start_by')
 local state = h[1]
-local function write(abandoned)
+local function write(abandoned, never_started)
   redis.call('HSET', KEYS[1], 'state', 'pending', 'task_name', task_name, 'task_id', task_id,
-    'fp', fp, 'owner', '', 'lease_until', now + grace, 'created_at', now, 'updated_at', now,
-    'expires_at', now + window)
+    'fp', fp, 'owner', '', 'lease_until', now + grace, 'start_by', 0, 'created_at', now,
+    'updated_at', now, 'expires_at', now + window)
   redis.call('HSETNX', KEYS[1], 'token', 0)
   touch(retention)
-  return {'claimed', task_id, fp, abandoned}
+  return {'claimed', task_id, fp, abandoned, never_started}
 end
-if not state then return write('') end
-if h[2] == task_id then return {'claimed', task_id, h[3], ''} end
+if not state then return write('', '') end
+if h[2] == task_id then return {'claimed', task_id, h[3], '', ''} end
 local live_run = state == 'running' and tonumber(h[5]) > now
-if state == 'released' or (tonumber(h[4]) <= now and not live_run) then return write('') end
-local deadline = tonumber(h[5]) or 0
-if state == 'pending' and h[6] == '' and deadline > 0 and deadline <= now then
-  return write(h[2])
+if state == 'released' or (tonumber(h[4]) <= now and not live_run) then return write('', '') end
+local deadline, start_by = tonumber(h[5]) or 0, tonumber(h[7]) or 0
+if state == 'pending' and h[6] == '' then
+  -- Abandoned: unconfirmed past its publish deadline, or confirmed and never started.
+  if deadline > 0 and deadline <= now then return write(h[2], '') end
+  if deadline <= 0 and start_by > 0 and start_by <= now then return write(h[2], '1') end
 end
-if h[3] == fp then return {'duplicate', h[2], h[3], ''} end
-return {'conflict', h[2], h[3], ''}
+if h[3] == fp then return {'duplicate', h[2], h[3], '', ''} end
+return {'conflict', h[2], h[3], '', ''}
 """
 )
 
@@ -57,7 +59,8 @@ _LUA_CONFIRM = (
 local h = redis.call('HMGET', KEYS[1], 'state', 'task_id', 'owner', 'lease_until')
 if h[1] ~= 'pending' or h[2] ~= ARGV[1] or h[3] ~= '' then return 0 end
 if (tonumber(h[4]) or 0) <= 0 then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', 0, 'updated_at', now)
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'start_by', now + tonumber(ARGV[2]),
+  'updated_at', now)
 return 1
 """
 )
@@ -79,7 +82,7 @@ if takeable then
   if state and tonumber(h[3]) > now then expires = tonumber(h[3]) end
   local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
   redis.call('HSET', KEYS[1], 'state', 'running', 'task_name', task_name, 'task_id', task_id,
-    'fp', fp, 'owner', owner, 'lease_until', now + lease, 'updated_at', now,
+    'fp', fp, 'owner', owner, 'lease_until', now + lease, 'start_by', 0, 'updated_at', now,
     'expires_at', expires)
   redis.call('HSETNX', KEYS[1], 'created_at', now)
   touch(retention)
@@ -172,12 +175,15 @@ class RedisLedger(Ledger):
     ) -> Claim:
         """See :meth:`Ledger.claim`."""
         args = [task_name, task_id, fingerprint, window, self._retention(), publish_grace(grace)]
-        outcome, holder, fp, abandoned = self._claim(keys=[self._key(key)], args=args)
-        return Claim(outcome.decode(), holder.decode(), fp.decode(), abandoned.decode())
+        outcome, holder, fp, abandoned, unstarted = self._claim(keys=[self._key(key)], args=args)
+        return Claim(
+            outcome.decode(), holder.decode(), fp.decode(), abandoned.decode(), bool(unstarted)
+        )
 
-    def confirm(self, key: str, task_id: str) -> bool:
+    def confirm(self, key: str, task_id: str, start_within: float | None = None) -> bool:
         """See :meth:`Ledger.confirm`."""
-        return bool(self._confirm(keys=[self._key(key)], args=[task_id]))
+        args = [task_id, start_bound(start_within)]
+        return bool(self._confirm(keys=[self._key(key)], args=args))
 
     def unclaim(self, key: str, task_id: str) -> bool:
         """See :meth:`Ledger.unclaim`."""
@@ -238,6 +244,7 @@ class RedisLedger(Ledger):
             "fencing_token": int(row.get("token", 0)),
             "owner": row.get("owner", ""),
             "lease_expires_at": _stamp(row.get("lease_until")),
+            "start_by": _stamp(row.get("start_by")),
             "created_at": _stamp(row.get("created_at")),
             "updated_at": _stamp(row.get("updated_at")),
             "expires_at": _stamp(row.get("expires_at")),
