@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from celery_guard import durations
 
 
 class BackoffPolicy(Protocol):
@@ -22,9 +23,10 @@ class BackoffPolicy(Protocol):
 def _non_negative(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+    try:
+        return durations.seconds(value, allow_minimum=True)
+    except ValueError as exc:
+        raise ValueError(f"{name} {exc}") from None
 
 
 @dataclass(frozen=True)

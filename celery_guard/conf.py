@@ -7,8 +7,9 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
 
-from celery_guard import backoff
+from celery_guard import backoff, durations
 
 PREFIX = "CELERY_GUARD_"
 
@@ -92,6 +93,42 @@ def raw(name: str) -> Any:
     return getattr(django_settings, PREFIX + name, DEFAULTS[name])
 
 
+#: Duration settings -> the bounds :func:`celery_guard.durations.seconds` applies to them.
+#: ``manage.py check`` (E001) and every read below use this one table.
+DURATIONS: Mapping[str, Mapping[str, Any]] = {
+    "DEDUP_WINDOW": {},
+    "IDEMPOTENCY_LEASE": {},
+    "IDEMPOTENCY_PUBLISH_GRACE": {},
+    "IDEMPOTENCY_START_GRACE": {},
+    "IDEMPOTENCY_RETENTION": {},
+    "SOFT_TIME_LIMIT": {},
+    "TIME_LIMIT": {},
+    "BEAT_LEASE_SECONDS": {"maximum": durations.MAX_BEAT_LEASE},
+    "DLQ_RETENTION_DAYS": {
+        "unit": "days",
+        "minimum": durations.MIN_RETENTION_DAYS,
+        "allow_minimum": True,
+        "maximum": durations.MAX_RETENTION_DAYS,
+    },
+}
+#: Duration settings that may be ``None`` (no limit).
+OPTIONAL_DURATIONS = frozenset({"SOFT_TIME_LIMIT", "TIME_LIMIT"})
+
+
+def duration(name: str) -> float:
+    """Return duration setting ``name`` validated (seconds, or days for the retention).
+
+    Raises:
+        ImproperlyConfigured: The value is not a finite duration within its bounds (what
+            ``manage.py check`` reports as E001), naming the setting: a process that skipped
+            the checks still fails clearly instead of deep inside a ledger.
+    """
+    try:
+        return durations.seconds(raw(name), **DURATIONS[name])
+    except (TypeError, ValueError) as exc:
+        raise ImproperlyConfigured(f"{PREFIX}{name}: {exc}") from None
+
+
 class GuardSettings:
     """Attribute access to the settings, read on every access so ``override_settings`` works.
 
@@ -148,14 +185,12 @@ class GuardSettings:
     @property
     def soft_time_limit(self) -> float | None:
         """Soft time limit of guarded tasks that set none (seconds)."""
-        value = raw("SOFT_TIME_LIMIT")
-        return None if value is None else float(value)
+        return None if raw("SOFT_TIME_LIMIT") is None else duration("SOFT_TIME_LIMIT")
 
     @property
     def time_limit(self) -> float | None:
         """Hard time limit of guarded tasks that set none (seconds)."""
-        value = raw("TIME_LIMIT")
-        return None if value is None else float(value)
+        return None if raw("TIME_LIMIT") is None else duration("TIME_LIMIT")
 
     @property
     def capture_unguarded(self) -> bool:
@@ -170,7 +205,7 @@ class GuardSettings:
     @property
     def beat_lease_seconds(self) -> float:
         """Seconds a beat lease lasts without renewal."""
-        return float(raw("BEAT_LEASE_SECONDS"))
+        return duration("BEAT_LEASE_SECONDS")
 
     @property
     def beat_policies(self) -> Mapping[str, Any]:
@@ -197,27 +232,27 @@ class GuardSettings:
     @property
     def dedup_window(self) -> float:
         """Default dedup window in seconds of a task with an idempotency key."""
-        return self.seconds(raw("DEDUP_WINDOW"))
+        return duration("DEDUP_WINDOW")
 
     @property
     def idempotency_lease(self) -> float:
         """Seconds a worker owns a running key before another attempt may take it over."""
-        return self.seconds(raw("IDEMPOTENCY_LEASE"))
+        return duration("IDEMPOTENCY_LEASE")
 
     @property
     def idempotency_publish_grace(self) -> float:
         """Seconds a claim may stay unconfirmed before another enqueue takes it over."""
-        return self.seconds(raw("IDEMPOTENCY_PUBLISH_GRACE"))
+        return duration("IDEMPOTENCY_PUBLISH_GRACE")
 
     @property
     def idempotency_start_grace(self) -> float:
         """Seconds past its countdown/ETA and visibility timeout a published key may wait."""
-        return self.seconds(raw("IDEMPOTENCY_START_GRACE"))
+        return duration("IDEMPOTENCY_START_GRACE")
 
     @property
     def idempotency_retention(self) -> float:
         """Seconds an expired ledger record is kept before ``purge`` deletes it."""
-        return self.seconds(raw("IDEMPOTENCY_RETENTION"))
+        return duration("IDEMPOTENCY_RETENTION")
 
     @property
     def release_on_dead_letter(self) -> bool:
@@ -250,7 +285,7 @@ class GuardSettings:
     @property
     def dlq_retention_days(self) -> float:
         """Age (days) past which replayed or discarded dead letters are purged."""
-        return float(raw("DLQ_RETENTION_DAYS"))
+        return duration("DLQ_RETENTION_DAYS")
 
     @property
     def runs_retention_days(self) -> float:

@@ -90,7 +90,9 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             IdempotencyKeyError: The call's idempotency key cannot be derived.
         """
         where = f"{self.name}.apply_async(guard=...)"
-        per_call = self.guard_pipeline.options.clean(guard or {}, where=where, per_call=True)
+        per_call = self.guard_pipeline.options.clean(
+            {} if guard is None else guard, where=where, per_call=True
+        )
         if serializer not in (None, "json"):
             raise ValueError(f"{self.name}: guarded tasks publish JSON, not {serializer!r}")
         try:

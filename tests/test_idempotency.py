@@ -98,7 +98,7 @@ def test_invalid_key_option_values(value, error, message):
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"dedup_window": 0}, ValueError, "option 'dedup_window': must be positive"),
+        ({"dedup_window": 0}, ValueError, "option 'dedup_window': must be a positive number"),
         ({"dedup_window": "1h"}, TypeError, "option 'dedup_window': expected a timedelta"),
         ({"dedup_window": True}, TypeError, "option 'dedup_window': expected a timedelta"),
         ({"idempotency_conflict": "warn"}, ValueError, "expected 'raise' or 'ignore'"),

@@ -18,9 +18,7 @@ def setting_errors() -> Iterable[str]:
     name = conf.raw("BEAT_LOCK_NAME")
     if not isinstance(name, str) or not name or len(name) > 200:
         yield f"CELERY_GUARD_BEAT_LOCK_NAME must be a non-empty str of <= 200 chars, got {name!r}"
-    lease = conf.raw("BEAT_LEASE_SECONDS")
-    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease <= 0:
-        yield f"CELERY_GUARD_BEAT_LEASE_SECONDS must be a positive number, got {lease!r}"
+    yield from core_checks.duration_errors(("BEAT_LEASE_SECONDS",))
     policies = conf.raw("BEAT_POLICIES")
     if not isinstance(policies, Mapping):
         yield f"CELERY_GUARD_BEAT_POLICIES must be a dict, got {type(policies).__name__}"

@@ -16,6 +16,8 @@ from typing import Any
 
 from celery import schedules
 
+from celery_guard import durations
+
 UTC = timezone.utc
 
 CATCHUP_LATEST = "latest"
@@ -73,8 +75,12 @@ def parse_policy(value: Any) -> EntryPolicy:
     if policy.overlap not in OVERLAP_POLICIES:
         raise ValueError(f"overlap must be one of {OVERLAP_POLICIES}, got {policy.overlap!r}")
     timeout = policy.overlap_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise ValueError(f"overlap_timeout must be a positive number, got {timeout!r}")
+    try:
+        durations.seconds(timeout)
+    except ValueError as exc:
+        raise ValueError(f"overlap_timeout {exc}") from None
     return policy
 
 

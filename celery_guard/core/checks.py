@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import current_app
 from django.core.checks import CheckMessage, Error, Warning
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import autodiscover_modules
 
 from celery_guard import conf
@@ -83,6 +84,17 @@ def setting_errors() -> Iterable[str]:
 
 
 check_setting_values = setting_values_check(setting_errors)
+
+
+def duration_errors(names: Iterable[str]) -> Iterable[str]:
+    """The duration settings among ``names`` that ``conf.duration`` refuses (NaN, out of range)."""
+    for name in names:
+        if name in conf.OPTIONAL_DURATIONS and conf.raw(name) is None:
+            continue
+        try:
+            conf.duration(name)
+        except ImproperlyConfigured as exc:
+            yield str(exc)
 
 
 def check_pickle(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:

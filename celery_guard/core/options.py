@@ -47,9 +47,13 @@ class GuardOption:
             return per_call[self.name]
         if self.name in task_options:
             return task_options[self.name]
-        if self.setting is not None:
-            return conf.raw(self.setting)
-        return self.default
+        if self.setting is None:
+            return self.default
+        if self.setting in conf.DURATIONS:
+            # Validated here too: a process that skipped ``manage.py check`` must not carry a
+            # NaN or infinite window into the ledger (ImproperlyConfigured names the setting).
+            return conf.duration(self.setting)
+        return conf.raw(self.setting)
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str:
@@ -97,6 +101,12 @@ class OptionSet:
             TypeError: An option is unknown, not overridable per call, or has the wrong type.
             ValueError: An option has a value out of its range.
         """
+        if not isinstance(options, Mapping):
+            # apply_async(guard="high") instead of guard={"priority": "high"}.
+            raise TypeError(
+                f"{where}: guard options must be a dict of option name -> value, got "
+                f"{type(options).__name__} {options!r}"
+            )
         cleaned: dict[str, Any] = {}
         for name, value in options.items():
             option = self._options.get(name)

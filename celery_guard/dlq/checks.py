@@ -23,9 +23,7 @@ def setting_errors() -> Iterable[str]:
     url = conf.raw("SENTRY_EVENT_URL")
     if isinstance(url, str) and "{event_id}" not in url:
         yield "CELERY_GUARD_SENTRY_EVENT_URL must contain '{event_id}'"
-    days = conf.raw("DLQ_RETENTION_DAYS")
-    if isinstance(days, bool) or not isinstance(days, (int, float)) or days <= 0:
-        yield f"CELERY_GUARD_DLQ_RETENTION_DAYS must be a positive number, got {days!r}"
+    yield from core_checks.duration_errors(("DLQ_RETENTION_DAYS",))
 
 
 check_setting_values = core_checks.setting_values_check(setting_errors)

@@ -40,12 +40,7 @@ def setting_errors() -> Iterable[str]:
         value = conf.raw(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             yield f"CELERY_GUARD_{name} must be an int >= {minimum}, got {value!r}"
-    for name in ("SOFT_TIME_LIMIT", "TIME_LIMIT"):
-        value = conf.raw(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-        ):
-            yield f"CELERY_GUARD_{name} must be None or a positive number of seconds"
+    yield from core_checks.duration_errors(("SOFT_TIME_LIMIT", "TIME_LIMIT"))
     if not isinstance(conf.raw("CAPTURE_UNGUARDED"), bool):
         yield "CELERY_GUARD_CAPTURE_UNGUARDED must be True or False"
 

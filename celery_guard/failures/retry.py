@@ -22,7 +22,7 @@ from django.db import InterfaceError as DbInterfaceError
 from django.db import OperationalError as DbOperationalError
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from celery_guard import backoff
+from celery_guard import backoff, durations
 from celery_guard.core import options
 from celery_guard.dlq.models import Reason
 from celery_guard.exceptions import PermanentError, ThrottledError, TransientError
@@ -103,15 +103,7 @@ def _validate_max_attempts(value: Any) -> int:
 
 
 def _validate_deadline(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, dt.timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a timedelta or seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"must be a positive duration, got {value!r}")
-    return float(value)
+    return None if value is None else durations.seconds(value)
 
 
 MAX_ATTEMPTS = options.GuardOption(

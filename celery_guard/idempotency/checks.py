@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
@@ -24,26 +23,15 @@ def setting_errors() -> Iterable[str]:
         yield f"CELERY_GUARD_IDEMPOTENCY_REDIS_URL must be None or a redis:// URL, got {url!r}"
     if not isinstance(conf.raw("IDEMPOTENCY_REDIS_PREFIX"), str):
         yield "CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX must be a str"
-    names = (
-        "DEDUP_WINDOW",
-        "IDEMPOTENCY_LEASE",
-        "IDEMPOTENCY_PUBLISH_GRACE",
-        "IDEMPOTENCY_START_GRACE",
-    )
-    for name in (*names, "IDEMPOTENCY_RETENTION"):
-        value = conf.raw(name)
-        seconds = (
-            value.total_seconds()
-            if isinstance(value, timedelta)
-            else value
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
-            else None
+    yield from core_checks.duration_errors(
+        (
+            "DEDUP_WINDOW",
+            "IDEMPOTENCY_LEASE",
+            "IDEMPOTENCY_PUBLISH_GRACE",
+            "IDEMPOTENCY_START_GRACE",
+            "IDEMPOTENCY_RETENTION",
         )
-        if seconds is None or seconds <= 0:
-            yield (
-                f"CELERY_GUARD_{name} must be a positive number of seconds or a timedelta, "
-                f"got {value!r}"
-            )
+    )
     if not isinstance(conf.raw("RELEASE_ON_DEAD_LETTER"), bool):
         yield "CELERY_GUARD_RELEASE_ON_DEAD_LETTER must be True or False"
 
@@ -80,6 +68,8 @@ def check_dedup_window(app_configs: Sequence[Any] | None = None, **kw: Any) -> l
     url = app.conf.broker_url or ""
     if not isinstance(url, str) or url.split(":", 1)[0] not in core_checks.REDIS_SCHEMES:
         return []
+    if list(core_checks.duration_errors(("DEDUP_WINDOW",))):
+        return []  # E001 reports it; resolving the window would raise
     transport = app.conf.broker_transport_options or {}
     timeout = float(
         transport.get("visibility_timeout", core_checks.REDIS_DEFAULT_VISIBILITY_TIMEOUT)

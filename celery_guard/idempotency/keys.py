@@ -10,9 +10,9 @@ import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
+from celery_guard import durations
 from celery_guard.conf import guard_settings
 from celery_guard.core import options
 from celery_guard.exceptions import IdempotencyKeyError
@@ -121,15 +121,7 @@ def _key_for_function(value: Any, fn: Callable[..., Any], bind: bool) -> KeySpec
 
 
 def _validate_window(value: Any) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(f"expected a timedelta or seconds (int/float), got {type(value).__name__}")
-    if seconds <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-    return seconds
+    return durations.seconds(value)
 
 
 def _validate_conflict(value: Any) -> str:
