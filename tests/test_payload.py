@@ -29,6 +29,9 @@ def test_plain_json_passes_and_reports_size():
         ((), {"ids": {1: "a"}}, "kwargs['ids']: dict key 1 is int"),
         (({1, 2},), {}, "args[0]: set is not JSON serializable"),
         ((object(),), {}, "args[0]: object is not JSON serializable"),
+        (("a\x00b",), {}, "args[0]: contains a NUL character"),
+        ((), {"ids": {"k\x00": 1}}, "kwargs['ids']: dict key 'k\\x00': contains a NUL character"),
+        ((), {"k\x00": 1}, "kwargs: key 'k\\x00': contains a NUL character"),
     ],
 )
 def test_not_plain_json_names_the_path(args, kwargs, message):

@@ -9,12 +9,24 @@ from typing import Any
 
 from celery_guard.exceptions import PayloadError
 
-_SCALARS = (str, int, bool, type(None))
+_SCALARS = (int, bool, type(None))
+
+
+def _no_nul(text: str, path: str) -> None:
+    # PostgreSQL text and jsonb cannot hold U+0000: the dead letter of such a call could not
+    # be written, and the failure would be lost with it.
+    if "\x00" in text:
+        raise PayloadError(
+            f"{path}: contains a NUL character (\\x00), which the database cannot store"
+        )
 
 
 def _walk(value: Any, path: str, depth: int) -> None:
     # Plain JSON only: Celery's serializer would accept datetimes or Decimals and hand back
     # other types on the worker, and the stored arguments must replay as they were sent.
+    if isinstance(value, str):
+        _no_nul(value, path)
+        return
     if isinstance(value, _SCALARS):
         return
     if isinstance(value, float):
@@ -30,6 +42,7 @@ def _walk(value: Any, path: str, depth: int) -> None:
                     f"{path}: dict key {key!r} is {type(key).__name__}; JSON object keys "
                     "are strings, and the worker would receive it as one"
                 )
+            _no_nul(key, f"{path}: dict key {key!r}")
             _walk(item, f"{path}[{key!r}]", depth + 1)
         return
     if isinstance(value, (list, tuple)):
@@ -63,6 +76,8 @@ def check(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, *, max_b
     for index, item in enumerate(args):
         _walk(item, f"args[{index}]", 1)
     for key, item in kwargs.items():
+        if isinstance(key, str):
+            _no_nul(key, f"kwargs: key {key!r}")
         _walk(item, f"kwargs[{key!r}]", 1)
     size = len(json.dumps([args, kwargs], separators=(",", ":")).encode())
     if size > max_bytes:

@@ -24,7 +24,7 @@ from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from celery_guard.conf import guard_settings
-from celery_guard.core import redaction
+from celery_guard.core import payload, redaction
 from celery_guard.core.admin import ReadOnlyAdmin
 from celery_guard.dlq import replay, services
 from celery_guard.dlq.models import DeadLetter
@@ -86,6 +86,9 @@ def _parse_json(text: str, kind: type, label: str) -> Any:
         value = json.loads(text or ("[]" if kind is list else "{}"))
     except ValueError as exc:
         raise ValueError(f"{label} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        # json.loads recurses once per level: [[[[... 100,000 deep exhausts the stack.
+        raise ValueError(f"{label} is nested too deeply") from None
     if not isinstance(value, kind):
         raise ValueError(f"{label} must be a JSON {'list' if kind is list else 'object'}")
     return value
@@ -406,6 +409,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             try:
                 args = _parse_json(args_text, list, "args")
                 kwargs = _parse_json(kwargs_text, dict, "kwargs")
+                # What enqueue refuses (NaN, NUL, too deep, too large) is refused here too,
+                # before the preview renders it or the confirm publishes it.
+                payload.check(args, kwargs, max_bytes=guard_settings.max_payload_bytes)
                 reason = replay.unroutable_reason(
                     row, current_app._get_current_object(), args, kwargs
                 )
