@@ -14,7 +14,7 @@ from celery import current_app
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import BadRequest, PermissionDenied
 from django.db.models import Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -46,6 +46,8 @@ GATED_ACTIONS = {"replay_selected": REPLAY_PERMISSION, "discard_selected": DISCA
 SHOWN_REASONS = 5
 #: Rows listed on the discard page (all of them are discarded).
 SHOWN_ROWS = 100
+#: Longest search term taken as a dead letter id (the largest bigint has 19 digits).
+MAX_ID_DIGITS = 18
 
 # Whether the detail page being rendered shows unmasked arguments. The readonly field methods
 # get no request, and the ModelAdmin instance is shared by every request: a context variable
@@ -214,12 +216,14 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         if not term:
             return queryset, False
         condition = Q(task_id=term) | Q(idempotency_key=term)
-        if term.isdigit():
+        # isdigit() alone is true for "²", which int() refuses; the length keeps it an id.
+        if term.isascii() and term.isdigit() and len(term) <= MAX_ID_DIGITS:
             condition |= Q(pk=int(term))
         return queryset.filter(condition), False
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        """Refuse (403) a POST naming a gated action the user may not run."""
+        """Refuse (403) a POST naming a gated action the user may not run; 400 bad queries."""
+        _check_query(request, self.date_hierarchy)
         # Every value: Django runs the one at the POST's "index", not necessarily the last.
         named = request.POST.getlist("action") if request.method == "POST" else []
         if any(
@@ -515,6 +519,25 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         return HttpResponseRedirect(
             reverse("admin:celery_guard_deadletter_change", args=[object_id])
         )
+
+
+def _check_query(request: HttpRequest, date_hierarchy: str | None) -> None:
+    """Refuse (400) changelist parameters that would fail in the database, not match nothing.
+
+    PostgreSQL refuses NUL in any text parameter (a 500 otherwise), and Django turns a date
+    hierarchy part into a ``datetime`` whose year overflows past 9999.
+
+    Raises:
+        BadRequest: A parameter holds a NUL character, or a date part is not a small number.
+    """
+    parts = {f"{date_hierarchy}__{part}" for part in ("year", "month", "day")}
+    for name, values in request.GET.lists():
+        if "\x00" in name or any("\x00" in value for value in values):
+            raise BadRequest(f"parameter {name!r} contains a NUL character")
+        if name in parts and not all(
+            value.isascii() and value.isdigit() and len(value) <= 4 for value in values
+        ):
+            raise BadRequest(f"parameter {name!r} must be a number")
 
 
 def _table(titles: tuple[str, ...], rows: list[tuple[Any, ...]]) -> SafeString:
