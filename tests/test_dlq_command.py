@@ -138,7 +138,7 @@ def test_purge_and_seed():
     assert "idempotency record(s)" in out
     assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
     for bad in ("0", "-1"):
-        with pytest.raises(CommandError, match="--days must be a positive"):
+        with pytest.raises(CommandError, match="--days must be at least 1 days"):
             run("purge", "--days", bad)
 
 
@@ -226,3 +226,57 @@ def test_a_replay_killed_mid_batch_loses_nothing_and_each_key_runs_once(
     wait_until(lambda: worker.log_tail(400).count("already succeeded") == duplicates, timeout=30)
     labels = list(Execution.objects.filter(task=name).values_list("label", flat=True))
     assert len(set(labels)) == 30 == len(labels)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("replay", "--limit", "-1"), "--limit must be at least 1, got -1"),
+        (("replay", "--limit", "0"), "--limit must be at least 1, got 0"),
+        (("replay", "--since", "99999999999d"), "age '99999999999d' reaches before year 1"),
+        (("replay", "--until", "9" * 400 + "d"), "reaches before year 1"),
+        (("replay", "--rate", "9" * 400 + "/s"), "rate must look like 200/s"),
+        (("purge", "--days", "inf"), "--days must be a finite number of days, got inf"),
+        (("purge", "--days", "nan"), "--days must be a finite number of days, got nan"),
+        (("purge", "--days", "1e12"), "--days must be at most 3660 days"),
+        (("purge", "--days", "1e-9"), "--days must be at least 1 days, got 1e-09"),
+        (("purge", "--days", "0"), "--days must be at least 1 days"),
+        (("doctor", "--timeout", "nan"), "--timeout must be a finite number of seconds"),
+        (("doctor", "--timeout", "inf"), "--timeout must be a finite number of seconds"),
+        (("doctor", "--timeout", "-1"), "--timeout must be a positive number of seconds"),
+        (("doctor", "--timeout", "601"), "--timeout must be at most 600 seconds"),
+        (("seed-dead-letters", "-1"), "count must be at least 0"),
+        (("seed-dead-letters", "1", "--batch", "0"), "--batch must be at least 1"),
+    ],
+)
+def test_every_argument_is_checked_before_anything_is_done(args, message, redis_url, queues):
+    # Replayed an hour ago: what "--days 1e-9" would purge.
+    kept = dead_letter("kept", status=DeadLetter.Status.REPLAYED)
+    DeadLetter.objects.filter(pk=kept.pk).update(failed_at=timezone.now() - dt.timedelta(hours=1))
+    pending = dead_letter("pending")
+    with pytest.raises(CommandError, match=re.escape(message)):
+        run(*args)
+    assert DeadLetter.objects.filter(pk=kept.pk).exists()
+    pending.refresh_from_db()
+    assert pending.status == DeadLetter.Status.DEAD
+    assert not DeadLetterReplay.objects.exists()
+    assert queue_length(redis_url, queues["default"]) == 0
+
+
+def test_purge_checks_the_retention_setting_before_purging_anything(settings):
+    settings.CELERY_GUARD_DLQ_RETENTION_DAYS = float("inf")
+    with pytest.raises(CommandError, match="CELERY_GUARD_DLQ_RETENTION_DAYS"):
+        run("purge")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("runs", "--limit", "0"), "--limit must be at least 1, got 0"),
+        (("runs", "watch", "1", "--interval", "nan"), "--interval must be a finite number"),
+        (("runs", "watch", "1", "--interval", "-1"), "--interval must be a positive number"),
+    ],
+)
+def test_runs_arguments_are_checked(args, message):
+    with pytest.raises(CommandError, match=re.escape(message)):
+        run(*args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import re
 import time
 import uuid
@@ -482,7 +483,7 @@ def parse_rate(text: str) -> float:
         ValueError: ``text`` is not such a rate, or it is not positive.
     """
     match = _RATE.match(text)
-    if not match or float(match.group(1)) <= 0:
+    if not match or not 0 < float(match.group(1)) < math.inf:
         raise ValueError(f"rate must look like 200/s, 600/m or 10/h, got {text!r}")
     per = {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
     return float(match.group(1)) / per

@@ -38,7 +38,11 @@ def parse_when(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
     match = _AGO.match(text.strip())
     if match:
         seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return now - dt.timedelta(seconds=seconds)
+        try:
+            return now - dt.timedelta(seconds=seconds)
+        except OverflowError:
+            # 99999999999d: before year 1, or past what a timedelta holds.
+            raise ValueError(f"age {text!r} reaches before year 1") from None
     when = parse_datetime(text)
     if when is None:
         day = parse_date(text)

@@ -7,8 +7,10 @@ from typing import Any
 
 from celery import current_app
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from celery_guard import conf, durations
 from celery_guard.conf import guard_settings
 from celery_guard.dlq import replay, services
 from celery_guard.dlq.models import DeadLetter
@@ -18,6 +20,22 @@ from celery_guard.observability import alerts, status
 from celery_guard.runs import launch
 from celery_guard.runs import services as run_services
 from celery_guard.runs.models import BulkRun
+
+#: Longest ``doctor --timeout`` (seconds per network probe).
+MAX_DOCTOR_TIMEOUT = 600.0
+
+
+def _duration(option: str, value: float, **bounds: Any) -> float:
+    """``value`` checked by the shared duration validator, or a CommandError naming ``option``."""
+    try:
+        return durations.seconds(value, **bounds)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{option} {exc}") from None
+
+
+def _at_least(option: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise CommandError(f"{option} must be at least {minimum}, got {value}")
 
 
 class Command(BaseCommand):
@@ -163,6 +181,7 @@ class Command(BaseCommand):
 
     def handle_doctor(self, timeout: float, **options: Any) -> None:
         """Print the doctor report and the worker command lines; fail on errors."""
+        timeout = _duration("--timeout", timeout, maximum=MAX_DOCTOR_TIMEOUT)
         report = doctor.run(timeout=timeout)
         styles = {
             "ok": self.style.SUCCESS,
@@ -194,6 +213,7 @@ class Command(BaseCommand):
         **options: Any,
     ) -> None:
         """Replay matching dead letters through the same service as the admin action."""
+        _at_least("--limit", limit, 1)
         operator = self._operator(user, required=not dry_run)
         try:
             per_second = replay.parse_rate(rate)
@@ -258,9 +278,15 @@ class Command(BaseCommand):
 
     def handle_purge(self, *, days: float | None = None, **options: Any) -> None:
         """Purge expired idempotency records and old replayed/discarded dead letters."""
-        if days is not None and not days > 0:
-            # 0 would purge every replayed or discarded row at once, history and all.
-            raise CommandError(f"--days must be a positive number of days, got {days:g}")
+        # Checked before anything is purged. Under a day would purge rows replayed a moment
+        # ago, their replay history with them (the setting has the same bounds).
+        if days is None:
+            try:
+                days = conf.duration("DLQ_RETENTION_DAYS")
+            except ImproperlyConfigured as exc:
+                raise CommandError(str(exc)) from None
+        else:
+            days = _duration("--days", days, **conf.DURATIONS["DLQ_RETENTION_DAYS"])
         deleted = dedup.purge()
         self.stdout.write(self.style.SUCCESS(f"purged {deleted} expired idempotency record(s)"))
         letters = services.purge(days)
@@ -278,6 +304,8 @@ class Command(BaseCommand):
         **options: Any,
     ) -> None:
         """List runs, watch one until it ends, or sweep."""
+        _at_least("--limit", limit, 1)
+        _duration("--interval", interval, maximum=MAX_DOCTOR_TIMEOUT)
         if runs_command == "sweep":
             done = launch.sweep()
             self.stdout.write(
@@ -315,6 +343,8 @@ class Command(BaseCommand):
 
     def handle_seed_dead_letters(self, *, count: int, batch: int, **options: Any) -> None:
         """Insert ``count`` fake dead letters (for the changelist benchmark)."""
+        _at_least("count", count, 0)
+        _at_least("--batch", batch, 1)
         started = time.monotonic()
         written = services.seed(count, batch=batch)
         self.stdout.write(f"seeded {written} dead letter(s) in {time.monotonic() - started:.1f}s")
