@@ -26,7 +26,7 @@ from django.views.decorators.http import require_POST
 from celery_guard.conf import guard_settings
 from celery_guard.core import payload, redaction
 from celery_guard.core.admin import ReadOnlyAdmin
-from celery_guard.dlq import replay, services
+from celery_guard.dlq import records, replay, services
 from celery_guard.dlq.models import DeadLetter
 from celery_guard.dlq.scale import (
     EstimatedCountPaginator,
@@ -141,7 +141,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                     "status_reason",
                     "reason",
                     "exception_class",
-                    "message",
+                    "message_display",
                     "attempts",
                     "queue",
                     "tenant",
@@ -274,15 +274,30 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             data = redaction.redact(obj.args, obj.kwargs, task_name=obj.task_name)
         return format_html('<pre class="cg-arguments">{}</pre>', _pretty(data))
 
+    @staticmethod
+    def _hidden(obj: DeadLetter) -> frozenset[str]:
+        # Rows are masked when written; masked again here for rows written before that, and
+        # for a redaction configured since.
+        if _revealing.get():
+            return frozenset()
+        return redaction.secrets(obj.args, obj.kwargs, task_name=obj.task_name)
+
+    @admin.display(description="message")
+    def message_display(self, obj: DeadLetter) -> str:
+        """The exception message, argument values masked unless revealed."""
+        return redaction.mask_text(obj.message, self._hidden(obj))
+
     @admin.display(description="traceback")
     def traceback_display(self, obj: DeadLetter) -> SafeString:
-        """The traceback, preformatted."""
-        return format_html('<pre class="cg-traceback">{}</pre>', obj.traceback or "-")
+        """The traceback, preformatted, argument values masked unless revealed."""
+        text = redaction.mask_text(obj.traceback, self._hidden(obj))
+        return format_html('<pre class="cg-traceback">{}</pre>', text or "-")
 
     @admin.display(description="attempts")
     def attempt_history(self, obj: DeadLetter) -> SafeString:
-        """One line per failed attempt: number, error, kind, delay, message."""
-        entries = [entry for entry in obj.history if isinstance(entry, dict)]
+        """One line per failed attempt: number, error, kind, delay, message (masked)."""
+        history = records.masked_history(obj.history, self._hidden(obj))
+        entries = [entry for entry in history if isinstance(entry, dict)]
         keys = ("attempt", "error", "kind", "delay", "message")
         return _table(
             ("attempt", "error", "kind", "delay (s)", "message"),

@@ -8,10 +8,10 @@ import logging
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from celery_guard.core import headers
+from celery_guard.core import headers, redaction
 from celery_guard.signals import dead_lettered
 
 if TYPE_CHECKING:
@@ -110,6 +110,16 @@ def idempotency_key(guard: Mapping[str, Any]) -> str | None:
     return None
 
 
+def masked_history(history: Sequence[Any], hidden: frozenset[str]) -> list[Any]:
+    """The attempt history with ``hidden`` values masked in each entry's message."""
+    return [
+        {**entry, "message": redaction.mask_text(entry["message"], hidden)}
+        if isinstance(entry, Mapping) and isinstance(entry.get("message"), str)
+        else entry
+        for entry in history
+    ]
+
+
 @dataclass
 class Failure:
     """A final failure to record: the message, the error and the attempts that led to it."""
@@ -188,15 +198,24 @@ def _row_fields(failure: Failure) -> dict[str, Any]:
     }
 
 
-def _minimal_fields(failure: Failure, error: BaseException) -> dict[str, Any]:
-    """A last-resort row: the failure and the raw message as text, no JSON to refuse."""
-    raw = repr(
-        {
-            "args": failure.args,
-            "kwargs": failure.kwargs,
-            "headers": failure.headers,
-            "options": failure.options,
-        }
+def _minimal_fields(
+    failure: Failure, error: BaseException, hidden: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """A last-resort row: the failure and the raw message as text, no JSON to refuse.
+
+    The raw message is text here, not arguments kept for a replay: the ``hidden`` argument
+    values are masked in it like in the rest of the row's text.
+    """
+    raw = redaction.mask_text(
+        repr(
+            {
+                "args": failure.args,
+                "kwargs": failure.kwargs,
+                "headers": failure.headers,
+                "options": failure.options,
+            }
+        ),
+        hidden,
     )
     return {
         "task_name": _text(failure.task_name),
@@ -234,6 +253,15 @@ def write(failure: Failure) -> DeadLetter:
     """
     from celery_guard.dlq.models import DeadLetter
 
+    # The arguments are stored as sent (a replay needs them); their masked values are masked
+    # in the free text before it is stored or logged (before it is cut, so no half is left).
+    hidden = redaction.secrets(failure.args, failure.kwargs, task_name=failure.task_name)
+    failure = replace(
+        failure,
+        message=redaction.mask_text(failure.message, hidden),
+        traceback=redaction.mask_text(failure.traceback, hidden),
+        history=masked_history(failure.history, hidden),
+    )
     try:
         row: DeadLetter = DeadLetter.objects.create(**_row_fields(failure))
     except Exception as exc:
@@ -249,7 +277,7 @@ def write(failure: Failure) -> DeadLetter:
             exc_info=True,
         )
         try:
-            row = DeadLetter.objects.create(**_minimal_fields(failure, exc))
+            row = DeadLetter.objects.create(**_minimal_fields(failure, exc, hidden))
         except Exception:
             logger.critical(
                 "celery_guard: could NOT write a minimal dead letter of %s[%s] either",

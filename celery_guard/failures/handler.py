@@ -20,7 +20,7 @@ from django.db import connections
 from django.utils.module_loading import import_string
 
 from celery_guard.conf import guard_settings
-from celery_guard.core import headers, options, pipeline
+from celery_guard.core import headers, options, pipeline, redaction
 from celery_guard.dlq import records
 from celery_guard.dlq.models import Reason
 from celery_guard.exceptions import (
@@ -290,6 +290,11 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
         BaseException: ``exc`` itself once it has been dead-lettered.
     """
     request = task.request
+    # Before anything formats the exception: the history entry, Celery's retry and failure
+    # log lines and the dead letter then carry masked argument values (docs/dlq.md).
+    redaction.scrub_exception(
+        exc, redaction.secrets(request.args or (), request.kwargs or {}, task_name=task.name)
+    )
     if retry.is_outage(exc):
         replace_broken_connections()
     guard = headers.read(request.headers)

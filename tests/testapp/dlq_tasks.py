@@ -23,3 +23,9 @@ def dlq_until_fixed(self, label: str, note: str = "") -> None:
 @guarded_task
 def dlq_plain(label: str, count: int = 1) -> None:
     """An unbound guarded task (its signature has no ``self``)."""
+
+
+@guarded_task(max_attempts=2, backoff=0)
+def dlq_leaky(card_number: str, api_key: str = "", note: str = "") -> None:
+    """Fails quoting its secret arguments: a transient error, then exhausted."""
+    raise ConnectionError(f"card {card_number} refused for key {api_key!r} ({note})")
