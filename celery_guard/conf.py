@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
@@ -299,9 +300,13 @@ class GuardSettings:
 
     @property
     def sentry_event_url(self) -> str | None:
-        """URL template of a Sentry event, with ``{event_id}`` in it."""
+        """URL template of a Sentry event, with ``{event_id}`` in it; None unless http(s).
+
+        The admin renders it as a link: a ``javascript:`` URL would run in the admin's origin
+        when clicked (E001 reports it; it is never rendered).
+        """
         value = raw("SENTRY_EVENT_URL")
-        return None if value is None else str(value)
+        return str(value) if is_http_url(value) else None
 
     @property
     def metrics(self) -> bool:
@@ -350,6 +355,15 @@ class GuardSettings:
     def admins() -> list[Any]:
         """Django's ``ADMINS`` (the mail sink's recipients)."""
         return list(getattr(django_settings, "ADMINS", []) or [])
+
+
+def is_http_url(value: Any) -> bool:
+    """Whether ``value`` is an absolute ``http://`` or ``https://`` URL with a host."""
+    if not isinstance(value, str) or any(ord(char) < 33 for char in value):
+        # Browsers drop tabs and newlines inside a scheme ("java\tscript:").
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 guard_settings = GuardSettings()

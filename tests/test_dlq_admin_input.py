@@ -88,3 +88,39 @@ def test_hostile_changelist_queries_are_a_400_or_an_empty_result(client, query):
     assert response.status_code in (200, 302, 400), response.status_code
     if response.status_code == 200 and query.startswith(("task_name", "reason")):
         assert row not in response.context["cl"].result_list
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(document.cookie)//{event_id}",
+        "JavaScript:alert(1)//{event_id}",
+        "java\tscript:alert(1)//{event_id}",
+        "data:text/html,<script>alert(1)</script>{event_id}",
+        "//sentry.example/{event_id}",
+        "https:///{event_id}",
+    ],
+)
+def test_a_sentry_url_that_is_not_http_is_an_error_and_never_a_link(client, settings, url):
+    from tests import checks_support as checks
+
+    settings.CELERY_GUARD_SENTRY_EVENT_URL = url
+    [error] = checks.check_setting_values()
+    assert error.id == "celery_guard.E001"
+    assert "must be an http:// or https:// URL" in error.msg
+    row = dead_letter("sentry", sentry_event_id="abc123")
+    client.force_login(staff("viewer"))
+    page = client.get(reverse("admin:celery_guard_deadletter_change", args=[row.pk]))
+    content = page.content.decode()
+    assert "abc123" in content
+    assert "script:" not in content.lower() and "data:text" not in content
+    assert 'rel="noopener"' not in content  # no Sentry link at all
+
+
+def test_http_sentry_urls_pass(settings):
+    from tests import checks_support as checks
+
+    for url in ("https://sentry.example/issues/?query={event_id}", "http://s.local/{event_id}"):
+        settings.CELERY_GUARD_SENTRY_EVENT_URL = url
+        assert checks.check_setting_values() == []

@@ -23,6 +23,8 @@ def setting_errors() -> Iterable[str]:
     url = conf.raw("SENTRY_EVENT_URL")
     if isinstance(url, str) and "{event_id}" not in url:
         yield "CELERY_GUARD_SENTRY_EVENT_URL must contain '{event_id}'"
+    if isinstance(url, str) and not conf.is_http_url(url):
+        yield f"CELERY_GUARD_SENTRY_EVENT_URL must be an http:// or https:// URL, got {url!r}"
     yield from core_checks.duration_errors(("DLQ_RETENTION_DAYS",))
 
 
