@@ -14,6 +14,7 @@ from celery_guard.models import IdempotencyRecord
 from celery_guard.signals import dead_lettered
 from celery_guard.tasks import purge_idempotency_records
 from tests.harness import queue_length
+from tests.testapp.dlq_tasks import dlq_plain
 from tests.testapp.idem_tasks import idem_atomic, idem_fail, idem_notify
 from tests.testapp.models import Execution
 
@@ -41,6 +42,23 @@ def test_duplicates_inside_the_window_return_the_first_task(
     record = idem_store.get(f"{NOTIFY}:notify:1:v1")
     assert (record["state"], record["task_id"]) == ("pending", first.id)
     assert f"not published: key '{NOTIFY}:notify:1:v1' is held by {first.id}" in caplog.text
+
+
+def test_the_result_says_whether_the_call_was_deduplicated(
+    idem_backend, idem_store, redis_url, queues, empty_queues
+):
+    first = idem_notify.delay(11, "v1")
+    again = idem_notify.apply_async((11, "v1"))
+    ignored = idem_notify.apply_async(
+        (11, "v1"), {"note": "b"}, guard={"idempotency_conflict": "ignore"}
+    )
+    other = idem_notify.delay(11, "v2")
+    unkeyed = dlq_plain.delay("no key")
+    assert first.deduplicated is False and other.deduplicated is False
+    assert again.deduplicated is True and again.id == first.id
+    assert ignored.deduplicated is True and ignored.id == first.id
+    assert unkeyed.deduplicated is False
+    assert high(redis_url, queues) == 2
 
 
 def test_conflicting_arguments_raise_and_publish_nothing(

@@ -165,20 +165,21 @@ def publish_once(
     can run.
 
     Returns:
-        The ``AsyncResult`` of the publish, or of the first task when this is a duplicate.
+        The ``AsyncResult`` of the publish, or of the first task when this is a duplicate;
+        its ``deduplicated`` attribute says which (``True``: nothing was published).
 
     Raises:
         IdempotencyConflict: The key is held by a call with other arguments.
     """
     if identity is None:
-        return publish()
+        return _deduplicated(publish(), False)
     store = ledger.get_ledger()
     ctx = context(task.request)
     if task_id == task.request.id and ctx.key == identity.key:
         if ctx.owner is not None and ctx.fencing_token is not None:
             store.yield_lease(identity.key, owner=ctx.owner, token=ctx.fencing_token)
             logger.info("celery_guard: %s gives key %r back for its retry", task_id, ctx.key)
-        return publish()
+        return _deduplicated(publish(), False)
     claim = store.claim(
         identity.key,
         task_name=task.name,
@@ -218,7 +219,7 @@ def publish_once(
             claim.task_id,
             claim.outcome,
         )
-        return task.AsyncResult(claim.task_id)
+        return _deduplicated(task.AsyncResult(claim.task_id), True)
     if claim.never_started:
         logger.warning(
             "celery_guard: %s[%s] took key %r over from %s, which was published but never "
@@ -253,6 +254,12 @@ def publish_once(
         )
         raise
     _confirm(store, task, identity.key, task_id, start_within(task, delay))
+    return _deduplicated(result, False)
+
+
+def _deduplicated(result: Any, duplicate: bool) -> Any:
+    """Mark ``result``: True when the call was a duplicate and published nothing."""
+    result.deduplicated = duplicate
     return result
 
 
