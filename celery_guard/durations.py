@@ -22,6 +22,10 @@ def _text(value: float) -> str:
     return f"{value:.15g}"
 
 
+def _amount(value: float, unit: str) -> str:
+    return f"{_text(value)} {unit[:-1] if value == 1 else unit}"
+
+
 def seconds(
     value: Any,
     *,
@@ -54,7 +58,7 @@ def seconds(
     if not math.isfinite(number):
         raise ValueError(f"must be a finite number of {unit}, got {value!r}")
     if allow_minimum and number < minimum:
-        raise ValueError(f"must be at least {_text(minimum)} {unit}, got {value!r}")
+        raise ValueError(f"must be at least {_amount(minimum, unit)}, got {value!r}")
     if not allow_minimum and number <= minimum:
         above = "a positive number of" if minimum == 0 else f"more than {_text(minimum)}"
         raise ValueError(f"must be {above} {unit}, got {value!r}")

@@ -138,7 +138,7 @@ def test_purge_and_seed():
     assert "idempotency record(s)" in out
     assert set(DeadLetter.objects.values_list("status", flat=True)) == {"dead"}
     for bad in ("0", "-1"):
-        with pytest.raises(CommandError, match="--days must be at least 1 days"):
+        with pytest.raises(CommandError, match="--days must be at least 1 day"):
             run("purge", "--days", bad)
 
 
@@ -239,8 +239,8 @@ def test_a_replay_killed_mid_batch_loses_nothing_and_each_key_runs_once(
         (("purge", "--days", "inf"), "--days must be a finite number of days, got inf"),
         (("purge", "--days", "nan"), "--days must be a finite number of days, got nan"),
         (("purge", "--days", "1e12"), "--days must be at most 3660 days"),
-        (("purge", "--days", "1e-9"), "--days must be at least 1 days, got 1e-09"),
-        (("purge", "--days", "0"), "--days must be at least 1 days"),
+        (("purge", "--days", "1e-9"), "--days must be at least 1 day, got 1e-09"),
+        (("purge", "--days", "0"), "--days must be at least 1 day"),
         (("doctor", "--timeout", "nan"), "--timeout must be a finite number of seconds"),
         (("doctor", "--timeout", "inf"), "--timeout must be a finite number of seconds"),
         (("doctor", "--timeout", "-1"), "--timeout must be a positive number of seconds"),
