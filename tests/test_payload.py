@@ -29,14 +29,26 @@ def test_plain_json_passes_and_reports_size():
         ((), {"ids": {1: "a"}}, "kwargs['ids']: dict key 1 is int"),
         (({1, 2},), {}, "args[0]: set is not JSON serializable"),
         ((object(),), {}, "args[0]: object is not JSON serializable"),
-        (("a\x00b",), {}, "args[0]: contains a NUL character"),
-        ((), {"ids": {"k\x00": 1}}, "kwargs['ids']: dict key 'k\\x00': contains a NUL character"),
-        ((), {"k\x00": 1}, "kwargs: key 'k\\x00': contains a NUL character"),
     ],
 )
 def test_not_plain_json_names_the_path(args, kwargs, message):
     with pytest.raises(PayloadError) as excinfo:
         check(args, kwargs, max_bytes=10_000)
+    assert str(excinfo.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (("a\x00b",), {}, "args[0]: contains a NUL character"),
+        ((), {"ids": {"k\x00": 1}}, "kwargs['ids']: dict key 'k\\x00': contains a NUL character"),
+        ((), {"k\x00": 1}, "kwargs: key 'k\\x00': contains a NUL character"),
+    ],
+)
+def test_nul_is_accepted_at_enqueue_and_refused_on_request(args, kwargs, message):
+    check(args, kwargs, max_bytes=10_000)  # a dead letter stores it escaped
+    with pytest.raises(PayloadError) as excinfo:
+        check(args, kwargs, max_bytes=10_000, refuse_nul=True)
     assert str(excinfo.value).startswith(message)
 
 

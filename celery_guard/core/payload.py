@@ -12,20 +12,19 @@ from celery_guard.exceptions import PayloadError
 _SCALARS = (int, bool, type(None))
 
 
-def _no_nul(text: str, path: str) -> None:
-    # PostgreSQL text and jsonb cannot hold U+0000: the dead letter of such a call could not
-    # be written, and the failure would be lost with it.
-    if "\x00" in text:
+def _no_nul(text: str, path: str, refuse: bool) -> None:
+    # PostgreSQL text and jsonb cannot hold U+0000 (see check's refuse_nul).
+    if refuse and "\x00" in text:
         raise PayloadError(
             f"{path}: contains a NUL character (\\x00), which the database cannot store"
         )
 
 
-def _walk(value: Any, path: str, depth: int) -> None:
+def _walk(value: Any, path: str, depth: int, nul: bool) -> None:
     # Plain JSON only: Celery's serializer would accept datetimes or Decimals and hand back
     # other types on the worker, and the stored arguments must replay as they were sent.
     if isinstance(value, str):
-        _no_nul(value, path)
+        _no_nul(value, path, nul)
         return
     if isinstance(value, _SCALARS):
         return
@@ -42,23 +41,32 @@ def _walk(value: Any, path: str, depth: int) -> None:
                     f"{path}: dict key {key!r} is {type(key).__name__}; JSON object keys "
                     "are strings, and the worker would receive it as one"
                 )
-            _no_nul(key, f"{path}: dict key {key!r}")
-            _walk(item, f"{path}[{key!r}]", depth + 1)
+            _no_nul(key, f"{path}: dict key {key!r}", nul)
+            _walk(item, f"{path}[{key!r}]", depth + 1, nul)
         return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _walk(item, f"{path}[{index}]", depth + 1)
+            _walk(item, f"{path}[{index}]", depth + 1, nul)
         return
     raise PayloadError(f"{path}: {type(value).__name__} is not JSON serializable")
 
 
-def check(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, *, max_bytes: int) -> int:
+def check(
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    *,
+    max_bytes: int,
+    refuse_nul: bool = False,
+) -> int:
     """Check that a task's arguments can be published as plain JSON within ``max_bytes``.
 
     Args:
         args: Positional arguments as passed to ``apply_async``.
         kwargs: Keyword arguments as passed to ``apply_async``.
         max_bytes: Largest accepted size of the JSON-encoded ``[args, kwargs]``.
+        refuse_nul: Also refuse NUL characters in strings and keys. Enqueue accepts them
+            (a dead letter stores them escaped, docs/failures.md); arguments that are
+            stored as they are (an edit-and-replay's replay record) must not hold one.
 
     Returns:
         The encoded size in bytes.
@@ -74,11 +82,11 @@ def check(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, *, max_b
     if not isinstance(kwargs, Mapping):
         raise PayloadError(f"kwargs: expected a dict, got {type(kwargs).__name__}")
     for index, item in enumerate(args):
-        _walk(item, f"args[{index}]", 1)
+        _walk(item, f"args[{index}]", 1, refuse_nul)
     for key, item in kwargs.items():
         if isinstance(key, str):
-            _no_nul(key, f"kwargs: key {key!r}")
-        _walk(item, f"kwargs[{key!r}]", 1)
+            _no_nul(key, f"kwargs: key {key!r}", refuse_nul)
+        _walk(item, f"kwargs[{key!r}]", 1, refuse_nul)
     size = len(json.dumps([args, kwargs], separators=(",", ":")).encode())
     if size > max_bytes:
         raise PayloadError(

@@ -428,9 +428,12 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             try:
                 args = _parse_json(args_text, list, "args")
                 kwargs = _parse_json(kwargs_text, dict, "kwargs")
-                # What enqueue refuses (NaN, NUL, too deep, too large) is refused here too,
-                # before the preview renders it or the confirm publishes it.
-                payload.check(args, kwargs, max_bytes=guard_settings.max_payload_bytes)
+                # What enqueue refuses (NaN, too deep, too large) is refused here too, before
+                # the preview renders it or the confirm publishes it; and NUL, which the
+                # replay record (jsonb) could not store.
+                payload.check(
+                    args, kwargs, max_bytes=guard_settings.max_payload_bytes, refuse_nul=True
+                )
                 reason = replay.unroutable_reason(
                     row, current_app._get_current_object(), args, kwargs
                 )
