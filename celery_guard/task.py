@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery.contrib.django.task import DjangoTask
-from celery.exceptions import TimeLimitExceeded
 from celery.utils import uuid
 
 from celery_guard import conf
@@ -15,7 +14,6 @@ from celery_guard.conf import guard_settings
 from celery_guard.core import headers, payload
 from celery_guard.core.pipeline import Pipeline, Publish, publish_delay
 from celery_guard.exceptions import PayloadError
-from celery_guard.failures import handler
 from celery_guard.idempotency.dedup import RunContext, context
 from celery_guard.routing import router
 from celery_guard.steps import GUARD
@@ -34,9 +32,11 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
     # A hard time limit requeues the message so its next delivery counts the kill as an
-    # attempt (see celery_guard.failures.handler.on_hard_timeout) instead of acking it away.
+    # attempt (see celery_guard.failures.requests) instead of acking it away.
     acks_on_timeout = False
     serializer = "json"
+    # Counts lost deliveries and hard time limit kills from the worker's main process.
+    Request = "celery_guard.failures.requests:GuardedRequest"
 
     #: Guard options given to ``@guarded_task``, already validated.
     guard_options: ClassVar[Mapping[str, Any]] = {}
@@ -53,15 +53,6 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the body inside the guard pipeline (see ``celery_guard.steps``)."""
         return self.guard_pipeline.run(self, args, kwargs, super().__call__)
-
-    def on_failure(
-        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
-        """Note a hard time limit kill (called in the worker's main process)."""
-        # In the main process no request is pushed; in the pool child it is this task's.
-        if isinstance(exc, TimeLimitExceeded) and self.request.id != task_id:
-            handler.on_hard_timeout(self.name, task_id)
-        super().on_failure(exc, task_id, args, kwargs, einfo)
 
     def guard_prepare(
         self,

@@ -5,6 +5,8 @@ Time scale: delays of tenths of a second. Every run is recorded by the task body
 """
 
 import itertools
+import os
+import signal
 import time
 
 import pytest
@@ -179,6 +181,32 @@ def test_poison_cap_on_rabbitmq(start_worker, amqp_url, queues):
     with Connection(amqp_url) as conn:
         fail_tasks.fail_kill_self.apply_async(("kill",), producer=app.amqp.Producer(conn))
     check_poison_cap(worker, amqp_url, queues["default"])
+
+
+def test_a_warm_shutdown_restoring_prefetched_messages_is_not_a_lost_delivery(
+    start_worker, redis_url, queues
+):
+    # One lost delivery would be the cap: a restored message that never ran must not count.
+    env = {"CG_PREFETCH_MULTIPLIER": "4", "CG_MAX_WORKER_LOST": "1"}
+    first = start_worker(["default"], concurrency=1, extra_env=env)
+    fail_tasks.fail_note_redelivery.delay("blocker", 3000)
+    for n in range(3):
+        fail_tasks.fail_note_redelivery.delay(f"prefetched-{n}")
+    # The worker holds all four: one running, three prefetched behind it.
+    wait_until(lambda: queue_length(redis_url, queues["default"]) == 0, timeout=30)
+    # Warm shutdown (the main process only): the running one finishes, the prefetched go back.
+    os.kill(first.pid, signal.SIGTERM)
+    first.process.wait(30)
+    assert [r.label for r in runs("blocker")] == ["blocker"]
+    assert queue_length(redis_url, queues["default"]) == 3
+
+    second = start_worker(["default"], concurrency=1, extra_env=env)
+    labels = [f"prefetched-{n}:redelivered" for n in range(3)]
+    wait_until(lambda: Execution.objects.filter(label__in=labels).count() == 3, timeout=30)
+    settle("prefetched-0:redelivered", 1)
+    assert not DeadLetter.objects.exists()
+    assert not Delivery.objects.exists()
+    assert "lost" not in second.log_path.read_text()
 
 
 def test_a_dead_letter_replays_with_send_task(start_worker, queues):

@@ -1,10 +1,19 @@
-"""Running-delivery markers: detect redeliveries after a lost worker (the poison-message cap).
+"""Delivery markers: count the deliveries of a message that lost their worker (poison cap).
 
 Celery requeues the message of a task whose worker process died (``reject_on_worker_lost``)
-with no limit (celery#9082) and brokers keep no count. Each delivery of a guarded task
-writes a marker row before its body runs and deletes it when it ends; a delivery that finds
-the marker of its own task id and retry count left behind is a redelivery after the previous
-one lost its worker (or, marked by the main process, hit the hard time limit).
+with no limit (celery#9082) and brokers keep no count, so the guard keeps one per task id and
+retry count, written only where a delivery was lost, never on the hot path:
+
+- the worker's main process records a lost delivery (the pool reports ``WorkerLostError``) and
+  a hard time limit kill (:mod:`celery_guard.failures.requests`) before it requeues the message;
+- a redelivered message (``delivery_info["redelivered"]``, set by RabbitMQ and by kombu's Redis
+  transport on every restore) reads the count and marks itself running until it ends, so a
+  redelivery whose whole worker died (no main process left to record it) counts too;
+- a first delivery writes nothing. On a broker that does not flag redeliveries every delivery
+  marks itself running, as before.
+
+A message that was only restored, never started (a warm shutdown restoring prefetched
+messages, a visibility timeout), finds no count and its marker is deleted when it ends.
 """
 
 from __future__ import annotations
@@ -74,11 +83,11 @@ def _insert_new(task_id: str, task_name: str, retries: int, token: str, hostname
 
 
 def begin(task_id: str, task_name: str, retries: int, hostname: str) -> Started:
-    """Write this delivery's marker, counting the previous delivery if it never ended.
+    """Mark this delivery running, counting the previous delivery if it never ended.
 
-    The common case, no marker of this task id, is a single insert; a marker left behind
-    (a redelivery, or a retry racing the deletion of its predecessor's marker) is read under
-    a row lock and counted.
+    No marker of this task id is a single insert; a marker left behind (the count of a main
+    process, a redelivery whose worker died whole, a retry racing the deletion of its
+    predecessor's marker) is read under a row lock and counted.
     """
     from celery_guard.failures.models import Delivery
 
@@ -101,10 +110,11 @@ def begin(task_id: str, task_name: str, retries: int, hostname: str) -> Started:
                     return Started(token, 0, False)
                 timed_out = False
                 if row.retries == retries:
-                    # The previous delivery of this very message began and never ended.
                     if row.timed_out:
                         timed_out = True
-                    else:
+                    elif row.token:
+                        # The previous delivery of this very message began and never ended,
+                        # and no main process recorded the loss (it died with it).
                         row.lost += 1
                 else:
                     # A marker of an earlier message (a retry raced its deletion).
@@ -143,10 +153,73 @@ def end(task_id: str, token: str) -> None:
         cursor.execute(sql, (task_id, token, False))
 
 
-def mark_timed_out(task_id: str) -> None:
-    """Note that the running delivery of ``task_id`` was killed by the hard time limit."""
+def _record(
+    task_id: str,
+    task_name: str,
+    retries: int,
+    hostname: str,
+    *,
+    timed_out: bool,
+) -> None:
     from celery_guard.failures.models import Delivery
 
+    for _ in range(3):
+        try:
+            with transaction.atomic(using=router.db_for_write(Delivery)):
+                row = Delivery.objects.select_for_update().filter(task_id=task_id).first()
+                if row is None:
+                    row = Delivery(task_id=task_id, task_name=task_name, retries=retries)
+                elif row.retries != retries:
+                    # The marker of an earlier message of this id (a retry): start afresh.
+                    row.retries, row.lost, row.timed_out = retries, 0, False
+                if timed_out:
+                    row.timed_out = True
+                elif not row.timed_out:
+                    # (A delivery killed at its hard time limit is an attempt, not a loss.)
+                    row.lost += 1
+                # No delivery of this message runs now: its redelivery must not count it again.
+                row.token = ""
+                row.started_at = timezone.now()
+                row.hostname = hostname
+                row.pid = None
+                row.save()
+                return
+        except IntegrityError:
+            continue  # a delivery of the same id created it first: read it again
+    raise RuntimeError(f"could not write the delivery marker of task {task_id}")
+
+
+def record_lost(task_id: str, task_name: str, retries: int, hostname: str) -> None:
+    """Count a delivery of ``task_id`` whose worker process was lost (worker main process)."""
+    _record(task_id, task_name, retries, hostname, timed_out=False)
+
+
+def mark_timed_out(
+    task_id: str, task_name: str = "", retries: int | None = None, hostname: str = ""
+) -> None:
+    """Note that the delivery of ``task_id`` was killed by the hard time limit.
+
+    With ``retries`` (the worker's main process knows it), the marker is written even where
+    the delivery wrote none; without, only a running delivery's marker is marked.
+    """
+    from celery_guard.failures.models import Delivery
+
+    if retries is not None:
+        _record(task_id, task_name, retries, hostname, timed_out=True)
+        return
     updated = Delivery.objects.filter(task_id=task_id).update(timed_out=True)
     if not updated:
         logger.warning("celery_guard: no running delivery of %s to mark as timed out", task_id)
+
+
+def discard_connection() -> None:
+    """Close the markers' database connection after an error, so the next write opens anew.
+
+    The worker's main process writes markers rarely and no task boundary ever closes its
+    connection: one that died (a database restart) would otherwise fail every later write.
+    """
+    from celery_guard.failures.models import Delivery
+
+    connection = connections[router.db_for_write(Delivery)]
+    if not connection.in_atomic_block:
+        connection.close()

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import traceback as tb_module
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -389,6 +390,33 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
     raise exc
 
 
+#: Kombu transport driver types that flag every redelivered message (``redelivered``): the
+#: AMQP protocol does, and kombu's Redis transport sets it whenever it restores a message.
+FLAGS_REDELIVERIES = frozenset({"amqp", "redis"})
+_flags_redeliveries: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def flags_redeliveries(app: Any) -> bool:
+    """Tell whether the broker of ``app`` flags redelivered messages (cached per app)."""
+    known = _flags_redeliveries.get(app)
+    if known is None:
+        # A Connection object opens nothing until it is used.
+        known = app.connection_for_read().transport.driver_type in FLAGS_REDELIVERIES
+        _flags_redeliveries[app] = known
+    return known
+
+
+def _may_be_lost(task: Any, request: Any) -> bool:
+    """Whether this delivery must read and keep a delivery marker (off the hot path).
+
+    A first delivery cannot follow a lost one: the loss of a redelivered message is what
+    the marker records. Only a broker that does not flag redeliveries needs it every time.
+    """
+    if (request.delivery_info or {}).get("redelivered"):
+        return True
+    return not flags_redeliveries(task.app)
+
+
 def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
     """Run one delivery of a guarded task through the failure pipeline."""
     global _outages
@@ -399,10 +427,12 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
         _refuse(task, found)
     if _past_deadline(task, guard):
         _expire(task, guard)
+    started: deliveries.Started | None = None
     try:
-        started: deliveries.Started | None = deliveries.begin(
-            request.id, task.name, request.retries or 0, request.hostname or ""
-        )
+        if _may_be_lost(task, request):
+            started = deliveries.begin(
+                request.id, task.name, request.retries or 0, request.hostname or ""
+            )
     except Exception as exc:
         logger.exception(
             "celery_guard: could not write the delivery marker of %s[%s]; running it without "
@@ -412,7 +442,6 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
         )
         if retry.is_outage(exc):
             replace_broken_connections()
-        started = None
     if started is not None and started.lost:
         logger.warning(
             "celery_guard: %s[%s] redelivered after its worker process was lost (%s lost "
@@ -566,21 +595,39 @@ def _poison(task: Any, started: deliveries.Started) -> NoReturn:
     raise exc
 
 
-def on_hard_timeout(task_name: str, task_id: str) -> None:
+def on_hard_timeout(task_name: str, task_id: str, retries: int, hostname: str) -> None:
     """Main-process hook: the pool killed the delivery of ``task_id`` at its hard time limit.
 
-    Celery requeues the message (guarded tasks set ``acks_on_timeout = False``); marking the
-    marker makes its next delivery count the kill as a failed attempt instead of running.
+    Celery requeues the message (guarded tasks set ``acks_on_timeout = False``); the marker
+    makes its next delivery count the kill as a failed attempt instead of running.
     """
     try:
-        deliveries.mark_timed_out(task_id)
+        deliveries.mark_timed_out(task_id, task_name, retries, hostname)
     except Exception:
         logger.exception(
-            "celery_guard: could not mark %s[%s] as timed out; its redelivery will count as a "
-            "lost worker",
+            "celery_guard: could not mark %s[%s] as timed out; its redelivery will run as if "
+            "it had not been killed",
             task_name,
             task_id,
         )
+        deliveries.discard_connection()
+
+
+def on_worker_lost(task_name: str, task_id: str, retries: int, hostname: str) -> None:
+    """Main-process hook: the delivery of ``task_id`` lost its worker process.
+
+    Called before Celery requeues the message, so whichever worker gets the redelivery sees
+    the count (the poison-message cap, ``CELERY_GUARD_MAX_WORKER_LOST``).
+    """
+    try:
+        deliveries.record_lost(task_id, task_name, retries, hostname)
+    except Exception:
+        logger.exception(
+            "celery_guard: could not count the lost delivery of %s[%s] (poison-message cap)",
+            task_name,
+            task_id,
+        )
+        deliveries.discard_connection()
 
 
 def capture_unguarded(sender: Any, task_id: str, exception: BaseException, **kw: Any) -> None:

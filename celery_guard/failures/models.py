@@ -1,4 +1,4 @@
-"""The running-delivery marker of the poison-message cap."""
+"""The delivery marker of the poison-message cap."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from django.utils import timezone
 
 
 class Delivery(models.Model):
-    """A delivery of a guarded task that is running (or whose worker died while running it).
+    """The lost deliveries of a guarded task's message (the poison-message cap).
 
-    Written before the task body runs and deleted when it ends, so a delivery that finds the
-    row of its own task id and retry count is a redelivery after a lost worker process.
+    Written by the worker's main process when a delivery loses its worker or hits the hard
+    time limit, and by a redelivery while it runs (``celery_guard.failures.deliveries``);
+    deleted when a delivery ends.
     """
 
     task_id = models.CharField(max_length=255, unique=True)

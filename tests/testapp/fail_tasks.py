@@ -75,6 +75,12 @@ def fail_hard_limit(self, label: str) -> None:
 
 
 @guarded_task(bind=True)
+def fail_note_redelivery(self, label: str, sleep_ms: int = 0) -> None:
+    redelivered = (self.request.delivery_info or {}).get("redelivered")
+    record(self, f"{label}:redelivered" if redelivered else label, sleep_ms)
+
+
+@guarded_task(bind=True)
 def fail_kill_self(self, label: str) -> None:
     record(self, label)  # before a body that may never return
     os.kill(os.getpid(), signal.SIGKILL)
