@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from celery import signals
+
 from celery_guard.beat import receivers as beat
+from celery_guard.core import dbreuse
 from celery_guard.dlq import receivers as dlq
 from celery_guard.failures import receivers as failures
 from celery_guard.idempotency import receivers as idempotency
@@ -13,3 +16,10 @@ def connect() -> None:
     """Connect every receiver; each feature's ``dispatch_uid`` makes repeated calls harmless."""
     for feature in (observability, failures, beat, dlq, idempotency):
         feature.connect()
+    # Worker database connections (every feature's, and the project's own).
+    signals.worker_init.connect(
+        dbreuse.on_worker_init, dispatch_uid="celery_guard.db_reuse", weak=False
+    )
+    signals.task_postrun.connect(
+        dbreuse.close_unusable, dispatch_uid="celery_guard.close_unusable", weak=False
+    )

@@ -142,6 +142,8 @@ def test_call_command_check_runs_the_guard_checks(celery_conf, capsys):
 
 
 def test_w010_database_connection_reuse(celery_conf):
-    assert core_checks.check_db_reuse() == []  # the example project sets CELERY_DB_REUSE_MAX
-    celery_conf(CELERY_DB_REUSE_MAX=None)
+    assert core_checks.check_db_reuse() == []  # unset: the guard's default applies in workers
+    celery_conf(CELERY_DB_REUSE_MAX=500)
+    assert core_checks.check_db_reuse() == []
+    celery_conf(CELERY_DB_REUSE_MAX=0)
     assert ids(core_checks.check_db_reuse()) == ["celery_guard.W010"]

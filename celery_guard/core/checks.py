@@ -16,7 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import autodiscover_modules
 
 from celery_guard import conf
-from celery_guard.core import options, pipeline
+from celery_guard.core import dbreuse, options, pipeline
 
 #: Redis's visibility timeout when the project sets none (Celery's Redis broker docs).
 REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600
@@ -136,20 +136,26 @@ def check_always_eager(app_configs: Sequence[Any] | None = None, **kw: Any) -> l
 
 
 def check_db_reuse(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
-    """W010: workers reconnect to the database around every task (no ``CELERY_DB_REUSE_MAX``).
+    """W010: ``CELERY_DB_REUSE_MAX`` turned off: workers reconnect around every task.
 
-    Read the way Celery's Django fixup reads it, which is what decides the behaviour.
+    Unset, the guard gives workers ``celery_guard.core.dbreuse.DEFAULT_DB_REUSE_MAX``; a
+    project that sets 0 (or another false value) gets Celery's per-task connections, which this
+    names. Read the way Celery's Django fixup reads it, which is what decides the behaviour.
     """
-    if celery_app().conf.get("CELERY_DB_REUSE_MAX"):
+    value = celery_app().conf.get("CELERY_DB_REUSE_MAX")
+    if value is None or value:
         return []
     return [
         Warning(
-            "CELERY_DB_REUSE_MAX is not set.",
+            f"CELERY_DB_REUSE_MAX is {value!r}: workers open a new database connection for "
+            "every task.",
             hint=(
-                "Celery's Django integration then closes the database connection before and "
-                "after every task, and every guarded run writes to the database (delivery "
-                "marker, ledger): each task pays a new connection. Set CELERY_DB_REUSE_MAX "
-                "(e.g. 1000); unusable connections are still closed."
+                "Celery's Django integration then closes the database connections before and "
+                "after every task, so each task that touches the database (the database "
+                "idempotency ledger, dead letters, your own queries) pays a new connection. "
+                "Remove the setting (the guard then keeps connections for "
+                f"{dbreuse.DEFAULT_DB_REUSE_MAX} tasks and replaces unusable ones) or set a "
+                "positive count."
             ),
             id="celery_guard.W010",
         )

@@ -88,8 +88,6 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-# Keep worker database connections across tasks (check celery_guard.W010).
-CELERY_DB_REUSE_MAX = 1000
 
 LOGGING = {
     "version": 1,
