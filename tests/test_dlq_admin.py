@@ -3,13 +3,13 @@
 import time
 
 import pytest
-from celery import current_app
 from django.contrib.admin.models import LogEntry
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from celery_guard.dlq import admin, services
+from celery_guard.dlq import replay as replay_service
 from celery_guard.idempotency import keys, ledger
 from celery_guard.models import DeadLetter, DeadLetterReplay
 from tests.dlq_support import dead_letter, staff
@@ -138,20 +138,22 @@ def test_a_replay_that_ends_before_its_claim_commits_still_records_its_outcome(
     fix("quick")
     client.force_login(staff("operator", "replay_deadletter"))
     start_worker(["default"])
-    app = current_app._get_current_object()
-    send_task = app.send_task
+    log_changes = replay_service.audit.log_changes
     ended_first = []
 
-    def send_then_hold_the_claim(*args, **kwargs):
-        result = send_task(*args, **kwargs)
-        # The claim (and the replay record) commits only after this returns. On PostgreSQL
-        # the worker runs the whole task meanwhile; on SQLite it waits for the write lock.
-        if connection.vendor == "postgresql":
+    def hold_the_claim_after_publishing(user, entries):
+        entries = list(entries)
+        # The replay's entry is logged after the batch's messages went out, in the claim's
+        # transaction, which commits (with the replay record) only after this returns. On
+        # PostgreSQL the worker runs the whole task meanwhile; on SQLite it waits for the
+        # write lock.
+        replayed = any(message.startswith("Replayed") for _, message in entries)
+        if replayed and connection.vendor == "postgresql":
             ended_first.append(wait_until(lambda: Execution.objects.filter(label="quick").exists()))
             time.sleep(0.5)  # the end of the run (task_postrun) finds no committed record yet
-        return result
+        return log_changes(user, entries)
 
-    monkeypatch.setattr(app, "send_task", send_then_hold_the_claim)
+    monkeypatch.setattr(replay_service.audit, "log_changes", hold_the_claim_after_publishing)
     client.post(tool_url("replay", row))
     if connection.vendor == "postgresql":
         assert ended_first == [True]

@@ -158,6 +158,34 @@ def test_a_failed_publish_undoes_the_claim(monkeypatch, redis_url, queues):
 
 
 @pytest.mark.django_db
+def test_a_batch_goes_out_in_one_round_trip_and_a_failed_one_undoes_its_claim(
+    monkeypatch, redis_url, queues
+):
+    import redis
+    from kombu.exceptions import BatchPublishError
+
+    rows = [dead_letter(f"piped{n}") for n in range(3)]
+    pushes = []
+    execute = redis.client.Pipeline.execute
+
+    def refuse(pipe, *args, **kwargs):
+        pushes.append(len(pipe.command_stack))
+        raise redis.ConnectionError("broker gone at the flush")
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", refuse)
+    with pytest.raises(BatchPublishError):  # delivery uncertain: nothing is marked replayed
+        replay.replay([r.pk for r in rows], app=app)
+    assert pushes == [3]  # the three messages, buffered into one pipeline
+    assert not DeadLetterReplay.objects.exists()
+    assert set(DeadLetter.objects.values_list("status", flat=True)) == {DeadLetter.Status.DEAD}
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    summary = replay.replay([r.pk for r in rows], app=app)
+    assert summary.replayed == 3
+    assert queue_length(redis_url, queues["default"]) == 3
+
+
+@pytest.mark.django_db
 def test_edited_arguments_are_published_and_recorded(redis_url, queues):
     row = dead_letter("orig", status=DeadLetter.Status.UNROUTABLE)
     outcome = replay.replay_one(

@@ -303,6 +303,20 @@ def _dry_run_batch(ids: Sequence[int], run: _Run) -> None:
     run.summary.add(REPLAYED, len(_routable(rows, run, mark=False)))
 
 
+def _pipelined(run: _Run) -> contextlib.AbstractContextManager[Any]:
+    """Buffer the publishes of one batch and send them together (kombu's ``Producer.batch``).
+
+    One round trip per batch instead of one per message, where the transport supports it
+    (Redis); elsewhere, and under a rate limit (whose pacing must reach the broker), each
+    publish goes out at once.
+    """
+    batch = getattr(run.producer, "batch", None)
+    if batch is None or run.pace is not None:
+        return contextlib.nullcontext()
+    manager: contextlib.AbstractContextManager[Any] = batch()
+    return manager
+
+
 def _replay_batch(ids: Sequence[int], run: _Run) -> None:
     """Validate, claim and publish the dead letters ``ids`` in one transaction.
 
@@ -330,24 +344,27 @@ def _replay_batch(ids: Sequence[int], run: _Run) -> None:
             ready = _routable([locked[pk] for pk in ids if pk in locked], run, mark=True)
             records = _claim(ready, run) if ready else []
             rearm_idempotency(ready)
-            for index, (row, record) in enumerate(zip(ready, records, strict=True)):
-                if run.pace is not None:
-                    run.pace()
-                try:
-                    options = _publish(row, record, run)
-                except Exception as exc:
-                    logger.exception(
-                        "celery_guard: publishing the replay of dead letter %s (%s[%s]) "
-                        "failed; it and %d more not published yet stay as they were",
-                        row.pk,
-                        row.task_name,
-                        row.task_id,
-                        len(ready) - index - 1,
-                    )
-                    _unclaim(ready[index:], records[index:])
-                    failure = exc
-                    break
-                published.append((row, record, options))
+            # The batch's messages go out in one pipelined round trip when it ends; one that
+            # fails then raises here, and the whole claim rolls back (logged below).
+            with _pipelined(run):
+                for index, (row, record) in enumerate(zip(ready, records, strict=True)):
+                    if run.pace is not None:
+                        run.pace()
+                    try:
+                        options = _publish(row, record, run)
+                    except Exception as exc:
+                        logger.exception(
+                            "celery_guard: publishing the replay of dead letter %s (%s[%s]) "
+                            "failed; it and %d more not published yet stay as they were",
+                            row.pk,
+                            row.task_name,
+                            row.task_id,
+                            len(ready) - index - 1,
+                        )
+                        _unclaim(ready[index:], records[index:])
+                        failure = exc
+                        break
+                    published.append((row, record, options))
             audit.log_changes(
                 run.user,
                 [(row, run.replayed_message(record.task_id)) for row, record, _ in published],
