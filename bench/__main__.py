@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from bench import naming, report
-    from bench.runner import FULL, QUICK, Runner, progress
+    from bench.runner import FULL, QUICK, Runner, WorkerConfig, progress
     from bench.services import Services, forget_keys
 
     config = FULL if args.full else QUICK
@@ -125,14 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         fp = fingerprint.collect(runner.redis, database)
 
-        def start_worker() -> BenchWorker:
-            worker = BenchWorker(app, naming.prefix())
+        def start_worker(config: WorkerConfig) -> BenchWorker:
+            worker = BenchWorker(app, naming.prefix(), name=config.name, env=config.env)
             try:
                 worker.start()
             except BaseException:
                 worker.stop()
                 raise
-            services.record("celery worker (prefork, 2 processes)", worker.pid, worker.stop)
+            services.record(
+                f"celery worker, {config.title} (prefork, 2 processes)", worker.pid, worker.stop
+            )
             return worker
 
         measured: dict[str, Any]

@@ -42,6 +42,20 @@ FIGURES: tuple[Figure, ...] = (
     Figure("enqueue_p99_us", "enqueue latency p99", "µs", False),
     Figure("drain_noop_rate", "drain, no-op task", "tasks/s", True, target="drain_noop_rate"),
     Figure("drain_sleep_rate", "drain, 10 ms task", "tasks/s", True, target="drain_sleep_rate"),
+    Figure(
+        "drain_noop_rate_qs",
+        "drain, no-op task, quick start",
+        "tasks/s",
+        True,
+        target="drain_noop_rate",
+    ),
+    Figure(
+        "drain_sleep_rate_qs",
+        "drain, 10 ms task, quick start",
+        "tasks/s",
+        True,
+        target="drain_sleep_rate",
+    ),
     Figure("paced_p50_ms", "paced latency p50", "ms", False, digits=1),
     Figure("paced_p95_ms", "paced latency p95", "ms", False, digits=1),
     Figure("paced_p99_ms", "paced latency p99", "ms", False, digits=1),
@@ -64,7 +78,171 @@ FIGURES: tuple[Figure, ...] = (
         target="extra_commands_execute",
         digits=2,
     ),
+    Figure(
+        "commands_execute_qs",
+        "Redis commands per task, execute, quick start",
+        "",
+        False,
+        compare="extra",
+        target="extra_commands_execute",
+        digits=2,
+    ),
+    Figure(
+        "db_commits_execute",
+        "database commits per task, execute",
+        "",
+        False,
+        compare="extra",
+        target="extra_db_commits_execute",
+        digits=2,
+    ),
+    Figure(
+        "db_commits_execute_qs",
+        "database commits per task, execute, quick start",
+        "",
+        False,
+        compare="extra",
+        target="extra_db_commits_execute",
+        digits=2,
+    ),
+    Figure(
+        "db_sessions_execute_qs",
+        "database connections opened per task, execute, quick start",
+        "",
+        False,
+        compare="extra",
+        digits=2,
+    ),
 )
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 12: a figure of one variant against plain Celery, per configuration.
+
+    Attributes:
+        label: Row label.
+        variant: The guarded variant.
+        key: Metric key (the tuned configuration's; the quick start's adds ``_qs``).
+        bound: The target: a minimum ratio, or a maximum extra per task.
+        compare: ``"ratio"`` or ``"extra"``.
+        per_config: Measured per worker configuration (the drains); enqueue is not.
+        digits: Decimals of an ``"extra"`` figure.
+    """
+
+    label: str
+    variant: str
+    key: str
+    bound: float
+    compare: str = "ratio"
+    per_config: bool = True
+    digits: int = 2
+
+
+#: The targets of issue 12 (ratios to plain Celery in the same run). Reported, never asserted.
+ISSUE_TARGETS: tuple[Target, ...] = (
+    Target("no-op drain, routing only", "guarded-routing", "drain_noop_rate", 0.90),
+    Target("no-op drain, key on the Redis ledger", "guarded-idem-redis", "drain_noop_rate", 0.85),
+    Target("10 ms drain, routing only", "guarded-routing", "drain_sleep_rate", 0.97),
+    Target("10 ms drain, key on the Redis ledger", "guarded-idem-redis", "drain_sleep_rate", 0.97),
+    Target("enqueue, routing only", "guarded-routing", "enqueue_rate", 0.95, per_config=False),
+    Target(
+        "enqueue, key on the Redis ledger",
+        "guarded-idem-redis",
+        "enqueue_rate",
+        0.75,
+        per_config=False,
+    ),
+    Target("no-op drain, key on the database ledger", "guarded-idem-db", "drain_noop_rate", 0.50),
+    Target(
+        "database commits per task, key on the database ledger (no-op drain)",
+        "guarded-idem-db",
+        "db_commits_execute",
+        float("inf"),
+        compare="extra",
+    ),
+    Target(
+        "extra database commits per guarded run, routing only",
+        "guarded-routing",
+        "db_commits_execute",
+        0,
+        compare="extra",
+    ),
+    Target(
+        "extra database connections per guarded run, routing only",
+        "guarded-routing",
+        "db_sessions_execute",
+        0,
+        compare="extra",
+    ),
+    Target(
+        "extra Redis commands per guarded run, routing only",
+        "guarded-routing",
+        "commands_execute",
+        1,
+        compare="extra",
+    ),
+)
+
+
+def _median(variant: Mapping[str, Any] | None, key: str) -> float | None:
+    figure = (variant or {}).get("metrics", {}).get(key) or {}
+    value: float | None = figure.get("median")
+    return value
+
+
+def _target_cell(target: Target, results: Mapping[str, Any], suffix: str) -> str:
+    variants = results.get("variants", {})
+    guarded = variants.get(target.variant)
+    if guarded is None:
+        return "not run"
+    baseline = next(v for v in variants.values() if v["baseline"])
+    key = target.key + (suffix if target.per_config else "")
+    mine, theirs = _median(guarded, key), _median(baseline, key)
+    if target.compare == "ratio":
+        value = stats.ratio(mine, theirs)
+        if value is None:
+            return "—"
+        return f"{value:.2f}x {'met' if value >= target.bound else 'missed'}"
+    if mine is None or theirs is None:
+        return "—"
+    if target.bound == float("inf"):  # reported only
+        return f"{mine:.{target.digits}f} (plain {theirs:.{target.digits}f})"
+    extra = mine - theirs
+    return f"{extra:+.{target.digits}f} {'met' if extra <= target.bound + 0.005 else 'missed'}"
+
+
+def targets_table(results: Mapping[str, Any]) -> str:
+    """Every target of issue 12 with met/missed, per worker configuration, side by side."""
+    configs = results.get("configs") or {"tuned": {"title": "tuned", "suffix": ""}}
+    order = sorted(configs.values(), key=lambda c: c["suffix"] == "")  # quick start first
+    lines = [
+        "| target | bound | " + " | ".join(c["title"] for c in order) + " |",
+        "|---|---|" + "---:|" * len(order),
+    ]
+    for target in ISSUE_TARGETS:
+        if target.compare == "ratio":
+            bound = f"≥ {target.bound:.2f}x"
+        elif target.bound == float("inf"):
+            bound = "reported"
+        else:
+            bound = f"≤ {target.bound:g} extra"
+        cells = [_target_cell(target, results, c["suffix"]) for c in order]
+        if target.key == "drain_noop_rate" and target.variant == "guarded-idem-db":
+            title = (results.get("variants", {}).get(target.variant) or {}).get("title", "")
+            if "PostgreSQL" not in title:
+                cells = ["not measured (PostgreSQL only)"] * len(order)
+        lines.append(f"| {target.label} | {bound} | " + " | ".join(cells) + " |")
+    replay = (results.get("dlq") or {}).get("replay")
+    if replay:
+        ratio = stats.ratio(replay["rows_per_s"], plain_enqueue_rate(results))
+        shown = "—" if ratio is None else f"{ratio:.2f}x {'met' if ratio >= 0.95 else 'missed'}"
+        lines.append(
+            "| bulk replay vs plain Celery enqueue | ≥ 0.95x | "
+            + " | ".join([shown] * len(order))
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -350,6 +528,17 @@ def render(results: Mapping[str, Any]) -> str:
     notes = [*results.get("notes", []), *([busy] if busy else [])]
     for note in notes:
         parts += ["", f"> {note}"]
+    if results.get("variants"):
+        parts += [
+            "",
+            "### Targets of issue 12 (guarded / plain Celery, same run)",
+            "",
+            targets_table(results),
+            "",
+            "Quick start: a project that sets nothing beyond the README's quick start (no "
+            "`CELERY_DB_REUSE_MAX`); tuned: `CELERY_DB_REUSE_MAX` set by the project. Each has "
+            "a worker of its own; the enqueue figures need no worker and are the same for both.",
+        ]
     for name, variant in results.get("variants", {}).items():
         if variant["baseline"]:
             continue

@@ -85,6 +85,38 @@ FULL = Config(
 )
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker configuration the drains are measured under.
+
+    Attributes:
+        name: Stable id (the worker's name too).
+        title: Label in the report.
+        suffix: Appended to the keys of the figures measured under it ("" for the tuned one,
+            whose keys are those of earlier results).
+        env: Environment of its worker (on top of the run's).
+    """
+
+    name: str
+    title: str
+    suffix: str
+    env: dict[str, str]
+
+
+#: The configurations, side by side in one run: a project that follows the README's quick start
+#: and sets nothing else, and one that sets CELERY_DB_REUSE_MAX itself (bench/settings.py).
+QUICK_START = WorkerConfig("quick-start", "quick start", "_qs", {"CG_BENCH_DB_REUSE_MAX": ""})
+TUNED = WorkerConfig(
+    "tuned",
+    "tuned",
+    "",
+    {"CG_BENCH_DB_REUSE_MAX": os.environ.get("CG_BENCH_DB_REUSE_MAX") or "1000"},
+)
+CONFIGS = (QUICK_START, TUNED)
+#: Seconds an idle PostgreSQL backend may keep its statistics before it reports them (15+).
+PG_STATS_FLUSH = 1.2
+
+
 class Runner:
     """Runs every phase for a list of variants on one broker, database and worker."""
 
@@ -108,6 +140,8 @@ class Runner:
         # Plain client (no key prefix): reads the broker's keys as kombu wrote them.
         self.redis = redis.Redis.from_url(broker_url)
         self.worker: BenchWorker | None = None
+        self.workers: dict[str, BenchWorker] = {}
+        self._pg: Any = None
         self._ident = itertools.count()
         self.per_run: dict[str, dict[str, list[float]]] = {v.name: {} for v in variants}
         self.commands: dict[str, dict[str, dict[str, float]]] = {v.name: {} for v in variants}
@@ -331,25 +365,54 @@ class Runner:
         self._record(variant, "commands_enqueue", sum(per_task.values()))
         self.commands[variant.name]["enqueue"] = per_task
 
-    def drain(self, variant: Variant, kind: str, n: int) -> None:
+    def db_activity(self) -> tuple[int, int] | None:
+        """Transactions committed and sessions opened so far in the run's PostgreSQL database.
+
+        None on SQLite. Waits first until idle backends have reported their statistics.
+        """
+        if self.database.engine != "postgresql":
+            return None
+        import psycopg
+
+        if self._pg is None:
+            assert self.database.url is not None
+            self._pg = psycopg.connect(self.database.url, autocommit=True)
+        time.sleep(PG_STATS_FLUSH)
+        row = self._pg.execute(
+            "SELECT xact_commit, sessions FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def drain(self, variant: Variant, kind: str, n: int, config: WorkerConfig = TUNED) -> None:
         """Fill the queue with N tasks, point the worker at it and time until all are acked."""
-        assert self.worker is not None
+        worker = self.workers.get(config.name, self.worker)
+        assert worker is not None
         if variant.reset:
             variant.reset()
         self.purge(variant.queue)
         self._publish(variant, kind, n)
+        db_before = self.db_activity() if kind == "noop" else None
         own: Counter[str] = Counter()
         before = self.commandstats()
-        self.worker.consume(variant.queue)
+        worker.consume(variant.queue)
         start, remaining = self._wait_started(variant.queue, n, own)
         done = self._wait_drained(variant.queue, own, timeout=60 + n * 0.05)
         after = self.commandstats()
-        self.worker.stop_consuming(variant.queue)
-        self._record(variant, f"drain_{kind}_rate", stats.rate(remaining, done - start))
+        worker.stop_consuming(variant.queue)
+        suffix = config.suffix
+        self._record(variant, f"drain_{kind}_rate{suffix}", stats.rate(remaining, done - start))
         if kind == "noop":
             per_task = stats.commands_per_task(before, after, n, own=dict(own))
-            self._record(variant, "commands_execute", sum(per_task.values()))
-            self.commands[variant.name]["execute"] = per_task
+            self._record(variant, f"commands_execute{suffix}", sum(per_task.values()))
+            self.commands[variant.name][f"execute{suffix}"] = per_task
+            db_after = self.db_activity()
+            if db_before is not None and db_after is not None:
+                # The first statistics read is itself one committed transaction of the window.
+                commits = max(0, db_after[0] - db_before[0] - 1)
+                self._record(variant, f"db_commits_execute{suffix}", commits / n)
+                self._record(
+                    variant, f"db_sessions_execute{suffix}", (db_after[1] - db_before[1]) / n
+                )
 
     def paced(self, variant: Variant, rate: float, rep: int) -> None:
         """Publish at ``rate`` tasks/s to a consuming worker; latency from call to task start."""
@@ -413,18 +476,30 @@ class Runner:
                 self.log(f"{name}: {variant.name} (repetition {rep + 1}/{self.config.reps})")
                 step(variant, rep)
 
-    def run(self, start_worker: Callable[[], BenchWorker]) -> dict[str, Any]:
+    def run(self, start_worker: Callable[[WorkerConfig], BenchWorker]) -> dict[str, Any]:
         """Run every phase; return the references, per-run figures and command breakdowns."""
         cfg = self.config
         self.log("references: Redis round trip, push/pop, database commits")
         references = self.references()
         self.warm_up()
         self.interleaved("enqueue", lambda v, rep: self.enqueue(v))
-        self.log("starting the worker (prefork, 2 processes)")
-        self.worker = start_worker()
-        self.warm_up()
-        self.interleaved("drain no-op", lambda v, rep: self.drain(v, "noop", cfg.drain_noop_n))
-        self.interleaved("drain 10 ms", lambda v, rep: self.drain(v, "sleep", cfg.drain_sleep_n))
+        for config in CONFIGS:
+            self.log(f"starting the {config.title} worker (prefork, 2 processes)")
+            self.worker = self.workers[config.name] = start_worker(config)
+            self.warm_up()
+        for kind, label, n in (
+            ("noop", "drain no-op", cfg.drain_noop_n),
+            ("sleep", "drain 10 ms", cfg.drain_sleep_n),
+        ):
+            for rep in range(cfg.reps):
+                for config in CONFIGS:
+                    for variant in self.variants:
+                        self.log(
+                            f"{label}, {config.title}: {variant.name} "
+                            f"(repetition {rep + 1}/{cfg.reps})"
+                        )
+                        self.drain(variant, kind, n, config)
+        self.worker = self.workers[TUNED.name]
         plain = stats.summarize(self.per_run[self.variants[0].name]["drain_noop_rate"])["median"]
         paced_rate = max(1.0, plain / 2)
         self.interleaved("paced", lambda v, rep: self.paced(v, paced_rate, rep))
@@ -440,8 +515,13 @@ class Runner:
                 "metrics": metrics,
                 "commands_last_run": self.commands[variant.name],
             }
+        if self._pg is not None:
+            self._pg.close()
         return {
             "config": asdict(cfg),
+            "configs": {
+                c.name: {"title": c.title, "suffix": c.suffix, "env": c.env} for c in CONFIGS
+            },
             "paced_rate": paced_rate,
             "references": references,
             "variants": variants,

@@ -24,10 +24,19 @@ class BenchWorker:
     ``add_consumer`` / ``cancel_consumer`` switch it between queues without a restart.
     """
 
-    def __init__(self, app: Any, prefix: str, *, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        app: Any,
+        prefix: str,
+        *,
+        name: str = "worker",
+        env: dict[str, str] | None = None,
+        concurrency: int = 2,
+    ) -> None:
         self.app = app
-        self.hostname = f"{prefix}-worker@bench"
-        self.idle_queue = f"{prefix}-idle"
+        self.hostname = f"{prefix}-{name}@bench"
+        self.idle_queue = f"{prefix}-idle-{name}"
+        self.env = env or {}
         self.concurrency = concurrency
         self.process: subprocess.Popen[bytes] | None = None
         tag = uuid.uuid4().hex[:8]
@@ -40,6 +49,7 @@ class BenchWorker:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example_project")]),
             READY_FILE_ENV: str(self.ready_file),
+            **self.env,
         }
         cmd = [
             sys.executable,

@@ -308,3 +308,40 @@ def test_report_of_a_dead_letter_only_run():
     assert "| first page | 40 / 80, 12 | met |" in lines
     assert not any("vs plain Celery" in line or "PING" in line for line in lines)
     assert lines[-1] == "Targets are reported, never asserted."
+
+
+def test_report_lists_the_issue_targets_per_configuration():
+    results = copy.deepcopy(RESULTS)
+    results["configs"] = {
+        "quick-start": {"title": "quick start", "suffix": "_qs", "env": {}},
+        "tuned": {"title": "tuned", "suffix": "", "env": {}},
+    }
+    results["variants"]["guarded-routing"] = results["variants"].pop("guarded")
+    plain = results["variants"]["plain"]["metrics"]
+    plain.update(
+        drain_noop_rate_qs=_summary(500),
+        db_commits_execute=_summary(0),
+        db_commits_execute_qs=_summary(0),
+        commands_execute_qs=_summary(9),
+    )
+    results["variants"]["guarded-routing"]["metrics"].update(
+        drain_noop_rate_qs=_summary(470),
+        db_commits_execute=_summary(0),
+        db_commits_execute_qs=_summary(2),
+        commands_execute_qs=_summary(9.5),
+    )
+    replay = {"rows": 10, "replayed": 10, "published": 10, "rows_per_s": 980.0, "seconds": 1.0}
+    results["dlq"] = {"replay": replay}
+    text = report.render(results)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+    assert "| target | bound | quick start | tuned |" in text
+    drain = rows["no-op drain, routing only"]
+    assert drain.endswith("| 0.94x met | 0.80x missed |")
+    commits = rows["extra database commits per guarded run, routing only"]
+    assert commits.endswith("| +2.00 missed | +0.00 met |")
+    assert rows["extra Redis commands per guarded run, routing only"].endswith(
+        "| +0.50 met | +3.00 missed |"
+    )
+    assert rows["enqueue, routing only"].endswith("| 0.70x missed | 0.70x missed |")
+    assert rows["no-op drain, key on the Redis ledger"].endswith("| not run | not run |")
+    assert rows["bulk replay vs plain Celery enqueue"].endswith("| 0.98x met | 0.98x met |")
