@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from proj.embedded import EmbeddedRedis, free_port
+from devprocs.embedded import EmbeddedRedis, free_port
 
 BENCH_DB_NAME = "celery_guard_bench"
 

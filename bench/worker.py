@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-import uuid
-from pathlib import Path
 from typing import Any
 
-from bench.benchapp.apps import READY_FILE_ENV
-
-ROOT = Path(__file__).resolve().parent.parent
+from devprocs.launcher import CeleryProcess
 
 
 class BenchWorker:
@@ -36,63 +27,23 @@ class BenchWorker:
         self.app = app
         self.hostname = f"{prefix}-{name}@bench"
         self.idle_queue = f"{prefix}-idle-{name}"
-        self.env = env or {}
-        self.concurrency = concurrency
-        self.process: subprocess.Popen[bytes] | None = None
-        tag = uuid.uuid4().hex[:8]
-        self.ready_file = Path(tempfile.gettempdir()) / f"cgb-ready-{tag}"
-        self.log_path = Path(tempfile.gettempdir()) / f"cgb-worker-{tag}.log"
+        self.process = CeleryProcess.worker(
+            "proj",
+            [self.idle_queue],
+            name=f"{prefix}-{name}",
+            hostname=self.hostname,
+            concurrency=concurrency,
+            loglevel="WARNING",
+            env=env,
+        )
 
     def start(self, timeout: float = 120) -> None:
         """Start the worker and wait until it consumes its idle queue."""
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example_project")]),
-            READY_FILE_ENV: str(self.ready_file),
-            **self.env,
-        }
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "proj",
-            "worker",
-            "-Q",
-            self.idle_queue,
-            "-n",
-            self.hostname,
-            "-c",
-            str(self.concurrency),
-            "-P",
-            "prefork",
-            "-l",
-            "WARNING",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                cmd,
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the bench worker exited early:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the bench worker was not ready in {timeout}s")
-            time.sleep(0.05)
+        self.process.start(timeout)
 
     @property
     def pid(self) -> int:
         """Pid of the worker's main process (the leader of its own process group)."""
-        assert self.process is not None
         return self.process.pid
 
     def _control(self, command: str, queue: str) -> None:
@@ -111,24 +62,11 @@ class BenchWorker:
 
     def stop(self, timeout: float = 20) -> None:
         """Warm shutdown of the worker's process group; SIGKILL it if that takes too long."""
-        self.ready_file.unlink(missing_ok=True)
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        if self.process is not None and self.process.returncode not in (0, None):
+        self.process.stop(timeout)
+        if self.process.returncode not in (0, None):
             print(
-                f"the bench worker exited with {self.process.returncode}:\n{self.log_tail()}",
+                f"the bench worker exited with {self.process.returncode}:\n"
+                f"{self.process.log_tail(40)}",
                 file=sys.stderr,
             )
-        self.log_path.unlink(missing_ok=True)
-
-    def log_tail(self, lines: int = 40) -> str:
-        """Return the end of the worker's log."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        self.process.log_path.unlink(missing_ok=True)

@@ -9,8 +9,6 @@ and where each job ran. Every process it starts is stopped when it ends or on Ct
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,21 +21,18 @@ HIGH_JOBS = 5
 def main() -> int:
     sys.path.insert(0, str(HERE))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proj.settings")
-    from proj.embedded import ensure_redis_url
+    from devprocs.embedded import ensure_redis_url
+    from devprocs.launcher import CeleryProcess
 
     redis_url, embedded = ensure_redis_url()
     print(f"broker: {redis_url}" + (" (embedded, started by the demo)" if embedded else ""))
-    env = {
-        **os.environ,
-        "CELERY_GUARD_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
-    }
-    manage = [sys.executable, str(HERE / "manage.py")]
-    subprocess.run([*manage, "migrate", "-v0"], check=True, env=env)
+    os.environ["CELERY_GUARD_LOG_LEVEL"] = "WARNING"
 
     import django
+    from django.core.management import call_command
 
     django.setup()
+    call_command("migrate", verbosity=0)
     from celery_guard.conf import guard_settings
     from demo.models import JobRun
     from demo.tasks import build_report, send_password_reset
@@ -48,31 +43,17 @@ def main() -> int:
         for queue in guard_settings.priority_queues.values():
             conn.default_channel.queue_purge(queue)
 
-    workers: list[subprocess.Popen[bytes]] = []
+    workers: list[CeleryProcess] = []
     try:
         for level, queue in guard_settings.priority_queues.items():
-            cmd = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "proj",
-                "worker",
-                "-Q",
-                queue,
-                "-n",
-                f"{level}@demo",
-                "-c",
-                "1",
-                "--loglevel",
-                "WARNING",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ]
-            print("starting:", " ".join(cmd[2:]))
-            workers.append(subprocess.Popen(cmd, env=env, cwd=HERE, start_new_session=True))
-        _wait_for_workers(app, len(workers))
+            worker = CeleryProcess.worker(
+                "proj", [queue], name=f"demo-{level}", hostname=f"{level}@demo", loglevel="WARNING"
+            )
+            print("starting:", " ".join(worker.command()[4:]), f"(log: {worker.log_path})")
+            workers.append(worker)
+            worker.launch()
+        for worker in workers:
+            worker.wait_ready()
 
         print(
             f"\nqueueing {LOW_JOBS} low-priority reports (0.2 s each), then "
@@ -92,26 +73,11 @@ def main() -> int:
             time.sleep(0.2)
         return _report(JobRun)
     finally:
-        for proc in workers:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        for worker in workers:
+            worker.stop()
         if embedded:
             embedded.stop()
         print("stopped every process the demo started")
-
-
-def _wait_for_workers(app, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        replies = app.control.ping(timeout=0.5) or []
-        if len(replies) >= count:
-            return
-    raise RuntimeError("workers did not start in time")
 
 
 def _report(JobRun) -> int:

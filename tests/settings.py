@@ -9,7 +9,7 @@ import os
 import tempfile
 import uuid
 
-from proj.embedded import ensure_redis_url
+from devprocs.embedded import ensure_redis_url
 from proj.settings import *  # noqa: F403
 from proj.settings import DATABASES, INSTALLED_APPS
 

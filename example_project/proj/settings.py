@@ -1,7 +1,7 @@
 """Settings of the example project.
 
 Real services are used when their URLs are given (``DATABASE_URL``, ``REDIS_URL``);
-otherwise SQLite and the Redis at ``REDIS_URL`` that ``proj.embedded`` starts for the demo.
+otherwise SQLite and the Redis at ``REDIS_URL`` that ``devprocs.embedded`` starts for the demo.
 """
 
 import os

@@ -42,8 +42,8 @@ def redis_binary() -> str:
 class EmbeddedRedis:
     """A ``redis-server`` child process that keeps nothing on disk."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="celery-guard-redis-")
         self.process = subprocess.Popen(
             [
