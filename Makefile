@@ -11,10 +11,11 @@ FULL ?=
 WRITE_DOCS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv test lint format demo bench docs clean
+.PHONY: help venv test test-unit lint format demo bench docs clean
 
 help:
-	@echo "make test   - run the whole test suite (unit + real-worker integration)"
+	@echo "make test   - run the whole test suite (tests/unit, integration, acceptance)"
+	@echo "make test-unit - only tests/unit: no database, broker or process needed"
 	@echo "make demo   - run the priority-routing demo on real workers"
 	@echo "make lint   - ruff (lint + format check), mypy and the import contracts"
 	@echo "make bench  - benchmark the guard against plain Celery (FULL=1 for the full run,"
@@ -33,6 +34,9 @@ venv: $(BIN)/.installed
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

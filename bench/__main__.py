@@ -4,6 +4,10 @@ Options: ``--full`` (longer run), ``--write-docs`` (also fill the results sectio
 docs/benchmarks.md), ``--only NAME`` (compare only these guarded variants), ``--only-dlq``
 (only the dead-letter section), ``--dlq-rows N`` (time the changelist at these sizes),
 ``--sqlite`` (use SQLite even when PostgreSQL is available), ``--out DIR``.
+
+``python -m bench seed-dead-letters COUNT [--batch N]`` inserts fake dead letters into the
+example project's database (``DATABASE_URL``, or its SQLite file; another project's with
+``DJANGO_SETTINGS_MODULE``), as the changelist benchmark does.
 """
 
 from __future__ import annotations
@@ -61,10 +65,38 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def seed_dead_letters(argv: list[str]) -> int:
+    """``python -m bench seed-dead-letters COUNT [--batch N]``: insert fake dead letters."""
+    parser = argparse.ArgumentParser(prog="python -m bench seed-dead-letters")
+    parser.add_argument("count", type=int, help="dead letters to insert")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=5000,
+        help="rows per bulk_create (PostgreSQL with psycopg 3 writes them all with one COPY)",
+    )
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("COUNT must be positive")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proj.settings")
+    import django
+
+    django.setup()
+    from bench.seed import seed
+
+    started = time.monotonic()
+    written = seed(args.count, batch=args.batch)
+    print(f"seeded {written} dead letter(s) in {time.monotonic() - started:.1f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; return the exit status."""
-    args = parse_args(argv)
+    """Run the benchmark (or the ``seed-dead-letters`` subcommand); return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
     sys.path[:0] = [str(ROOT), str(ROOT / "example_project")]
+    if argv[:1] == ["seed-dead-letters"]:
+        return seed_dead_letters(argv[1:])
+    args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     # A shell starts background jobs with SIGINT ignored; Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)

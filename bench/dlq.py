@@ -3,7 +3,7 @@
 ``python -m bench.dlq --rows N [--rows M ...] --replay-n K`` runs in a process of its own
 with the runner's environment (its database and Redis) and prints one JSON object, like
 :mod:`bench.micro`. The changelist is requested in-process through Django's test ``Client``
-as a superuser, against dead letters seeded with :func:`celery_guard.dlq.services.seed` (PostgreSQL
+as a superuser, against dead letters seeded with :func:`bench.seed.seed` (PostgreSQL
 only: the scale work of the changelist, estimated counts and loose index scans, is
 PostgreSQL's). Bulk replay runs :func:`celery_guard.dlq.replay.replay`, the service function of
 ``celery_guard replay`` and the admin action, without a rate limit, publishing to a queue
@@ -89,7 +89,7 @@ def changelist(sizes: list[int], log: Callable[[str], None]) -> list[dict[str, A
     from django.contrib.auth import get_user_model
     from django.test import Client
 
-    from celery_guard.dlq import services
+    from bench import seed as seeding
     from celery_guard.models import DeadLetter
 
     user_model = get_user_model()
@@ -104,7 +104,7 @@ def changelist(sizes: list[int], log: Callable[[str], None]) -> list[dict[str, A
             added = size - seeded
             t = time.perf_counter()
             # A new seed per step: the rows added to reach the next size differ from the first.
-            services.seed(added, batch=5000, seed=size)
+            seeding.seed(added, batch=5000, seed=size)
             seed_s = time.perf_counter() - t
             seeded = size
             log(f"seeded {added:,} dead letters in {seed_s:.0f}s; timing the changelist")
@@ -137,12 +137,13 @@ def bulk_replay(n: int, queue: str) -> dict[str, Any]:
     import redis
 
     import bench.benchapp.tasks  # noqa: F401  (registers the replayed task)
-    from celery_guard.dlq import replay, services
+    from bench import seed as seeding
+    from celery_guard.dlq import replay
     from celery_guard.models import DeadLetter, DeadLetterReplay
     from proj.celery import app
 
     rows = []
-    for i, row in enumerate(services.fake_rows(n, seed=1)):
+    for i, row in enumerate(seeding.fake_rows(n, seed=1)):
         row.task_name = REPLAY_TASK
         row.queue = queue
         row.args = [i]

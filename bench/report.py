@@ -498,7 +498,7 @@ def dlq_tables(dlq: Mapping[str, Any], plain_enqueue: float | None = None) -> st
                 verdict = "—" if p95 is None else "met" if p95 < DLQ_P95_TARGET_MS else "missed"
             lines.append(f"| {label} | {' | '.join(cells)} | {verdict} |")
         seeded = ", ".join(f"{fmt(s['rows'])} rows in {s['seed_s']:.0f} s" for s in steps)
-        parts += ["\n".join(lines), "", f"Seeded with `celery_guard.dlq.services.seed`: {seeded}."]
+        parts += ["\n".join(lines), "", f"Seeded with `bench.seed.seed`: {seeded}."]
     elif dlq.get("changelist_note"):
         parts.append(f"> {dlq['changelist_note']}")
     replay = dlq.get("replay")

@@ -1,109 +1,42 @@
-"""Fixtures giving tests real services: broker URLs, the test database, worker processes.
+"""The suite's levels: a marker per directory, and the fixtures every level may use.
 
-A service whose URL is absent is skipped locally and is a failure when ``CI`` is set, so CI
-cannot go green by skipping the integration tests.
+``tests/unit`` (no database, no broker), ``tests/integration`` (database, admin, commands,
+ledgers, the broker) and ``tests/acceptance`` (real ``celery worker`` / ``beat`` processes, a
+browser). A test is marked with its directory's level: ``pytest -m unit`` runs one level.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
 
 import pytest
-from celery import current_app
-from django.conf import settings
 
-from tests.harness import Worker, purge
+pytest_plugins = ["tests.support.fixtures", "tests.support.idem"]
 
+HERE = Path(__file__).resolve().parent
 IN_CI = bool(os.environ.get("CI"))
-
-# Fixtures of the idempotency tests (ledger backends).
-pytest_plugins = ["tests.idem_support"]
+LEVELS = ("unit", "integration", "acceptance")
 
 
-def require(url_var: str) -> str:
-    """Return the URL in ``url_var``, or skip (fail in CI) when it is not set."""
-    url = os.environ.get(url_var)
-    if not url:
-        message = f"{url_var} is not set"
-        if IN_CI:
-            pytest.fail(f"{message}: CI must run every integration test", pytrace=False)
-        pytest.skip(message)
-    return url
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with the level of its directory; a test outside every level is an error."""
+    for item in items:
+        parts = Path(item.path).resolve().relative_to(HERE).parts
+        if parts[0] not in LEVELS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in tests/{{{','.join(LEVELS)}}}/")
+        item.add_marker(parts[0])
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The Redis broker: ``REDIS_URL``, or the embedded server the settings started."""
-    return str(settings.CELERY_BROKER_URL)
-
-
-@pytest.fixture(scope="session")
-def amqp_url() -> str:
-    """The RabbitMQ broker at ``AMQP_URL``."""
-    return require("AMQP_URL")
-
-
-@pytest.fixture(scope="session")
-def postgres() -> None:
-    """Require the suite to run on PostgreSQL (``DATABASE_URL``)."""
-    require("DATABASE_URL")
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
-        pytest.fail("DATABASE_URL is set but the default database is not PostgreSQL")
-
-
-@pytest.fixture(scope="session")
-def queues() -> dict[str, str]:
-    """Priority level -> this run's queue name."""
-    return dict(settings.CELERY_GUARD_PRIORITY_QUEUES)
-
-
-@pytest.fixture(scope="session")
-def test_db_name(django_db_setup: None, django_db_blocker: pytest.FixtureRequest) -> str:
-    """Name of the test database, for the workers to connect to."""
-    from django.db import connection
-
-    return str(connection.settings_dict["NAME"])
-
-
-@pytest.fixture
-def empty_queues(redis_url: str, queues: dict[str, str]) -> Iterator[None]:
-    """Start and end the test with this run's queues empty on the Redis broker."""
-    names = [*queues.values(), settings.CELERY_TASK_DEFAULT_QUEUE]
-    purge(redis_url, names)
-    yield
-    purge(redis_url, names)
-
-
-@pytest.fixture
-def start_worker(test_db_name: str, redis_url: str, queues: dict[str, str]) -> Iterator:
-    """Start worker processes for a test; every one is stopped and the queues purged after."""
-    started: list[Worker] = []
-
-    def start(levels_or_queues, *, broker_url: str | None = None, **kwargs) -> Worker:
-        names = [queues.get(q, q) for q in levels_or_queues]
-        worker = Worker(names, broker_url=broker_url or redis_url, db_name=test_db_name, **kwargs)
-        started.append(worker)
-        return worker.start()
-
-    yield start
-    for worker in started:
-        worker.stop()
-    for broker in {w.broker_url for w in started} | {redis_url}:
-        purge(broker, [*queues.values(), settings.CELERY_TASK_DEFAULT_QUEUE])
-
-
-@pytest.fixture
-def celery_conf():
-    """Set Celery config keys for one test, restoring them afterwards."""
-    conf = current_app.conf
-    saved = {}
-
-    def set_(**values):
-        for key, value in values.items():
-            saved.setdefault(key, conf.get(key))
-            conf[key] = value
-
-    yield set_
-    for key, value in saved.items():
-        conf[key] = value
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """Under ``CI`` a skipped test is a failed one: CI cannot go green by skipping."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where every test must run: {report.longrepr}"

@@ -1,52 +1,127 @@
-"""Settings of the test suite: the example project plus the test app, isolated per run.
+"""Settings of the test suite: its own project (the test app, the admin), isolated per run.
 
 Every run gets a run id (inherited by the worker processes it starts) that prefixes its
 queue names and names its test database, so two runs on one machine share no state.
-Without ``REDIS_URL`` the run starts an embedded ``redis-server`` of its own.
+Without ``REDIS_URL`` the run reserves a port for an embedded ``redis-server`` and exports its
+URL; the server itself starts only when a test needs Redis (the ``redis_url`` fixture), so the
+unit tests run with no service at all.
 """
 
 import os
 import tempfile
 import uuid
 
-from devprocs.embedded import ensure_redis_url
-from proj.settings import *  # noqa: F403
-from proj.settings import DATABASES, INSTALLED_APPS
+import dj_database_url
+
+from devprocs.embedded import free_port
 
 RUN_ID = os.environ.setdefault("CG_TEST_RUN_ID", uuid.uuid4().hex[:8])
-REDIS_URL, _EMBEDDED_REDIS = ensure_redis_url()
 
-INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]
+#: The port of the embedded Redis the ``redis_url`` fixture starts, or None with ``REDIS_URL``.
+CG_TEST_EMBEDDED_REDIS_PORT = None
+if not os.environ.get("REDIS_URL"):
+    CG_TEST_EMBEDDED_REDIS_PORT = free_port()
+    # Exported: the worker processes the suite starts inherit it and start nothing.
+    os.environ["REDIS_URL"] = f"redis://127.0.0.1:{CG_TEST_EMBEDDED_REDIS_PORT}/0"
+REDIS_URL = os.environ["REDIS_URL"]
 
+SECRET_KEY = "celery-guard-tests-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_celery_beat",
+    "celery_guard",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    # A request id for each request, carried into the tasks it enqueues and their logs.
+    "celery_guard.middleware.RequestIdMiddleware",
+]
+
+ROOT_URLCONF = "tests.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+USE_TZ = True
+TIME_ZONE = "UTC"
+STATIC_URL = "static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+if os.environ.get("DATABASE_URL"):
+    _db = dj_database_url.parse(os.environ["DATABASE_URL"])
+    _db["TEST"] = {"NAME": f"test_celery_guard_{RUN_ID}"}
+else:
+    _db = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.path.join(tempfile.gettempdir(), f"cgt-{RUN_ID}-unused.sqlite3"),
+        # Workers and the test process write at once: wait for the lock, and take it at the
+        # start of a transaction so two writers cannot deadlock on an upgrade.
+        "OPTIONS": {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+        "TEST": {"NAME": os.path.join(tempfile.gettempdir(), f"cgt-{RUN_ID}.sqlite3")},
+    }
+# A worker started by the suite connects to the test database the suite created.
+if os.environ.get("CG_WORKER_DB_NAME"):
+    _db["NAME"] = os.environ["CG_WORKER_DB_NAME"]
+# Beat processes started by the suite: a connection name to find them by (PostgreSQL).
+if os.environ.get("CG_DB_APPLICATION_NAME") and _db["ENGINE"].endswith("postgresql"):
+    _db.setdefault("OPTIONS", {})["application_name"] = os.environ["CG_DB_APPLICATION_NAME"]
+DATABASES = {"default": _db}
+
+# Celery: the guard's recommended delivery settings, this run's queues.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or REDIS_URL
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Keep worker database connections across tasks (check celery_guard.W010).
+CELERY_DB_REUSE_MAX = 1000
 CELERY_TASK_DEFAULT_QUEUE = f"cgt-{RUN_ID}-celery"
 CELERY_GUARD_PRIORITY_QUEUES = {
     level: f"cgt-{RUN_ID}-{level}" for level in ("high", "default", "low")
 }
-CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Worker fixtures shorten Redis's redelivery delay to test crashes (extra_env).
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": float(os.environ.get("CG_VISIBILITY_TIMEOUT", "3600"))
+}
 
-_db = DATABASES["default"]
-if _db["ENGINE"].endswith("sqlite3"):
-    _db["TEST"] = {"NAME": os.path.join(tempfile.gettempdir(), f"cgt-{RUN_ID}.sqlite3")}
-else:
-    _db["TEST"] = {"NAME": f"test_celery_guard_{RUN_ID}"}
-# A worker started by the suite connects to the test database the suite created.
-if os.environ.get("CG_WORKER_DB_NAME"):
-    _db["NAME"] = os.environ["CG_WORKER_DB_NAME"]
-# Beat processes started by the suite: a short lease, and a connection name to find them by.
+# Beat processes started by the suite: a short lease under this run's lock name.
 CELERY_GUARD_BEAT_LOCK_NAME = f"cgt-{RUN_ID}"
 if os.environ.get("CG_BEAT_LEASE_SECONDS"):
     CELERY_GUARD_BEAT_LEASE_SECONDS = float(os.environ["CG_BEAT_LEASE_SECONDS"])
-if os.environ.get("CG_DB_APPLICATION_NAME") and _db["ENGINE"].endswith("postgresql"):
-    _db.setdefault("OPTIONS", {})["application_name"] = os.environ["CG_DB_APPLICATION_NAME"]
-
-PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-# Worker fixtures shorten Redis's redelivery delay to test crashes (extra_env).
-if os.environ.get("CG_VISIBILITY_TIMEOUT"):
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "visibility_timeout": float(os.environ["CG_VISIBILITY_TIMEOUT"])
-    }
 if os.environ.get("CG_MAX_WORKER_LOST"):
     CELERY_GUARD_MAX_WORKER_LOST = int(os.environ["CG_MAX_WORKER_LOST"])
 if os.environ.get("CG_DEAD_LETTER_WRITE_TRIES"):
@@ -65,7 +140,18 @@ CELERY_GUARD_IDEMPOTENCY_REDIS_PREFIX = os.environ.get(
     "CG_IDEMPOTENCY_REDIS_PREFIX", f"cgt-{RUN_ID}:idem:"
 )
 
-ROOT_URLCONF = "tests.urls"
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "celery_guard": {
+            "handlers": ["console"],
+            "level": os.environ.get("CELERY_GUARD_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        }
+    },
+}
 # Observability: processes started with CG_JSON_LOGS write the guard's records as JSON lines.
 if os.environ.get("CG_JSON_LOGS"):
     LOGGING = {
@@ -77,8 +163,10 @@ if os.environ.get("CG_JSON_LOGS"):
     }
 if os.environ.get("CG_ROLLUP_FLUSH_SECONDS"):
     CELERY_GUARD_ROLLUP_FLUSH_SECONDS = float(os.environ["CG_ROLLUP_FLUSH_SECONDS"])
+# Prometheus metrics only where the processes share a multiprocess directory (W018).
+CELERY_GUARD_METRICS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 # Sentry with a transport that appends each event to a file (the Sentry tests read it).
 if os.environ.get("CG_SENTRY_FILE"):
-    from tests.sentry_transport import init_sentry
+    from tests.support.sentry_transport import init_sentry
 
     init_sentry(os.environ["CG_SENTRY_FILE"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from tests.harness import ROOT, wait_until
+from tests.support.harness import ROOT, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -1,8 +1,12 @@
-"""URLs of the test suite: the example project's, plus views the tests call."""
+"""URLs of the test settings: the Django admin, celery_guard's metrics, views the tests call."""
 
-from django.urls import path
+from django.contrib import admin
+from django.urls import include, path
 
-from proj.urls import urlpatterns as project_urls
 from tests.testapp import views
 
-urlpatterns = [*project_urls, path("test/enqueue", views.enqueue)]
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("celery-guard/", include("celery_guard.urls")),
+    path("test/enqueue", views.enqueue),
+]

@@ -41,9 +41,7 @@ def _at_least(option: str, value: int | None, minimum: int) -> None:
 class Command(BaseCommand):
     """Dispatch to one subcommand method per operation (``handle_<name>``)."""
 
-    help = (
-        "celery_guard operations: doctor, status, alerts, replay, purge, runs, seed-dead-letters."
-    )
+    help = "celery_guard operations: doctor, status, alerts, replay, purge, runs."
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Declare the subcommands and their arguments."""
@@ -90,14 +88,6 @@ class Command(BaseCommand):
             "sweep",
             help="Publish items and completions that a dead process left unpublished "
             "(after CELERY_GUARD_RUNS_SWEEP_GRACE).",
-        )
-        s = sub.add_parser("seed-dead-letters", help="Insert fake dead letters (benchmarks).")
-        s.add_argument("count", type=int)
-        s.add_argument(
-            "--batch",
-            type=int,
-            default=5000,
-            help="Rows per bulk_create (PostgreSQL writes them all with one COPY).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -340,14 +330,6 @@ class Command(BaseCommand):
                 self.stdout.write("")
                 return
             time.sleep(interval)
-
-    def handle_seed_dead_letters(self, *, count: int, batch: int, **options: Any) -> None:
-        """Insert ``count`` fake dead letters (for the changelist benchmark)."""
-        _at_least("count", count, 0)
-        _at_least("--batch", batch, 1)
-        started = time.monotonic()
-        written = services.seed(count, batch=batch)
-        self.stdout.write(f"seeded {written} dead letter(s) in {time.monotonic() - started:.1f}s")
 
 
 def _num(value: Any) -> str:

@@ -1,0 +1,1 @@
+"""Acceptance tests: real ``celery worker`` / ``beat`` processes, a browser."""

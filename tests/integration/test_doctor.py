@@ -1,0 +1,26 @@
+"""``manage.py celery_guard doctor`` against the real broker and database (no worker)."""
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run_doctor(capsys):
+    call_command("celery_guard", "doctor", "--timeout", "2")
+    return capsys.readouterr().out
+
+
+def test_doctor_fails_when_the_broker_is_unreachable(celery_conf, capsys):
+    celery_conf(broker_url="redis://127.0.0.1:1/0", broker_write_url=None)
+    with pytest.raises(CommandError, match="doctor found errors"):
+        run_doctor(capsys)
+    assert "[error] broker redis://" in capsys.readouterr().out
+
+
+def test_doctor_fails_on_a_check_error(settings, capsys):
+    settings.CELERY_GUARD_MAX_PAYLOAD_BYTES = 0
+    with pytest.raises(CommandError):
+        run_doctor(capsys)
+    assert "[error] celery_guard.E001" in capsys.readouterr().out

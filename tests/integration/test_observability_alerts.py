@@ -1,0 +1,176 @@
+"""SLO alerts on the rollups: raised once after the breach held, resolved on recovery, sent to
+a webhook (a local HTTP server); the checks of observability; ``celery_guard status``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from django.core import mail
+from django.core.management import call_command
+from django.test import override_settings
+
+from celery_guard.models import Alert
+from celery_guard.observability import alerts, checks, rollups
+from tests.support.dlq import dead_letter
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUEUE = "alerts-q"
+T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def minute(n: int, seconds: float = 0) -> dt.datetime:
+    return T0 + dt.timedelta(minutes=n, seconds=seconds)
+
+
+def starts(at_minute: int, lag: float, count: int = 10) -> None:
+    """``count`` deliveries of a task on QUEUE that started ``lag`` seconds after publish."""
+    for _ in range(count):
+        rollups.add(
+            "app.job", QUEUE, counter="started", lag=lag, now=minute(at_minute, 5).timestamp()
+        )
+        rollups.add("app.job", QUEUE, counter="succeeded", now=minute(at_minute, 6).timestamp())
+    rollups.flush()
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP server that records the JSON bodies posted to it."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_lag_breach_held_raises_one_alert_and_recovery_resolves_it(webhook):
+    url, received = webhook
+    slos = {f"queue:{QUEUE}": {"start_within": 10, "window": 2, "hold": 3}}
+    with override_settings(
+        CELERY_GUARD_SLOS=slos,
+        CELERY_GUARD_ALERT_WEBHOOK_URL=url,
+        CELERY_GUARD_ALERT_SINKS=("log", "mail", "webhook"),
+        ADMINS=[("Ops", "ops@example.com")],
+    ):
+        for n in range(6):
+            starts(n, lag=40)  # p95 of the lag: 60 s (its bucket), objective 10 s
+        first = alerts.evaluate(now=minute(1))
+        assert (first.raised, first.pending) == ([], 1)  # breached, not held long enough
+        assert Alert.objects.get().status == Alert.Status.PENDING
+        assert received == []
+        held = alerts.evaluate(now=minute(4))
+        assert len(held.raised) == 1
+        alert = Alert.objects.get()
+        assert (alert.status, alert.slo, alert.objective) == (
+            "firing",
+            f"queue:{QUEUE}",
+            "start_within",
+        )
+        assert alert.playbook.endswith("observability.html#playbook-lag")
+        again = alerts.evaluate(now=minute(5))
+        assert (again.raised, again.resolved) == ([], [])
+        assert Alert.objects.count() == 1
+        assert len(received) == 1 and len(mail.outbox) == 1
+        assert received[0]["alert"]["status"] == "firing"
+        assert received[0]["text"].startswith("[celery_guard ALERT]")
+        assert "#playbook-lag" in received[0]["text"]
+        for n in (6, 7):
+            starts(n, lag=0.2)
+        recovered = alerts.evaluate(now=minute(8))
+        assert [a.pk for a in recovered.resolved] == [alert.pk]
+        alert.refresh_from_db()
+        assert alert.status == Alert.Status.RESOLVED and alert.resolved_at == minute(8)
+        assert [r["alert"]["status"] for r in received] == ["firing", "resolved"]
+        # A new breach later is a new incident: a second row.
+        for n in range(9, 14):
+            starts(n, lag=40)
+        alerts.evaluate(now=minute(10))
+        alerts.evaluate(now=minute(13))
+        assert list(Alert.objects.values_list("status", flat=True).order_by("pk")) == [
+            "resolved",
+            "firing",
+        ]
+
+
+def test_a_breach_that_does_not_hold_leaves_no_alert():
+    with override_settings(
+        CELERY_GUARD_SLOS={f"queue:{QUEUE}": {"start_within": 10, "window": 2, "hold": 3}}
+    ):
+        starts(0, lag=40)
+        alerts.evaluate(now=minute(1))
+        assert Alert.objects.count() == 1
+        alerts.evaluate(now=minute(5))  # no data in the window: no breach
+        assert Alert.objects.count() == 0
+
+
+def test_e010_malformed_slos_and_sinks():
+    with override_settings(CELERY_GUARD_SLOS={"queue:q": {"start_in": 5}}):
+        messages = checks.check_slos()
+    assert [m.id for m in messages] == ["celery_guard.E010", "celery_guard.E010"]
+    assert "unknown objective 'start_in'" in " ".join(m.msg for m in messages)
+    with override_settings(
+        CELERY_GUARD_SLOS={"t": {"success_share": 2}}, CELERY_GUARD_ALERT_SINKS=("pager",)
+    ):
+        assert [m.id for m in checks.check_slos()] == ["celery_guard.E010"] * 2
+    with override_settings(CELERY_GUARD_SLOS={"t": {"success_share": 0.99, "hold": 2}}):
+        assert checks.check_slos() == []
+
+
+@override_settings(CELERY_GUARD_METRICS=True)
+def test_w018_metrics_without_a_multiprocess_directory(monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    assert [m.id for m in checks.check_multiprocess()] == ["celery_guard.W018"]
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/somewhere")
+    assert checks.check_multiprocess() == []
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    with override_settings(CELERY_GUARD_METRICS=False):
+        assert checks.check_multiprocess() == []
+
+
+def test_w019_slos_without_rollups():
+    with override_settings(
+        CELERY_GUARD_SLOS={"t": {"success_share": 0.9}}, CELERY_GUARD_ROLLUPS=False
+    ):
+        assert [m.id for m in checks.check_rollups()] == ["celery_guard.W019"]
+    with override_settings(CELERY_GUARD_SLOS={"t": {"success_share": 0.9}}):
+        assert checks.check_rollups() == []
+
+
+def test_status_command_reports_queues_dead_letters_and_alerts(capsys, settings, empty_queues):
+    queue = settings.CELERY_GUARD_PRIORITY_QUEUES["default"]
+    dead_letter("status-1")
+    dead_letter("status-2")
+    now = dt.datetime.now(dt.timezone.utc).timestamp()
+    for _ in range(3):
+        rollups.add("app.job", queue, counter="started", lag=0.5, now=now)
+        rollups.add("app.job", queue, counter="succeeded", now=now)
+    rollups.add("app.job", queue, counter="retried", now=now)
+    rollups.flush()
+    call_command("celery_guard", "status", "--json")
+    data = json.loads(capsys.readouterr().out)
+    row = next(q for q in data["queues"] if q["queue"] == queue)
+    assert (row["depth"], row["throughput"], row["dead_letters"]) == (0, 3, 2)
+    assert row["failure_share"] == 0.25 and row["health"] == "amber"
+    assert sum(row["per_minute"]) == 3
+    assert [d["count"] for d in data["dead_letters"]] == [2]
+    call_command("celery_guard", "status")
+    table = capsys.readouterr().out
+    assert queue in table and "amber" in table and "Dead letters (open) by task" in table

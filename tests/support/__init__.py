@@ -1,0 +1,1 @@
+"""Shared harness of the test levels: processes, fixtures, helpers of ledgers and dead letters."""
