@@ -24,7 +24,7 @@ from django.conf import settings
 
 from tests.support.harness import ROOT, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 QUICKSTART = ROOT / "docs" / "quickstart.md"
 README = ROOT / "README.md"
