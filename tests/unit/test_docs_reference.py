@@ -9,7 +9,7 @@ from pathlib import Path
 from celery_guard import conf
 from celery_guard.management.commands.celery_guard import Command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PACKAGE = ROOT / "celery_guard"
 
