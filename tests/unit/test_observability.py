@@ -15,7 +15,7 @@ from celery_guard.middleware import RequestIdMiddleware
 from celery_guard.observability import context, events, logs
 from celery_guard.observability.step import ObservabilityStep
 
-PACKAGE = Path(__file__).resolve().parent.parent / "celery_guard"
+PACKAGE = Path(__file__).resolve().parents[2] / "celery_guard"
 
 
 def emitted_names() -> set[tuple[str, str]]:
