@@ -76,8 +76,8 @@ def seed_dead_letters(argv: list[str]) -> int:
         help="rows per bulk_create (PostgreSQL with psycopg 3 writes them all with one COPY)",
     )
     args = parser.parse_args(argv)
-    if args.count < 1:
-        parser.error("COUNT must be positive")
+    if args.count < 1 or args.batch < 1:
+        parser.error("COUNT and --batch must be at least 1")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proj.settings")
     import django
 
