@@ -107,8 +107,6 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-# Keep worker database connections across tasks (check celery_guard.W010).
-CELERY_DB_REUSE_MAX = 1000
 CELERY_TASK_DEFAULT_QUEUE = f"cgt-{RUN_ID}-celery"
 CELERY_GUARD_PRIORITY_QUEUES = {
     level: f"cgt-{RUN_ID}-{level}" for level in ("high", "default", "low")

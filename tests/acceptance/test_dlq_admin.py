@@ -3,7 +3,6 @@
 import time
 
 import pytest
-from celery import current_app
 from django.contrib.admin.models import LogEntry
 from django.db import connection
 from django.urls import reverse

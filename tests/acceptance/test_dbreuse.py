@@ -9,11 +9,11 @@ import pytest
 from django.db import connection
 
 from celery_guard.models import DeadLetter
-from tests.harness import wait_until
+from tests.support.harness import wait_until
 from tests.testapp import idem_tasks
 from tests.testapp.models import Execution
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def backends(name):
