@@ -66,6 +66,15 @@ DEFAULTS: Mapping[str, Any] = {
     "ALERT_SINKS": ("log", "mail", "sentry", "webhook"),
     "ALERT_WEBHOOK_URL": None,
     "PLAYBOOK_URL": "https://celery-guard.readthedocs.io/en/latest/observability.html",
+    "OUTBOX": False,
+    "OUTBOX_GRACE": 2.0,
+    "OUTBOX_RETENTION": 7 * 24 * 3600,
+    "SCHEDULE": "auto",
+    "SCHEDULE_REDIS_PREFIX": "celery_guard:schedule:",
+    "DELIVERY_POLL_INTERVAL": 1.0,
+    "DELIVERY_BATCH": 500,
+    "DELIVERY_LEASE": 10.0,
+    "DELIVERY_POLLER": True,
 }
 
 
@@ -355,6 +364,51 @@ class GuardSettings:
     def admins() -> list[Any]:
         """Django's ``ADMINS`` (the mail sink's recipients)."""
         return list(getattr(django_settings, "ADMINS", []) or [])
+
+    def outbox(self) -> bool:
+        """Whether ``delay_on_commit`` of every guarded task writes an outbox row."""
+        return bool(raw("OUTBOX"))
+
+    @property
+    def outbox_grace(self) -> float:
+        """Seconds a committed outbox row is left to the fast path before the poller takes it."""
+        return self.seconds(raw("OUTBOX_GRACE"))
+
+    @property
+    def outbox_retention(self) -> float:
+        """Seconds a dispatched outbox row is kept before ``purge`` deletes it."""
+        return self.seconds(raw("OUTBOX_RETENTION"))
+
+    @property
+    def schedule(self) -> str | None:
+        """Where delayed messages wait: ``"auto"``, ``"redis"``, ``"database"`` or ``None``."""
+        value = raw("SCHEDULE")
+        return None if value in (None, False) else str(value)
+
+    @property
+    def schedule_redis_prefix(self) -> str:
+        """Prefix of the Redis keys of the schedule (sorted set and poller lease)."""
+        return str(raw("SCHEDULE_REDIS_PREFIX"))
+
+    @property
+    def delivery_poll_interval(self) -> float:
+        """Seconds between two polls of the delivery poller."""
+        return self.seconds(raw("DELIVERY_POLL_INTERVAL"))
+
+    @property
+    def delivery_batch(self) -> int:
+        """Most due messages or outbox rows one poll publishes."""
+        return int(raw("DELIVERY_BATCH"))
+
+    @property
+    def delivery_lease(self) -> float:
+        """Seconds the active poller's lease lasts without renewal."""
+        return self.seconds(raw("DELIVERY_LEASE"))
+
+    @property
+    def delivery_poller(self) -> bool:
+        """Whether every worker runs the delivery poller (a bootstep)."""
+        return bool(raw("DELIVERY_POLLER"))
 
 
 def is_http_url(value: Any) -> bool:

@@ -1,6 +1,7 @@
 """Every model of celery_guard, each defined in its feature's own ``models`` module."""
 
 from celery_guard.beat.models import BeatFire, BeatLease
+from celery_guard.delivery.models import DeliveryLease, OutboxMessage
 from celery_guard.dlq.models import DeadLetter, DeadLetterReplay
 from celery_guard.failures.models import Delivery
 from celery_guard.idempotency.models import IdempotencyRecord
@@ -17,6 +18,8 @@ __all__ = [
     "DeadLetter",
     "DeadLetterReplay",
     "Delivery",
+    "DeliveryLease",
     "IdempotencyRecord",
+    "OutboxMessage",
     "TaskMinute",
 ]

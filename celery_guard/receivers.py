@@ -6,6 +6,7 @@ from celery import signals
 
 from celery_guard.beat import receivers as beat
 from celery_guard.core import dbreuse
+from celery_guard.delivery import receivers as delivery
 from celery_guard.dlq import receivers as dlq
 from celery_guard.failures import receivers as failures
 from celery_guard.idempotency import receivers as idempotency
@@ -14,7 +15,7 @@ from celery_guard.observability import receivers as observability
 
 def connect() -> None:
     """Connect every receiver; each feature's ``dispatch_uid`` makes repeated calls harmless."""
-    for feature in (observability, failures, beat, dlq, idempotency):
+    for feature in (observability, failures, beat, dlq, idempotency, delivery):
         feature.connect()
     # Worker database connections (every feature's, and the project's own).
     signals.worker_init.connect(

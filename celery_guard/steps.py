@@ -9,6 +9,7 @@ included.
 """
 
 from celery_guard.core.pipeline import Pipeline
+from celery_guard.delivery.step import DeliveryStep
 from celery_guard.failures.step import FailuresStep
 from celery_guard.idempotency.step import IdempotencyStep
 from celery_guard.observability.step import ObservabilityStep
@@ -16,5 +17,12 @@ from celery_guard.routing.step import RoutingStep
 from celery_guard.runs.step import RunsStep
 
 GUARD = Pipeline(
-    [ObservabilityStep(), RunsStep(), FailuresStep(), IdempotencyStep(), RoutingStep()]
+    [
+        ObservabilityStep(),
+        RunsStep(),
+        FailuresStep(),
+        IdempotencyStep(),
+        RoutingStep(),
+        DeliveryStep(),
+    ]
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -13,6 +14,8 @@ from celery_guard import conf
 from celery_guard.conf import guard_settings
 from celery_guard.core import headers, payload
 from celery_guard.core.pipeline import Pipeline, Publish, publish_delay
+from celery_guard.delivery import schedule, services
+from celery_guard.delivery.step import OUTBOX
 from celery_guard.exceptions import PayloadError
 from celery_guard.idempotency.dedup import RunContext, context
 from celery_guard.routing import router
@@ -139,13 +142,21 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             **fields,
         )
         task_id = task_id or uuid()
+        delay = publish_delay(
+            celery_options.get("countdown"), celery_options.get("eta"), self.app.timezone
+        )
+        due = None
+        if delay > 0 and schedule.backend_name(self.app):
+            celery_options.pop("countdown", None)
+            celery_options.pop("eta", None)
+            due = time.time() + delay
 
-        def publish() -> Any:
+        def send(through: Any = producer) -> Any:
             return super(GuardedTask, self).apply_async(
                 args,
                 kwargs,
                 task_id,
-                producer,
+                through,
                 link,
                 link_error,
                 shadow,
@@ -153,9 +164,28 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
                 **celery_options,
             )
 
-        delay = publish_delay(
-            celery_options.get("countdown"), celery_options.get("eta"), self.app.timezone
-        )
+        def publish() -> Any:
+            if due is None:
+                return send()
+            # Held in the schedule, published when due ahead of the queue's backlog, instead
+            # of an ETA message a worker keeps in memory (docs/delivery.md).
+            services.publish_at(
+                self.app,
+                due,
+                send,
+                {
+                    "task_name": self.name,
+                    "task_id": task_id,
+                    "args": list(args or ()),
+                    "kwargs": dict(kwargs or {}),
+                    "options": celery_options,
+                    "headers": message_headers,
+                    "queue": str(celery_options.get("queue") or ""),
+                    "attempt": int(celery_options.get("retries") or 0),
+                },
+            )
+            return self.AsyncResult(task_id)
+
         return self.guard_pipeline.publish(
             self, message_headers[headers.HEADER], task_id, publish, delay
         )
@@ -166,9 +196,13 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
         return context(self.request)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
-        """Check the arguments now, then publish when the transaction commits."""
-        self.guard_prepare(args, kwargs, None)
-        super().delay_on_commit(*args, **kwargs)
+        """Check the arguments now, then publish when the transaction commits.
+
+        With ``outbox=True`` the call is a row written in this transaction (see
+        ``docs/delivery.md``): rolled back with it, published after the commit or, failing
+        that, by the delivery poller.
+        """
+        self.apply_async_on_commit(args, kwargs)
 
     def apply_async_on_commit(
         self,
@@ -177,7 +211,32 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
         **celery_options: Any,
     ) -> None:
         """Check the call now, then publish when the transaction commits."""
+        if OUTBOX.resolve({}, self.guard_options):
+            self._write_outbox(args, kwargs, celery_options)
+            return
         self.guard_prepare(
             args, kwargs, celery_options.get("guard"), celery_options.get("serializer")
         )
         super().apply_async_on_commit(args, kwargs, **celery_options)
+
+    def _write_outbox(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        celery_options: dict[str, Any],
+    ) -> None:
+        guard = dict(celery_options.get("guard") or {})
+        task_id = celery_options.get("task_id") or uuid()
+        if "idempotency_key" not in guard and not self.guard_options.get("idempotency_key"):
+            # The row's own identity: a second publish of the row (the fast path and the
+            # poller racing, a crash after the publish) is then harmless.
+            guard["idempotency_key"] = f"outbox:{task_id}"
+        fields = self.guard_prepare(args, kwargs, guard, celery_options.get("serializer"))
+        identity = fields.get("idempotency") or {}
+        services.write_outbox(
+            self,
+            args,
+            kwargs,
+            {**celery_options, "guard": guard, "task_id": task_id},
+            idempotency_key=str(identity.get("key", "")) if isinstance(identity, dict) else "",
+        )

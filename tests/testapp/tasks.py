@@ -86,3 +86,4 @@ from tests.testapp import (  # noqa: E402  (register the observability and bulk-
     obs_tasks,  # noqa: F401
     run_tasks,  # noqa: F401
 )
+from tests.testapp.outbox_tasks import *  # noqa: E402, F403  (delivery test tasks)

@@ -1,0 +1,1 @@
+"""Durable, timely delivery: the transactional outbox and the schedule of delayed messages."""

@@ -1,0 +1,152 @@
+"""The schedule: delayed messages held outside the queue until due, then moved to its front.
+
+Two backends:
+
+* :class:`RedisSchedule` (the broker is Redis): the finished broker message (exactly what
+  kombu's Redis transport would push) is kept in a sorted set scored by its due time. One
+  Lua script renews the poller's lease and moves the due messages onto the *consuming end*
+  of their list (``RPUSH``; workers ``BRPOP``), so a due message is the next one taken,
+  ahead of the backlog. The script runs atomically: a message is in the sorted set or in the
+  queue, never both and never neither, whatever happens to the poller.
+* :class:`DatabaseSchedule` (any other broker): an :class:`OutboxMessage` row with a future
+  ``due_at``, published by the poller through Celery when due (see ``services``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import redis
+from kombu.utils import json as kombu_json
+
+from celery_guard.conf import guard_settings
+
+#: Renew (or take) the lease, then move due messages onto the front of their queues.
+#: KEYS: lease, schedule. ARGV: holder, lease ms, now, batch. Returns -1 when another
+#: poller holds the lease, else the number of messages moved.
+MOVE_DUE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])
+for i = #due, 1, -1 do
+  local item = cjson.decode(due[i])
+  redis.call('RPUSH', item['k'], item['m'])
+  redis.call('ZREM', KEYS[2], due[i])
+end
+return #due
+"""
+
+#: Give the lease up if this poller still holds it. KEYS: lease. ARGV: holder.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def backend_name(app: Any) -> str | None:
+    """The schedule backend in use with ``app``'s broker: ``"redis"``, ``"database"``, ``None``."""
+    name = guard_settings.schedule
+    if name != "auto":
+        return name
+    return "redis" if is_redis(app) else "database"
+
+
+def is_redis(app: Any) -> bool:
+    """Whether ``app``'s broker is Redis."""
+    url = str(app.conf.broker_url or "")
+    return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+#: kombu's JSON encoder (the Redis transport's own), typed.
+_dumps = cast(Callable[[Any], str], kombu_json.dumps)
+
+
+class _Capture:
+    """A kombu channel stand-in that records what a publish would push instead of pushing it.
+
+    Delegates everything (declarations included) to the real Redis channel, and at
+    ``basic_publish`` does what kombu's virtual transport does before its ``_put``: encode the
+    body, stamp the delivery tag and info, look up the bound queues and their priority lists.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+        self.captured: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    def basic_publish(self, message: Any, exchange: str, routing_key: str, **kw: Any) -> None:
+        channel = self._channel
+        channel._inplace_augment_message(message, exchange, routing_key)
+        queues = channel._lookup(exchange, routing_key) if exchange else [routing_key]
+        priority = channel._get_message_priority(message, reverse=False)
+        self.captured += [(channel._q_for_pri(q, priority), _dumps(message)) for q in queues]
+
+
+class RedisSchedule:
+    """The schedule in a Redis sorted set next to the broker's queues."""
+
+    name = "redis"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        prefix = guard_settings.schedule_redis_prefix
+        self.key = f"{prefix}due"
+        self.lease_key = f"{prefix}lease"
+        self.client: Any = redis.Redis.from_url(str(app.conf.broker_url))
+        self._move = self.client.register_script(MOVE_DUE)
+        self._release = self.client.register_script(RELEASE)
+
+    def hold(self, due: float, publish: Any) -> None:
+        """Keep the message ``publish(producer)`` would send until ``due`` (epoch seconds)."""
+        with self.app.producer_or_acquire() as real:
+            capture = _Capture(real.channel)
+            producer = self.app.amqp.Producer(capture, auto_declare=False)
+            publish(producer)
+        if not capture.captured:
+            raise RuntimeError("the publish produced no broker message to schedule")
+        members = {json.dumps({"k": key, "m": body}): due for key, body in capture.captured}
+        self.client.zadd(self.key, members)
+
+    def move_due(self, holder: str, batch: int) -> int:
+        """Take or renew the lease and move due messages to their queues (-1: not the leader)."""
+        lease_ms = int(guard_settings.delivery_lease * 1000)
+        return int(
+            self._move(keys=[self.lease_key, self.key], args=[holder, lease_ms, time.time(), batch])
+        )
+
+    def release(self, holder: str) -> None:
+        """Give the lease up (a stopping poller)."""
+        self._release(keys=[self.lease_key], args=[holder])
+
+    def holder(self) -> str | None:
+        """Who holds the lease now, if anyone (the doctor's question)."""
+        value = self.client.get(self.lease_key)
+        return value.decode() if value else None
+
+    def entries(self, limit: int = 200) -> list[dict[str, Any]]:
+        """The next ``limit`` scheduled messages: due time, queue key, task, id, attempt."""
+        found = []
+        for member, score in self.client.zrange(self.key, 0, limit - 1, withscores=True):
+            item = json.loads(member)
+            message = json.loads(item["m"])
+            message_headers = message.get("headers") or {}
+            found.append(
+                {
+                    "due": score,
+                    "queue": item["k"],
+                    "task": message_headers.get("task", ""),
+                    "task_id": message_headers.get("id", ""),
+                    "attempt": message_headers.get("retries", 0),
+                }
+            )
+        return found
+
+    def size(self) -> int:
+        """How many messages wait in the schedule."""
+        return int(self.client.zcard(self.key))
