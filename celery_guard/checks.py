@@ -3,6 +3,7 @@
 from celery_guard.beat import checks as beat
 from celery_guard.core import checks as core
 from celery_guard.core.checks import Check
+from celery_guard.delivery import checks as delivery
 from celery_guard.dlq import checks as dlq
 from celery_guard.failures import checks as failures
 from celery_guard.idempotency import checks as idempotency
@@ -20,4 +21,5 @@ ALL: tuple[Check, ...] = (
     *dlq.CHECKS,
     *observability.CHECKS,
     *runs.CHECKS,
+    *delivery.CHECKS,
 )

@@ -168,3 +168,9 @@ if os.environ.get("CG_SENTRY_FILE"):
     from tests.support.sentry_transport import init_sentry
 
     init_sentry(os.environ["CG_SENTRY_FILE"])
+# The delivery schedule's Redis keys carry the run id too.
+CELERY_GUARD_SCHEDULE_REDIS_PREFIX = f"cgt-{RUN_ID}:schedule:"
+if os.environ.get("CG_DELIVERY_LEASE"):
+    CELERY_GUARD_DELIVERY_LEASE = float(os.environ["CG_DELIVERY_LEASE"])
+if os.environ.get("CG_DELIVERY_BATCH"):
+    CELERY_GUARD_DELIVERY_BATCH = int(os.environ["CG_DELIVERY_BATCH"])

@@ -58,6 +58,16 @@ def release_db_lease(holder: str) -> None:
     DeliveryLease.objects.filter(name=DB_LEASE, holder=holder).update(expires_at=timezone.now())
 
 
+def alive(app: Any) -> str | None:
+    """The holder of an unexpired poller lease (a live poller), or ``None``."""
+    if schedule.backend_name(app) == "redis":
+        holder = schedule.RedisSchedule(app).holder()
+        if holder:
+            return holder
+    lease = DeliveryLease.objects.filter(name=DB_LEASE, expires_at__gt=timezone.now()).first()
+    return lease.holder if lease is not None else None
+
+
 class Poller:
     """Polls the schedule and the outbox of one Celery app."""
 

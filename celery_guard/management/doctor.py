@@ -12,6 +12,7 @@ from django.core import checks
 from django.db import connection
 
 from celery_guard.conf import guard_settings
+from celery_guard.delivery import poller
 from celery_guard.idempotency.models import IdempotencyRecord, never_started
 
 
@@ -110,6 +111,22 @@ def _check_never_started(report: Report) -> None:
         report.add("ok", "idempotency keys claimed, never started: none")
 
 
+def _check_poller(app: Any, report: Report) -> None:
+    try:
+        holder = poller.alive(app)
+    except Exception as exc:
+        report.add("error", f"delivery poller: cannot tell whether one is alive: {exc}")
+        return
+    if holder:
+        report.add("ok", f"delivery poller: alive ({holder})")
+    else:
+        report.add(
+            "warning",
+            "delivery poller: none alive; scheduled retries, countdowns and missed outbox rows "
+            "wait until a worker (or `manage.py celery_guard relay`) runs",
+        )
+
+
 def worker_commands(app: Any) -> list[str]:
     """Return one worker command line per priority queue, so each level has its own pool."""
     queues = dict.fromkeys(guard_settings.priority_queues.values())
@@ -125,4 +142,5 @@ def run(timeout: float = 2.0) -> Report:
     _check_never_started(report)
     if _check_broker(app, report, timeout):
         _check_consumers(app, report, timeout)
+        _check_poller(app, report)
     return report

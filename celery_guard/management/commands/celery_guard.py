@@ -12,6 +12,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from celery_guard import conf, durations
 from celery_guard.conf import guard_settings
+from celery_guard.delivery import services as delivery
+from celery_guard.delivery.poller import Poller
 from celery_guard.dlq import replay, services
 from celery_guard.dlq.models import DeadLetter
 from celery_guard.idempotency import dedup
@@ -89,6 +91,12 @@ class Command(BaseCommand):
             help="Publish items and completions that a dead process left unpublished "
             "(after CELERY_GUARD_RUNS_SWEEP_GRACE).",
         )
+        rl = sub.add_parser(
+            "relay",
+            help="Run the delivery poller in this process: publish due scheduled messages and "
+            "outbox rows the fast path missed (workers run one too).",
+        )
+        rl.add_argument("--once", action="store_true", help="Poll once and exit.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the chosen subcommand."""
@@ -283,6 +291,22 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(f"purged {letters} dead letter(s)"))
         bulk = run_services.purge(guard_settings.runs_retention_days)
         self.stdout.write(self.style.SUCCESS(f"purged {bulk} finished bulk run(s)"))
+        rows = delivery.purge()
+        self.stdout.write(self.style.SUCCESS(f"purged {rows} dispatched outbox row(s)"))
+
+    def handle_relay(self, *, once: bool = False, **options: Any) -> None:
+        """Run the delivery poller until interrupted (or once)."""
+        poller = Poller(current_app._get_current_object(), outbox=True)
+        if once:
+            published = poller.tick()
+            poller.release()
+            self.stdout.write(f"published {max(published, 0)} message(s)")
+            return
+        self.stdout.write(f"relay: polling (schedule: {poller.backend}); Ctrl-C stops")
+        try:
+            poller.run()
+        except KeyboardInterrupt:
+            poller.release()
 
     def handle_runs(
         self,
