@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from django.core.management import call_command
 
         import bench.benchapp.tasks  # noqa: F401  (registers every case's tasks)
-        from bench import cases, dlq, fingerprint, micro
+        from bench import cases, delivery, dlq, fingerprint, micro
         from bench.worker import BenchWorker
         from proj.celery import app
 
@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             measured["micro"] = micro.run_all(config.micro_n, database.engine)
         progress("dead letters: changelist timings and bulk replay")
         measured["dlq"] = dlq.run(list(config.dlq_rows), config.dlq_replay_n)
+        if not args.only_dlq:
+            progress("delivery: outbox, schedule throughput, idle poller")
+            measured["delivery"] = delivery.run(config.delivery_n)
         fp["load_end"] = fingerprint.load_average()
         results = {
             "schema": 1,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bench import stats
+from bench import delivery, stats
 
 DOCS_START = "<!-- bench-results:start -->"
 DOCS_END = "<!-- bench-results:end -->"
@@ -557,6 +557,13 @@ def render(results: Mapping[str, Any]) -> str:
             "### Dead letters: admin changelist and bulk replay",
             "",
             dlq_tables(results["dlq"], plain_enqueue_rate(results)),
+        ]
+    if results.get("delivery"):
+        parts += [
+            "",
+            "### Delivery: the outbox, the schedule, the idle poller",
+            "",
+            delivery.table(results["delivery"]),
         ]
     footer = "Targets are reported, never asserted."
     if results.get("variants"):

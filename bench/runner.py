@@ -52,6 +52,7 @@ class Config:
     dlq_rows: tuple[int, ...] = (100_000,)
     #: Dead letters replayed in bulk.
     dlq_replay_n: int = 5000
+    delivery_n: int = 1000
 
 
 QUICK = Config(
@@ -82,6 +83,7 @@ FULL = Config(
     micro_n=2000,
     dlq_rows=(100_000, 1_000_000),
     dlq_replay_n=20_000,
+    delivery_n=5000,
 )
 
 

@@ -1,7 +1,7 @@
 """A delivery poller that publishes slowly, run as a separate process to be SIGKILLed.
 
-Usage: ``python -m tests.outbox_relay``, with the suite's settings. It polls like
-``manage.py celery_guard relay`` but sleeps 20 ms before each publish, so a test can kill it
+Usage: ``python -m tests.outbox_relay``, with the suite's settings. It runs
+``manage.py celery_guard relay`` with a sleep of 20 ms before each publish, so a test can kill it
 in the middle of a batch. The sleep is in this script only, not in the library.
 """
 
@@ -14,10 +14,9 @@ def main() -> None:
     import django
 
     django.setup()
-    from celery import current_app
+    from django.core.management import call_command
 
     from celery_guard.delivery import services
-    from celery_guard.delivery.poller import Poller
 
     publish = services._publish
 
@@ -26,7 +25,7 @@ def main() -> None:
         publish(*args, **kwargs)  # type: ignore[arg-type]
 
     services._publish = slow  # type: ignore[assignment]
-    Poller(current_app, outbox=True).run()
+    call_command("celery_guard", "relay")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from celery_guard.models import OutboxMessage
-from tests.harness import ROOT, wait_until
+from tests.harness import ARTIFACTS, ROOT, wait_until
 from tests.testapp.models import Execution
 from tests.testapp.outbox_tasks import outbox_job, sched_flaky, sched_job, sched_throttled
 
@@ -145,7 +145,15 @@ def python_process(module: str, test_db_name: str, broker_url: str, **env: str) 
         "CELERY_BROKER_URL": broker_url,
         **env,
     }
-    return subprocess.Popen([sys.executable, "-m", module], env=full_env, cwd=ROOT)
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = (ARTIFACTS / f"{module}-{uuid.uuid4().hex[:6]}.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        env=full_env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_two_pollers_at_once_run_each_row_once(start_worker, test_db_name, redis_url) -> None:
@@ -165,7 +173,9 @@ def test_two_pollers_at_once_run_each_row_once(start_worker, test_db_name, redis
 
 def test_poller_killed_mid_batch_loses_nothing(start_worker, test_db_name, redis_url) -> None:
     pending_rows("midbatch", 300)
-    relay = python_process("tests.outbox_relay", test_db_name, redis_url, CG_DELIVERY_LEASE="3")
+    relay = python_process(
+        "tests.outbox_relay", test_db_name, redis_url, CG_DELIVERY_LEASE="3", CG_DELIVERY_BATCH="50"
+    )
     wait_until(lambda: OutboxMessage.objects.filter(state="dispatched").count() >= 20, timeout=60)
     relay.send_signal(signal.SIGKILL)
     relay.wait()
@@ -215,8 +225,9 @@ def _pings(client: redis.Redis) -> bool:
 
 
 def test_broker_down_rows_wait_and_all_run_once_after(
-    start_worker, private_redis, test_db_name
+    private_redis, start_worker, test_db_name
 ) -> None:
+    # private_redis first: it is torn down after the worker fixture purges its queues.
     url, start, stop = private_redis
     start_worker(["default"], broker_url=url)
     stop()

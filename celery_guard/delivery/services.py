@@ -8,6 +8,7 @@ of over-limit tasks, bulk runs). See ``docs/delivery.md``.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -26,7 +27,10 @@ logger = logging.getLogger(__name__)
 
 #: Celery options whose values are datetimes (kept as ISO text in a row).
 _DATETIMES = ("eta", "expires")
-_fast_path_failing = False
+#: Until when (monotonic) the fast path leaves rows to the poller after a failed publish.
+_fast_path_paused_until = 0.0
+#: Seconds the fast path stays off after a failure (one warning per outage, no waiting).
+FAST_PATH_PAUSE = 2.0
 
 
 def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,15 +110,23 @@ def write_outbox(
 
 
 def _fast_path(app: Any, row: OutboxMessage) -> None:
-    """Publish a committed row at once; on failure leave it to the poller, quietly."""
-    global _fast_path_failing
+    """Publish a committed row at once; on failure leave it to the poller, quietly.
+
+    One connection attempt only (kombu would otherwise retry for seconds inside the user's
+    request), and after a failure the fast path stays off for ``FAST_PATH_PAUSE`` seconds.
+    """
+    global _fast_path_paused_until
+    if time.monotonic() < _fast_path_paused_until:
+        return
     try:
-        _publish(app, row, retry=False)
+        with app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=0)
+            _publish(app, row, retry=False, producer=producer)
         OutboxMessage.objects.filter(pk=row.pk, state=OutboxState.PENDING).update(
             state=OutboxState.DISPATCHED, dispatched_at=timezone.now()
         )
     except Exception as exc:
-        if not _fast_path_failing:
+        if not _fast_path_paused_until:
             logger.warning(
                 "celery_guard: could not publish outbox row %s (%s[%s]) after the commit (%s); "
                 "the delivery poller will publish it",
@@ -123,12 +135,14 @@ def _fast_path(app: Any, row: OutboxMessage) -> None:
                 row.task_id,
                 exc,
             )
-        _fast_path_failing = True
+        _fast_path_paused_until = time.monotonic() + FAST_PATH_PAUSE
         return
-    _fast_path_failing = False
+    if _fast_path_paused_until:
+        logger.warning("celery_guard: outbox fast path publishes again")
+    _fast_path_paused_until = 0.0
 
 
-def _publish(app: Any, row: OutboxMessage, *, retry: bool = True) -> None:
+def _publish(app: Any, row: OutboxMessage, *, retry: bool = True, producer: Any = None) -> None:
     task = app.tasks[row.task_name]
     if row.prepared:
         # A scheduled message went through the guard pipeline when it was scheduled; running
@@ -141,6 +155,7 @@ def _publish(app: Any, row: OutboxMessage, *, retry: bool = True) -> None:
             headers=row.headers,
             task_type=task,
             retry=retry,
+            producer=producer,
             **_restored(row.options),
         )
         return
@@ -151,6 +166,7 @@ def _publish(app: Any, row: OutboxMessage, *, retry: bool = True) -> None:
         guard=row.guard or None,
         headers=row.headers or None,
         retry=retry,
+        producer=producer,
         **_restored(row.options),
     )
 

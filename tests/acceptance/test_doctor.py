@@ -20,3 +20,4 @@ def test_doctor_reports_consumers_and_worker_command_lines(start_worker, queues,
     assert f"[ok] priority 'high' -> queue '{queues['high']}': {worker.name}@" in out
     assert f"[warning] priority 'low' -> queue '{queues['low']}': no worker consumes it" in out
     assert f"celery -A tests.celery_app worker -Q {queues['low']} -n {queues['low']}@%h" in out
+    assert "[ok] delivery poller: alive (" in out

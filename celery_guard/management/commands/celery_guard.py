@@ -296,7 +296,10 @@ class Command(BaseCommand):
 
     def handle_relay(self, *, once: bool = False, **options: Any) -> None:
         """Run the delivery poller until interrupted (or once)."""
-        poller = Poller(current_app._get_current_object(), outbox=True)
+        app = current_app._get_current_object()
+        # A worker imports the task modules at start; this process must too, to publish them.
+        app.loader.import_default_modules()
+        poller = Poller(app, outbox=True)
         if once:
             published = poller.tick()
             poller.release()
