@@ -239,3 +239,14 @@ def test_broker_down_rows_wait_and_all_run_once_after(
     wait_until(lambda: len(labels("outage-")) == 100, timeout=90)
     time.sleep(3)
     assert set(labels("outage-").values()) == {1}
+
+
+def test_retry_on_rabbitmq_goes_through_the_database_schedule(start_worker, amqp_url) -> None:
+    start_worker(["default"], broker_url=amqp_url, name="amqp-sched")
+    from kombu import Connection
+
+    with Connection(amqp_url) as conn:
+        sched_flaky.apply_async(("rabbit-retry",), producer=sched_flaky.app.amqp.Producer(conn))
+    wait_until(lambda: labels("rabbit-retry")["rabbit-retry"] == 2, timeout=60)
+    held = OutboxMessage.objects.get(task_name=sched_flaky.name)
+    assert held.prepared and held.state == "dispatched" and held.attempt == 1

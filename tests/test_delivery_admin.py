@@ -1,0 +1,35 @@
+"""Admin: outbox rows with age and last error; the Redis schedule's next messages."""
+
+from datetime import timedelta
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from celery_guard.delivery.schedule import RedisSchedule
+from celery_guard.models import OutboxMessage
+from tests.testapp.outbox_tasks import sched_job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_changelist_shows_pending_rows_and_scheduled_messages(admin_client, redis_url):
+    now = timezone.now()
+    OutboxMessage.objects.create(
+        task_name="app.tasks.send_receipt",
+        task_id="t-pending",
+        created_at=now - timedelta(minutes=5),
+        due_at=now,
+        last_error="OperationalError: broker down",
+    )
+    sched_job.apply_async(("admin-scheduled",), countdown=3600, task_id="t-scheduled")
+    url = reverse("admin:celery_guard_outboxmessage_changelist")
+    page = admin_client.get(url).content.decode()
+    assert "t-pending" in page
+    assert "OperationalError: broker down" in page
+    assert "300s" in page or "301s" in page  # the age
+    assert "t-scheduled" in page and sched_job.name in page
+    filtered = admin_client.get(url, {"scheduled": "other.task"}).content.decode()
+    assert "t-scheduled" not in filtered
+    held = RedisSchedule(sched_job.app)
+    held.client.delete(held.key)
