@@ -88,6 +88,17 @@ class _Capture:
         self.captured += [(channel._q_for_pri(q, priority), _dumps(message)) for q in queues]
 
 
+#: Redis clients by broker URL: one connection pool per process, not one per message.
+_clients: dict[str, Any] = {}
+
+
+def _client(url: str) -> Any:
+    client = _clients.get(url)
+    if client is None:
+        client = _clients[url] = redis.Redis.from_url(url)
+    return client
+
+
 class RedisSchedule:
     """The schedule in a Redis sorted set next to the broker's queues."""
 
@@ -98,7 +109,7 @@ class RedisSchedule:
         prefix = guard_settings.schedule_redis_prefix
         self.key = f"{prefix}due"
         self.lease_key = f"{prefix}lease"
-        self.client: Any = redis.Redis.from_url(str(app.conf.broker_url))
+        self.client: Any = _client(str(app.conf.broker_url))
         self._move = self.client.register_script(MOVE_DUE)
         self._release = self.client.register_script(RELEASE)
 
