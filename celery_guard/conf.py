@@ -365,6 +365,7 @@ class GuardSettings:
         """Django's ``ADMINS`` (the mail sink's recipients)."""
         return list(getattr(django_settings, "ADMINS", []) or [])
 
+    @property
     def outbox(self) -> bool:
         """Whether ``delay_on_commit`` of every guarded task writes an outbox row."""
         return bool(raw("OUTBOX"))
