@@ -2,7 +2,6 @@
 
 from celery_guard import guarded_task
 from celery_guard.backoff import Fixed
-from tests.testapp.fail_tasks import http_error
 from tests.testapp.tasks import record
 
 
@@ -25,6 +24,9 @@ def sched_flaky(self, label: str) -> None:
 
 @guarded_task(bind=True, max_attempts=3)
 def sched_throttled(self, label: str) -> None:
+    # Imported here: fail_tasks imports tests.testapp.tasks, which imports this module.
+    from tests.testapp.fail_tasks import http_error
+
     record(self, label)
     if self.request.retries == 0:
         raise http_error(429, retry_after="2")
