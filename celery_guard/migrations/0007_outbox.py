@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("celery_guard", "0005_runs"),
+        ("celery_guard", "0006_idempotency_start_by"),
     ]
 
     operations = [
