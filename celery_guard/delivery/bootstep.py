@@ -17,6 +17,8 @@ class DeliveryPoller(bootsteps.StartStopStep):  # type: ignore[misc]
     """Starts the delivery poller thread with the worker and stops it with the worker."""
 
     label = "celery_guard delivery poller"
+    # Started after the pool has forked its processes, so they do not inherit the thread.
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)

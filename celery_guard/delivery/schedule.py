@@ -15,6 +15,7 @@ Two backends:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -88,14 +89,17 @@ class _Capture:
         self.captured += [(channel._q_for_pri(q, priority), _dumps(message)) for q in queues]
 
 
-#: Redis clients by broker URL: one connection pool per process, not one per message.
-_clients: dict[str, Any] = {}
+#: Redis clients by process and broker URL: one connection pool per process, not one per
+#: message. Keyed by pid: a pool process forked while the worker's poller thread held the
+#: parent client's locks must not inherit that client (it would wait on them forever).
+_clients: dict[tuple[int, str], Any] = {}
 
 
 def _client(url: str) -> Any:
-    client = _clients.get(url)
+    key = (os.getpid(), url)
+    client = _clients.get(key)
     if client is None:
-        client = _clients[url] = redis.Redis.from_url(url)
+        client = _clients[key] = redis.Redis.from_url(url)
     return client
 
 
