@@ -176,9 +176,13 @@ def test_poller_killed_mid_batch_loses_nothing(start_worker, test_db_name, redis
     relay = python_process(
         "tests.outbox_relay", test_db_name, redis_url, CG_DELIVERY_LEASE="3", CG_DELIVERY_BATCH="50"
     )
-    wait_until(lambda: OutboxMessage.objects.filter(state="dispatched").count() >= 20, timeout=60)
-    relay.send_signal(signal.SIGKILL)
-    relay.wait()
+    try:
+        wait_until(
+            lambda: OutboxMessage.objects.filter(state="dispatched").count() >= 20, timeout=60
+        )
+    finally:
+        relay.send_signal(signal.SIGKILL)
+        relay.wait()
     assert OutboxMessage.objects.filter(state="pending").exists(), "the batch was not cut"
     start_worker(["default"], extra_env={"CG_DELIVERY_LEASE": "3"})
     wait_until(lambda: len(labels("midbatch-")) == 300, timeout=90)
