@@ -1,6 +1,6 @@
 """A delivery poller that publishes slowly, run as a separate process to be SIGKILLed.
 
-Usage: ``python -m tests.outbox_relay``, with the suite's settings. It runs
+Usage: ``python -m tests.support.outbox_relay``, with the suite's settings. It runs
 ``manage.py celery_guard relay`` with a sleep of 20 ms before each publish, so a test can kill it
 in the middle of a batch. The sleep is in this script only, not in the library.
 """

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from celery_guard.delivery import services
 from celery_guard.models import OutboxMessage
-from tests.harness import queue_length
+from tests.support.harness import queue_length
 from tests.testapp.outbox_tasks import outbox_job
 
 pytestmark = [pytest.mark.django_db(transaction=True)]

@@ -1,6 +1,6 @@
 """A producer of outbox rows, run as a separate process by the delivery tests.
 
-Usage: ``python -m tests.outbox_producer <mode> <label-prefix> <count>``, with the suite's
+Usage: ``python -m tests.support.outbox_producer <mode> <label-prefix> <count>``, with the suite's
 settings (the environment names the test database and the broker). ``mode``:
 
 * ``kill``: commits ``count`` rows, then SIGKILLs itself in the first on-commit callback,

@@ -4,7 +4,7 @@ import pytest
 from django.test import override_settings
 
 from celery_guard.delivery import checks as delivery_checks
-from tests.checks_support import check_setting_values
+from tests.support.checks import check_setting_values
 
 
 @pytest.mark.parametrize(

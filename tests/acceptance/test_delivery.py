@@ -18,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from celery_guard.models import OutboxMessage
-from tests.harness import ARTIFACTS, ROOT, wait_until
+from tests.support.harness import ARTIFACTS, ROOT, wait_until
 from tests.testapp.models import Execution
 from tests.testapp.outbox_tasks import outbox_job, sched_flaky, sched_job, sched_throttled
 
@@ -33,7 +33,7 @@ def labels(prefix: str) -> Counter[str]:
 
 
 def run_producer(test_db_name: str, broker_url: str, *args: str) -> int:
-    """Run ``tests.outbox_producer`` with ``args``; return its exit status."""
+    """Run ``tests.support.outbox_producer`` with ``args``; return its exit status."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example_project")]),
@@ -41,7 +41,10 @@ def run_producer(test_db_name: str, broker_url: str, *args: str) -> int:
         "CELERY_BROKER_URL": broker_url,
     }
     process = subprocess.run(
-        [sys.executable, "-m", "tests.outbox_producer", *args], env=env, cwd=ROOT, timeout=120
+        [sys.executable, "-m", "tests.support.outbox_producer", *args],
+        env=env,
+        cwd=ROOT,
+        timeout=120,
     )
     return process.returncode
 
@@ -158,7 +161,7 @@ def python_process(module: str, test_db_name: str, broker_url: str, **env: str) 
 
 def test_two_pollers_at_once_run_each_row_once(start_worker, test_db_name, redis_url) -> None:
     pending_rows("pair", 300)
-    relay = python_process("tests.outbox_relay", test_db_name, redis_url)
+    relay = python_process("tests.support.outbox_relay", test_db_name, redis_url)
     try:
         start_worker(["default"])
         start_worker(["default"])
@@ -174,7 +177,11 @@ def test_two_pollers_at_once_run_each_row_once(start_worker, test_db_name, redis
 def test_poller_killed_mid_batch_loses_nothing(start_worker, test_db_name, redis_url) -> None:
     pending_rows("midbatch", 300)
     relay = python_process(
-        "tests.outbox_relay", test_db_name, redis_url, CG_DELIVERY_LEASE="3", CG_DELIVERY_BATCH="50"
+        "tests.support.outbox_relay",
+        test_db_name,
+        redis_url,
+        CG_DELIVERY_LEASE="3",
+        CG_DELIVERY_BATCH="50",
     )
     try:
         wait_until(
