@@ -60,9 +60,11 @@ def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
 
 
 def close_unusable(**kwargs: Any) -> None:
-    """``task_postrun`` receiver: close the connections that must not serve the next task.
+    """Close the connections that must not serve the next query (errored and unusable).
 
-    No round trip unless the task hit a database error (then one ``is_usable`` probe).
+    The ``task_postrun`` receiver, and what the failure pipeline calls after a database error
+    (the worker's main process too, which no task boundary ever cleans). No round trip
+    unless a database error happened (then one ``is_usable`` probe).
     """
     for connection in connections.all(initialized_only=True):
         if connection.connection is None or connection.in_atomic_block:

@@ -210,16 +210,3 @@ def mark_timed_out(
     updated = Delivery.objects.filter(task_id=task_id).update(timed_out=True)
     if not updated:
         logger.warning("celery_guard: no running delivery of %s to mark as timed out", task_id)
-
-
-def discard_connection() -> None:
-    """Close the markers' database connection after an error, so the next write opens anew.
-
-    The worker's main process writes markers rarely and no task boundary ever closes its
-    connection: one that died (a database restart) would otherwise fail every later write.
-    """
-    from celery_guard.failures.models import Delivery
-
-    connection = connections[router.db_for_write(Delivery)]
-    if not connection.in_atomic_block:
-        connection.close()

@@ -17,11 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
-from django.db import connections
 from django.utils.module_loading import import_string
 
 from celery_guard.conf import guard_settings
-from celery_guard.core import headers, options, pipeline, redaction
+from celery_guard.core import dbreuse, headers, options, pipeline, redaction
 from celery_guard.dlq import records
 from celery_guard.dlq.models import Reason
 from celery_guard.exceptions import (
@@ -186,26 +185,6 @@ def _committed(task: Any) -> bool:
         return False
 
 
-def replace_broken_connections() -> None:
-    """Close the database connections an error left unusable, so the next query reconnects.
-
-    Django marks a connection after a database error; a dead one (a server restart) would
-    fail every later query of this process until Celery recycles it.
-    """
-    for connection in connections.all(initialized_only=True):
-        if connection.connection is None or not connection.errors_occurred:
-            continue
-        if connection.in_atomic_block:
-            continue  # the block's owner handles it; closing would break its transaction
-        try:
-            if connection.is_usable():
-                connection.errors_occurred = False
-            else:
-                connection.close()
-        except Exception:
-            logger.debug("celery_guard: closing a broken connection failed", exc_info=True)
-
-
 def requeue_after_outage(task: Any, error: BaseException) -> NoReturn:
     """Requeue the running message during an outage, after a pause that grows while it lasts.
 
@@ -213,7 +192,7 @@ def requeue_after_outage(task: Any, error: BaseException) -> NoReturn:
         celery.exceptions.Reject: Always, with ``requeue=True``.
     """
     global _outages
-    replace_broken_connections()
+    dbreuse.close_unusable()
     _outages += 1
     pause = min(0.25 * 2 ** min(_outages, 10), MAX_OUTAGE_PAUSE)
     logger.warning(
@@ -231,7 +210,7 @@ def requeue_after_outage(task: Any, error: BaseException) -> NoReturn:
 
 def _keep_unrecorded(task: Any, failure: records.Failure, error: BaseException) -> None:
     request = task.request
-    replace_broken_connections()
+    dbreuse.close_unusable()
     guard = headers.read(request.headers)
     count = _number(guard, headers.WRITE_FAILURES) + 1
     tries = guard_settings.dead_letter_write_tries
@@ -297,7 +276,7 @@ def handle(task: Any, exc: BaseException) -> NoReturn:
         exc, redaction.secrets(request.args or (), request.kwargs or {}, task_name=task.name)
     )
     if retry.is_outage(exc):
-        replace_broken_connections()
+        dbreuse.close_unusable()
     guard = headers.read(request.headers)
     now = time.time()
     policy = policy_for(task)
@@ -441,7 +420,7 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
             request.id,
         )
         if retry.is_outage(exc):
-            replace_broken_connections()
+            dbreuse.close_unusable()
     if started is not None and started.lost:
         logger.warning(
             "celery_guard: %s[%s] redelivered after its worker process was lost (%s lost "
@@ -610,7 +589,7 @@ def on_hard_timeout(task_name: str, task_id: str, retries: int, hostname: str) -
             task_name,
             task_id,
         )
-        deliveries.discard_connection()
+        dbreuse.close_unusable()
 
 
 def on_worker_lost(task_name: str, task_id: str, retries: int, hostname: str) -> None:
@@ -627,7 +606,7 @@ def on_worker_lost(task_name: str, task_id: str, retries: int, hostname: str) ->
             task_name,
             task_id,
         )
-        deliveries.discard_connection()
+        dbreuse.close_unusable()
 
 
 def capture_unguarded(sender: Any, task_id: str, exception: BaseException, **kw: Any) -> None:
