@@ -7,6 +7,7 @@ import enum
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -117,6 +118,28 @@ def drop_connection() -> None:
     """Close this thread's database connection after an error, so the next use reconnects."""
     with contextlib.suppress(Exception):
         connection.close()
+
+
+def on_new_connection(operation: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Run a database operation in a new thread (so on a new connection); False on failure.
+
+    Django's connections are per thread; a thread of its own is the one way to get a fresh
+    connection while this thread's is stuck in a broken transaction.
+    """
+    outcome: list[bool] = []
+
+    def work() -> None:
+        try:
+            outcome.append(operation())
+        except Exception as exc:
+            logger.warning("celery_guard: beat lease: retry on a new connection failed: %r", exc)
+        finally:
+            drop_connection()
+
+    thread = threading.Thread(target=work, name="celery-guard-lease-release", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(outcome and outcome[0])
 
 
 class Store(Protocol):
@@ -259,15 +282,15 @@ class Lease:
         token = self.token
         self.held = False
         released = False
-        # Twice: the connection may have died since the last tick (a database restart); the
-        # second try runs on a new one.
-        for _ in range(2):
-            try:
-                released = self.store.release(self.name, self.identity)
-                break
-            except Error as exc:
-                drop_connection()
-                logger.warning("celery_guard: beat lease %r: release failed: %r", self.name, exc)
+        try:
+            released = self.store.release(self.name, self.identity)
+        except Error as exc:
+            # The connection died since the last tick (a database restart), or the shutdown
+            # signal interrupted a query inside a transaction, which leaves this thread's
+            # connection unusable even after close(): the second try runs on a new one.
+            logger.warning("celery_guard: beat lease %r: release failed: %r", self.name, exc)
+            drop_connection()
+            released = on_new_connection(lambda: self.store.release(self.name, self.identity))
         self._announce_lost(token, "released on shutdown" if released else "release failed")
 
     def _lose(self, reason: str) -> None:

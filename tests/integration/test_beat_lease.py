@@ -6,7 +6,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from celery_guard.beat import lease
@@ -72,3 +72,17 @@ def test_racing_first_acquisitions_elect_exactly_one_holder():
     assert sorted(results.values()) == [False, False, False, True]
     [winner] = [h for h, held in results.items() if held]
     assert BeatLease.objects.get(name="race").holder == winner
+
+
+def test_a_shutdown_release_on_a_broken_connection_retries_on_a_new_one(caplog):
+    holder = lease.Lease("lock", 30, renew_every=10, store=lease.DatabaseStore(), identity="a")
+    assert holder.step() is lease.Event.ACQUIRED
+    # As when the shutdown signal interrupts a query inside a transaction: this thread's
+    # connection is dead and close() cannot replace it before the transaction block ends.
+    with transaction.atomic():
+        connection.ensure_connection()
+        connection.connection.close()
+        holder.release()
+    assert "release failed" in caplog.text
+    assert BeatLease.objects.get(name="lock").expires_at <= timezone.now()
+    assert "released on shutdown" in caplog.text
