@@ -113,7 +113,17 @@ CELERY_GUARD_PRIORITY_QUEUES = {
 }
 # Worker fixtures shorten Redis's redelivery delay to test crashes (extra_env).
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": float(os.environ.get("CG_VISIBILITY_TIMEOUT", "3600"))
+    "visibility_timeout": float(os.environ.get("CG_VISIBILITY_TIMEOUT", "3600")),
+    # This run's own unacked bookkeeping: kombu's keys are global to the Redis database, and a
+    # worker SIGKILLed inside a restore (by another test, or another run on the same Redis)
+    # holds the restore mutex until it expires (kombu's default: 300 s, no restore meanwhile).
+    "unacked_key": f"cgt-{RUN_ID}-unacked",
+    "unacked_index_key": f"cgt-{RUN_ID}-unacked-index",
+    "unacked_mutex_key": f"cgt-{RUN_ID}-unacked-mutex",
+    "unacked_mutex_expire": 15,
+    # Look for a dead worker's messages every second (kombu's default: a scan every ~100 s).
+    "unacked_restore_interval": 1,
+    "unacked_restore_throttle": 1,
 }
 
 # Beat processes started by the suite: a short lease under this run's lock name.

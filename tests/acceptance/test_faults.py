@@ -336,7 +336,7 @@ def unacked_ids(broker_url):
 
     client = redis.Redis.from_url(broker_url)
     found = set()
-    for raw in client.hvals("unacked"):
+    for raw in client.hvals(settings.CELERY_BROKER_TRANSPORT_OPTIONS["unacked_key"]):
         message, _exchange, _routing_key = json.loads(raw)
         found.add(message["headers"].get("id"))
     return found
