@@ -10,13 +10,18 @@ PYTEST_ARGS ?=
 FULL ?=
 WRITE_DOCS ?=
 BENCH_ARGS ?=
+# make demo DEMO_SIZE=500 DEMO_ARGS=--keep
+DEMO_SIZE ?= 8000
+DEMO_ARGS ?=
 
 .PHONY: help venv test test-unit lint format demo bench docs clean
 
 help:
 	@echo "make test   - run the whole test suite (tests/unit, integration, acceptance)"
 	@echo "make test-unit - only tests/unit: no database, broker or process needed"
-	@echo "make demo   - run the priority-routing demo on real workers"
+	@echo "make demo   - the HR scenario end to end: a bulk run of 8,000 notifications, a flaky"
+	@echo "             mail gateway, dedup, priorities, a killed worker, retry of the failed"
+	@echo "             (DEMO_SIZE=500 for a short run, DEMO_ARGS=--keep to leave the admin up)"
 	@echo "make lint   - ruff (lint + format check), mypy and the import contracts"
 	@echo "make bench  - benchmark the guard against plain Celery (FULL=1 for the full run,"
 	@echo "             WRITE_DOCS=1 to put the table into docs/benchmarks.md)"
@@ -49,7 +54,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 demo: venv
-	$(BIN)/python example_project/run_demo.py
+	DEMO_SIZE=$(DEMO_SIZE) $(BIN)/python example_project/run_demo.py $(DEMO_ARGS)
 
 bench: venv
 	$(BIN)/python -m bench $(if $(FULL),--full) $(if $(WRITE_DOCS),--write-docs) $(BENCH_ARGS)

@@ -24,7 +24,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_celery_beat",
     "celery_guard",
-    "demo",
+    "hr",
 ]
 
 MIDDLEWARE = [
@@ -88,12 +88,21 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Redis: redeliver a dead worker's messages within seconds of the visibility timeout
 # (docs/failures.md, "How soon Redis redelivers a dead worker's messages").
-CELERY_BROKER_TRANSPORT_OPTIONS = {
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, float] = {
     "visibility_timeout": 3600,
     "unacked_restore_interval": 1,
     "unacked_restore_throttle": 1,
     "unacked_mutex_expire": 30,
 }
+# `make demo` kills a worker on purpose: Redis hands its unacknowledged messages to another
+# consumer after the visibility timeout, so the demo shortens it (and the idempotency lease,
+# which must stay below it, celery_guard.W011) to see the redelivery within seconds.
+if os.environ.get("DEMO_VISIBILITY_TIMEOUT"):
+    CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] = float(
+        os.environ["DEMO_VISIBILITY_TIMEOUT"]
+    )
+if os.environ.get("DEMO_IDEMPOTENCY_LEASE"):
+    CELERY_GUARD_IDEMPOTENCY_LEASE = float(os.environ["DEMO_IDEMPOTENCY_LEASE"])
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 LOGGING = {
@@ -112,3 +121,10 @@ LOGGING = {
 # Prometheus metrics from the guard's events only where the workers and the web process share
 # a multiprocess directory (celery_guard.W018 explains why counting without one is useless).
 CELERY_GUARD_METRICS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+# The guarded beat (one leader among any number of beat processes) runs the sweep that
+# publishes what a dead process left of a bulk run.
+CELERY_BEAT_SCHEDULER = "celery_guard.beat:GuardedScheduler"
+CELERY_BEAT_SCHEDULE = {
+    "celery-guard-sweep-runs": {"task": "celery_guard.sweep_runs", "schedule": 30.0},
+}

@@ -1,0 +1,1 @@
+"""The HR example app: employees, their notifications, password resets and a report."""
