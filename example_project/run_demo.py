@@ -99,8 +99,10 @@ class Demo:
             + " + "
             + ("embedded Redis" if self.redis else "Redis at REDIS_URL")
         )
-        self.say(f"database: {os.environ.get('DATABASE_URL') or os.environ['SQLITE_PATH']}")
-        self.say(f"broker:   {redis_url}" + (" (embedded)" if self.redis else ""))
+        self.say(
+            f"database: {_masked(os.environ.get('DATABASE_URL') or os.environ['SQLITE_PATH'])}"
+        )
+        self.say(f"broker:   {_masked(redis_url)}" + (" (embedded)" if self.redis else ""))
 
         from hr.gateway import MailGateway
 
@@ -302,7 +304,7 @@ class Demo:
             finally:
                 connection.close()
 
-        publisher = threading.Thread(target=publish, name="start_run")
+        publisher = threading.Thread(target=publish, name="start_run", daemon=True)
         publisher.start()
         events = {"resubmit": False, "resets": False, "kill": False}
         run_id = None
@@ -621,6 +623,16 @@ class Demo:
         print("stopped every process the demo started", flush=True)
 
 
+def _masked(url: str) -> str:
+    """``url`` without its password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
 def _valid(email: str) -> bool:
     from hr.gateway import ADDRESS
 
@@ -639,6 +651,9 @@ def _answers(answers: Counter[str]) -> str:
 def main() -> int:
     """Run the scenario; 0 when every invariant holds."""
     options = _arguments()
+    # Ctrl-C (and a SIGTERM) stop the demo and everything it started, even when its parent
+    # started it with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     demo = Demo(options)
     try:

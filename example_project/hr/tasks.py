@@ -16,11 +16,13 @@ from celery_guard.backoff import Exponential
 from hr import gateway
 from hr.models import Employee, Notification, PasswordReset, ReportRecalc
 
-# --- The shared rate limit of the mail gateway: ONE place to change. --------------------
-# Stand-in: Celery's own `rate_limit`, which each worker enforces alone (one worker consumes
-# the bulk queue in the demo, so it is the whole cluster's rate). When cluster-wide limits
-# land, this becomes `limits=["mail-gateway"]` (with CELERY_GUARD_LIMITS = {"mail-gateway":
-# ...} in settings) on both mail tasks: replace MAIL_GATEWAY_LIMIT's value accordingly.
+# --- The mail gateway's shared rate limit: the ONE place to change. ---------------------
+# Stand-in until cluster-wide limits land: Celery's own `rate_limit`, which each worker
+# enforces alone (one worker consumes the bulk queue in the demo, so it is the cluster's
+# rate too). With limits, this line becomes
+#     MAIL_GATEWAY_LIMIT = {"limits": ["mail-gateway"]}
+# and the CELERY_GUARD_LIMITS line commented out in proj/settings.py is uncommented.
+# `make demo` sets MAIL_GATEWAY_RATE from DEMO_SIZE; the gateway bears 1.3 times that.
 MAIL_GATEWAY_LIMIT = {"rate_limit": os.environ.get("MAIL_GATEWAY_RATE", "150/s")}
 
 
