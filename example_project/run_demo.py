@@ -661,7 +661,10 @@ def main() -> int:
         demo.scenario()
         demo.summary()
         if options.keep:
-            print(f"\n--keep: the admin stays up at {demo.url}/admin/ ; Ctrl-C stops everything")
+            print(
+                f"\n--keep: the admin stays up at {demo.url}/admin/ ; Ctrl-C stops everything",
+                flush=True,
+            )
             while True:
                 time.sleep(3600)
         return 1 if demo.problems else 0

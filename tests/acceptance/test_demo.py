@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from collections import Counter
 
 import pytest
 
-from tests.support.harness import ROOT
+from tests.support.harness import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,20 +34,38 @@ def test_demo_runs_the_hr_scenario_and_its_summary_matches_the_database(tmp_path
     }
     env.update(DEMO_SIZE=str(SIZE), SQLITE_PATH=str(tmp_path / "demo.sqlite3"))
     summary_file = tmp_path / "summary.json"
-    done = subprocess.run(
-        [sys.executable, "example_project/run_demo.py", "--port", "0", "--json", str(summary_file)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
+    log = tmp_path / "demo.log"
+    with log.open("w") as out:
+        demo = subprocess.Popen(
+            [
+                sys.executable,
+                "example_project/run_demo.py",
+                "--port",
+                "0",
+                "--keep",
+                "--json",
+                str(summary_file),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(lambda: "--keep:" in log.read_text() or demo.poll() is not None, 240)
+            output = log.read_text()
+            assert "--keep:" in output, output
+            admin = re.search(r"the admin stays up at (\S+)/admin/", output).group(1)
+            password = re.search(r"login: +admin / (\S+)", output).group(1)
+            pages = _admin_pages(admin, password, output)
+        finally:
+            demo.send_signal(signal.SIGINT)  # Ctrl-C
+            returncode = demo.wait(60)
+    output = log.read_text()
+    assert returncode == 130, output
     assert "invariants: OK" in output
     assert "stopped every process the demo started" in output
-    for line in ("/admin/celery_guard/bulkrun/", "/admin/celery_guard/deadletter/", "dashboard"):
-        assert line in output
+    assert all(status == 200 for status in pages.values()), pages
     summary = json.loads(summary_file.read_text())
     assert summary["problems"] == []
     assert summary["processed"] == summary["sent"] == SIZE
@@ -85,3 +105,26 @@ def test_demo_runs_the_hr_scenario_and_its_summary_matches_the_database(tmp_path
     assert reports[ids["resubmitted"]] == 0
     ((requested, sent),) = db.execute("SELECT COUNT(*), COUNT(sent_at) FROM hr_passwordreset")
     assert requested == sent == summary["password_resets"] > 0
+
+
+def _admin_pages(base, password, output):
+    """Log in with the printed credentials; the status of each admin URL the summary printed."""
+    import requests
+
+    session = requests.Session()
+    login = f"{base}/admin/login/"
+    session.get(login, timeout=30)
+    session.post(
+        login,
+        data={
+            "username": "admin",
+            "password": password,
+            "csrfmiddlewaretoken": session.cookies["csrftoken"],
+            "next": "/admin/",
+        },
+        headers={"Referer": login},
+        timeout=30,
+    )
+    urls = re.findall(r"(?:run card|DLQ|dashboard): +(\S+)", output)
+    assert len(urls) == 3, output
+    return {url: session.get(url, timeout=30, allow_redirects=False).status_code for url in urls}
