@@ -68,7 +68,6 @@ class Demo:
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.size = max(options.size, 20)
-        self.keep = options.keep
         self.json_path = options.json
         self.rng = random.Random(options.seed)
         self.started = time.monotonic()
