@@ -178,6 +178,11 @@ if os.environ.get("CG_SENTRY_FILE"):
     from tests.support.sentry_transport import init_sentry
 
     init_sentry(os.environ["CG_SENTRY_FILE"])
+    # Beat entries of the cron check-in test: one monitored under its own name, one by slug.
+    CELERY_GUARD_BEAT_POLICIES = {
+        "obs cron/ok": {"sentry_monitor": True},
+        "obs-cron-doomed": {"sentry_monitor": "doomed-monitor"},
+    }
 # The delivery schedule's Redis keys carry the run id too.
 CELERY_GUARD_SCHEDULE_REDIS_PREFIX = f"cgt-{RUN_ID}:schedule:"
 if os.environ.get("CG_DELIVERY_LEASE"):

@@ -1,4 +1,4 @@
-"""Celery signal receivers that record when a beat-fired run starts and ends."""
+"""Celery signal receivers that record when a beat-fired run starts and ends (and tell Sentry)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import signals
 
-from celery_guard.beat import fires, lease
+from celery_guard.beat import crons, fires, lease
 from celery_guard.core import headers
 from celery_guard.observability import providers
 
@@ -28,6 +28,10 @@ def beat_run_started(task: Any = None, **kw: Any) -> None:
         fires.record_start(beat)
     except Exception:  # bookkeeping must never fail the task itself
         logger.exception("celery_guard: could not record the start of a beat-fired task")
+    try:
+        crons.started(beat)
+    except Exception:
+        logger.exception("celery_guard: could not send the cron check-in of a beat-fired task")
 
 
 def beat_run_finished(task: Any = None, state: str | None = None, **kw: Any) -> None:
@@ -40,6 +44,10 @@ def beat_run_finished(task: Any = None, state: str | None = None, **kw: Any) -> 
         fires.record_finish(beat, state)
     except Exception:  # bookkeeping must never fail the task itself
         logger.exception("celery_guard: could not record the end of a beat-fired task")
+    try:
+        crons.finished(beat, state)
+    except Exception:
+        logger.exception("celery_guard: could not send the cron check-in of a beat-fired task")
 
 
 def connect() -> None:

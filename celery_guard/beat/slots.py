@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -27,6 +28,9 @@ OVERLAP_ALLOW = "allow"
 OVERLAP_SKIP = "skip"
 OVERLAP_POLICIES = (OVERLAP_ALLOW, OVERLAP_SKIP)
 
+#: Sentry's monitor slugs: at most 50 of these characters.
+MONITOR_SLUG_LENGTH = 50
+MONITOR_SLUG = re.compile(r"[a-z0-9_-]{1,50}")
 #: Most missed slots recorded for one catch-up (the most recent ones); older ones are only
 #: counted in the log. Recording is history: the fire guarantee does not depend on it.
 MISSED_RECORD_LIMIT = 100
@@ -51,11 +55,15 @@ class EntryPolicy:
             skipped while the previous run of the same entry has not finished.
         overlap_timeout: Seconds after which an unfinished previous run (e.g. its worker
             was killed) stops blocking new slots under ``overlap = skip``.
+        sentry_monitor: Whether the worker sends Sentry cron check-ins for the entry's runs
+            (when sentry-sdk is installed and initialised): ``True`` uses the entry's name as
+            the monitor slug (slugified), a string is the slug itself.
     """
 
     catchup: str = CATCHUP_LATEST
     overlap: str = OVERLAP_ALLOW
     overlap_timeout: float = 3600.0
+    sentry_monitor: bool | str = False
 
 
 def parse_policy(value: Any) -> EntryPolicy:
@@ -66,7 +74,7 @@ def parse_policy(value: Any) -> EntryPolicy:
     """
     if not isinstance(value, Mapping):
         raise TypeError(f"must be a dict, got {type(value).__name__}")
-    unknown = set(value) - {"catchup", "overlap", "overlap_timeout"}
+    unknown = set(value) - {"catchup", "overlap", "overlap_timeout", "sentry_monitor"}
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(sorted(map(repr, unknown)))}")
     policy = EntryPolicy(**value)
@@ -81,7 +89,25 @@ def parse_policy(value: Any) -> EntryPolicy:
         durations.seconds(timeout)
     except ValueError as exc:
         raise ValueError(f"overlap_timeout {exc}") from None
+    monitor = policy.sentry_monitor
+    if not isinstance(monitor, (bool, str)) or (
+        isinstance(monitor, str) and not MONITOR_SLUG.fullmatch(monitor)
+    ):
+        raise ValueError(
+            "sentry_monitor must be True, False or a Sentry monitor slug (lowercase letters, "
+            f"digits, '-' and '_', at most {MONITOR_SLUG_LENGTH} characters), got {monitor!r}"
+        )
     return policy
+
+
+def monitor_slug(name: str, policy: EntryPolicy) -> str | None:
+    """The Sentry monitor slug of entry ``name`` under ``policy`` (``None``: no check-ins)."""
+    if policy.sentry_monitor is True:
+        slug = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
+        return slug[:MONITOR_SLUG_LENGTH].rstrip("-_") or "celery-guard-beat"
+    if isinstance(policy.sentry_monitor, str):
+        return policy.sentry_monitor
+    return None
 
 
 def policy_for(name: str, policies: Mapping[str, Any]) -> EntryPolicy:

@@ -5,13 +5,14 @@ captured once, tagged with task, queue, attempt, reason and tenant, with one bre
 failed attempt from the guard header's history; the event id goes on the dead letter.
 Retries are never events: in the process that retries they are breadcrumbs, and the guard's
 own log records are kept out of Sentry's logging integration (they would duplicate them).
+:func:`checkin` sends the cron check-ins of guarded beat entries (``celery_guard.beat.crons``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from celery_guard.observability import context
 from celery_guard.observability.events import Event
@@ -28,6 +29,11 @@ def _sdk() -> Any:
     except ImportError:
         return None
     return sentry_sdk if sentry_sdk.is_initialized() else None
+
+
+def enabled() -> bool:
+    """Whether sentry-sdk is installed and the project initialised it."""
+    return _sdk() is not None
 
 
 def install() -> None:
@@ -90,3 +96,29 @@ def capture_final(
         logger.exception("celery_guard: could not report a final failure to Sentry")
         return None
     return str(event_id) if event_id else None
+
+
+def checkin(
+    slug: str,
+    check_in_id: str,
+    status: str,
+    *,
+    monitor_config: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Send one cron check-in (``in_progress``, ``ok``, ``error``); ``None`` without Sentry."""
+    sdk = _sdk()
+    if sdk is None:
+        return None
+    try:
+        from sentry_sdk.crons import capture_checkin
+
+        sent = capture_checkin(
+            monitor_slug=slug,
+            check_in_id=check_in_id,
+            status=status,
+            monitor_config=cast(Any, dict(monitor_config)) if monitor_config else None,
+        )
+    except Exception:
+        logger.exception("celery_guard: could not send a Sentry cron check-in for %s", slug)
+        return None
+    return str(sent) if sent else None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from celery_guard.models import DeadLetter
 from tests.support.harness import wait_until
+from tests.support.sentry_transport import checkins as sentry_checkins
 from tests.support.sentry_transport import events as sentry_events
 from tests.testapp.models import Execution
 from tests.testapp.obs_tasks import obs_doomed_job, obs_flaky_job, obs_timed_job
@@ -197,3 +199,45 @@ def test_sentry_gets_one_event_per_dead_letter_and_none_for_a_retried_success(
         "attempt 1 failed: builtins.ConnectionError",
         "attempt 2 failed: builtins.ConnectionError",
     ]
+
+
+def test_beat_fired_runs_send_sentry_cron_checkins_to_their_monitors(start_worker, tmp_path):
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    from celery_guard.beat import crons, fires, slots
+
+    path = tmp_path / "sentry.jsonl"
+    every = IntervalSchedule.objects.create(every=5, period=IntervalSchedule.MINUTES)
+    PeriodicTask.objects.create(name="obs cron/ok", task="tests.obs.flaky_job", interval=every)
+    start_worker(["default"], extra_env={"CG_SENTRY_FILE": str(path)})
+    slot = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    label = uuid.uuid4().hex[:6]
+    # As the guarded beat publishes a slot: the guard header's beat field.
+    obs_flaky_job.apply_async(
+        (f"cron-{label}",), headers=fires.message_headers("obs cron/ok", slot, 1)
+    )
+    doomed = obs_doomed_job.apply_async(
+        (f"cron-doomed-{label}",), headers=fires.message_headers("obs-cron-doomed", slot, 1)
+    )
+    wait_until(lambda: DeadLetter.objects.filter(task_id=doomed.id).exists(), timeout=60)
+    wait_until(lambda: len(sentry_checkins(str(path))) >= 6, timeout=30)
+    found = sentry_checkins(str(path))
+    by_slug: dict[str, list[dict]] = {}
+    for checkin in found:
+        by_slug.setdefault(checkin["monitor_slug"], []).append(checkin)
+    assert set(by_slug) == {"obs-cron-ok", "doomed-monitor"}
+    # A retried run: in progress twice (one per delivery), then ok, under one check-in id.
+    ok = by_slug["obs-cron-ok"]
+    assert [c["status"] for c in ok] == ["in_progress", "in_progress", "ok"]
+    assert {c["check_in_id"] for c in ok} == {
+        crons.check_in_id(slots.slot_key("obs cron/ok", slot))
+    }
+    every_5 = {"type": "interval", "value": 5, "unit": "minute"}
+    assert ok[0]["monitor_config"] == {"schedule": every_5}
+    # A dead-lettered run ends in error; its entry has no PeriodicTask row: no configuration.
+    doomed_checkins = by_slug["doomed-monitor"]
+    assert [c["status"] for c in doomed_checkins] == ["in_progress", "in_progress", "error"]
+    assert len({c["check_in_id"] for c in doomed_checkins}) == 1
+    assert "monitor_config" not in doomed_checkins[0]
+    # The dead letter is still one error event; check-ins are not events.
+    assert len(sentry_events(str(path))) == 1

@@ -1,4 +1,5 @@
-"""A Sentry transport for the tests: every error event is appended to a file as a JSON line."""
+"""A Sentry transport for the tests: every error event and cron check-in is appended to a file
+as a JSON line."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ class FileTransport(Transport):
         self.path = path
 
     def capture_envelope(self, envelope: Any) -> None:
+        for item in envelope.items:
+            if item.type == "check_in" and item.payload.json is not None:
+                self._write({"kind": "check_in", **item.payload.json, "pid": os.getpid()})
         event = envelope.get_event()
         if event is None:
             return
@@ -34,8 +38,11 @@ class FileTransport(Transport):
             },
             default=str,
         )
+        self._write(json.loads(line))
+
+    def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as out:
-            out.write(line + "\n")
+            out.write(json.dumps(record, default=str) + "\n")
 
 
 def init_sentry(path: str) -> None:
@@ -47,10 +54,19 @@ def init_sentry(path: str) -> None:
     )
 
 
-def events(path: str) -> list[dict[str, Any]]:
-    """The events written to ``path`` so far."""
+def _records(path: str) -> list[dict[str, Any]]:
     try:
         with open(path, encoding="utf-8") as lines:
             return [json.loads(line) for line in lines if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def events(path: str) -> list[dict[str, Any]]:
+    """The error events written to ``path`` so far."""
+    return [r for r in _records(path) if r.get("kind") != "check_in"]
+
+
+def checkins(path: str) -> list[dict[str, Any]]:
+    """The cron check-ins written to ``path`` so far, in order."""
+    return [r for r in _records(path) if r.get("kind") == "check_in"]

@@ -172,6 +172,9 @@ def test_policies_parse_and_fall_back_to_the_star_default():
         ({"overlap": "queue"}, "overlap must be one of"),
         ({"overlap_timeout": 0}, "overlap_timeout must be a positive number"),
         ({"catch_up": "skip"}, "unknown key(s) 'catch_up'"),
+        ({"sentry_monitor": "Not A Slug"}, "sentry_monitor must be True, False or a Sentry"),
+        ({"sentry_monitor": "x" * 51}, "sentry_monitor must be True, False or a Sentry"),
+        ({"sentry_monitor": 1.5}, "sentry_monitor must be True, False or a Sentry"),
     ],
 )
 def test_invalid_policies_are_refused(value, message):
@@ -179,6 +182,17 @@ def test_invalid_policies_are_refused(value, message):
         (TypeError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")
     ):
         slots.parse_policy(value)
+
+
+def test_sentry_monitor_slugs_come_from_the_policy_or_the_entry_name():
+    def slug(name, monitor):
+        return slots.monitor_slug(name, slots.parse_policy({"sentry_monitor": monitor}))
+
+    assert slug("Nightly Report", False) is None
+    assert slug("Nightly Report/EU", True) == "nightly-report-eu"
+    assert slug("x" * 80, True) == "x" * 50
+    assert slug("###", True) == "celery-guard-beat"
+    assert slug("Nightly Report", "nightly") == "nightly"
 
 
 KOLKATA = ZoneInfo("Asia/Kolkata")
