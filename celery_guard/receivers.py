@@ -11,11 +11,12 @@ from celery_guard.dlq import receivers as dlq
 from celery_guard.failures import receivers as failures
 from celery_guard.idempotency import receivers as idempotency
 from celery_guard.observability import receivers as observability
+from celery_guard.runs import receivers as runs
 
 
 def connect() -> None:
     """Connect every receiver; each feature's ``dispatch_uid`` makes repeated calls harmless."""
-    for feature in (observability, failures, beat, dlq, idempotency, delivery):
+    for feature in (observability, failures, beat, dlq, idempotency, delivery, runs):
         feature.connect()
     # Worker database connections (every feature's, and the project's own).
     signals.worker_init.connect(

@@ -179,3 +179,48 @@ def record_finish(beat: Mapping[str, Any] | None, state: str | None) -> None:
     where = _slot_of(beat)
     if where is not None and state in states.READY_STATES:
         BeatFire.objects.filter(entry=where[0], slot=where[1]).update(finished_at=timezone.now())
+
+
+def lateness(entry: str, since: datetime, now: datetime) -> float | None:
+    """Seconds the latest slot of ``entry`` due since ``since`` was late (the SLO figure).
+
+    A fired slot is as late as its fire row was written after its due time; a missed one
+    (catch-up policy) likewise; a slot whose publish failed, until ``now``. The entry's next
+    slot, if already due and not claimed, counts until ``now`` too: that is what catches a
+    beat that stopped altogether. ``None`` when no such entry exists.
+    """
+    from django_celery_beat.models import PeriodicTask
+
+    task = PeriodicTask.objects.filter(name=entry).first()
+    if task is None:
+        return None
+    worst = 0.0
+    rows = BeatFire.objects.filter(
+        entry=entry,
+        slot__gte=since,
+        status__in=(FireStatus.FIRED, FireStatus.MISSED, FireStatus.FAILED),
+    ).values_list("status", "slot", "fired_at")
+    for status, slot, fired_at in rows:
+        until = now if status == FireStatus.FAILED else fired_at
+        worst = max(worst, (until - slot).total_seconds())
+    due = _pending_slot(task, now)
+    if due is not None:
+        worst = max(worst, (now - due).total_seconds())
+    return worst
+
+
+def _pending_slot(task: Any, now: datetime) -> datetime | None:
+    """The entry's next slot if it is due by ``now`` (as django-celery-beat would run it)."""
+    if not task.enabled or (task.expires is not None and now >= task.expires):
+        return None
+    if task.one_off and task.total_run_count:
+        return None
+    after = task.last_run_at or task.date_changed
+    try:
+        due = slots.next_slot(task.schedule, after)
+    except Exception:  # a schedule without a usable estimate (e.g. an invalid solar event)
+        logger.warning("celery_guard: cannot compute the next slot of %s", task.name, exc_info=True)
+        return None
+    if task.start_time is not None and due < task.start_time:
+        due = slots.to_utc(task.start_time)
+    return due if due <= now else None

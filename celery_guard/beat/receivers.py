@@ -53,6 +53,7 @@ def beat_run_finished(task: Any = None, state: str | None = None, **kw: Any) -> 
 def connect() -> None:
     """Connect the receivers; ``dispatch_uid`` makes repeated calls harmless."""
     providers.register("beat_leaders", lease.leaders)
+    providers.register("slot_lateness", fires.lateness)
     signals.task_prerun.connect(
         beat_run_started, dispatch_uid="celery_guard.beat_run_started", weak=False
     )

@@ -22,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from celery_guard.conf import guard_settings
-from celery_guard.observability import events, rollups, slos
+from celery_guard.observability import events, providers, rollups, slos
 from celery_guard.observability.models import OPEN_ALERT_STATUSES, Alert, AlertStatus
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class Summary:
 def measure(objective: slos.Objective, now: dt.datetime) -> float | None:
     """The objective's figure over its window ending at ``now`` (``None``: no data)."""
     since = now - dt.timedelta(minutes=objective.window)
+    if objective.name == "progress_within":
+        return providers.run_stall(objective.subject, now)
+    if objective.name == "fire_within":
+        return providers.slot_lateness(objective.subject, since, now)
     found = rollups.window(since, now, by=objective.by, names=[objective.subject])
     window = found.get(objective.subject)
     if window is None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, F, Max, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -277,3 +277,26 @@ def purge(days: float, *, now: dt.datetime | None = None) -> int:
         deleted += len(ids)
     logger.info("celery_guard: purged %d bulk runs finished more than %s days ago", deleted, days)
     return deleted
+
+
+def stall(task_name: str, now: dt.datetime) -> float | None:
+    """Seconds the most stalled unfinished run of ``task_name`` went without progress.
+
+    A run's last progress is the latest of its creation, its first start and the last time
+    one of its items became final; ``None`` when the task has no unfinished run.
+    """
+    rows = (
+        BulkRun.objects.filter(
+            task_name=task_name,
+            status__in=(RunStatus.QUEUED, RunStatus.RUNNING),
+            finished_at__isnull=True,
+        )
+        .annotate(last_item=Max("items__finished_at"))
+        .values_list("created_at", "started_at", "last_item")
+    )
+    worst: float | None = None
+    for stamps in rows:
+        last = max(stamp for stamp in stamps if stamp is not None)
+        stalled = max(0.0, (now - last).total_seconds())
+        worst = stalled if worst is None else max(worst, stalled)
+    return worst

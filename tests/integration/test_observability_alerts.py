@@ -121,6 +121,81 @@ def test_a_breach_that_does_not_hold_leaves_no_alert():
         assert Alert.objects.count() == 0
 
 
+def test_a_bulk_run_without_progress_raises_once_and_resolves_when_an_item_finishes():
+    from celery_guard.runs.models import BulkRun, BulkRunItem
+
+    slos = {"app.bulk": {"progress_within": 300, "hold": 2}}
+    # A finished run whose last progress is long gone does not count.
+    BulkRun.objects.create(
+        task_name="app.bulk", status="succeeded", created_at=T0, finished_at=minute(0, 10)
+    )
+    run = BulkRun.objects.create(
+        task_name="app.bulk", status="running", total=3, created_at=T0, started_at=minute(0, 1)
+    )
+    items = [BulkRunItem.objects.create(run=run, seq=n, task_id=f"t{n}") for n in range(3)]
+    BulkRunItem.objects.filter(pk=items[0].pk).update(status="succeeded", finished_at=minute(1))
+    with override_settings(CELERY_GUARD_SLOS=slos, CELERY_GUARD_ALERT_SINKS=("log",)):
+        early = alerts.evaluate(now=minute(4))  # 180 s without progress: within 300
+        assert early.values == {"app.bulk progress_within": 180.0}
+        assert Alert.objects.count() == 0
+        assert alerts.evaluate(now=minute(7)).pending == 1  # 360 s: breached, not held
+        held = alerts.evaluate(now=minute(9))
+        assert [(a.slo, a.objective) for a in held.raised] == [("app.bulk", "progress_within")]
+        assert held.raised[0].playbook.endswith("#playbook-stalled-runs")
+        assert alerts.evaluate(now=minute(10)).raised == []
+        BulkRunItem.objects.filter(pk=items[1].pk).update(
+            status="failed", finished_at=minute(10, 30)
+        )
+        recovered = alerts.evaluate(now=minute(11))
+        assert [a.slo for a in recovered.resolved] == ["app.bulk"]
+        assert recovered.values == {"app.bulk progress_within": 30.0}
+    assert list(Alert.objects.values_list("status", flat=True)) == ["resolved"]
+
+
+def test_a_beat_slot_not_fired_within_its_grace_raises_and_catching_up_resolves():
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    from celery_guard.beat.models import BeatFire
+
+    every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.MINUTES)
+    task = PeriodicTask.objects.create(
+        name="obs-minutely", task="app.job", interval=every, last_run_at=minute(0)
+    )
+    slos = {"beat:obs-minutely": {"fire_within": 90, "window": 3, "hold": 0}}
+
+    def fire(n: int, status: str = "fired", late: float = 2) -> None:
+        BeatFire.objects.create(
+            entry=task.name, slot=minute(n), status=status, token=1, fired_at=minute(n, late)
+        )
+
+    with override_settings(CELERY_GUARD_SLOS=slos, CELERY_GUARD_ALERT_SINKS=("log",)):
+        on_time = alerts.evaluate(now=minute(1, 30))  # slot 1 due 30 s ago: within its grace
+        assert on_time.values == {"beat:obs-minutely fire_within": 30.0}
+        # No beat publishes anything: the unclaimed slot 1 is 120 s late.
+        stopped = alerts.evaluate(now=minute(3))
+        assert [a.objective for a in stopped.raised] == ["fire_within"]
+        assert stopped.values == {"beat:obs-minutely fire_within": 120.0}
+        assert alerts.evaluate(now=minute(3, 20)).raised == []
+        # A beat is back: slots 1 and 2 recorded missed (catch-up), 3 and 4 fired on time.
+        fire(1, "missed", late=125)
+        fire(2, "missed", late=65)
+        fire(3)
+        fire(4)
+        PeriodicTask.objects.filter(pk=task.pk).update(last_run_at=minute(4))
+        # The missed slot 1 is still in the window: still breached, nothing new raised.
+        assert alerts.evaluate(now=minute(3, 50)).raised == []
+        assert Alert.objects.get().status == Alert.Status.FIRING
+        recovered = alerts.evaluate(now=minute(4, 30))
+        assert len(recovered.resolved) == 1
+        assert recovered.values == {"beat:obs-minutely fire_within": 65.0}
+        # A publish that failed stays late until now.
+        fire(5, "failed")
+        PeriodicTask.objects.filter(pk=task.pk).update(last_run_at=minute(5))
+        assert alerts.evaluate(now=minute(6, 40)).values == {"beat:obs-minutely fire_within": 100.0}
+    with override_settings(CELERY_GUARD_SLOS={"beat:nobody": {"fire_within": 60}}):
+        assert alerts.evaluate(now=minute(7)).values == {"beat:nobody fire_within": None}
+
+
 def test_e010_malformed_slos_and_sinks():
     with override_settings(CELERY_GUARD_SLOS={"queue:q": {"start_in": 5}}):
         messages = checks.check_slos()
@@ -131,6 +206,30 @@ def test_e010_malformed_slos_and_sinks():
     ):
         assert [m.id for m in checks.check_slos()] == ["celery_guard.E010"] * 2
     with override_settings(CELERY_GUARD_SLOS={"t": {"success_share": 0.99, "hold": 2}}):
+        assert checks.check_slos() == []
+    wrong = {
+        "queue:q": {"progress_within": 60},
+        "beat:nightly": {"start_within": 60},
+        "t": {"fire_within": 60, "start_within": float("nan")},
+        "u": {"dlq_per_hour": float("inf"), "window": 0},
+        "v": {"start_within": -1, "hold": "5"},
+    }
+    with override_settings(CELERY_GUARD_SLOS=wrong):
+        texts = [m.msg for m in checks.check_slos()]
+    assert len(texts) == 8, texts
+    assert "'progress_within' does not apply to this key" in texts[0]
+    assert "'start_within' does not apply to this key (it takes: fire_within)" in texts[1]
+    assert "'fire_within' does not apply" in texts[2]
+    assert "['start_within'] must be a finite number of seconds" in texts[3]
+    assert "['dlq_per_hour'] must be a finite number >= 0" in texts[4]
+    assert "['window'] must be a positive number of minutes" in texts[5]
+    assert "['start_within'] must be a positive number of seconds" in texts[6]
+    assert "['hold'] expected minutes (number), got str" in texts[7]
+    good = {
+        "t": {"start_within": dt.timedelta(seconds=30), "progress_within": 600, "hold": 0},
+        "beat:nightly": {"fire_within": 120},
+    }
+    with override_settings(CELERY_GUARD_SLOS=good):
         assert checks.check_slos() == []
 
 
