@@ -62,6 +62,7 @@ DEFAULTS: Mapping[str, Any] = {
     "METRICS_TOKEN": None,
     "ROLLUPS": True,
     "ROLLUP_FLUSH_SECONDS": 10,
+    "ROLLUP_RETENTION_DAYS": 14,
     "SLOS": {},
     "ALERT_SINKS": ("log", "mail", "sentry", "webhook"),
     "ALERT_WEBHOOK_URL": None,
@@ -115,6 +116,19 @@ DURATIONS: Mapping[str, Mapping[str, Any]] = {
     "TIME_LIMIT": {},
     "BEAT_LEASE_SECONDS": {"maximum": durations.MAX_BEAT_LEASE},
     "DLQ_RETENTION_DAYS": {
+        "unit": "days",
+        "minimum": durations.MIN_RETENTION_DAYS,
+        "allow_minimum": True,
+        "maximum": durations.MAX_RETENTION_DAYS,
+    },
+    # Finished runs hold no history others need: any positive age may be purged.
+    "RUNS_RETENTION_DAYS": {"unit": "days", "maximum": durations.MAX_RETENTION_DAYS},
+    # 0: the sweep takes over at once (tests, single-process setups).
+    "RUNS_SWEEP_GRACE": {"allow_minimum": True},
+    # 0: every outcome writes its rollup at once.
+    "ROLLUP_FLUSH_SECONDS": {"allow_minimum": True, "maximum": durations.DAY},
+    # At least a day: the dashboard reads the last hour, SLO windows are minutes to hours.
+    "ROLLUP_RETENTION_DAYS": {
         "unit": "days",
         "minimum": durations.MIN_RETENTION_DAYS,
         "allow_minimum": True,
@@ -300,12 +314,12 @@ class GuardSettings:
     @property
     def runs_retention_days(self) -> float:
         """Age (days since they finished) past which bulk runs and their items are purged."""
-        return float(raw("RUNS_RETENTION_DAYS"))
+        return duration("RUNS_RETENTION_DAYS")
 
     @property
     def runs_sweep_grace(self) -> float:
         """Seconds without progress after which the sweep publishes a run's items or completion."""
-        return self.seconds(raw("RUNS_SWEEP_GRACE"))
+        return duration("RUNS_SWEEP_GRACE")
 
     @property
     def sentry_event_url(self) -> str | None:
@@ -336,7 +350,12 @@ class GuardSettings:
     @property
     def rollup_flush_seconds(self) -> float:
         """Seconds a process buffers its rollup counts before writing them."""
-        return self.seconds(raw("ROLLUP_FLUSH_SECONDS"))
+        return duration("ROLLUP_FLUSH_SECONDS")
+
+    @property
+    def rollup_retention_days(self) -> float:
+        """Age (days) past which ``purge`` deletes per-minute rollups."""
+        return duration("ROLLUP_RETENTION_DAYS")
 
     @property
     def slos(self) -> Mapping[str, Mapping[str, Any]]:
@@ -351,9 +370,13 @@ class GuardSettings:
 
     @property
     def alert_webhook_url(self) -> str | None:
-        """URL that receives a Slack-compatible JSON post per alert."""
+        """URL that receives a Slack-compatible JSON post per alert; None unless http(s).
+
+        ``urllib`` would also open ``file:`` and ``ftp:`` URLs (E001 reports them; they are
+        never opened).
+        """
         value = raw("ALERT_WEBHOOK_URL")
-        return str(value) if value else None
+        return str(value) if is_http_url(value) else None
 
     @property
     def playbook_url(self) -> str:

@@ -1,16 +1,29 @@
-"""System checks of observability: SLOs (E010), metrics under prefork (W018), rollups (W019)."""
+"""System checks of observability: its settings (E001), SLOs (E010), metrics under prefork
+(W018), rollups (W019)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
 
 from celery_guard import conf
 from celery_guard.conf import guard_settings
+from celery_guard.core import checks as core_checks
 from celery_guard.observability import alerts, metrics, slos
+
+
+def setting_errors() -> Iterable[str]:
+    """Errors in observability's settings (reported as ``celery_guard.E001``)."""
+    yield from core_checks.duration_errors(("ROLLUP_FLUSH_SECONDS", "ROLLUP_RETENTION_DAYS"))
+    url = conf.raw("ALERT_WEBHOOK_URL")
+    if url is not None and not conf.is_http_url(url):
+        yield f"CELERY_GUARD_ALERT_WEBHOOK_URL must be an http:// or https:// URL, got {url!r}"
+
+
+check_setting_values = core_checks.setting_values_check(setting_errors)
 
 
 def check_slos(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
@@ -60,4 +73,4 @@ def check_rollups(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[C
     ]
 
 
-CHECKS = (check_slos, check_multiprocess, check_rollups)
+CHECKS = (check_setting_values, check_slos, check_multiprocess, check_rollups)

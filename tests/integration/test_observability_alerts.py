@@ -233,6 +233,47 @@ def test_e010_malformed_slos_and_sinks():
         assert checks.check_slos() == []
 
 
+def test_observability_settings_are_e001():
+    with override_settings(
+        CELERY_GUARD_ROLLUP_FLUSH_SECONDS=float("nan"),
+        CELERY_GUARD_ROLLUP_RETENTION_DAYS=0.5,
+        CELERY_GUARD_ALERT_WEBHOOK_URL="file:///etc/passwd",
+    ):
+        texts = [m.msg for m in checks.check_setting_values() if m.id == "celery_guard.E001"]
+        assert alerts.guard_settings.alert_webhook_url is None  # never opened
+    assert len(texts) == 3, texts
+    assert texts[0].startswith("CELERY_GUARD_ROLLUP_FLUSH_SECONDS: must be a finite number")
+    assert texts[1].startswith("CELERY_GUARD_ROLLUP_RETENTION_DAYS: must be at least 1 day")
+    assert "ALERT_WEBHOOK_URL must be an http:// or https:// URL" in texts[2]
+    with override_settings(
+        CELERY_GUARD_ROLLUP_FLUSH_SECONDS=dt.timedelta(0),
+        CELERY_GUARD_ALERT_WEBHOOK_URL="https://hooks.example/x",
+    ):
+        assert checks.check_setting_values() == []
+
+
+def test_purge_deletes_rollups_older_than_the_retention(settings, capsys):
+    from django.core.management.base import CommandError
+    from django.utils import timezone
+
+    from celery_guard.observability.models import TaskMinute
+
+    now = timezone.now().timestamp()
+    for days in (20, 15, 13, 0):
+        rollups.add("app.job", QUEUE, counter="succeeded", now=now - days * 86400)
+    rollups.flush()
+    call_command("celery_guard", "purge")
+    assert "purged 2 rollup row(s)" in capsys.readouterr().out
+    assert TaskMinute.objects.count() == 2
+    settings.CELERY_GUARD_ROLLUP_RETENTION_DAYS = 0.5
+    with pytest.raises(CommandError, match="ROLLUP_RETENTION_DAYS: must be at least 1 day"):
+        call_command("celery_guard", "purge")
+    assert TaskMinute.objects.count() == 2  # refused before anything was purged
+    settings.CELERY_GUARD_ROLLUP_RETENTION_DAYS = 1
+    call_command("celery_guard", "purge")
+    assert list(TaskMinute.objects.values_list("succeeded", flat=True)) == [1]
+
+
 @override_settings(CELERY_GUARD_METRICS=True)
 def test_w018_metrics_without_a_multiprocess_directory(monkeypatch):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ from celery import current_app
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
 from celery_guard import conf, durations
 from celery_guard.conf import guard_settings
@@ -18,7 +20,7 @@ from celery_guard.dlq import replay, services
 from celery_guard.dlq.models import DeadLetter
 from celery_guard.idempotency import dedup
 from celery_guard.management import doctor
-from celery_guard.observability import alerts, status
+from celery_guard.observability import alerts, rollups, status
 from celery_guard.runs import launch
 from celery_guard.runs import services as run_services
 from celery_guard.runs.models import BulkRun
@@ -74,8 +76,9 @@ class Command(BaseCommand):
         p = sub.add_parser(
             "purge",
             help="Delete idempotency records past their dedup window and the retention, "
-            "replayed/discarded dead letters older than CELERY_GUARD_DLQ_RETENTION_DAYS, and "
-            "bulk runs finished more than CELERY_GUARD_RUNS_RETENTION_DAYS ago.",
+            "replayed/discarded dead letters older than CELERY_GUARD_DLQ_RETENTION_DAYS, "
+            "bulk runs finished more than CELERY_GUARD_RUNS_RETENTION_DAYS ago, dispatched "
+            "outbox rows, and rollups older than CELERY_GUARD_ROLLUP_RETENTION_DAYS.",
         )
         p.add_argument(
             "--days", type=float, help="Dead letters: override CELERY_GUARD_DLQ_RETENTION_DAYS."
@@ -275,24 +278,29 @@ class Command(BaseCommand):
             raise CommandError(f"--user: no Django user {username!r}") from exc
 
     def handle_purge(self, *, days: float | None = None, **options: Any) -> None:
-        """Purge expired idempotency records and old replayed/discarded dead letters."""
-        # Checked before anything is purged. Under a day would purge rows replayed a moment
-        # ago, their replay history with them (the setting has the same bounds).
-        if days is None:
-            try:
+        """Purge expired idempotency records, old replayed/discarded dead letters, finished
+        bulk runs, dispatched outbox rows and old rollups."""
+        # Every retention is checked before anything is purged. Under a day would purge dead
+        # letters replayed a moment ago, their replay history with them (the setting has the
+        # same bounds).
+        try:
+            if days is None:
                 days = conf.duration("DLQ_RETENTION_DAYS")
-            except ImproperlyConfigured as exc:
-                raise CommandError(str(exc)) from None
-        else:
-            days = _duration("--days", days, **conf.DURATIONS["DLQ_RETENTION_DAYS"])
+            runs_days = guard_settings.runs_retention_days
+            rollup_days = guard_settings.rollup_retention_days
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
+        days = _duration("--days", days, **conf.DURATIONS["DLQ_RETENTION_DAYS"])
         deleted = dedup.purge()
         self.stdout.write(self.style.SUCCESS(f"purged {deleted} expired idempotency record(s)"))
         letters = services.purge(days)
         self.stdout.write(self.style.SUCCESS(f"purged {letters} dead letter(s)"))
-        bulk = run_services.purge(guard_settings.runs_retention_days)
+        bulk = run_services.purge(runs_days)
         self.stdout.write(self.style.SUCCESS(f"purged {bulk} finished bulk run(s)"))
         rows = delivery.purge()
         self.stdout.write(self.style.SUCCESS(f"purged {rows} dispatched outbox row(s)"))
+        minutes = rollups.purge(timezone.now() - dt.timedelta(days=rollup_days))
+        self.stdout.write(self.style.SUCCESS(f"purged {minutes} rollup row(s)"))
 
     def handle_relay(self, *, once: bool = False, **options: Any) -> None:
         """Run the delivery poller until interrupted (or once)."""
