@@ -3,8 +3,9 @@
 Redis: ``LLEN`` of the queue's list and of Celery's priority sub-lists (``queue\\x06\\x16N``),
 and the oldest message is the tail of each list (``LINDEX -1``: Celery pushes on the left and
 pops on the right), aged by the ``sent_at`` (or ``first_enqueued_at``) of its guard header.
-AMQP: a passive ``queue.declare`` gives the depth; the age is not known without consuming, so
-it is reported as ``None``.
+AMQP: a passive ``queue.declare`` gives the depth (ready messages); the age is not known
+without taking the message (a ``basic.get`` put back would be flagged redelivered, which the
+guard reads as a lost worker), so it is reported as ``None`` (docs/observability.md).
 """
 
 from __future__ import annotations
