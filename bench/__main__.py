@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from django.core.management import call_command
 
         import bench.benchapp.tasks  # noqa: F401  (registers every case's tasks)
-        from bench import cases, delivery, dlq, fingerprint, micro
+        from bench import cases, delivery, dlq, fingerprint, micro, observability
         from bench.worker import BenchWorker
         from proj.celery import app
 
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             measured = runner.run(start_worker)
             progress("micro-benchmarks: ledger decisions and beat lease operations")
             measured["micro"] = micro.run_all(config.micro_n, database.engine)
+            progress("observability: the events' cost per task, in process")
+            measured["observability"] = observability.run(config.observability_n, config.reps)
         progress("dead letters: changelist timings and bulk replay")
         measured["dlq"] = dlq.run(list(config.dlq_rows), config.dlq_replay_n)
         if not args.only_dlq:

@@ -9,9 +9,7 @@ alias: the SQLite figures come from a process whose default database is a SQLite
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,9 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bench import naming, stats
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench import child, naming, stats
 
 #: django-celery-beat's ``DatabaseScheduler`` ticks at least this often (seconds) when
 #: ``beat_max_loop_interval`` is not set; the guarded beat renews its lease on that tick.
@@ -152,20 +148,11 @@ def run(n: int, *, sqlite_path: str | None, with_redis: bool) -> dict[str, Any]:
         RuntimeError: The child failed.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "example_project")])
     if sqlite_path is not None:
         env.pop("DATABASE_URL", None)
         env["SQLITE_PATH"] = sqlite_path
     env.pop(naming.LEDGER_SQLITE_ENV, None)
-    cmd = [sys.executable, "-m", "bench.micro", "--n", str(n)]
-    if with_redis:
-        cmd.append("--redis")
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"bench.micro failed:\n{done.stderr[-3000:]}")
-    line = [row for row in done.stdout.splitlines() if row.startswith("{")][-1]
-    result: dict[str, Any] = json.loads(line)
-    return result
+    return child.run("bench.micro", ["--n", str(n), *(["--redis"] if with_redis else [])], env)
 
 
 def run_all(n: int, engine: str) -> dict[str, Any]:
@@ -191,12 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro")
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--redis", action="store_true")
-    args = parser.parse_args(argv)
-    import django
-
-    django.setup()
-    print(json.dumps(measure(args.n, args.redis)))
-    return 0
+    return child.main(parser, argv, lambda args: measure(args.n, args.redis))
 
 
 if __name__ == "__main__":

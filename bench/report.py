@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bench import delivery, stats
+from bench import delivery, observability, stats
 
 DOCS_START = "<!-- bench-results:start -->"
 DOCS_END = "<!-- bench-results:end -->"
@@ -550,6 +550,13 @@ def render(results: Mapping[str, Any]) -> str:
             "### Idempotency decisions and the beat lease (micro-benchmarks)",
             "",
             micro_tables(results["micro"]),
+        ]
+    if results.get("observability"):
+        parts += [
+            "",
+            "### Observability: the events' cost per task (in process)",
+            "",
+            observability.table(results["observability"], observability.worker_noop_us(results)),
         ]
     if results.get("dlq"):
         parts += [

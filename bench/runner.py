@@ -53,6 +53,8 @@ class Config:
     #: Dead letters replayed in bulk.
     dlq_replay_n: int = 5000
     delivery_n: int = 1000
+    #: No-op tasks per figure of observability's in-process cost (bench/observability.py).
+    observability_n: int = 2000
 
 
 QUICK = Config(
@@ -84,6 +86,7 @@ FULL = Config(
     dlq_rows=(100_000, 1_000_000),
     dlq_replay_n=20_000,
     delivery_n=5000,
+    observability_n=10_000,
 )
 
 

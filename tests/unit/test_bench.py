@@ -345,3 +345,39 @@ def test_report_lists_the_issue_targets_per_configuration():
     assert rows["enqueue, routing only"].endswith("| 0.70x missed | 0.70x missed |")
     assert rows["no-op drain, key on the Redis ledger"].endswith("| not run | not run |")
     assert rows["bulk replay vs plain Celery enqueue"].endswith("| 0.98x met | 0.98x met |")
+
+
+def test_report_shows_the_events_cost_per_task_as_ratios_to_plain_celery():
+    from bench import observability
+
+    per_task = {
+        "plain": [50.0, 50.0],
+        "bare": [80.0, 80.0],
+        "context": [84.0, 84.0],
+        "logs": [90.0, 90.0],
+        "logs_rollups": [95.0, 95.0],
+        "all": [110.0, 110.0],
+    }
+    obs = {
+        "n": 2000,
+        "reps": 2,
+        "metrics_enabled": True,
+        "multiprocess": True,
+        "per_task_us": {name: stats.summarize(runs) for name, runs in per_task.items()},
+    }
+    found = observability.figures(obs, worker_noop_us=4000.0)
+    assert found["plain"]["ratio_in_process"] == 1.0
+    assert found["bare"]["events_us"] is None  # the guard's wrapper is not an event
+    assert found["all"]["events_us"] == 30.0
+    assert found["all"]["ratio_in_process"] == 50 / 110
+    assert found["all"]["events_ratio_10ms"] == 10_050 / 10_080
+    assert found["all"]["events_ratio_worker_noop"] == 4000 / 4030
+    # The worker's per-task time comes from the plain side's median no-op drain rate.
+    assert observability.worker_noop_us(RESULTS) == 2 / 500 * 1e6
+    text = report.render({**RESULTS, "observability": obs})
+    assert "### Observability: the events' cost per task (in process)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| + Prometheus"))
+    assert row == (
+        "| + Prometheus (multiprocess) | 110.0 (110.0..110.0) | 30.0 | 0.45x | 0.997x | 0.993x |"
+    )
+    assert "the plain worker's no-op task: 4,000 µs per process" in text
