@@ -1,4 +1,5 @@
-"""System checks of the guarded beat: its settings, the lease length, the scheduler, USE_TZ."""
+"""System checks of the guarded beat: its settings, the lease length, the scheduler, USE_TZ,
+Sentry cron monitors without sentry-sdk (W028)."""
 
 from __future__ import annotations
 
@@ -122,10 +123,45 @@ def check_beat_use_tz(app_configs: Sequence[Any] | None = None, **kw: Any) -> li
     return [Error(NAIVE_BEAT_MESSAGE, hint=NAIVE_BEAT_HINT, id="celery_guard.E007")]
 
 
+def sentry_installed() -> bool:
+    """Whether sentry-sdk can be imported."""
+    try:
+        import sentry_sdk  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_sentry_monitors(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """W028: a beat policy asks for Sentry cron check-ins, but sentry-sdk is not installed."""
+    policies = conf.raw("BEAT_POLICIES")
+    if not isinstance(policies, Mapping) or sentry_installed():
+        return []
+    monitored = [
+        entry
+        for entry, value in policies.items()
+        if isinstance(value, Mapping) and value.get("sentry_monitor")
+    ]
+    if not monitored:
+        return []
+    return [
+        Warning(
+            f"CELERY_GUARD_BEAT_POLICIES sets sentry_monitor for {sorted(map(str, monitored))}, "
+            "but sentry-sdk is not installed: no cron check-in is sent.",
+            hint="Install the sentry extra (pip install celery-guard[sentry]) and call "
+            "sentry_sdk.init in your settings, or remove sentry_monitor.",
+            id="celery_guard.W028",
+        )
+    ]
+
+
 #: This feature's checks, in the order they are registered.
 CHECKS: tuple[core_checks.Check, ...] = (
     check_setting_values,
     check_beat_lease,
     check_beat_scheduler,
     check_beat_use_tz,
+    check_sentry_monitors,
 )

@@ -1,5 +1,5 @@
 """System checks of observability: its settings (E001), SLOs (E010), metrics under prefork
-(W018), rollups (W019)."""
+(W018), rollups (W019), rollup retention against the SLO windows (W027)."""
 
 from __future__ import annotations
 
@@ -73,4 +73,23 @@ def check_rollups(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[C
     ]
 
 
-CHECKS = (check_setting_values, check_slos, check_multiprocess, check_rollups)
+def check_retention(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W027: an SLO's window reaches further back than the rollups are kept."""
+    if list(setting_errors()) or list(slos.errors(conf.raw("SLOS"))):
+        return []  # E001 / E010 say what is wrong first
+    kept = guard_settings.rollup_retention_days * 24 * 60
+    longest = [o for o in slos.objectives(guard_settings.slos) if o.window > kept]
+    return [
+        Warning(
+            f"CELERY_GUARD_SLOS[{o.slo!r}] {o.name} is computed over a window of {o.window:g} "
+            f"minutes, but CELERY_GUARD_ROLLUP_RETENTION_DAYS keeps "
+            f"{guard_settings.rollup_retention_days:g} days: `celery_guard purge` deletes "
+            "what the objective measures.",
+            hint="Keep the rollups longer than the longest SLO window, or shorten the window.",
+            id="celery_guard.W027",
+        )
+        for o in longest
+    ]
+
+
+CHECKS = (check_setting_values, check_slos, check_multiprocess, check_rollups, check_retention)

@@ -314,3 +314,13 @@ def test_status_command_reports_queues_dead_letters_and_alerts(capsys, settings,
     call_command("celery_guard", "status")
     table = capsys.readouterr().out
     assert queue in table and "amber" in table and "Dead letters (open) by task" in table
+
+
+def test_w027_an_slo_window_longer_than_the_rollup_retention():
+    slos = {"app.job": {"success_share": 0.9, "window": 3 * 24 * 60}}
+    with override_settings(CELERY_GUARD_SLOS=slos, CELERY_GUARD_ROLLUP_RETENTION_DAYS=2):
+        [message] = checks.check_retention()
+    assert message.id == "celery_guard.W027"
+    assert "window of 4320 minutes" in message.msg and "keeps 2 days" in message.msg
+    with override_settings(CELERY_GUARD_SLOS=slos, CELERY_GUARD_ROLLUP_RETENTION_DAYS=3):
+        assert checks.check_retention() == []

@@ -74,3 +74,15 @@ def test_w009_unguarded_database_scheduler():
         conf.beat_scheduler = saved
     assert message.id == "celery_guard.W009"
     assert "GuardedScheduler" in message.hint
+
+
+def test_w028_sentry_monitor_without_sentry_sdk(monkeypatch):
+    policies = {"nightly": {"sentry_monitor": True}, "*": {"catchup": "skip"}}
+    with override_settings(CELERY_GUARD_BEAT_POLICIES=policies):
+        assert beat_checks.check_sentry_monitors() == []  # sentry-sdk is installed here
+        monkeypatch.setattr(beat_checks, "sentry_installed", lambda: False)
+        [message] = beat_checks.check_sentry_monitors()
+    assert message.id == "celery_guard.W028"
+    assert "sentry_monitor for ['nightly']" in message.msg
+    with override_settings(CELERY_GUARD_BEAT_POLICIES={"nightly": {"sentry_monitor": False}}):
+        assert beat_checks.check_sentry_monitors() == []
