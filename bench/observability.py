@@ -9,7 +9,7 @@ medians are kept:
 
 * ``plain``: a plain Celery task (``acks_late``, results ignored), the reference;
 * ``bare``: a guarded task whose pipeline is empty (the guard's own wrapper);
-* ``context``: the observability step alone, nobody subscribed (context binding only);
+* ``context``: the observability steps alone, nobody subscribed (context binding only);
 * ``logs``: the step with the log subscriber, the ``celery_guard`` logger at WARNING (the
   events are built, their INFO records are not written);
 * ``logs_rollups``: plus the rollup buffer (the default setup without prometheus-client);
@@ -54,14 +54,14 @@ TARGET_10MS = 0.95
 def _tasks(app: Any) -> dict[str, Any]:
     from celery_guard import guarded_task
     from celery_guard.core.pipeline import Pipeline
-    from celery_guard.observability.step import ObservabilityStep
+    from celery_guard.observability.step import AdmittedStep, ObservabilityStep
     from celery_guard.task import GuardedTask
 
     class Bare(GuardedTask):
         guard_pipeline = Pipeline([])
 
     class Observed(GuardedTask):
-        guard_pipeline = Pipeline([ObservabilityStep()])
+        guard_pipeline = Pipeline([ObservabilityStep(), AdmittedStep()])
 
     def noop(ident: int) -> None:
         return None

@@ -18,8 +18,8 @@ from celery_guard.core.pipeline import Pipeline
 from celery_guard.steps import GUARD
 from celery_guard.task import GuardedTask
 
-#: The guard pipeline without its observability step.
-SILENT = Pipeline(step for step in GUARD.steps if step.name != "observability")
+#: The guard pipeline without its observability steps.
+SILENT = Pipeline(step for step in GUARD.steps if step.name not in ("observability", "admitted"))
 
 
 class SilentTask(GuardedTask):

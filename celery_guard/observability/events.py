@@ -82,7 +82,8 @@ CATALOGUE: Mapping[str, Event] = {
             "started",
             _INFO,
             ("lag",),
-            "A delivery started; lag = seconds since it was published (or since its ETA).",
+            "A delivery passed every gate (idempotency, limits) and its body starts; lag = "
+            "seconds since it was published (or since its ETA).",
         ),
         Event(
             "succeeded",

@@ -1,4 +1,10 @@
-"""The observability step: carry the request id into the header, and report every run."""
+"""The observability steps: carry the request id into the header, and report every run.
+
+:class:`ObservabilityStep` is the outermost step (the run's context, its outcome);
+:class:`AdmittedStep` the innermost, so ``started`` means the delivery passed every gate
+(idempotency, limits) and its body runs: a delivery deduplicated, busy or deferred ends in its
+outcome event without having started.
+"""
 
 from __future__ import annotations
 
@@ -90,7 +96,7 @@ class ObservabilityStep(Step):
         return result
 
     def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
-        """Run the delivery in its context: ``started``, then ``succeeded`` or the outcome."""
+        """Run the delivery in its context; ``succeeded`` unless a step emitted the outcome."""
         request = task.request
         if request.called_directly:
             return call(*args, **kwargs)
@@ -106,8 +112,6 @@ class ObservabilityStep(Step):
             origin=context.origin_from_header(guard.get(REQUEST)),
         )
         with context.bind_run(run):
-            if events.listening():
-                events.emit("started", lag=lag(guard, request, time.time()))
             try:
                 result = call(*args, **kwargs)
             except Retry as retried:
@@ -119,6 +123,20 @@ class ObservabilityStep(Step):
             if run.outcome is None:
                 events.emit("succeeded")
             return result
+
+
+class AdmittedStep(Step):
+    """Innermost: ``started`` (with the lag) once every gate let the delivery through."""
+
+    name = "admitted"
+
+    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+        """Emit ``started`` in the run's context, then call the body."""
+        request = task.request
+        if not request.called_directly and events.listening() and context.current() is not None:
+            guard = headers.read(request.headers)
+            events.emit("started", lag=lag(guard, request, time.time()))
+        return call(*args, **kwargs)
 
 
 def _delay(retried: Retry) -> float | None:
