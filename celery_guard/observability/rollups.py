@@ -49,11 +49,31 @@ class _Counts:
 
 _lock = threading.Lock()
 _buffer: dict[tuple[dt.datetime, str, str], _Counts] = {}
-_last_flush = [time.monotonic()]
+#: When the buffer is next written (monotonic clock); ``None``: computed at the next outcome.
+#: The flush interval is read once per flush, not once per outcome (a settings read costs
+#: more than the count itself).
+_next_flush: list[float | None] = [None]
+#: The last minute computed (its start as a timestamp, and as a datetime): the hot path makes
+#: one datetime per minute, not one per event.
+_last_minute: list[tuple[float, dt.datetime]] = [(-1.0, dt.datetime.min)]
 
 
 def _minute(now: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(now - now % 60, dt.timezone.utc)
+    start = now - now % 60
+    cached = _last_minute[0]
+    if cached[0] == start:
+        return cached[1]
+    minute = dt.datetime.fromtimestamp(start, dt.timezone.utc)
+    _last_minute[0] = (start, minute)
+    return minute
+
+
+def _flush_due() -> bool:
+    now = time.monotonic()
+    due = _next_flush[0]
+    if due is None:
+        due = _next_flush[0] = now + guard_settings.rollup_flush_seconds
+    return now >= due
 
 
 def add(
@@ -92,7 +112,7 @@ def record(event: Event, fields: Mapping[str, Any]) -> None:
     if counter is None:
         return
     add(task, queue, counter=counter, duration=fields.get("duration"))
-    if time.monotonic() - _last_flush[0] >= guard_settings.rollup_flush_seconds:
+    if _flush_due():
         flush()
 
 
@@ -101,7 +121,7 @@ def flush() -> int:
     with _lock:
         pending = dict(_buffer)
         _buffer.clear()
-        _last_flush[0] = time.monotonic()
+        _next_flush[0] = None
     if not pending:
         return 0
     try:

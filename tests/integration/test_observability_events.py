@@ -29,3 +29,19 @@ def test_started_comes_only_for_a_delivery_that_passed_the_gates(seen):
         ("succeeded", first.id, None),
         ("deduplicated", again.id, "run"),
     ]
+
+
+def test_outcomes_are_written_once_the_flush_interval_has_passed(settings):
+    from celery_guard.observability import rollups
+    from celery_guard.observability.models import TaskMinute
+
+    fields = {"task_name": "app.flushed", "queue": "q", "duration": 0.01}
+    rollups.flush()  # the interval is read again from here on
+    settings.CELERY_GUARD_ROLLUP_FLUSH_SECONDS = 3600
+    rollups.record(events.CATALOGUE["succeeded"], fields)
+    rollups.record(events.CATALOGUE["succeeded"], fields)
+    assert not TaskMinute.objects.filter(task_name="app.flushed").exists()  # buffered
+    rollups.flush()
+    settings.CELERY_GUARD_ROLLUP_FLUSH_SECONDS = 0
+    rollups.record(events.CATALOGUE["succeeded"], fields)  # due at once: written
+    assert TaskMinute.objects.get(task_name="app.flushed").succeeded == 3
