@@ -90,6 +90,8 @@ def _runner(task: Any, app: Any, queue: str) -> Callable[[int], None]:
 
     from celery_guard.core import headers
 
+    # The registered task, as a worker looks it up (``guarded_task`` returns a proxy).
+    task = app.tasks[task.name]
     tracer = build_tracer(task.name, task, app=app, eager=False, propagate=True)
 
     def run(ident: int) -> None:
