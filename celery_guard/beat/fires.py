@@ -2,8 +2,10 @@
 
 A slot is claimed in one transaction that (1) confirms and extends the lease of the
 claiming leader (fencing), (2) moves the entry's ``last_run_at`` forward to the slot only if
-it is still behind it, and (3) inserts the unique ``(entry, slot)`` fire row. Any of the
-three failing means: publish nothing.
+it is still behind it, (3) inserts the unique ``(entry, slot)`` fire row and (4), for a fired
+slot, writes the message as an outbox row (``celery_guard.delivery``). Any of the first three
+failing means: publish nothing. The committed outbox row is what gets published: by the beat
+at once, or by the delivery poller if the beat died first.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from django.utils import timezone
 from celery_guard.beat import lease, slots
 from celery_guard.beat.models import BeatFire, FireStatus
 from celery_guard.core import headers
+from celery_guard.delivery import services as delivery
+from celery_guard.delivery.models import OutboxMessage
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,21 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Message:
+    """What a fired slot publishes, written as an outbox row in the claim's transaction."""
+
+    args: Any
+    kwargs: Any
+    #: Celery options, without ``task_id``, ``headers`` and ``guard``.
+    options: Mapping[str, Any]
+    headers: Mapping[str, Any]
+    #: Per-call guard options (a guarded task: the slot's idempotency key).
+    guard: Mapping[str, Any]
+    #: Unguarded task: published with ``send_task`` as it is.
+    prepared: bool
+
+
+@dataclass(frozen=True)
 class Claim:
     """One slot claim by the leader."""
 
@@ -52,6 +71,8 @@ class Claim:
     task_id: str
     plan: slots.Plan
     policy: slots.EntryPolicy
+    #: The message of a fired slot; ``None``: write no outbox row (the caller publishes).
+    message: Message | None = None
 
 
 class _Abort(Exception):
@@ -74,6 +95,15 @@ def _previous_run_active(claim: Claim, now: datetime) -> bool:
 
 def claim(c: Claim) -> Outcome:
     """Claim ``c.plan.slot`` for ``c.entry`` (see the module docstring); commits before return."""
+    return claim_and_write(c)[0]
+
+
+def claim_and_write(c: Claim) -> tuple[Outcome, OutboxMessage | None]:
+    """Claim ``c.plan.slot``; return the outcome and, for a fired slot, its outbox row.
+
+    The row is written in the claim's transaction, so a committed claim of a fired slot
+    always has its message waiting to be published.
+    """
     # Imported here: the worker-side functions below must work in projects that do not
     # install django_celery_beat.
     from django_celery_beat.models import PeriodicTask
@@ -120,9 +150,27 @@ def claim(c: Claim) -> Outcome:
                     )
             except IntegrityError:
                 raise _Abort(Outcome.TAKEN) from None
+            row = _write_row(c) if fired else None
     except _Abort as abort:
-        return abort.outcome
-    return Outcome(status)
+        return abort.outcome, None
+    return Outcome(status), row
+
+
+def _write_row(c: Claim) -> OutboxMessage | None:
+    m = c.message
+    if m is None:
+        return None
+    return delivery.add_row(
+        c.task,
+        c.task_id,
+        m.args,
+        m.kwargs,
+        m.options,
+        headers=m.headers,
+        guard=m.guard,
+        idempotency_key=str(m.guard.get("idempotency_key") or ""),
+        prepared=m.prepared,
+    )
 
 
 def _detail(c: Claim, status: str) -> str:
@@ -133,13 +181,6 @@ def _detail(c: Claim, status: str) -> str:
     if c.plan.missed_total:
         return f"caught up: {c.plan.missed_total} older slot(s) missed"
     return ""
-
-
-def mark_failed(entry: str, slot: datetime, error: str) -> None:
-    """Record that publishing a claimed slot raised (the task may or may not be queued)."""
-    BeatFire.objects.filter(entry=entry, slot=slot).update(
-        status=FireStatus.FAILED, detail=error[:255]
-    )
 
 
 def message_headers(entry: str, slot: datetime, token: int) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 Run ``celery beat -S celery_guard.beat:GuardedScheduler`` on as many hosts as you like: one
 holds the lease and dispatches, the others stand by. Each slot is claimed with a unique
-fire record before it is published (``celery_guard.beat.fires``), so a slot is published at most
-once even by a frozen ex-leader that has not yet noticed it lost the lease.
+fire record, written together with its message as an outbox row, before it is published
+(``celery_guard.beat.fires``): a slot is claimed at most once even by a frozen ex-leader that
+has not yet noticed it lost the lease, and a claimed slot is published even if the beat dies
+right after its claim (the delivery poller publishes the row).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import datetime
 import logging
 import uuid
-from types import SimpleNamespace
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -21,6 +22,8 @@ from django_celery_beat.schedulers import DatabaseScheduler
 from celery_guard.beat import checks, fires, lease, slots
 from celery_guard.conf import guard_settings
 from celery_guard.core import pipeline
+from celery_guard.delivery import services as delivery
+from celery_guard.delivery.models import OutboxMessage
 from celery_guard.observability import events
 
 logger = logging.getLogger(__name__)
@@ -159,10 +162,11 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
             task_id=str(uuid.uuid4()),
             plan=plan,
             policy=policy,
+            message=self._message(entry, plan.slot, token),
         )
         started = self.lease.clock()
         try:
-            outcome = fires.claim(claim)
+            outcome, row = fires.claim_and_write(claim)
         except Error as exc:
             self._database_error(f"claim of {entry.name}", exc)
             return
@@ -188,37 +192,40 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
                 policy.catchup,
             )
         if outcome is fires.Outcome.FIRED:
-            self._publish(entry, claim, producer)
+            self._publish(entry, claim, row, producer)
         else:
             logger.info("celery_guard: beat did not fire %s: %s", key, outcome.value)
 
-    def _publish(self, entry: Any, claim: fires.Claim, producer: Any) -> None:
-        slot = claim.plan.slot
+    def _message(self, entry: Any, slot: datetime.datetime, token: int) -> fires.Message:
+        """What the slot publishes: the entry's call with the slot's headers (and key)."""
         options = dict(entry.options)
-        options["headers"] = {
-            **(options.get("headers") or {}),
-            **fires.message_headers(entry.name, slot, claim.token),
+        message_headers = {
+            **(options.pop("headers", None) or {}),
+            **fires.message_headers(entry.name, slot, token),
         }
-        options["task_id"] = claim.task_id
-        key = slots.slot_key(entry.name, slot)
-        if pipeline.is_guarded(self.app.tasks.get(entry.task)):
+        guard = dict(options.pop("guard", None) or {})
+        options.pop("task_id", None)
+        guarded = pipeline.is_guarded(self.app.tasks.get(entry.task))
+        if guarded:
             # The slot's key becomes the task's idempotency key, so a redelivered or
-            # re-published run of this slot is deduplicated by the ledger too.
-            options["guard"] = {**(options.get("guard") or {}), "idempotency_key": key}
-        # What Scheduler.apply_async reads of an entry; a copy of a ModelEntry cannot be made
-        # (its pickling protocol rebuilds it from a model).
-        fired = SimpleNamespace(
-            name=entry.name, task=entry.task, args=entry.args, kwargs=entry.kwargs, options=options
+            # re-published run of this slot (the beat's and the poller's publish of one
+            # outbox row) is deduplicated by the ledger too.
+            guard["idempotency_key"] = slots.slot_key(entry.name, slot)
+        return fires.Message(
+            args=list(entry.args or ()),
+            kwargs=dict(entry.kwargs or {}),
+            options=options,
+            headers=message_headers,
+            guard=guard,
+            prepared=not guarded,
         )
-        try:
-            self.apply_async(fired, producer=producer, advance=False)
-        except Exception as exc:
-            logger.error("celery_guard: beat could not publish %s: %r", key, exc, exc_info=True)
-            try:
-                fires.mark_failed(entry.name, slot, repr(exc))
-            except Error as db_exc:
-                self._database_error("marking a failed publish", db_exc)
-            return
+
+    def _publish(
+        self, entry: Any, claim: fires.Claim, row: OutboxMessage | None, producer: Any
+    ) -> None:
+        """Publish the claimed slot's outbox row now; the delivery poller does if this fails."""
+        slot = claim.plan.slot
+        key = slots.slot_key(entry.name, slot)
         events.emit(
             "slot_fired",
             task_name=entry.task,
@@ -227,6 +234,13 @@ class GuardedScheduler(DatabaseScheduler):  # type: ignore[misc]
             slot=slot.isoformat(),
             missed=claim.plan.missed_total,
         )
+        if row is None or not delivery.publish_now(self.app, row, producer=producer):
+            logger.warning(
+                "celery_guard: beat did not publish %s now; the delivery poller will publish "
+                "its outbox row",
+                key,
+            )
+            return
         logger.info(
             "celery_guard: beat fired %s as %s[%s] (token %s)",
             key,

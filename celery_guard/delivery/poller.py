@@ -15,6 +15,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from django.apps import apps
 from django.db import close_old_connections
 from django.db.models import Q
 from django.utils import timezone
@@ -33,8 +34,9 @@ MAX_BACKOFF = 5.0
 
 
 def outbox_used(app: Any) -> bool:
-    """Whether any task of ``app`` writes outbox rows (the setting, or ``outbox=True``)."""
-    if guard_settings.outbox:
+    """Whether outbox rows may be written: the setting, a task with ``outbox=True``, or the
+    guarded beat (django-celery-beat installed), which writes every fire as an outbox row."""
+    if guard_settings.outbox or apps.is_installed("django_celery_beat"):
         return True
     return any(
         pipeline.is_guarded(task) and task.guard_options.get("outbox")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -69,9 +70,16 @@ _dumps = cast(Callable[[Any], str], kombu_json.dumps)
 class _Capture:
     """A kombu channel stand-in that records what a publish would push instead of pushing it.
 
-    Delegates everything (declarations included) to the real Redis channel, and at
-    ``basic_publish`` does what kombu's virtual transport does before its ``_put``: encode the
-    body, stamp the delivery tag and info, look up the bound queues and their priority lists.
+    Delegates everything (declarations included) to the real Redis channel. Its
+    ``basic_publish`` does what kombu's virtual transport does before the Redis ``LPUSH``
+    (``Channel.basic_publish`` and ``_put``), through the channel's public members only:
+    encode the body, stamp the delivery tag and info, find the queues bound to the exchange
+    (``typeof(exchange).lookup(get_table(exchange), ...)``) and the list of the message's
+    priority (``priority()`` and ``sep``). What stays kombu's implementation rather than its
+    API is the message format and the list naming themselves: kombu has no public call that
+    returns "the bytes the Redis transport would push, and where", so
+    ``tests/integration/test_delivery_schedule.py`` compares a held message with one kombu
+    really pushed, for every supported kombu version the suite runs on.
     """
 
     def __init__(self, channel: Any) -> None:
@@ -83,10 +91,29 @@ class _Capture:
 
     def basic_publish(self, message: Any, exchange: str, routing_key: str, **kw: Any) -> None:
         channel = self._channel
-        channel._inplace_augment_message(message, exchange, routing_key)
-        queues = channel._lookup(exchange, routing_key) if exchange else [routing_key]
-        priority = channel._get_message_priority(message, reverse=False)
-        self.captured += [(channel._q_for_pri(q, priority), _dumps(message)) for q in queues]
+        message["body"], encoding = channel.encode_body(message["body"], channel.body_encoding)
+        properties = message["properties"]
+        properties.update(body_encoding=encoding, delivery_tag=str(uuid.uuid4()))
+        properties["delivery_info"].update(exchange=exchange, routing_key=routing_key)
+        queues = [routing_key]
+        if exchange:
+            try:
+                table = channel.get_table(exchange)
+                queues = channel.typeof(exchange).lookup(table, exchange, routing_key, None)
+            except KeyError:
+                queues = []
+        suffix = _priority_suffix(channel, properties.get("priority"))
+        self.captured += [(f"{queue}{suffix}", _dumps(message)) for queue in queues]
+
+
+def _priority_suffix(channel: Any, priority: Any) -> str:
+    """The list suffix kombu's Redis transport gives a message of ``priority``."""
+    try:
+        value = max(min(int(priority), channel.max_priority), channel.min_priority)
+    except (TypeError, ValueError):
+        value = channel.default_priority
+    step = channel.priority(value)
+    return f"{channel.sep}{step}" if step else ""
 
 
 #: Redis clients by process and broker URL: one connection pool per process, not one per

@@ -15,9 +15,11 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db import connections, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Q
 from django.utils import timezone
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 
 from celery_guard.conf import guard_settings
 from celery_guard.delivery import schedule
@@ -29,6 +31,13 @@ logger = logging.getLogger(__name__)
 _DATETIMES = ("eta", "expires")
 #: Until when (monotonic) the fast path leaves rows to the poller after a failed publish.
 _fast_path_paused_until = 0.0
+#: Errors that mean the broker or the database is down: the poller stops the batch, backs off.
+OUTAGES: tuple[type[BaseException], ...] = (
+    KombuOperationalError,
+    OSError,
+    DatabaseError,
+    RedisError,
+)
 #: Seconds the fast path stays off after a failure (one warning per outage, no waiting).
 FAST_PATH_PAUSE = 2.0
 
@@ -71,6 +80,46 @@ def publish_at(app: Any, due: float, publish: Callable[[Any], Any], row: Mapping
     )
 
 
+def add_row(
+    task_name: str,
+    task_id: str,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+    *,
+    headers: Mapping[str, Any] | None = None,
+    guard: Mapping[str, Any] | None = None,
+    idempotency_key: str = "",
+    prepared: bool = False,
+) -> OutboxMessage:
+    """Write one outbox row in the current transaction (of the router's write alias).
+
+    Nothing is published here: the caller publishes the committed row with
+    :func:`publish_now`, and the poller publishes it after ``CELERY_GUARD_OUTBOX_GRACE`` if that
+    did not happen (the writer died, the broker was down).
+
+    Args:
+        options: Celery options of the publish, without ``task_id``, ``headers``, ``guard``.
+        prepared: The headers are final: publish with ``send_task``, not through the task's
+            ``apply_async`` (and its guard pipeline).
+    """
+    now = timezone.now()
+    return OutboxMessage.objects.using(router.db_for_write(OutboxMessage)).create(
+        task_name=task_name,
+        task_id=task_id,
+        args=list(args or ()),
+        kwargs=dict(kwargs or {}),
+        options=_jsonable(options),
+        headers=dict(headers or {}),
+        guard=dict(guard or {}),
+        idempotency_key=idempotency_key,
+        queue=str(options.get("queue") or ""),
+        prepared=prepared,
+        created_at=now,
+        due_at=now + timedelta(seconds=guard_settings.outbox_grace),
+    )
+
+
 def write_outbox(
     task: Any,
     args: Sequence[Any] | None,
@@ -87,41 +136,41 @@ def write_outbox(
             when the task has none), so a second publish of the row is harmless.
     """
     opts = dict(options)
-    guard = dict(opts.pop("guard", None) or {})
-    message_headers = dict(opts.pop("headers", None) or {})
+    guard = opts.pop("guard", None)
+    message_headers = opts.pop("headers", None)
     task_id = str(opts.pop("task_id", None) or uuid.uuid4())
-    now = timezone.now()
-    using = router.db_for_write(OutboxMessage)
-    row = OutboxMessage.objects.using(using).create(
-        task_name=task.name,
-        task_id=task_id,
-        args=list(args or ()),
-        kwargs=dict(kwargs or {}),
-        options=_jsonable(opts),
+    row = add_row(
+        task.name,
+        task_id,
+        args,
+        kwargs,
+        opts,
         headers=message_headers,
         guard=guard,
         idempotency_key=idempotency_key,
-        queue=str(opts.get("queue") or ""),
-        created_at=now,
-        due_at=now + timedelta(seconds=guard_settings.outbox_grace),
     )
-    transaction.on_commit(lambda: _fast_path(task.app, row), using=using)
+    transaction.on_commit(
+        lambda: publish_now(task.app, row), using=router.db_for_write(OutboxMessage)
+    )
     return row
 
 
-def _fast_path(app: Any, row: OutboxMessage) -> None:
-    """Publish a committed row at once; on failure leave it to the poller, quietly.
+def publish_now(app: Any, row: OutboxMessage, *, producer: Any = None) -> bool:
+    """The fast path: publish a committed row at once; on failure leave it to the poller, quietly.
 
     One connection attempt only (kombu would otherwise retry for seconds inside the user's
     request), and after a failure the fast path stays off for ``FAST_PATH_PAUSE`` seconds.
+
+    Returns:
+        Whether the row was published (and marked dispatched).
     """
     global _fast_path_paused_until
     if time.monotonic() < _fast_path_paused_until:
-        return
+        return False
     try:
-        with app.producer_or_acquire() as producer:
-            producer.connection.ensure_connection(max_retries=0)
-            _publish(app, row, retry=False, producer=producer)
+        with app.producer_or_acquire(producer) as through:
+            through.connection.ensure_connection(max_retries=0)
+            _publish(app, row, retry=False, producer=through)
         OutboxMessage.objects.filter(pk=row.pk, state=OutboxState.PENDING).update(
             state=OutboxState.DISPATCHED, dispatched_at=timezone.now()
         )
@@ -136,14 +185,15 @@ def _fast_path(app: Any, row: OutboxMessage) -> None:
                 exc,
             )
         _fast_path_paused_until = time.monotonic() + FAST_PATH_PAUSE
-        return
+        return False
     if _fast_path_paused_until:
         logger.warning("celery_guard: outbox fast path publishes again")
     _fast_path_paused_until = 0.0
+    return True
 
 
 def _publish(app: Any, row: OutboxMessage, *, retry: bool = True, producer: Any = None) -> None:
-    task = app.tasks[row.task_name]
+    task = app.tasks.get(row.task_name)
     if row.prepared:
         # A scheduled message went through the guard pipeline when it was scheduled; running
         # it again would count the publish twice (and meet the key its own attempt holds).
@@ -159,6 +209,8 @@ def _publish(app: Any, row: OutboxMessage, *, retry: bool = True, producer: Any 
             **_restored(row.options),
         )
         return
+    if task is None:
+        raise KeyError(row.task_name)
     task.apply_async(
         row.args,
         row.kwargs,
@@ -208,8 +260,9 @@ def publish_claimed(app: Any, rows: Sequence[OutboxMessage]) -> int:
     and the row is published again, a duplicate its idempotency identity makes harmless.
 
     Raises:
-        Exception: The first publish error (the broker is down): the rows not yet published
-            stay pending, with the error noted, for the next poll.
+        Exception: The first broker or database error (``OUTAGES``): the rows not yet
+            published stay pending, with the error noted, for the next poll. Any other error
+            is noted on its row, which stays pending, and the batch goes on.
     """
     done: list[int] = []
     try:
@@ -219,9 +272,21 @@ def publish_claimed(app: Any, rows: Sequence[OutboxMessage]) -> int:
             except KeyError as exc:
                 _note_error(row, f"task {row.task_name!r} is not registered here: {exc}")
                 continue
-            except Exception as exc:
+            except OUTAGES as exc:
                 _note_error(row, f"{type(exc).__name__}: {exc}")
                 raise
+            except Exception as exc:
+                # This row's own problem (arguments its task now refuses...): noted for the
+                # admin and tried again next poll, without holding up the rows behind it.
+                logger.warning(
+                    "celery_guard: could not publish outbox row %s (%s[%s]): %r",
+                    row.pk,
+                    row.task_name,
+                    row.task_id,
+                    exc,
+                )
+                _note_error(row, f"{type(exc).__name__}: {exc}")
+                continue
             done.append(row.pk)
     finally:
         if done:

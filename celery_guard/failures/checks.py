@@ -133,7 +133,13 @@ def check_classifier(app_configs: Sequence[Any] | None = None, **kw: Any) -> lis
 def check_retry_delay_visibility(
     app_configs: Sequence[Any] | None = None, **kw: Any
 ) -> list[CheckMessage]:
-    """W008: a Redis visibility timeout not longer than a guarded task's longest retry delay."""
+    """W008: a Redis visibility timeout not longer than a guarded task's longest retry delay.
+
+    Only without the delivery schedule (``CELERY_GUARD_SCHEDULE = None``): with it, a retry
+    waits in the schedule, not unacknowledged in a worker, and reaches its queue when due.
+    """
+    if conf.raw("SCHEDULE") is not None:
+        return []
     app = core_checks.celery_app()
     timeout = core_checks.redis_visibility_timeout(app)
     if timeout is None or list(setting_errors()):

@@ -20,8 +20,8 @@ from django.db import connection
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from celery_guard.beat import slots
-from celery_guard.models import BeatFire, BeatLease
-from tests.support.beat import Beat
+from celery_guard.models import BeatFire, BeatLease, OutboxMessage
+from tests.support.beat import KILLED_AFTER_CLAIM, Beat
 from tests.support.harness import wait_until
 from tests.testapp.models import Execution
 
@@ -92,6 +92,19 @@ def takeover(old_row, running):
     )
     assert new_row.holder != old_row.holder
     return new_row, leader(running)[0]
+
+
+def every_second_from_now(name: str, queue: str, **fields) -> PeriodicTask:
+    """A 1-second ``beat_job`` entry whose first slot is the next whole second."""
+    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    return PeriodicTask.objects.create(
+        name=name,
+        task="tests.testapp.tasks.beat_job",
+        interval=interval,
+        queue=queue,
+        last_run_at=datetime.now(timezone.utc).replace(microsecond=0),
+        **fields,
+    )
 
 
 def terminate_beat_connections(db_name) -> int:
@@ -199,15 +212,7 @@ def test_overlap_skip_waits_for_the_running_slot_on_a_real_worker(start_worker, 
     from celery_guard.beat import GuardedScheduler
 
     start_worker(["default"], concurrency=2)
-    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
-    PeriodicTask.objects.create(
-        name="slow",
-        task="tests.testapp.tasks.beat_job",
-        interval=interval,
-        queue=queues["default"],
-        kwargs='{"sleep_ms": 2500}',
-        last_run_at=datetime.now(timezone.utc).replace(microsecond=0),
-    )
+    every_second_from_now("slow", queues["default"], kwargs='{"sleep_ms": 2500}')
     policies = {"slow": {"overlap": "skip"}}
     with override_settings(CELERY_GUARD_BEAT_POLICIES=policies):
         scheduler = GuardedScheduler(app=current_app._get_current_object(), max_interval=1)
@@ -236,3 +241,33 @@ def test_overlap_skip_waits_for_the_running_slot_on_a_real_worker(start_worker, 
         assert later.started_at >= earlier.finished_at  # never two runs at once
     wait_until(lambda: not BeatFire.objects.filter(status="fired", finished_at=None).exists(), 10)
     assert all(r.started_at and r.finished_at for r in BeatFire.objects.filter(status="fired"))
+
+
+def test_a_beat_killed_between_claim_and_publish_still_runs_the_slot_once(
+    start_worker, queues, redis_url, test_db_name
+):
+    """The claim writes the slot's message as an outbox row; the worker's poller publishes it."""
+    start_worker(["default"])
+    every_second_from_now("killed", queues["default"])
+    beat = Beat(
+        broker_url=redis_url,
+        db_name=test_db_name,
+        lease_seconds=LEASE,
+        name="killed",
+        scheduler=KILLED_AFTER_CLAIM,
+    )
+    beat.launch()
+    try:
+        assert beat.process.wait(30) == -signal.SIGKILL
+    finally:
+        beat.stop()
+    [fire] = BeatFire.objects.filter(entry="killed")
+    assert fire.status == BeatFire.Status.FIRED
+    key = slots.slot_key("killed", fire.slot)
+    row = OutboxMessage.objects.get(task_id=fire.task_id)
+    assert row.state == "pending"  # claimed and committed, never published by the beat
+    wait_until(lambda: Execution.objects.filter(label=key).exists(), 30)
+    wait_until(lambda: OutboxMessage.objects.get(pk=row.pk).state == "dispatched", 10)
+    time.sleep(3)  # room for a duplicate to show up
+    assert Execution.objects.filter(label=key).count() == 1
+    assert Execution.objects.count() == 1

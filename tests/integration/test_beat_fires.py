@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -10,7 +11,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from celery_guard.beat import fires, lease, slots
 from celery_guard.core import headers
-from celery_guard.models import BeatFire
+from celery_guard.models import BeatFire, OutboxMessage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -120,11 +121,33 @@ def test_overlap_skip_waits_for_the_previous_run_to_finish(entry, token):
     assert statuses[at(20)] == statuses[at(30)] == "skipped"
 
 
-def test_failed_publish_is_recorded(entry, token):
-    fires.claim(claim_for(entry, token, at(10)))
-    fires.mark_failed(entry.name, at(10), "ConnectionError('broker down')")
-    row = BeatFire.objects.get()
-    assert row.status == "failed" and "broker down" in row.detail
+def test_a_fired_claim_writes_its_message_as_an_outbox_row_in_the_same_transaction(entry, token):
+    message = fires.Message(
+        args=[1],
+        kwargs={"b": 2},
+        options={"queue": "q"},
+        headers=fires.message_headers(entry.name, at(10), token),
+        guard={},
+        prepared=True,
+    )
+    claim = dataclasses.replace(claim_for(entry, token, at(10)), message=message)
+    outcome, row = fires.claim_and_write(claim)
+    assert outcome is fires.Outcome.FIRED
+    stored = OutboxMessage.objects.get()
+    assert stored.pk == row.pk and stored.state == "pending"
+    assert (stored.task_name, stored.task_id, stored.args, stored.kwargs, stored.queue) == (
+        "tests.testapp.tasks.beat_job",
+        "id-120010",
+        [1],
+        {"b": 2},
+        "q",
+    )
+    assert stored.headers[headers.HEADER]["beat"]["key"] == "beat:report:2026-01-01T12:00:10Z"
+    # A claim that publishes nothing writes no row; one refused rolls its row back.
+    assert fires.claim_and_write(claim) == (fires.Outcome.STALE, None)
+    skipped = dataclasses.replace(claim_for(entry, token, at(20), fire=False), message=message)
+    assert fires.claim_and_write(skipped) == (fires.Outcome.MISSED, None)
+    assert OutboxMessage.objects.count() == 1
 
 
 def test_headers_without_a_slot_are_ignored_by_the_worker_side(entry, token):

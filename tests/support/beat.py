@@ -8,6 +8,8 @@ from devprocs.launcher import CeleryProcess, beat_args
 from tests.support.harness import APP, ARTIFACTS, suite_env
 
 SCHEDULER = "celery_guard.beat:GuardedScheduler"
+#: A guarded scheduler that SIGKILLs itself between a slot's claim and its publish.
+KILLED_AFTER_CLAIM = "tests.support.beat_killed:KilledAfterClaim"
 
 
 class Beat(CeleryProcess):
@@ -27,6 +29,7 @@ class Beat(CeleryProcess):
         max_interval: int = 1,
         name: str | None = None,
         extra_env: dict[str, str] | None = None,
+        scheduler: str = SCHEDULER,
     ) -> None:
         name = name or f"b{uuid.uuid4().hex[:6]}"
         env = {
@@ -36,7 +39,7 @@ class Beat(CeleryProcess):
         }
         super().__init__(
             APP,
-            beat_args(SCHEDULER, max_interval=max_interval),
+            beat_args(scheduler, max_interval=max_interval),
             name=name,
             env=suite_env(broker_url, db_name, env),
             log_path=ARTIFACTS / f"beat-{name}.log",

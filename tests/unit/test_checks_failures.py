@@ -71,6 +71,7 @@ def test_e005_classifier_must_import_as_a_callable():
         assert text in message.msg
 
 
+@override_settings(CELERY_GUARD_SCHEDULE=None)
 def test_w008_retry_delay_longer_than_the_visibility_timeout(celery_conf):
     celery_conf(
         broker_url="redis://127.0.0.1:6379/0", broker_transport_options={"visibility_timeout": 900}
@@ -82,6 +83,10 @@ def test_w008_retry_delay_longer_than_the_visibility_timeout(celery_conf):
         pass
 
     try:
+        # With the delivery schedule on, a retry waits in the schedule, not in a worker.
+        for held_by in ("auto", "redis", "database"):
+            with override_settings(CELERY_GUARD_SCHEDULE=held_by):
+                assert failures_checks.check_retry_delay_visibility() == []
         [message] = failures_checks.check_retry_delay_visibility()
         assert message.id == "celery_guard.W008"
         assert "tests.checks.slow_retry (3600s)" in message.msg
