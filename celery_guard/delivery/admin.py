@@ -12,6 +12,7 @@ from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
+from celery_guard.core import headers
 from celery_guard.core.admin import ReadOnlyAdmin
 from celery_guard.delivery import schedule
 from celery_guard.delivery.models import OutboxMessage
@@ -76,7 +77,10 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
 
     @admin.display(description="kind", ordering="prepared")
     def kind(self, obj: OutboxMessage) -> str:
-        """``scheduled`` (a delayed message) or ``outbox`` (a committed call)."""
+        """``beat`` (a fired slot), ``scheduled`` (a delayed message) or ``outbox`` (a call)."""
+        guard_header = (obj.headers or {}).get(headers.HEADER)
+        if isinstance(guard_header, dict) and guard_header.get(headers.BEAT):
+            return "beat"
         return "scheduled" if obj.prepared else "outbox"
 
     @admin.display(description="age", ordering="created_at")

@@ -14,6 +14,7 @@ Two backends:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import redis
+from kombu.entity import Exchange, Queue
 from kombu.utils import json as kombu_json
 
 from celery_guard.conf import guard_settings
@@ -61,6 +63,87 @@ def is_redis(app: Any) -> bool:
     """Whether ``app``'s broker is Redis."""
     url = str(app.conf.broker_url or "")
     return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def is_amqp(app: Any) -> bool:
+    """Whether ``app``'s broker is RabbitMQ (or another AMQP 0-9-1 broker)."""
+    url = str(app.conf.broker_url or "")
+    return url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+#: The due queue of queue ``<name>`` on AMQP brokers: ``<name>`` + this suffix.
+DUE_QUEUE_SUFFIX = ".cg-due"
+
+
+def due_queue(name: str) -> Queue:
+    """The due queue of queue ``name``: where the database schedule publishes its due messages.
+
+    Every worker with celery_guard consumes the due queue of each queue it consumes
+    (``bootstep.DueQueues``), through its own consumer and prefetch window: a due message is
+    delivered at once instead of behind the backlog of ``name``.
+    """
+    due = f"{name}{DUE_QUEUE_SUFFIX}"
+    exchange = Exchange(due, type="direct")  # type: ignore[no-untyped-call]
+    return Queue(due, exchange, routing_key=due, durable=True)  # type: ignore[no-untyped-call]
+
+
+class DueQueues:
+    """Redirects due messages to the due queue of their queue, when a worker consumes it.
+
+    One instance per poll: whether a due queue has consumers is asked of the broker once per
+    queue (a passive declare). A due queue nobody consumes (workers without celery_guard,
+    an older version) is never published to: the message goes to its own queue, as before.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._consumed: dict[str, bool] = {}
+
+    def redirect(
+        self, task_name: str, args: Any, kwargs: Any, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Return ``options`` sending the message to its due queue, if that one is consumed."""
+        name = self._queue_name(task_name, args, kwargs, options)
+        if name is None or name.endswith(DUE_QUEUE_SUFFIX) or not self._is_consumed(name):
+            return options
+        out = {k: v for k, v in options.items() if k not in ("exchange", "routing_key")}
+        out["queue"] = due_queue(name)
+        return out
+
+    def _queue_name(
+        self, task_name: str, args: Any, kwargs: Any, options: dict[str, Any]
+    ) -> str | None:
+        queue = options.get("queue")
+        if isinstance(queue, Queue):
+            return str(queue.name)
+        if queue:
+            return str(queue)
+        exchange, routing_key = options.get("exchange"), options.get("routing_key")
+        if routing_key and exchange in (None, "", routing_key):
+            return str(routing_key)  # a retry: the queue it was delivered from
+        routed = self.app.amqp.router.route(dict(options), task_name, args, kwargs)
+        found = routed.get("queue")
+        return str(found.name) if isinstance(found, Queue) else None
+
+    def _is_consumed(self, name: str) -> bool:
+        if name not in self._consumed:
+            self._consumed[name] = consumer_count(self.app, due_queue(name).name) > 0
+        return self._consumed[name]
+
+
+def consumer_count(app: Any, queue: str) -> int:
+    """How many consumers ``queue`` has on the AMQP broker (0 when it does not exist)."""
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        try:
+            _, _, consumers = channel.queue_declare(queue=queue, passive=True)
+        except connection.channel_errors:
+            return 0  # not declared: the broker closed the channel
+        finally:
+            # Already closed by the broker after a failed passive declare.
+            with contextlib.suppress(Exception):
+                channel.close()
+        return int(consumers)
 
 
 #: kombu's JSON encoder (the Redis transport's own), typed.

@@ -192,11 +192,21 @@ def publish_now(app: Any, row: OutboxMessage, *, producer: Any = None) -> bool:
     return True
 
 
-def _publish(app: Any, row: OutboxMessage, *, retry: bool = True, producer: Any = None) -> None:
+def _publish(
+    app: Any,
+    row: OutboxMessage,
+    *,
+    retry: bool = True,
+    producer: Any = None,
+    due_queues: schedule.DueQueues | None = None,
+) -> None:
     task = app.tasks.get(row.task_name)
     if row.prepared:
         # A scheduled message went through the guard pipeline when it was scheduled; running
         # it again would count the publish twice (and meet the key its own attempt holds).
+        options = _restored(row.options)
+        if due_queues is not None:
+            options = due_queues.redirect(row.task_name, row.args, row.kwargs, options)
         app.send_task(
             row.task_name,
             row.args,
@@ -206,7 +216,7 @@ def _publish(app: Any, row: OutboxMessage, *, retry: bool = True, producer: Any 
             task_type=task,
             retry=retry,
             producer=producer,
-            **_restored(row.options),
+            **options,
         )
         return
     if task is None:
@@ -265,10 +275,11 @@ def publish_claimed(app: Any, rows: Sequence[OutboxMessage]) -> int:
             is noted on its row, which stays pending, and the batch goes on.
     """
     done: list[int] = []
+    due_queues = schedule.DueQueues(app) if schedule.is_amqp(app) else None
     try:
         for row in rows:
             try:
-                _publish(app, row)
+                _publish(app, row, due_queues=due_queues)
             except KeyError as exc:
                 _note_error(row, f"task {row.task_name!r} is not registered here: {exc}")
                 continue

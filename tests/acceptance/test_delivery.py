@@ -18,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from celery_guard.models import OutboxMessage
-from tests.support.harness import ARTIFACTS, ROOT, wait_until
+from tests.support.harness import ARTIFACTS, ROOT, purge, wait_until
 from tests.testapp.models import Execution
 from tests.testapp.outbox_tasks import outbox_job, sched_flaky, sched_job, sched_throttled
 
@@ -261,3 +261,38 @@ def test_retry_on_rabbitmq_goes_through_the_database_schedule(start_worker, amqp
     wait_until(lambda: labels("rabbit-retry")["rabbit-retry"] == 2, timeout=60)
     held = OutboxMessage.objects.get(task_name=sched_flaky.name)
     assert held.prepared and held.state == "dispatched" and held.attempt == 1
+
+
+def test_retry_on_rabbitmq_runs_on_time_ahead_of_the_backlog(start_worker, amqp_url, queues):
+    """The due message goes to ``<queue>.cg-due``, which the worker consumes as well."""
+    from kombu import Connection
+
+    from celery_guard.delivery import schedule
+
+    backlog = 1000
+    due_queue = schedule.due_queue(queues["default"]).name
+    try:
+        with Connection(amqp_url) as conn:
+            producer = sched_flaky.app.amqp.Producer(conn)
+            sched_flaky.apply_async(("rabbit-first",), producer=producer)
+            for i in range(backlog):
+                sched_job.apply_async((f"rabbit-backlog-{i}",), producer=producer)
+        start_worker(["default"], broker_url=amqp_url, name="amqp-due")
+        runs = wait_until(
+            lambda: (
+                list(Execution.objects.filter(label="rabbit-first").order_by("started_at"))
+                if Execution.objects.filter(label="rabbit-first").count() >= 2
+                else None
+            ),
+            timeout=60,
+        )
+        first, retry = runs[0], runs[1]
+        late = retry.started_at - (first.finished_at + 1.0)
+        behind = Execution.objects.filter(
+            label__startswith="rabbit-backlog-", started_at__lt=retry.started_at
+        ).count()
+        assert late < 2.0, f"the retry started {late:.2f}s after its due time"
+        assert behind < backlog // 2, f"the retry waited behind {behind} backlog jobs"
+        assert retry.queue == due_queue
+    finally:
+        purge(amqp_url, [due_queue])

@@ -1,4 +1,4 @@
-"""The Redis schedule holds exactly the message kombu's Redis transport would push, where."""
+"""The schedule's broker side: the Redis capture against kombu, the due queues on RabbitMQ."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 import redis
-from celery import current_app
+from celery import Celery, current_app
 from django.conf import settings
+from kombu import Connection
 
 from celery_guard.delivery import schedule
 
@@ -51,3 +52,22 @@ def test_a_held_message_is_the_one_kombu_pushes_to_the_same_list(redis_url, prio
             if task_id.encode() in member:
                 client.zrem(held.key, member)
         client.delete(*client.keys(f"{queue}*"), f"_kombu.binding.{queue}")
+
+
+def test_due_messages_go_to_the_due_queue_only_while_a_worker_consumes_it(amqp_url):
+    """RabbitMQ: a due queue nobody consumes is never published to (no message stranded)."""
+    app = Celery(broker=amqp_url, set_as_current=False)
+    name = f"cgt-{settings.RUN_ID}-due-{uuid.uuid4().hex[:6]}"
+    retry = {"exchange": name, "routing_key": name, "priority": 3}
+    assert schedule.DueQueues(app).redirect("t", [], {}, dict(retry)) == retry
+    due = schedule.due_queue(name)
+    with Connection(amqp_url) as conn:
+        consumer = conn.Consumer(due, callbacks=[lambda body, message: None])
+        consumer.consume()
+        try:
+            moved = schedule.DueQueues(app).redirect("t", [], {}, dict(retry))
+            assert moved == {"queue": due, "priority": 3}
+            assert schedule.DueQueues(app).redirect("t", [], {}, {"queue": name})["queue"] == due
+        finally:
+            consumer.cancel()
+            due(conn.default_channel).delete()
