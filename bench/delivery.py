@@ -5,7 +5,10 @@
 
 * ``outbox``: ``delay_on_commit`` of a guarded task with ``outbox=True`` against the same
   task without it, one transaction per call, published to a queue nobody consumes; the
-  ratio is outbox / plain (calls per second, higher is better).
+  ratio is outbox / plain (calls per second, higher is better). Also with the Redis
+  idempotency ledger (the row identity's claim in Redis), with the fast path off
+  (``CELERY_GUARD_OUTBOX_FAST_PATH = False``: the request only writes the row), and the rate
+  at which the poller then relays those rows (claim, publish, mark).
 * ``schedule``: due messages moved per second by the Redis schedule (the Lua move), and
   published per second from the database schedule (claim, publish, mark), each next to the
   raw rate measured in the same run (``RPUSH`` one message per call; plain ``apply_async``).
@@ -63,13 +66,39 @@ def measure(n: int) -> dict[str, Any]:
                 task.apply_async_on_commit((i,), queue=queue)
         return _rate(n, time.perf_counter() - started)
 
+    def drain() -> float:
+        """Claim and publish every due row as the poller does; rows published per second."""
+        started = time.perf_counter()
+        published = 0
+        while True:
+            _, rows = services.claim_due(500, 30)
+            if not rows:
+                break
+            published += services.publish_claimed(app, rows)
+        return _rate(published, time.perf_counter() - started)
+
     with override_settings(CELERY_GUARD_SCHEDULE_REDIS_PREFIX=prefix):
         plain_rate = commits(without)
         outbox_rate = commits(with_outbox)
+        # The same with the Redis idempotency ledger: the row's identity claim and its
+        # confirmation are Redis commands instead of two database commits.
+        with override_settings(CELERY_GUARD_IDEMPOTENCY_BACKEND="redis"):
+            redis_ledger_rate = commits(with_outbox)
+        # Relay only (no fast path): the request writes the row; the poller publishes.
+        OutboxMessage.objects.all().delete()
+        with override_settings(CELERY_GUARD_OUTBOX_FAST_PATH=False):
+            relay_only_rate = commits(with_outbox)
+        relayed_rate = drain()
+        OutboxMessage.objects.all().delete()
         result["outbox"] = {
             "plain_per_s": plain_rate,
             "outbox_per_s": outbox_rate,
             "ratio": stats.ratio(outbox_rate, plain_rate),
+            "redis_ledger_per_s": redis_ledger_rate,
+            "redis_ledger_ratio": stats.ratio(redis_ledger_rate, plain_rate),
+            "relay_only_per_s": relay_only_rate,
+            "relay_only_ratio": stats.ratio(relay_only_rate, plain_rate),
+            "relayed_per_s": relayed_rate,
         }
         # The Redis schedule: n messages due now, moved in batches by the Lua script.
         redis_schedule = schedule.RedisSchedule(app)
@@ -108,14 +137,7 @@ def measure(n: int) -> dict[str, Any]:
                         "attempt": 0,
                     },
                 )
-            started = time.perf_counter()
-            published = 0
-            while True:
-                _, rows = services.claim_due(500, 30)
-                if not rows:
-                    break
-                published += services.publish_claimed(app, rows)
-            db_rate = _rate(published, time.perf_counter() - started)
+            db_rate = drain()
         started = time.perf_counter()
         for i in range(n):
             without.apply_async((i,), queue=queue)
@@ -190,6 +212,15 @@ def table(delivery: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         f"| `delay_on_commit`, `outbox=True` | {fmt(outbox['outbox_per_s'])} | plain "
         f"`delay_on_commit` | {fmt(outbox['plain_per_s'])} | {outbox['ratio'] or 0:.2f} |",
+        f"| `delay_on_commit`, `outbox=True`, Redis ledger | "
+        f"{fmt(outbox['redis_ledger_per_s'])} | plain `delay_on_commit` | "
+        f"{fmt(outbox['plain_per_s'])} | {outbox['redis_ledger_ratio'] or 0:.2f} |",
+        f"| `delay_on_commit`, `outbox=True`, fast path off | "
+        f"{fmt(outbox['relay_only_per_s'])} | plain `delay_on_commit` | "
+        f"{fmt(outbox['plain_per_s'])} | {outbox['relay_only_ratio'] or 0:.2f} |",
+        f"| poller: outbox rows relayed | {fmt(outbox['relayed_per_s'])} | plain `apply_async` | "
+        f"{fmt(sched['raw_celery_publish_per_s'])} | "
+        f"{outbox['relayed_per_s'] / sched['raw_celery_publish_per_s']:.2f} |",
         f"| Redis schedule: due messages moved | {fmt(sched['redis_moved_per_s'])} | raw "
         f"`RPUSH`, one per call | {fmt(sched['raw_redis_rpush_per_s'])} | "
         f"{sched['redis_moved_per_s'] / sched['raw_redis_rpush_per_s']:.2f} |",

@@ -69,6 +69,7 @@ DEFAULTS: Mapping[str, Any] = {
     "PLAYBOOK_URL": "https://celery-guard.readthedocs.io/en/latest/observability.html",
     "OUTBOX": False,
     "OUTBOX_GRACE": 2.0,
+    "OUTBOX_FAST_PATH": True,
     "OUTBOX_RETENTION": 7 * 24 * 3600,
     "SCHEDULE": "auto",
     "SCHEDULE_REDIS_PREFIX": "celery_guard:schedule:",
@@ -397,6 +398,15 @@ class GuardSettings:
     def outbox_grace(self) -> float:
         """Seconds a committed outbox row is left to the fast path before the poller takes it."""
         return self.seconds(raw("OUTBOX_GRACE"))
+
+    @property
+    def outbox_fast_path(self) -> bool:
+        """Whether a committed outbox row is published at once by the committing process.
+
+        ``False``: the row is due at once and only the delivery poller publishes it (the
+        request does no work after its commit; the job waits up to one poll interval).
+        """
+        return bool(raw("OUTBOX_FAST_PATH"))
 
     @property
     def outbox_retention(self) -> float:

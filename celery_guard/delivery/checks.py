@@ -18,7 +18,7 @@ SCHEDULES = ("auto", "redis", "database", None)
 
 def setting_errors() -> Iterable[str]:
     """Errors in the delivery settings (E001)."""
-    for name in ("OUTBOX", "DELIVERY_POLLER"):
+    for name in ("OUTBOX", "OUTBOX_FAST_PATH", "DELIVERY_POLLER"):
         if not isinstance(conf.raw(name), bool):
             yield f"CELERY_GUARD_{name} must be True or False"
     if conf.raw("SCHEDULE") not in SCHEDULES:

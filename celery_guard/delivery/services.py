@@ -91,6 +91,7 @@ def add_row(
     guard: Mapping[str, Any] | None = None,
     idempotency_key: str = "",
     prepared: bool = False,
+    due_now: bool = False,
 ) -> OutboxMessage:
     """Write one outbox row in the current transaction (of the router's write alias).
 
@@ -102,8 +103,10 @@ def add_row(
         options: Celery options of the publish, without ``task_id``, ``headers``, ``guard``.
         prepared: The headers are final: publish with ``send_task``, not through the task's
             ``apply_async`` (and its guard pipeline).
+        due_now: Nobody publishes it at once: the poller takes it on its next poll.
     """
     now = timezone.now()
+    grace = 0.0 if due_now else guard_settings.outbox_grace
     return OutboxMessage.objects.using(router.db_for_write(OutboxMessage)).create(
         task_name=task_name,
         task_id=task_id,
@@ -116,7 +119,7 @@ def add_row(
         queue=str(options.get("queue") or ""),
         prepared=prepared,
         created_at=now,
-        due_at=now + timedelta(seconds=guard_settings.outbox_grace),
+        due_at=now + timedelta(seconds=grace),
     )
 
 
@@ -130,6 +133,9 @@ def write_outbox(
 ) -> OutboxMessage:
     """Write the outbox row of a call in the caller's transaction; publish it after the commit.
 
+    With ``CELERY_GUARD_OUTBOX_FAST_PATH = False`` nothing is published after the commit: the
+    row is due at once and the delivery poller publishes it.
+
     Args:
         options: Celery options of the call (``guard`` and ``headers`` included).
         idempotency_key: The key the call publishes and runs under (the row's own identity
@@ -139,6 +145,7 @@ def write_outbox(
     guard = opts.pop("guard", None)
     message_headers = opts.pop("headers", None)
     task_id = str(opts.pop("task_id", None) or uuid.uuid4())
+    fast_path = guard_settings.outbox_fast_path
     row = add_row(
         task.name,
         task_id,
@@ -148,7 +155,10 @@ def write_outbox(
         headers=message_headers,
         guard=guard,
         idempotency_key=idempotency_key,
+        due_now=not fast_path,
     )
+    if not fast_path:
+        return row
     transaction.on_commit(
         lambda: publish_now(task.app, row), using=router.db_for_write(OutboxMessage)
     )
@@ -277,28 +287,34 @@ def publish_claimed(app: Any, rows: Sequence[OutboxMessage]) -> int:
     done: list[int] = []
     due_queues = schedule.DueQueues(app) if schedule.is_amqp(app) else None
     try:
-        for row in rows:
-            try:
-                _publish(app, row, due_queues=due_queues)
-            except KeyError as exc:
-                _note_error(row, f"task {row.task_name!r} is not registered here: {exc}")
-                continue
-            except OUTAGES as exc:
-                _note_error(row, f"{type(exc).__name__}: {exc}")
-                raise
-            except Exception as exc:
-                # This row's own problem (arguments its task now refuses...): noted for the
-                # admin and tried again next poll, without holding up the rows behind it.
-                logger.warning(
-                    "celery_guard: could not publish outbox row %s (%s[%s]): %r",
-                    row.pk,
-                    row.task_name,
-                    row.task_id,
-                    exc,
-                )
-                _note_error(row, f"{type(exc).__name__}: {exc}")
-                continue
-            done.append(row.pk)
+        # One producer (and broker connection) for the whole batch. Not kombu's
+        # Producer.batch(): it pushes at the end of the batch, after the idempotency ledger
+        # has recorded each message as published, so a crash before that push would lose
+        # the rows (their republish would be taken for a duplicate).
+        with app.producer_or_acquire() as producer:
+            for row in rows:
+                try:
+                    _publish(app, row, producer=producer, due_queues=due_queues)
+                except KeyError as exc:
+                    _note_error(row, f"task {row.task_name!r} is not registered here: {exc}")
+                    continue
+                except OUTAGES as exc:
+                    _note_error(row, f"{type(exc).__name__}: {exc}")
+                    raise
+                except Exception as exc:
+                    # This row's own problem (arguments its task now refuses...): noted for
+                    # the admin and tried again next poll, without holding up the rows
+                    # behind it.
+                    logger.warning(
+                        "celery_guard: could not publish outbox row %s (%s[%s]): %r",
+                        row.pk,
+                        row.task_name,
+                        row.task_id,
+                        exc,
+                    )
+                    _note_error(row, f"{type(exc).__name__}: {exc}")
+                    continue
+                done.append(row.pk)
     finally:
         if done:
             OutboxMessage.objects.filter(pk__in=done).update(

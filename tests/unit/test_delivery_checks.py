@@ -11,6 +11,7 @@ from tests.support.checks import check_setting_values
     "bad",
     [
         {"CELERY_GUARD_OUTBOX": "yes"},
+        {"CELERY_GUARD_OUTBOX_FAST_PATH": 1},
         {"CELERY_GUARD_SCHEDULE": "memory"},
         {"CELERY_GUARD_DELIVERY_POLL_INTERVAL": 0},
         {"CELERY_GUARD_DELIVERY_BATCH": 0},
