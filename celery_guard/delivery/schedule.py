@@ -133,7 +133,7 @@ class DueQueues:
 
 def consumer_count(app: Any, queue: str) -> int:
     """How many consumers ``queue`` has on the AMQP broker (0 when it does not exist)."""
-    with app.connection_for_write() as connection:
+    with app.pool.acquire(block=True) as connection:
         channel = connection.channel()
         try:
             _, _, consumers = channel.queue_declare(queue=queue, passive=True)
