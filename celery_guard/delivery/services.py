@@ -284,6 +284,8 @@ def publish_claimed(app: Any, rows: Sequence[OutboxMessage]) -> int:
             published stay pending, with the error noted, for the next poll. Any other error
             is noted on its row, which stays pending, and the batch goes on.
     """
+    if not rows:
+        return 0
     done: list[int] = []
     due_queues = schedule.DueQueues(app) if schedule.is_amqp(app) else None
     try:
