@@ -6,6 +6,7 @@ import pytest
 from django.urls import reverse
 
 from celery_guard.models import BeatFire, BeatLease
+from tests.support.admin_rows import leader_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -15,14 +16,7 @@ T0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
 @pytest.fixture
 def rows():
     now = datetime.now(timezone.utc)
-    BeatLease.objects.create(
-        name="prod-eu",
-        holder="host-a:42:abc",
-        token=7,
-        acquired_at=now - timedelta(hours=1),
-        renewed_at=now,
-        expires_at=now + timedelta(seconds=30),
-    )
+    leader_lease()
     for i, status in enumerate(["fired", "missed", "skipped"]):
         BeatFire.objects.create(
             entry="nightly",

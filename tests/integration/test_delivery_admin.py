@@ -1,27 +1,17 @@
 """Admin: outbox rows with age and last error; the Redis schedule's next messages."""
 
-from datetime import timedelta
-
 import pytest
 from django.urls import reverse
-from django.utils import timezone
 
 from celery_guard.delivery.schedule import RedisSchedule
-from celery_guard.models import OutboxMessage
+from tests.support.admin_rows import outbox_row
 from tests.testapp.outbox_tasks import sched_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_changelist_shows_pending_rows_and_scheduled_messages(admin_client, redis_url):
-    now = timezone.now()
-    OutboxMessage.objects.create(
-        task_name="app.tasks.send_receipt",
-        task_id="t-pending",
-        created_at=now - timedelta(minutes=5),
-        due_at=now,
-        last_error="OperationalError: broker down",
-    )
+    outbox_row("t-pending", last_error="OperationalError: broker down")
     sched_job.apply_async(("admin-scheduled",), countdown=3600, task_id="t-scheduled")
     url = reverse("admin:celery_guard_outboxmessage_changelist")
     page = admin_client.get(url).content.decode()
