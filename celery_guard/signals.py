@@ -9,11 +9,11 @@ from django.dispatch import Signal
 #: ``reason``. Receiver errors are logged, never raised into the worker: the row is written.
 dead_lettered = Signal()
 
-#: A guarded beat became the leader of its lock name. Keyword arguments: ``lock_name``,
+#: A guarded beat became the leader of its lock name, with keyword arguments ``lock_name``,
 #: ``holder`` (``host:pid:uuid``) and ``token`` (the fencing token of the new term).
 lease_acquired = Signal()
 
-#: A guarded beat stopped being the leader: it was taken over, could not renew in time, or
-#: released the lease on shutdown. Keyword arguments: ``lock_name``, ``holder``, ``token``
-#: (of the term that ended) and ``reason`` (text).
+#: A guarded beat stopped being the leader (it was taken over, could not renew in time, or
+#: released the lease on shutdown), with keyword arguments ``lock_name``, ``holder``,
+#: ``token`` (of the term that ended) and ``reason`` (text).
 lease_lost = Signal()

@@ -192,7 +192,7 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
 
     @property
     def guard(self) -> RunContext:
-        """The running request's guard context: ``self.guard.fencing_token``, ``.atomic()``."""
+        """The running request's guard context (``self.guard.fencing_token``, ``.atomic()``)."""
         return context(self.request)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
