@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from django.db import IntegrityError, connections, router, transaction
 from django.utils import timezone
 
+from celery_guard.core import inserts
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,10 +55,6 @@ def _insert_new(task_id: str, task_name: str, retries: int, token: str, hostname
     """
     from celery_guard.failures.models import Delivery
 
-    alias = router.db_for_write(Delivery)
-    connection = connections[alias]
-    meta = Delivery._meta
-    quote = connection.ops.quote_name
     fields = (
         "task_id",
         "task_name",
@@ -68,18 +66,11 @@ def _insert_new(task_id: str, task_name: str, retries: int, token: str, hostname
         "hostname",
         "pid",
     )
-    column_of = {field.name: str(field.column) for field in meta.concrete_fields}
-    columns = [quote(column_of[name]) for name in fields]
-    started_at = connection.ops.adapt_datetimefield_value(timezone.now())
-    values = (task_id, task_name, retries, token, 0, False, started_at, hostname, os.getpid())
-    sql = (
-        f"INSERT INTO {quote(meta.db_table)} ({', '.join(columns)}) "
-        f"VALUES ({', '.join(['%s'] * len(columns))}) "
-        f"ON CONFLICT ({columns[0]}) DO NOTHING RETURNING {quote(column_of['id'])}"
+    values = (task_id, task_name, retries, token, 0, False, timezone.now(), hostname, os.getpid())
+    alias = router.db_for_write(Delivery)
+    return bool(
+        inserts.insert_new(Delivery, alias, fields, [values], unique="task_id", returning="id")
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, values)
-        return cursor.fetchone() is not None
 
 
 def begin(task_id: str, task_name: str, retries: int, hostname: str) -> Started:

@@ -7,11 +7,12 @@ applies the outcomes: publish or not, run the body or not. See ``docs/idempotenc
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,99 @@ def mark_skipped(request: Any) -> None:
     ctx.skipped = True
 
 
+@dataclass
+class _Batch:
+    """The keys a :func:`claimed_together` block claimed, and those published since."""
+
+    claimed: set[tuple[str, str]]
+    published: list[tuple[str, str]] = field(default_factory=list)
+
+    def holds(self, key: str, task_id: str) -> bool:
+        return (key, task_id) in self.claimed
+
+
+_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
+    "celery_guard_claim_batch", default=None
+)
+
+
+@contextlib.contextmanager
+def claimed_together(
+    task: Any, calls: Sequence[tuple[str, Identity | None]], delay: float = 0.0
+) -> Iterator[dict[str, ledger.Claim]]:
+    """Claim the keys of many calls of ``task`` in one ledger operation, then publish them.
+
+    For a publisher of many calls (a bulk run's chunk): one :meth:`Ledger.claim_many`
+    instead of a claim per call, and one :meth:`Ledger.confirm_many` at the end of the block
+    for the calls published in it. Inside the block, the publish of a call claimed here
+    (``task.apply_async(task_id=...)``, through :func:`publish_once`) skips its own claim; a
+    publish that raises gives its key back, and so does the end of the block for a claimed
+    call that was not published. A key twice in ``calls`` is claimed by its first call; the
+    later ones are duplicates of it (or conflicts, with other arguments).
+
+    Args:
+        task: The guarded task of every call.
+        calls: ``(task id, identity)`` of each call; calls without a key are left out.
+        delay: The calls' countdown, if any (see :func:`start_within`).
+
+    Yields:
+        The claim of each call with a key, by task id: :func:`note_claim` tells whether to
+        publish it (and logs the outcome).
+    """
+    store = ledger.get_ledger()
+    first: dict[str, tuple[str, Identity]] = {}
+    for task_id, identity in calls:
+        if identity is not None:
+            first.setdefault(identity.key, (task_id, identity))
+    news = [
+        ledger.NewClaim(identity.key, task_id, identity.fingerprint, identity.window)
+        for task_id, identity in first.values()
+    ]
+    decided = store.claim_many(news, task_name=task.name) if news else []
+    by_key = {new.key: claim for new, claim in zip(news, decided, strict=True)}
+    claims: dict[str, ledger.Claim] = {}
+    for task_id, identity in calls:
+        if identity is None:
+            continue
+        claim = by_key[identity.key]
+        if first[identity.key][0] != task_id:
+            # The same key again in this batch: held by its first call (claimed or not).
+            same = claim.fingerprint == identity.fingerprint
+            claim = ledger.Claim(
+                "duplicate" if same else "conflict", claim.task_id, claim.fingerprint
+            )
+        claims[task_id] = claim
+    batch = _Batch({(k, c.task_id) for k, c in by_key.items() if c.outcome == "claimed"})
+    token = _BATCH.set(batch)
+    try:
+        yield claims
+    finally:
+        _BATCH.reset(token)
+        done = set(batch.published)
+        for key, task_id in batch.claimed - done:
+            _quietly(store.unclaim, key, task_id)
+        if batch.published:
+            within = start_within(task, delay)
+            try:
+                store.confirm_many(batch.published, within)
+            except Exception:
+                logger.warning(
+                    "celery_guard: %d publish(es) of %s out, but their claims could not be "
+                    "confirmed; after the publish grace another enqueue may publish those "
+                    "keys again",
+                    len(batch.published),
+                    task.name,
+                    exc_info=True,
+                )
+
+
+def _quietly(action: Callable[..., Any], *args: Any) -> None:
+    try:
+        action(*args)
+    except Exception:
+        logger.warning("celery_guard: %s%r failed", getattr(action, "__name__", action), args)
+
+
 def publish_once(
     task: Any,
     identity: Identity | None,
@@ -180,6 +274,12 @@ def publish_once(
             store.yield_lease(identity.key, owner=ctx.owner, token=ctx.fencing_token)
             logger.info("celery_guard: %s gives key %r back for its retry", task_id, ctx.key)
         return _deduplicated(publish(), False)
+    batch = _BATCH.get()
+    if batch is not None and batch.holds(identity.key, task_id):
+        # Claimed with the other calls of a batch (claimed_together): publish, confirmed there.
+        result = _publish_claimed(store, task, identity.key, task_id, publish)
+        batch.published.append((identity.key, task_id))
+        return _deduplicated(result, False)
     claim = store.claim(
         identity.key,
         task_name=task.name,
@@ -187,6 +287,34 @@ def publish_once(
         fingerprint=identity.fingerprint,
         window=identity.window,
     )
+    if not note_claim(task, identity, task_id, claim):
+        return _deduplicated(task.AsyncResult(claim.task_id), True)
+    result = _publish_claimed(store, task, identity.key, task_id, publish)
+    _confirm(store, task, identity.key, task_id, start_within(task, delay))
+    return _deduplicated(result, False)
+
+
+def _publish_claimed(
+    store: ledger.Ledger, task: Any, key: str, task_id: str, publish: Callable[[], Any]
+) -> Any:
+    """Publish a call whose key it claimed; a publish that raises gives the claim back."""
+    try:
+        return publish()
+    except BaseException:
+        store.unclaim(key, task_id)
+        logger.warning(
+            "celery_guard: publish of %s[%s] failed; key %r released", task.name, task_id, key
+        )
+        raise
+
+
+def note_claim(task: Any, identity: Identity, task_id: str, claim: ledger.Claim) -> bool:
+    """Log (and emit) the outcome of an enqueue claim; True when the call may publish.
+
+    Raises:
+        IdempotencyConflict: Other arguments hold the key and the call's ``on_conflict``
+            is ``raise``.
+    """
     if claim.outcome == "conflict" and identity.on_conflict == "raise":
         logger.warning(
             "celery_guard: refused %s: key %r is held by %s with other arguments",
@@ -219,7 +347,7 @@ def publish_once(
             claim.task_id,
             claim.outcome,
         )
-        return _deduplicated(task.AsyncResult(claim.task_id), True)
+        return False
     if claim.never_started:
         logger.warning(
             "celery_guard: %s[%s] took key %r over from %s, which was published but never "
@@ -242,19 +370,7 @@ def publish_once(
         )
     else:
         logger.info("celery_guard: %s[%s] claimed key %r", task.name, task_id, identity.key)
-    try:
-        result = publish()
-    except BaseException:
-        store.unclaim(identity.key, task_id)
-        logger.warning(
-            "celery_guard: publish of %s[%s] failed; key %r released",
-            task.name,
-            task_id,
-            identity.key,
-        )
-        raise
-    _confirm(store, task, identity.key, task_id, start_within(task, delay))
-    return _deduplicated(result, False)
+    return True
 
 
 def _deduplicated(result: Any, duplicate: bool) -> Any:

@@ -25,10 +25,13 @@ from django.utils import timezone
 
 from celery_guard.conf import guard_settings
 from celery_guard.core import headers, pipeline
+from celery_guard.dlq.models import DeadLetter
 from celery_guard.exceptions import GuardError, IdempotencyConflict, RunItemError
-from celery_guard.idempotency import keys
+from celery_guard.failures import handler
+from celery_guard.idempotency import dedup, keys, ledger
+from celery_guard.runs import reconcile as reconcile_
 from celery_guard.runs import services
-from celery_guard.runs.models import BulkRun, BulkRunItem, ItemStatus
+from celery_guard.runs.models import OPEN_ITEM_STATUSES, BulkRun, BulkRunItem, ItemStatus
 
 logger = logging.getLogger(__name__)
 
@@ -177,35 +180,62 @@ def publish_items(run: BulkRun) -> int:
 
 
 def _publish_chunk(task: Any, run: BulkRun, chunk: list[Any], producer: Any) -> int:
+    """Publish one chunk of items: their keys claimed together, then one message each.
+
+    The keys are claimed with one ledger operation for the chunk (``dedup.claimed_together``)
+    and confirmed with one more, instead of two round trips per item. An item whose key is
+    held by another call is ``skipped`` (same arguments, or ``idempotency_conflict="ignore"``)
+    or ``failed`` (other arguments: ``IdempotencyConflict``), and not published.
+    """
+    calls = [
+        (pk, seq, kwargs, task_id, keys.identify(task, None, kwargs, _per_call(task, run, seq)))
+        for pk, seq, kwargs, task_id in chunk
+    ]
     published: list[int] = []
     skipped: list[int] = []
-    for pk, seq, kwargs, task_id in chunk:
-        header = {headers.HEADER: {headers.RUN: {"run": run.pk, "item": pk}}}
-        try:
-            result = task.apply_async(
-                kwargs=kwargs,
-                task_id=task_id,
-                headers=header,
-                guard=_per_call(task, run, seq),
-                producer=producer,
-            )
-        except IdempotencyConflict as exc:
-            services.finish_item(
-                run.pk,
-                pk,
-                ItemStatus.FAILED,
-                error_class=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                error_message=str(exc),
-            )
-            continue
-        if result.id != task_id:
-            # Deduplicated at the publish: the task's own key is held by another call.
-            skipped.append(pk)
-        published.append(pk)
+    conflicts: list[tuple[int, IdempotencyConflict]] = []
+    with dedup.claimed_together(
+        task, [(task_id, identity) for *_, task_id, identity in calls]
+    ) as claims:
+        for pk, seq, kwargs, task_id, identity in calls:
+            claim = claims.get(task_id)
+            try:
+                publish = (
+                    claim is None
+                    or identity is None
+                    or dedup.note_claim(task, identity, task_id, claim)
+                )
+            except IdempotencyConflict as refused:
+                conflicts.append((pk, refused))
+                continue
+            if publish:
+                header = {headers.HEADER: {headers.RUN: {"run": run.pk, "item": pk}}}
+                task.apply_async(
+                    kwargs=kwargs,
+                    task_id=task_id,
+                    headers=header,
+                    guard=_per_call(task, run, seq),
+                    producer=producer,
+                )
+            else:
+                skipped.append(pk)
+            published.append(pk)
     services.mark_published(run.pk, published)
+    finished = False
+    for pk, exc in conflicts:
+        _, last = services.finish_item(
+            run.pk,
+            pk,
+            ItemStatus.FAILED,
+            error_class=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_message=str(exc),
+        )
+        finished = finished or last
     if skipped and services.finish_items(
         run.pk, skipped, ItemStatus.SKIPPED, "deduplicated: the idempotency key is held"
     ):
+        finished = True
+    if finished:
         complete_quietly(run.pk)
     return len(published) - len(skipped)
 
@@ -298,8 +328,13 @@ def retry_failed(run: BulkRun, *, initiator: Any = None) -> BulkRun:
 
 
 def sweep() -> dict[str, int]:
-    """Publish what a dead process left unpublished: items of runs whose publisher stopped,
-    and completions claimed but never recorded as published. Returns the counts."""
+    """Publish what a dead process left unpublished, and settle items whose message is gone.
+
+    Items of runs whose publisher stopped are published; completions claimed but never
+    recorded as published are published; open items whose message is gone are given their
+    outcome or published again (:func:`reconcile`). Returns the counts: ``items`` published
+    (lost ones again included) and ``completions``.
+    """
     cutoff = timezone.now() - dt.timedelta(seconds=guard_settings.runs_sweep_grace)
     items = completions = 0
     stalled = BulkRun.objects.filter(published=False, publish_heartbeat__lt=cutoff)
@@ -307,6 +342,7 @@ def sweep() -> dict[str, int]:
         if services.claim_publishing(pk, heartbeat):
             logger.warning("celery_guard: sweep publishes the rest of run %s", pk)
             items += publish_items(BulkRun.objects.get(pk=pk))
+    items += reconcile()["republished"]
     unconfirmed = BulkRun.objects.filter(
         finished_at__isnull=False,
         completion_published_at=None,
@@ -318,3 +354,119 @@ def sweep() -> dict[str, int]:
             complete_quietly(pk)
             completions += 1
     return {"items": items, "completions": completions}
+
+
+#: Open items the sweep examines per run and sweep (in chunks of :data:`CHUNK`).
+RECONCILE_LIMIT = 5000
+#: Error class of an item whose message was lost too often (``reconcile``).
+MESSAGE_LOST = "celery_guard.runs.MessageLost"
+
+
+def reconcile() -> dict[str, int]:
+    """Settle the open items of published runs whose message is gone.
+
+    The ledger record of each item's key tells whether a message may still come
+    (:func:`celery_guard.runs.reconcile.verdict`). An item whose key succeeded is recorded
+    ``succeeded`` (``skipped`` when another call's), one whose message was dead-lettered
+    without its outcome recorded is ``failed`` with its dead letter, and one whose message
+    is lost is published again, same task id and key (at most once per attempt: past the
+    task's ``max_attempts`` plus ``CELERY_GUARD_MAX_WORKER_LOST`` deliveries it is
+    ``failed`` as :data:`MESSAGE_LOST`), so no run stays ``running`` for ever.
+
+    Returns:
+        ``{"republished", "succeeded", "skipped", "failed"}`` counts.
+    """
+    counts = dict.fromkeys(("republished", "succeeded", "skipped", "failed"), 0)
+    now = timezone.now()
+    grace = dt.timedelta(seconds=guard_settings.runs_sweep_grace)
+    runs = BulkRun.objects.filter(
+        finished_at=None, published=True, publish_heartbeat__lt=now - grace
+    )
+    for run in runs.iterator():
+        task = _app().tasks.get(run.task_name)
+        if task is None or not pipeline.is_guarded(task):
+            continue
+        for name, count in _reconcile_run(task, run, now).items():
+            counts[name] += count
+    if any(counts.values()):
+        logger.warning("celery_guard: sweep settled items whose message was gone: %s", counts)
+    return counts
+
+
+def _reconcile_run(task: Any, run: BulkRun, now: dt.datetime) -> dict[str, int]:
+    policy = handler.policy_for(task)
+    stale = dedup.start_within(task, 0.0) + guard_settings.runs_sweep_grace
+    recent = now - dt.timedelta(seconds=stale)
+    progressing = BulkRunItem.objects.filter(run_id=run.pk, finished_at__gte=recent).exists()
+    bounds = reconcile_.Bounds(now, stale, policy.backoff.longest(), progressing)
+    # A moving run's pending items wait their turn: only its running ones can be stuck.
+    statuses = [ItemStatus.RUNNING] if progressing else list(OPEN_ITEM_STATUSES)
+    rows = list(
+        BulkRunItem.objects.filter(run_id=run.pk, published=True, status__in=statuses)
+        .exclude(key="")
+        .order_by("seq")
+        .values_list("pk", "seq", "kwargs", "task_id", "key", "attempts")[:RECONCILE_LIMIT]
+    )
+    counts = dict.fromkeys(("republished", "succeeded", "skipped", "failed"), 0)
+    store = ledger.get_ledger()
+    cap = policy.max_attempts + guard_settings.max_worker_lost
+    for start in range(0, len(rows), CHUNK):
+        chunk = rows[start : start + CHUNK]
+        records = store.get_many([row[4] for row in chunk])
+        lost = []
+        for pk, seq, kwargs, task_id, key, attempts in chunk:
+            decided = reconcile_.verdict(task_id, records.get(key), bounds)
+            if decided in (reconcile_.SUCCEEDED, reconcile_.SKIPPED):
+                status = ItemStatus(decided)
+                note = "" if decided == reconcile_.SUCCEEDED else "deduplicated: the key succeeded"
+                counts[decided] += _settle(run.pk, pk, status, error_message=note)
+            elif decided in (reconcile_.LOST, reconcile_.FAILING):
+                lost.append((pk, seq, kwargs, task_id, attempts, decided))
+        letters = dict(
+            DeadLetter.objects.filter(task_id__in=[row[3] for row in lost])
+            .order_by("id")
+            .values_list("task_id", "pk")
+        )
+        again = []
+        for pk, seq, kwargs, task_id, attempts, decided in lost:
+            if task_id in letters:
+                counts["failed"] += _settle(
+                    run.pk,
+                    pk,
+                    ItemStatus.FAILED,
+                    error_class=DeadLetter.objects.get(pk=letters[task_id]).exception_class,
+                    error_message="dead-lettered; its outcome was recorded by the sweep",
+                    dead_letter_id=letters[task_id],
+                )
+            elif decided == reconcile_.FAILING:
+                continue  # its retry may still come
+            elif attempts >= cap:
+                counts["failed"] += _settle(
+                    run.pk,
+                    pk,
+                    ItemStatus.FAILED,
+                    error_class=MESSAGE_LOST,
+                    error_message=(
+                        f"its message was lost after {attempts} deliveries (its worker died, "
+                        "and no redelivery came); retry failed items to run it again"
+                    ),
+                )
+            else:
+                again.append((pk, seq, kwargs, task_id))
+        if again:
+            logger.warning(
+                "celery_guard: sweep publishes %d item(s) of run %s again: their message is gone",
+                len(again),
+                run.pk,
+            )
+            with _app().producer_or_acquire() as producer:
+                counts["republished"] += _publish_chunk(task, run, again, producer)
+    return counts
+
+
+def _settle(run_id: int, item_id: int, status: ItemStatus, **outcome: Any) -> int:
+    """Record an item's outcome for the sweep; publish the completion if it was the last."""
+    moved, finished = services.finish_item(run_id, item_id, status, **outcome)
+    if finished:
+        complete_quietly(run_id)
+    return int(moved)

@@ -303,3 +303,38 @@ def test_a_confirmed_claim_waits_the_start_grace_by_default(idem_store, settings
     idem_store.confirm("t:k", "t1")
     time.sleep(0.2)
     assert claim(idem_store, task_id="t2").never_started is True
+
+
+def test_claim_many_decides_each_key_like_claim_and_confirm_many_confirms_the_pairs(idem_store):
+    claim(idem_store, key="t:same")
+    claim(idem_store, key="t:other", fp=OTHER_FP)
+    claim(idem_store, key="t:dead", task_id="t0", grace=0.1)
+    time.sleep(0.2)
+    news = [
+        ledger.NewClaim(key, f"n{i}", FP, 60.0)
+        for i, key in enumerate(["t:a", "t:same", "t:other", "t:dead", "t:b"])
+    ]
+    assert idem_store.claim_many(news, task_name="t", grace=30) == [
+        ledger.Claim("claimed", "n0", FP),
+        ledger.Claim("duplicate", "t1", FP),
+        ledger.Claim("conflict", "t1", OTHER_FP),
+        ledger.Claim("claimed", "n3", FP, abandoned="t0"),
+        ledger.Claim("claimed", "n4", FP),
+    ]
+    new = idem_store.get("t:a")
+    assert (new["state"], new["task_id"], new["owner"], new["task_name"]) == (
+        "pending",
+        "n0",
+        "",
+        "t",
+    )
+    assert new["lease_expires_at"] is not None  # provisional until confirmed
+    # Only the batch's own pairs change: not a key held by another task.
+    pairs = [("t:a", "n0"), ("t:same", "n1"), ("t:dead", "n3"), ("t:b", "n4")]
+    assert idem_store.confirm_many(pairs, 30) == 3
+    for key in ("t:a", "t:dead", "t:b"):
+        record = idem_store.get(key)
+        assert (record["lease_expires_at"], record["start_by"] is not None) == (None, True)
+    assert idem_store.get("t:same")["task_id"] == "t1"
+    assert idem_store.claim_many([], task_name="t") == []
+    assert idem_store.confirm_many([]) == 0

@@ -1,16 +1,22 @@
 """Bulk runs without workers: validation before anything is written, sweep, cancel, purge."""
 
 import datetime as dt
+import time
 
 import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
 from celery_guard import RunItemError, start_run
-from celery_guard.models import BulkRun, BulkRunItem
+from celery_guard.idempotency import dedup
+from celery_guard.idempotency.ledger import DatabaseLedger
+from celery_guard.models import BulkRun, BulkRunItem, DeadLetter
 from celery_guard.runs import cancel, launch, services
 from tests.support.harness import queue_length
+from tests.testapp.idem_tasks import idem_notify
 from tests.testapp.run_tasks import run_complete, run_item
+
+CLAIM = DatabaseLedger.claim
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("empty_queues")]
 
@@ -47,6 +53,39 @@ def test_items_are_published_once_each_in_chunks(redis_url, queues, monkeypatch)
     assert len(keys) == 250
 
 
+def test_keys_are_claimed_per_chunk_and_held_keys_skip_or_fail_their_items(
+    redis_url, queues, monkeypatch
+):
+    held = idem_notify.apply_async(kwargs={"employee_id": 1, "event_version": "7"})
+    single = []
+    monkeypatch.setattr(
+        DatabaseLedger,
+        "claim",
+        lambda self, key, **kw: single.append(key) or CLAIM(self, key, **kw),
+    )
+    items = [
+        {"employee_id": 1, "event_version": "7"},  # held by the call above: skipped
+        {"employee_id": 2, "event_version": "7"},
+        {"employee_id": 2, "event_version": "7"},  # the same call again in the run: skipped
+        {"employee_id": 3, "event_version": "7"},
+        {"employee_id": 3, "event_version": "7", "note": "other"},  # other arguments: failed
+    ]
+    run = start_run(idem_notify, items)
+    # One bulk claim for the chunk; only the key that existed took the one-by-one path.
+    assert single == ["tests.testapp.idem_tasks.idem_notify:notify:1:7"]
+    run.refresh_from_db()
+    assert (run.total, run.skipped, run.failed, run.pending) == (5, 2, 1, 2)
+    rows = BulkRunItem.objects.filter(run=run).order_by("seq")
+    assert [row.status for row in rows] == ["skipped", "pending", "skipped", "pending", "failed"]
+    assert rows[4].error_class == "celery_guard.exceptions.IdempotencyConflict"
+    assert queue_length(redis_url, queues["high"]) == 3  # the held call and two items
+    for row in (rows[1], rows[3]):
+        record = DatabaseLedger().get(row.key)
+        assert (record["task_id"], record["lease_expires_at"]) == (row.task_id, None)
+        assert record["start_by"] is not None  # confirmed
+    assert DatabaseLedger().get(rows[0].key)["task_id"] == held.id
+
+
 def test_the_sweep_publishes_items_a_dead_publisher_left(redis_url, queues, monkeypatch, settings):
     # The process dies after the commit, before publishing anything.
     monkeypatch.setattr(launch, "publish_items", lambda run: 0)
@@ -60,6 +99,65 @@ def test_the_sweep_publishes_items_a_dead_publisher_left(redis_url, queues, monk
     assert launch.sweep()["items"] == 0
     run.refresh_from_db()
     assert run.published
+
+
+def test_the_sweep_settles_items_whose_message_is_gone(redis_url, queues, monkeypatch, settings):
+    run = start_run(run_item, [{"n": n} for n in range(5)], on_complete=run_complete.si("r"))
+    items = list(BulkRunItem.objects.filter(run=run).order_by("seq"))
+    store = DatabaseLedger()
+
+    def worker_took(item, lease=60.0):
+        services.start_item(run.pk, item.pk, mark_run=True)
+        return store.start(
+            item.key,
+            task_name=run_item.name,
+            task_id=item.task_id,
+            fingerprint="f",
+            window=60,
+            owner=f"w{item.seq}",
+            lease=lease,
+        )
+
+    # 0: committed its effect, then its worker was SIGKILLed before recording it.
+    started = worker_took(items[0])
+    store.finish(items[0].key, owner="w0", token=started.fencing_token, state="succeeded")
+    # 1: its worker was SIGKILLed mid-run and the message was lost (no redelivery came).
+    worker_took(items[1], lease=0.01)
+    # 2: published, never started: the message was lost on the way.
+    # 3: dead-lettered, and the outcome could not be written.
+    started = worker_took(items[3])
+    store.finish(items[3].key, owner="w3", token=started.fencing_token, state="failed")
+    letter = DeadLetter.objects.create(
+        task_name=run_item.name, task_id=items[3].task_id, reason="exhausted", exception_class="E"
+    )
+    # 4: running now, under a live lease.
+    worker_took(items[4])
+    assert launch.reconcile() == dict.fromkeys(("republished", "succeeded", "skipped", "failed"), 0)
+    # Past the time a message may take to come back (visibility, start grace, sweep grace).
+    settings.CELERY_GUARD_RUNS_SWEEP_GRACE = 0
+    monkeypatch.setattr(dedup, "start_within", lambda task, delay: 0.0)
+    time.sleep(0.05)
+    assert launch.reconcile() == {"republished": 2, "succeeded": 1, "skipped": 0, "failed": 1}
+    statuses = dict(BulkRunItem.objects.filter(run=run).values_list("seq", "status"))
+    assert statuses == {0: "succeeded", 1: "running", 2: "pending", 3: "failed", 4: "running"}
+    assert BulkRunItem.objects.get(pk=items[3].pk).dead_letter_id == letter.pk
+    assert queue_length(redis_url, queues["high"]) == 5 + 2  # 1 and 2 published again
+    # A message lost again and again: past max_attempts + MAX_WORKER_LOST the item fails.
+    BulkRunItem.objects.filter(pk=items[1].pk).update(attempts=100)
+    assert launch.sweep() == {"items": 1, "completions": 0}  # 2, once more (still not started)
+    failed = BulkRunItem.objects.get(pk=items[1].pk)
+    assert (failed.status, failed.error_class) == ("failed", launch.MESSAGE_LOST)
+    # The last two end: the run is final and its completion published once.
+    for item in (items[2], items[4]):
+        services.start_item(run.pk, item.pk, mark_run=False)
+        services.finish_item(run.pk, item.pk, BulkRunItem.Status.SUCCEEDED)
+    run.refresh_from_db()
+    assert (run.status, run.succeeded, run.failed, run.pending) == (
+        "completed_with_errors",
+        3,
+        2,
+        0,
+    )
 
 
 def test_cancel_cancels_pending_items_ends_the_run_and_publishes_the_completion(redis_url, queues):

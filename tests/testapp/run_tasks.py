@@ -1,5 +1,7 @@
 """Tasks of the bulk-run tests (``run_`` prefix); imported by tests.testapp.tasks."""
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -20,15 +22,7 @@ def run_item(self, n: int, fail: str = "", fixed: str = "", sleep_ms: int = 0) -
         raise PermanentError(f"employee {n} has no gateway address")
     if fail == "transient" and self.request.retries == 0:
         raise TransientError(f"gateway timeout for employee {n}")
-    with self.guard.atomic():
-        Execution.objects.create(
-            task=self.name,
-            label=f"run-item:{n}",
-            queue="",
-            hostname=self.request.hostname or "",
-            started_at=time.time(),
-            finished_at=time.time(),
-        )
+    _effect(self, f"run-item:{n}")
 
 
 @guarded_task(bind=True, priority="high")
@@ -55,3 +49,26 @@ def run_complete(self, label: str) -> None:
         started_at=time.time(),
         finished_at=time.time(),
     )
+
+
+@guarded_task(bind=True, priority="high")
+def run_kill_once(self, n: int, marker: str) -> None:
+    """Item 0 SIGKILLs its whole worker the first time it runs; then every item succeeds."""
+    path = Path(marker)
+    if n == 0 and not path.exists():
+        path.write_text(str(os.getpid()))
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    _effect(self, f"kill-item:{n}")
+
+
+def _effect(task, label: str) -> None:
+    """The item's one effect, committed with its key (``self.guard.atomic()``)."""
+    with task.guard.atomic():
+        Execution.objects.create(
+            task=task.name,
+            label=label,
+            queue="",
+            hostname=task.request.hostname or "",
+            started_at=time.time(),
+            finished_at=time.time(),
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from celery_guard.conf import guard_settings
-from celery_guard.idempotency.ledger.base import Claim, Ledger, Start
+from celery_guard.idempotency.ledger.base import Claim, Ledger, NewClaim, Start
 from celery_guard.idempotency.ledger.database import DatabaseLedger
 from celery_guard.idempotency.ledger.redis import RedisLedger
 
@@ -14,6 +14,7 @@ __all__ = [
     "Claim",
     "DatabaseLedger",
     "Ledger",
+    "NewClaim",
     "RedisLedger",
     "Start",
     "get_ledger",

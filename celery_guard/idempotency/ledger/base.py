@@ -26,6 +26,7 @@ message blocks a resubmission for a bounded time, not for the whole window.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,23 @@ class Claim:
     fingerprint: str
     abandoned: str = ""
     never_started: bool = False
+
+
+@dataclass(frozen=True)
+class NewClaim:
+    """One key of :meth:`Ledger.claim_many`: the call that claims it.
+
+    Attributes:
+        key: The idempotency key (distinct within one ``claim_many``).
+        task_id: The task id of the call's message.
+        fingerprint: The fingerprint of the call's arguments.
+        window: The dedup window, in seconds.
+    """
+
+    key: str
+    task_id: str
+    fingerprint: str
+    window: float
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,33 @@ class Ledger(abc.ABC):
         taken over, or a worker already started the task (its state stands).
         """
 
+    def claim_many(
+        self, claims: Sequence[NewClaim], *, task_name: str, grace: float | None = None
+    ) -> list[Claim]:
+        """Claim many keys of ``task_name`` at once: :meth:`claim` of each, in order.
+
+        For a publisher of many calls (a bulk run): a backend overrides it with one round
+        trip (or one statement) per call of it instead of one per key. The keys must be
+        distinct; each answer is what :meth:`claim` of that key would have answered.
+        """
+        return [
+            self.claim(
+                c.key,
+                task_name=task_name,
+                task_id=c.task_id,
+                fingerprint=c.fingerprint,
+                window=c.window,
+                grace=grace,
+            )
+            for c in claims
+        ]
+
+    def confirm_many(
+        self, published: Sequence[tuple[str, str]], start_within: float | None = None
+    ) -> int:
+        """:meth:`confirm` of many ``(key, task_id)`` claims at once; return how many changed."""
+        return sum(self.confirm(key, task_id, start_within) for key, task_id in published)
+
     @abc.abstractmethod
     def unclaim(self, key: str, task_id: str) -> bool:
         """Release a ``pending`` claim of ``task_id`` whose publish failed."""
@@ -160,6 +205,11 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def get(self, key: str) -> dict[str, Any] | None:
         """Return the record of ``key`` as a dict, or ``None``."""
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The records of those ``keys`` that exist, by key (:meth:`get` of each, at once)."""
+        records = {key: self.get(key) for key in keys}
+        return {key: record for key, record in records.items() if record is not None}
 
     @abc.abstractmethod
     def purge(self, retention: float) -> int:

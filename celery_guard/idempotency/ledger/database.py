@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 from django.db import IntegrityError, router, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
-from celery_guard.idempotency.ledger.base import Claim, Ledger, Start, publish_grace, start_bound
+from celery_guard.core import inserts
+from celery_guard.idempotency.ledger.base import (
+    Claim,
+    Ledger,
+    NewClaim,
+    Start,
+    publish_grace,
+    start_bound,
+)
 from celery_guard.idempotency.models import KeyState
+
+#: Rows per statement of the bulk claim and confirm (parameters stay far below the limits
+#: of PostgreSQL and SQLite).
+BULK = 500
+#: The columns the bulk claim inserts.
+_INSERTED = (
+    "key",
+    "task_name",
+    "task_id",
+    "fingerprint",
+    "state",
+    "fencing_token",
+    "owner",
+    "lease_expires_at",
+    "created_at",
+    "updated_at",
+    "expires_at",
+)
 
 
 def _unconfirmed() -> Q:
@@ -117,12 +144,72 @@ class DatabaseLedger(Ledger):
             return Claim(outcome, row["task_id"], row["fingerprint"])
         raise RuntimeError(f"idempotency key {key!r} kept changing during the claim")
 
+    def claim_many(
+        self, claims: Sequence[NewClaim], *, task_name: str, grace: float | None = None
+    ) -> list[Claim]:
+        """See :meth:`Ledger.claim_many`.
+
+        One ``INSERT ... ON CONFLICT (key) DO NOTHING RETURNING key`` per :data:`BULK` keys
+        (PostgreSQL, SQLite >= 3.35): a new key, the usual case of a bulk run, is claimed by
+        that insert. A key that exists already takes :meth:`claim`'s own path.
+        """
+        grace = publish_grace(grace)
+        inserted: set[str] = set()
+        for start in range(0, len(claims), BULK):
+            inserted |= self._insert_new(claims[start : start + BULK], task_name, grace)
+        existing = [c for c in claims if c.key not in inserted]
+        decided = dict(
+            zip(
+                (c.key for c in existing),
+                super().claim_many(existing, task_name=task_name, grace=grace),
+                strict=True,
+            )
+        )
+        return [decided.get(c.key) or Claim("claimed", c.task_id, c.fingerprint) for c in claims]
+
+    def _insert_new(self, claims: Sequence[NewClaim], task_name: str, grace: float) -> set[str]:
+        """Insert the claims of keys that have no record; return the keys inserted."""
+        now = timezone.now()
+        deadline = now + dt.timedelta(seconds=grace)
+        pending = KeyState.PENDING.value
+        rows = [
+            (c.key, task_name, c.task_id, c.fingerprint, pending, 0, "", deadline, now, now, end)
+            for c in claims
+            for end in [now + dt.timedelta(seconds=c.window)]
+        ]
+        keys = inserts.insert_new(
+            self._model(), self.using(), _INSERTED, rows, unique="key", returning="key"
+        )
+        return {str(key) for key in keys}
+
     def confirm(self, key: str, task_id: str, start_within: float | None = None) -> bool:
         """See :meth:`Ledger.confirm`."""
         now = timezone.now()
         start_by = now + dt.timedelta(seconds=start_bound(start_within))
         rows = self._rows().filter(_unconfirmed(), key=key, task_id=task_id)
         return bool(rows.update(lease_expires_at=None, start_by=start_by, updated_at=now))
+
+    def confirm_many(
+        self, published: Sequence[tuple[str, str]], start_within: float | None = None
+    ) -> int:
+        """See :meth:`Ledger.confirm_many`: one ``UPDATE`` per :data:`BULK` claims.
+
+        A row matches when its key and its task id are both among the batch's: a key is
+        claimed by one call of the batch and a task id claims one key, so that is the row of
+        the pair itself.
+        """
+        now = timezone.now()
+        start_by = now + dt.timedelta(seconds=start_bound(start_within))
+        changed = 0
+        for start in range(0, len(published), BULK):
+            chunk = published[start : start + BULK]
+            rows = self._rows().filter(
+                _unconfirmed(),
+                key__in=[key for key, _ in chunk],
+                task_id__in=[task_id for _, task_id in chunk],
+            )
+            changed += rows.update(lease_expires_at=None, start_by=start_by, updated_at=now)
+        return changed
 
     def unclaim(self, key: str, task_id: str) -> bool:
         """See :meth:`Ledger.unclaim`."""
@@ -260,6 +347,14 @@ class DatabaseLedger(Ledger):
         """See :meth:`Ledger.get`."""
         row: dict[str, Any] | None = self._rows().filter(key=key).values().first()
         return row
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """See :meth:`Ledger.get_many`: one query per :data:`BULK` keys."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), BULK):
+            for row in self._rows().filter(key__in=keys[start : start + BULK]).values():
+                found[row["key"]] = row
+        return found
 
     def purge(self, retention: float) -> int:
         """See :meth:`Ledger.purge`."""

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from celery_guard.conf import guard_settings
-from celery_guard.idempotency.ledger.base import Claim, Ledger, Start, publish_grace, start_bound
+from celery_guard.idempotency.ledger.base import (
+    Claim,
+    Ledger,
+    NewClaim,
+    Start,
+    publish_grace,
+    start_bound,
+)
 from celery_guard.idempotency.models import KeyState
 
 # Shared by the scripts: the server's clock (one clock for every producer and worker), and
@@ -175,15 +183,33 @@ class RedisLedger(Ledger):
     ) -> Claim:
         """See :meth:`Ledger.claim`."""
         args = [task_name, task_id, fingerprint, window, self._retention(), publish_grace(grace)]
-        outcome, holder, fp, abandoned, unstarted = self._claim(keys=[self._key(key)], args=args)
-        return Claim(
-            outcome.decode(), holder.decode(), fp.decode(), abandoned.decode(), bool(unstarted)
-        )
+        return _claim_of(self._claim(keys=[self._key(key)], args=args))
+
+    def claim_many(
+        self, claims: Sequence[NewClaim], *, task_name: str, grace: float | None = None
+    ) -> list[Claim]:
+        """See :meth:`Ledger.claim_many`: the claim script of every key, one pipeline."""
+        retention, grace = self._retention(), publish_grace(grace)
+        pipe = self.client.pipeline(transaction=False)
+        for c in claims:
+            args = [task_name, c.task_id, c.fingerprint, c.window, retention, grace]
+            self._claim(keys=[self._key(c.key)], args=args, client=pipe)
+        return [_claim_of(reply) for reply in pipe.execute()]
 
     def confirm(self, key: str, task_id: str, start_within: float | None = None) -> bool:
         """See :meth:`Ledger.confirm`."""
         args = [task_id, start_bound(start_within)]
         return bool(self._confirm(keys=[self._key(key)], args=args))
+
+    def confirm_many(
+        self, published: Sequence[tuple[str, str]], start_within: float | None = None
+    ) -> int:
+        """See :meth:`Ledger.confirm_many`: the confirm script of every key, one pipeline."""
+        within = start_bound(start_within)
+        pipe = self.client.pipeline(transaction=False)
+        for key, task_id in published:
+            self._confirm(keys=[self._key(key)], args=[task_id, within], client=pipe)
+        return sum(bool(reply) for reply in pipe.execute())
 
     def unclaim(self, key: str, task_id: str) -> bool:
         """See :meth:`Ledger.unclaim`."""
@@ -231,28 +257,47 @@ class RedisLedger(Ledger):
 
     def get(self, key: str) -> dict[str, Any] | None:
         """See :meth:`Ledger.get`."""
-        raw = self.client.hgetall(self._key(key))
-        if not raw:
-            return None
-        row = {k.decode(): v.decode() for k, v in raw.items()}
-        return {
-            "key": key,
-            "state": row["state"],
-            "task_name": row.get("task_name", ""),
-            "task_id": row.get("task_id", ""),
-            "fingerprint": row.get("fp", ""),
-            "fencing_token": int(row.get("token", 0)),
-            "owner": row.get("owner", ""),
-            "lease_expires_at": _stamp(row.get("lease_until")),
-            "start_by": _stamp(row.get("start_by")),
-            "created_at": _stamp(row.get("created_at")),
-            "updated_at": _stamp(row.get("updated_at")),
-            "expires_at": _stamp(row.get("expires_at")),
-        }
+        return _record_of(key, self.client.hgetall(self._key(key)))
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """See :meth:`Ledger.get_many`: one pipeline."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(self._key(key))
+        records = {key: _record_of(key, raw) for key, raw in zip(keys, pipe.execute(), strict=True)}
+        return {key: record for key, record in records.items() if record is not None}
 
     def purge(self, retention: float) -> int:
         """See :meth:`Ledger.purge` (Redis expires the records itself)."""
         return 0
+
+
+def _record_of(key: str, raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+    """A record as :meth:`Ledger.get` returns it, from the hash of ``key`` (or None)."""
+    if not raw:
+        return None
+    row = {k.decode(): v.decode() for k, v in raw.items()}
+    return {
+        "key": key,
+        "state": row["state"],
+        "task_name": row.get("task_name", ""),
+        "task_id": row.get("task_id", ""),
+        "fingerprint": row.get("fp", ""),
+        "fencing_token": int(row.get("token", 0)),
+        "owner": row.get("owner", ""),
+        "lease_expires_at": _stamp(row.get("lease_until")),
+        "start_by": _stamp(row.get("start_by")),
+        "created_at": _stamp(row.get("created_at")),
+        "updated_at": _stamp(row.get("updated_at")),
+        "expires_at": _stamp(row.get("expires_at")),
+    }
+
+
+def _claim_of(reply: Sequence[bytes]) -> Claim:
+    outcome, holder, fp, abandoned, unstarted = reply
+    return Claim(
+        outcome.decode(), holder.decode(), fp.decode(), abandoned.decode(), bool(unstarted)
+    )
 
 
 def _stamp(value: str | None) -> dt.datetime | None:
