@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from django.core.management import call_command
 
         import bench.benchapp.tasks  # noqa: F401  (registers every case's tasks)
-        from bench import cases, delivery, dlq, fingerprint, micro, observability
+        from bench import cases, delivery, dlq, fingerprint, micro, observability, runs
         from bench.worker import BenchWorker
         from proj.celery import app
 
@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.only_dlq:
             progress("delivery: outbox, schedule throughput, idle poller")
             measured["delivery"] = delivery.run(config.delivery_n)
+            progress("bulk runs: start_run, drain against a group, memory")
+            measured["runs"] = runs.run(config.runs_n, config.runs_drain_n, config.reps)
         fp["load_end"] = fingerprint.load_average()
         results = {
             "schema": 1,

@@ -14,16 +14,23 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import naming
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(module: str, args: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
-    """Run ``python -m module args`` with ``env`` (plus the bench's path); return its JSON.
+def run(module: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m module args`` (plus the bench's path); return its JSON line.
+
+    Without ``env`` the child sees the runner's environment: the run's database and Redis
+    broker, not the SQLite ledger of the idempotency cases.
 
     Raises:
         RuntimeError: The child failed.
     """
-    environ = dict(env)
+    environ = dict(os.environ if env is None else env)
+    if env is None:
+        environ.pop(naming.LEDGER_SQLITE_ENV, None)
     environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "example_project")])
     cmd = [sys.executable, "-m", module, *args]
     done = subprocess.run(cmd, env=environ, cwd=ROOT, capture_output=True, text=True, check=False)

@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from bench import naming, stats
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench import child, naming, stats
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -189,16 +184,7 @@ def run(n: int) -> dict[str, Any]:
     Raises:
         RuntimeError: The child failed.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "example_project")])
-    env.pop(naming.LEDGER_SQLITE_ENV, None)
-    cmd = [sys.executable, "-m", "bench.delivery", "--n", str(n)]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"bench.delivery failed with status {done.returncode}")
-    line = [row for row in done.stdout.splitlines() if row.startswith("{")][-1]
-    result: dict[str, Any] = json.loads(line)
-    return result
+    return child.run("bench.delivery", ["--n", str(n)])
 
 
 def table(delivery: dict[str, Any]) -> str:

@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from bench import naming, stats
+from bench import child, naming, stats
 from bench.benchapp import bodies
 
-ROOT = Path(__file__).resolve().parent.parent
 CHANGELIST = "/admin/celery_guard/deadletter/"
 #: Task of the replayed dead letters: the baseline's no-op (registered, binds ``[ident]``).
 REPLAY_TASK = "bench.plain.noop"
@@ -213,20 +210,10 @@ def run(sizes: list[int], replay_n: int) -> dict[str, Any]:
     Raises:
         RuntimeError: The child failed.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "example_project")])
-    env.pop(naming.LEDGER_SQLITE_ENV, None)
-    cmd = [sys.executable, "-m", "bench.dlq", "--replay-n", str(replay_n)]
+    args = ["--replay-n", str(replay_n)]
     for size in sizes:
-        cmd += ["--rows", str(size)]
-    done = subprocess.run(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False
-    )  # stderr passes through: the child's progress lines
-    if done.returncode:
-        raise RuntimeError(f"bench.dlq failed with status {done.returncode}")
-    line = [row for row in done.stdout.splitlines() if row.startswith("{")][-1]
-    result: dict[str, Any] = json.loads(line)
-    return result
+        args += ["--rows", str(size)]
+    return child.run("bench.dlq", args)
 
 
 def main(argv: list[str] | None = None) -> int:

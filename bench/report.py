@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bench import delivery, observability, stats
+from bench import delivery, observability, runs, stats
 
 DOCS_START = "<!-- bench-results:start -->"
 DOCS_END = "<!-- bench-results:end -->"
@@ -571,6 +571,13 @@ def render(results: Mapping[str, Any]) -> str:
             "### Delivery: the outbox, the schedule, the idle poller",
             "",
             delivery.table(results["delivery"]),
+        ]
+    if results.get("runs"):
+        parts += [
+            "",
+            "### Bulk runs: start, drain against a group, memory",
+            "",
+            runs.table(results["runs"]),
         ]
     footer = "Targets are reported, never asserted."
     if results.get("variants"):

@@ -55,6 +55,9 @@ class Config:
     delivery_n: int = 1000
     #: No-op tasks per figure of observability's in-process cost (bench/observability.py).
     observability_n: int = 2000
+    #: Items of the timed ``start_run`` (bench/runs.py), and 10 ms tasks per drain.
+    runs_n: int = 2000
+    runs_drain_n: int = 300
 
 
 QUICK = Config(
@@ -87,6 +90,8 @@ FULL = Config(
     dlq_replay_n=20_000,
     delivery_n=5000,
     observability_n=10_000,
+    runs_n=8000,
+    runs_drain_n=1000,
 )
 
 

@@ -39,4 +39,9 @@ def stamp(key: str, sent: float, ident: int) -> None:
     _redis().rpush(key, started - sent)
 
 
+def count(key: str) -> None:
+    """Count one finished run into the Redis counter ``key`` (drains that wait for a total)."""
+    _redis().incr(key)
+
+
 KINDS: dict[str, Callable[..., Any]] = {"noop": noop, "sleep": sleep, "stamp": stamp}

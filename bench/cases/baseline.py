@@ -12,15 +12,15 @@ QUEUE = f"{naming.prefix()}-plain"
 
 # The same options a guarded task has, set explicitly so the baseline does not depend on
 # global settings staying identical (they are: bench/settings.py).
+#: The options of every plain task of the bench.
+PLAIN_OPTIONS = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "serializer": "json",
+    "ignore_result": True,
+}
 TASKS = {
-    kind: shared_task(
-        name=f"bench.plain.{kind}",
-        queue=QUEUE,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        serializer="json",
-        ignore_result=True,
-    )(body)
+    kind: shared_task(name=f"bench.plain.{kind}", queue=QUEUE, **PLAIN_OPTIONS)(body)
     for kind, body in bodies.KINDS.items()
 }
 

@@ -381,3 +381,36 @@ def test_report_shows_the_events_cost_per_task_as_ratios_to_plain_celery():
         "| + Prometheus (multiprocess) | 110.0 (110.0..110.0) | 30.0 | 0.45x | 0.997x | 0.993x |"
     )
     assert "the plain worker's no-op task: 4,000 µs per process" in text
+
+
+def test_report_shows_bulk_run_start_drain_and_memory():
+    summary = {"median": 100.0, "min": 90.0, "max": 110.0, "runs": 3}
+    results = copy.deepcopy(RESULTS)
+    results["runs"] = {
+        "engine": "postgresql",
+        "claims": {
+            "n": 8000,
+            "redis": {"one_by_one_s": 4.0, "bulk_s": 0.5, "ratio": 8.0},
+            "database": {"one_by_one_s": 12.0, "bulk_s": 0.6, "ratio": 20.0},
+        },
+        "start": {
+            "n": 8000,
+            "redis": {"seconds": 8.0, "items_per_s": 1000.0},
+            "database": {"seconds": 9.0, "items_per_s": 889.0},
+            "plain_apply_async": {"seconds": 6.0, "items_per_s": 1333.0},
+        },
+        "memory": {"peak_bytes": {"2000": 2**21, "8000": 2**21 + 2**19}, "ratio_4n_to_n": 1.25},
+        "drain": {
+            "n": 300,
+            "reps": 3,
+            "per_s": {"plain_group": summary, "guarded_group": summary, "run": summary},
+            "run_vs_guarded_group": 0.95,
+            "run_vs_plain_group": 0.9,
+        },
+    }
+    lines = report.render(results).splitlines()
+    assert "### Bulk runs: start, drain against a group, memory" in lines
+    assert "| database | 12.00 | 0.60 | 20.0 |" in lines
+    assert "| redis ledger | 8.00 | 1,000 |" in lines
+    assert "| traced (MiB) | 2.0 | 2.5 | 1.25 |" in lines
+    assert "| guarded task, `group` | 100 | 0.95 |" in lines

@@ -1,0 +1,317 @@
+"""Bulk-run benchmarks: ``start_run`` of N items, a run's drain against a group, flat memory.
+
+``python -m bench.runs --n N`` runs in a process of its own with the runner's environment
+(its database and Redis broker) and prints one JSON object, like :mod:`bench.delivery`:
+
+* ``claims``: the ledger's part of a start: ``n`` keys claimed and confirmed one by one
+  (``claim`` + ``confirm``, two round trips each, as a publish of one call does) against
+  ``claim_many`` + ``confirm_many`` per chunk of 1,000 (what ``start_run`` does), on each
+  ledger, in the same run; the ratio is one by one / in bulk (seconds).
+* ``start``: seconds of ``start_run`` of ``n`` items (validated, written, keys claimed,
+  published) on the Redis ledger and on the database ledger, next to a loop of ``n`` plain
+  ``apply_async`` calls of the same guarded task, in the same run.
+* ``memory``: the peak Python memory (``tracemalloc``) of ``start_run`` over ``n`` and over
+  ``4 n`` items given as a generator; flat means a ratio near 1 (items are read, written and
+  published in chunks).
+* ``drain``: ``n`` 10 ms tasks drained by one prefork worker (2 processes), as a plain Celery
+  ``group`` of a plain task, a ``group`` of the same body as a guarded task, and a bulk run
+  of that guarded task (until the run is final); the ratios are run / group (rates, higher is
+  better). The issue's target: a run costs at most 10% more than the same guarded tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import tracemalloc
+from typing import Any
+
+from bench import child, naming, stats
+
+#: The ledgers ``start_run`` is timed on.
+LEDGERS = ("redis", "database")
+
+
+def _purge(app: Any, *queues: str) -> None:
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in queues:
+            channel.queue_purge(queue)
+
+
+def _items(n: int, counter: str) -> Any:
+    return ({"counter": counter, "ident": i} for i in range(n))
+
+
+def _wait(done: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError("bench.runs: the drain did not finish in time")
+        time.sleep(0.02)
+
+
+def measure_start(app: Any, n: int) -> dict[str, Any]:
+    """Time ``start_run`` of ``n`` items on each ledger, and ``n`` plain publishes."""
+    from django.test.utils import override_settings
+
+    from bench.benchapp.run_tasks import guarded
+    from celery_guard import start_run
+    from celery_guard.conf import guard_settings
+
+    queue = guard_settings.priority_queues["default"]
+    result: dict[str, Any] = {"n": n}
+    for backend in LEDGERS:
+        with override_settings(CELERY_GUARD_IDEMPOTENCY_BACKEND=backend):
+            started = time.perf_counter()
+            run = start_run(guarded, _items(n, "unused"), name=f"bench start {backend}")
+            seconds = time.perf_counter() - started
+        if not run.published:
+            raise RuntimeError(f"bench.runs: run {run.pk} was not published whole")
+        result[backend] = {"seconds": seconds, "items_per_s": stats.rate(n, seconds)}
+        _purge(app, queue)
+    started = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            guarded.apply_async(kwargs={"counter": "unused", "ident": i}, producer=producer)
+    seconds = time.perf_counter() - started
+    result["plain_apply_async"] = {"seconds": seconds, "items_per_s": stats.rate(n, seconds)}
+    _purge(app, queue)
+    return result
+
+
+def measure_claims(n: int) -> dict[str, Any]:
+    """The ledger's work of a start: ``n`` keys one by one, then in bulk, on each ledger."""
+    import uuid
+
+    from django.test.utils import override_settings
+
+    from celery_guard.idempotency import ledger
+    from celery_guard.models import IdempotencyRecord
+
+    prefix = f"{naming.prefix()}:claims:{uuid.uuid4().hex[:8]}"
+    fingerprint = "f" * 64
+    result: dict[str, Any] = {"n": n}
+    for backend in LEDGERS:
+        with override_settings(CELERY_GUARD_IDEMPOTENCY_BACKEND=backend):
+            store = ledger.get_ledger()
+            news = [
+                ledger.NewClaim(f"{prefix}:{backend}:{i}", f"t{i}", fingerprint, 600.0)
+                for i in range(2 * n)
+            ]
+            one, bulk = news[:n], news[n:]
+            started = time.perf_counter()
+            for c in one:
+                store.claim(
+                    c.key,
+                    task_name="bench",
+                    task_id=c.task_id,
+                    fingerprint=c.fingerprint,
+                    window=c.window,
+                )
+                store.confirm(c.key, c.task_id)
+            one_by_one = time.perf_counter() - started
+            started = time.perf_counter()
+            for start in range(0, n, 1000):
+                chunk = bulk[start : start + 1000]
+                store.claim_many(chunk, task_name="bench")
+                store.confirm_many([(c.key, c.task_id) for c in chunk])
+            in_bulk = time.perf_counter() - started
+        result[backend] = {
+            "one_by_one_s": one_by_one,
+            "bulk_s": in_bulk,
+            "ratio": stats.ratio(one_by_one, in_bulk),
+        }
+    IdempotencyRecord.objects.filter(key__startswith=prefix).delete()
+    return result
+
+
+def measure_memory(app: Any, n: int) -> dict[str, Any]:
+    """Peak traced memory of ``start_run`` over ``n`` and ``4 n`` items (a generator)."""
+    from bench.benchapp.run_tasks import guarded
+    from celery_guard import start_run
+    from celery_guard.conf import guard_settings
+
+    peaks: dict[str, int] = {}
+    for size in (n, 4 * n):
+        gc.collect()
+        tracemalloc.start()
+        start_run(guarded, _items(size, "unused"), name=f"bench memory {size}")
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        peaks[str(size)] = peak
+        _purge(app, guard_settings.priority_queues["default"])
+    small, large = peaks[str(n)], peaks[str(4 * n)]
+    return {"peak_bytes": peaks, "ratio_4n_to_n": large / small if small else None}
+
+
+def measure_drain(app: Any, n: int, reps: int) -> dict[str, Any]:
+    """Drain ``n`` 10 ms tasks as a plain group, a guarded group and a run, ``reps`` times."""
+    from celery import group
+
+    from bench.benchapp.bodies import _redis
+    from bench.benchapp.run_tasks import PLAIN_QUEUE, guarded, plain
+    from bench.worker import BenchWorker
+    from celery_guard import start_run
+    from celery_guard.conf import guard_settings
+    from celery_guard.models import BulkRun
+
+    guarded_queue = guard_settings.priority_queues["default"]
+    client = _redis()
+    counter = f"{naming.prefix()}:runs:count"
+    timeout = max(120.0, n * 0.05)
+    rates: dict[str, list[float]] = {"plain_group": [], "guarded_group": [], "run": []}
+
+    def drained() -> bool:
+        return int(client.get(counter) or 0) >= n
+
+    def one(kind: str) -> float:
+        client.delete(counter)
+        started = time.perf_counter()
+        if kind == "run":
+            run = start_run(guarded, _items(n, counter), name="bench drain")
+            _wait(
+                lambda: BulkRun.objects.filter(pk=run.pk, finished_at__isnull=False).exists(),
+                timeout,
+            )
+        else:
+            task = plain if kind == "plain_group" else guarded
+            group(task.s(counter=counter, ident=i) for i in range(n)).apply_async()
+            _wait(drained, timeout)
+        return stats.rate(n, time.perf_counter() - started)
+
+    worker = BenchWorker(app, naming.prefix(), name="runs")
+    worker.start()
+    try:
+        worker.consume(PLAIN_QUEUE)
+        worker.consume(guarded_queue)
+        one("run")  # warm-up: connections, imports, the ledger's scripts
+        for _ in range(reps):
+            for kind in rates:  # A B C A B C: drifts of a shared machine land on every side
+                rates[kind].append(one(kind))
+    finally:
+        worker.stop()
+    summary = {kind: stats.summarize(values) for kind, values in rates.items()}
+    median = {kind: summary[kind]["median"] for kind in rates}
+    return {
+        "n": n,
+        "reps": reps,
+        "per_s": summary,
+        "run_vs_guarded_group": stats.ratio(median["run"], median["guarded_group"]),
+        "run_vs_plain_group": stats.ratio(median["run"], median["plain_group"]),
+    }
+
+
+def measure(n: int, drain_n: int, reps: int) -> dict[str, Any]:
+    """Run the three benchmarks on this process's database and the run's Redis broker."""
+    from celery import current_app
+    from django.core.management import call_command
+    from django.db import connection
+    from django.test.utils import override_settings
+
+    call_command("migrate", verbosity=0)
+    app = current_app._get_current_object()
+    result: dict[str, Any] = {"engine": connection.vendor}
+    # The example project runs with DEBUG, which keeps the last 9,000 SQL statements in
+    # memory and costs time per query: not what a production start_run pays.
+    with override_settings(DEBUG=False):
+        result["claims"] = measure_claims(n)
+        result["start"] = measure_start(app, n)
+        result["memory"] = measure_memory(app, max(1000, n // 4))
+    if drain_n:
+        result["drain"] = measure_drain(app, drain_n, reps)
+    return result
+
+
+def run(n: int, drain_n: int, reps: int) -> dict[str, Any]:
+    """Run :func:`measure` in a child process with the runner's environment.
+
+    Raises:
+        RuntimeError: The child failed.
+    """
+    return child.run("bench.runs", ["--n", str(n), "--drain-n", str(drain_n), "--reps", str(reps)])
+
+
+def table(runs: dict[str, Any]) -> str:
+    """The Markdown section of the results."""
+    claims, start, memory = runs["claims"], runs["start"], runs["memory"]
+    lines = [
+        f"The ledger's part of a start, {claims['n']:,} keys claimed and confirmed "
+        f"({runs['engine']}):",
+        "",
+        "| ledger | one by one (s) | `claim_many` + `confirm_many` (s) | ratio |",
+        "|---|---|---|---|",
+    ]
+    for backend in LEDGERS:
+        cost = claims[backend]
+        lines.append(
+            f"| {backend} | {cost['one_by_one_s']:.2f} | {cost['bulk_s']:.2f} | "
+            f"{cost['ratio'] or 0:.1f} |"
+        )
+    lines += [
+        "",
+        f"`start_run` of {start['n']:,} items:",
+        "",
+        "| `start_run` | seconds | items per second |",
+        "|---|---|---|",
+    ]
+    for backend in LEDGERS:
+        lines.append(
+            f"| {backend} ledger | {start[backend]['seconds']:.2f} | "
+            f"{start[backend]['items_per_s']:,.0f} |"
+        )
+    plain = start["plain_apply_async"]
+    lines.append(
+        f"| (reference: {start['n']:,} `apply_async` of the task, no run) | "
+        f"{plain['seconds']:.2f} | {plain['items_per_s']:,.0f} |"
+    )
+    peaks = memory["peak_bytes"]
+    sizes = sorted(peaks, key=int)
+    lines += [
+        "",
+        "| peak memory of `start_run` | "
+        + " | ".join(f"{int(s):,} items" for s in sizes)
+        + " | ratio |",
+        "|---|" + "---|" * (len(sizes) + 1),
+        "| traced (MiB) | "
+        + " | ".join(f"{peaks[s] / 2**20:.1f}" for s in sizes)
+        + f" | {memory['ratio_4n_to_n'] or 0:.2f} |",
+    ]
+    drain = runs.get("drain")
+    if drain:
+        per_s = drain["per_s"]
+        lines += [
+            "",
+            f"Drain of {drain['n']:,} 10 ms tasks, one worker (2 processes), median of "
+            f"{drain['reps']}:",
+            "",
+            "| drained as | tasks per second | run / this |",
+            "|---|---|---|",
+            f"| plain Celery `group` | {per_s['plain_group']['median']:,.0f} | "
+            f"{drain['run_vs_plain_group'] or 0:.2f} |",
+            f"| guarded task, `group` | {per_s['guarded_group']['median']:,.0f} | "
+            f"{drain['run_vs_guarded_group'] or 0:.2f} |",
+            f"| guarded task, bulk run | {per_s['run']['median']:,.0f} | 1.00 |",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the child process: measure and print the JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench.runs")
+    parser.add_argument("--n", type=int, default=8000, help="items of the timed start_run")
+    parser.add_argument("--drain-n", type=int, default=600, help="tasks per drain (0: none)")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    import django
+
+    django.setup()
+    print(json.dumps(measure(args.n, args.drain_n, args.reps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
