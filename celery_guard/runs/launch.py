@@ -314,6 +314,13 @@ def retry_failed(run: BulkRun, *, initiator: Any = None) -> BulkRun:
     if not failed.exists():
         raise ValueError(f"run #{run.pk} has no failed items to retry")
     task = _app().tasks[run.task_name]
+    if task.guard_options.get(keys.IDEMPOTENCY_KEY.name) is not None:
+        # The task's own keys outlive the run: a failed item's key may still be held by its
+        # message (a lost one, or with CELERY_GUARD_RELEASE_ON_DEAD_LETTER off), and the
+        # child's claim would take the retry for a duplicate. (Keys derived from the run
+        # are new in the child.) A key that succeeded stays: its effect committed.
+        for key, task_id in failed.exclude(key="").values_list("key", "task_id").iterator():
+            dedup.release(key, task_id, keep_succeeded=True)
     on_complete = Signature(run.on_complete, app=_app()) if run.on_complete else None
     child = start_run(
         task,

@@ -11,7 +11,7 @@ from celery_guard import RunItemError, start_run
 from celery_guard.idempotency import dedup
 from celery_guard.idempotency.ledger import DatabaseLedger
 from celery_guard.models import BulkRun, BulkRunItem, DeadLetter
-from celery_guard.runs import cancel, launch, services
+from celery_guard.runs import cancel, launch, retry_failed, services
 from tests.support.harness import queue_length
 from tests.testapp.idem_tasks import idem_notify
 from tests.testapp.run_tasks import run_complete, run_item
@@ -84,6 +84,29 @@ def test_keys_are_claimed_per_chunk_and_held_keys_skip_or_fail_their_items(
         assert (record["task_id"], record["lease_expires_at"]) == (row.task_id, None)
         assert record["start_by"] is not None  # confirmed
     assert DatabaseLedger().get(rows[0].key)["task_id"] == held.id
+
+
+def test_retry_failed_frees_the_task_own_keys_its_failed_items_hold(redis_url, queues):
+    run = start_run(idem_notify, [{"employee_id": n, "event_version": "8"} for n in range(2)])
+    lost, done = BulkRunItem.objects.filter(run=run).order_by("seq")
+    # Item 0's worker died holding its key and the message was lost: the sweep failed it.
+    services.start_item(run.pk, lost.pk, mark_run=True)
+    DatabaseLedger().start(
+        lost.key,
+        task_name=idem_notify.name,
+        task_id=lost.task_id,
+        fingerprint="f",
+        window=60,
+        owner="dead",
+        lease=0.01,
+    )
+    services.finish_item(run.pk, lost.pk, BulkRunItem.Status.FAILED, error_class="lost")
+    services.start_item(run.pk, done.pk, mark_run=True)
+    services.finish_item(run.pk, done.pk, BulkRunItem.Status.SUCCEEDED)
+    child = retry_failed(run, initiator="ops")
+    (item,) = BulkRunItem.objects.filter(run=child)
+    assert (child.total, item.status, item.kwargs["employee_id"]) == (1, "pending", 0)
+    assert DatabaseLedger().get(lost.key)["task_id"] == item.task_id  # claimed by the retry
 
 
 def test_the_sweep_publishes_items_a_dead_publisher_left(redis_url, queues, monkeypatch, settings):
