@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             progress("delivery: outbox, schedule throughput, idle poller")
             measured["delivery"] = delivery.run(config.delivery_n)
             progress("bulk runs: start_run, drain against a group, memory")
-            measured["runs"] = runs.run(config.runs_n, config.runs_drain_n, config.reps)
+            measured["runs"] = runs.run(
+                config.runs_n, config.runs_drain_n, config.reps, config.runs_memory_n
+            )
         fp["load_end"] = fingerprint.load_average()
         results = {
             "schema": 1,

@@ -58,6 +58,8 @@ class Config:
     #: Items of the timed ``start_run`` (bench/runs.py), and 10 ms tasks per drain.
     runs_n: int = 2000
     runs_drain_n: int = 300
+    #: ``start_run``'s peak memory is measured at this many items and at 4 times as many.
+    runs_memory_n: int = 1000
 
 
 QUICK = Config(
@@ -92,6 +94,7 @@ FULL = Config(
     observability_n=10_000,
     runs_n=8000,
     runs_drain_n=1000,
+    runs_memory_n=25_000,
 )
 
 

@@ -205,7 +205,7 @@ def measure_drain(app: Any, n: int, reps: int) -> dict[str, Any]:
     }
 
 
-def measure(n: int, drain_n: int, reps: int) -> dict[str, Any]:
+def measure(n: int, drain_n: int, reps: int, memory_n: int) -> dict[str, Any]:
     """Run the three benchmarks on this process's database and the run's Redis broker."""
     from celery import current_app
     from django.core.management import call_command
@@ -220,19 +220,20 @@ def measure(n: int, drain_n: int, reps: int) -> dict[str, Any]:
     with override_settings(DEBUG=False):
         result["claims"] = measure_claims(n)
         result["start"] = measure_start(app, n)
-        result["memory"] = measure_memory(app, max(1000, n // 4))
+        result["memory"] = measure_memory(app, memory_n)
     if drain_n:
         result["drain"] = measure_drain(app, drain_n, reps)
     return result
 
 
-def run(n: int, drain_n: int, reps: int) -> dict[str, Any]:
+def run(n: int, drain_n: int, reps: int, memory_n: int) -> dict[str, Any]:
     """Run :func:`measure` in a child process with the runner's environment.
 
     Raises:
         RuntimeError: The child failed.
     """
-    return child.run("bench.runs", ["--n", str(n), "--drain-n", str(drain_n), "--reps", str(reps)])
+    args = ["--n", str(n), "--drain-n", str(drain_n), "--reps", str(reps)]
+    return child.run("bench.runs", [*args, "--memory-n", str(memory_n)])
 
 
 def table(runs: dict[str, Any]) -> str:
@@ -305,11 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=8000, help="items of the timed start_run")
     parser.add_argument("--drain-n", type=int, default=600, help="tasks per drain (0: none)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--memory-n", type=int, default=1000, help="memory at n and 4 n items")
     args = parser.parse_args(argv)
     import django
 
     django.setup()
-    print(json.dumps(measure(args.n, args.drain_n, args.reps)))
+    print(json.dumps(measure(args.n, args.drain_n, args.reps, args.memory_n)))
     return 0
 
 
