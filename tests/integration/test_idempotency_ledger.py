@@ -338,3 +338,6 @@ def test_claim_many_decides_each_key_like_claim_and_confirm_many_confirms_the_pa
     assert idem_store.get("t:same")["task_id"] == "t1"
     assert idem_store.claim_many([], task_name="t") == []
     assert idem_store.confirm_many([]) == 0
+    # get_many: the records that exist, by key, as get() returns them.
+    found = idem_store.get_many(["t:a", "t:nothing", "t:same"])
+    assert found == {"t:a": idem_store.get("t:a"), "t:same": idem_store.get("t:same")}
