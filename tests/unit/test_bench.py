@@ -404,6 +404,9 @@ def test_report_shows_bulk_run_start_drain_and_memory():
             "n": 300,
             "reps": 3,
             "per_s": {"plain_group": summary, "guarded_group": summary, "run": summary},
+            "publish_s": {
+                kind: {"median": 1.5} for kind in ("plain_group", "guarded_group", "run")
+            },
             "run_vs_guarded_group": 0.95,
             "run_vs_plain_group": 0.9,
         },
@@ -413,4 +416,4 @@ def test_report_shows_bulk_run_start_drain_and_memory():
     assert "| database | 12.00 | 0.60 | 20.0 |" in lines
     assert "| redis ledger | 8.00 | 1,000 |" in lines
     assert "| traced (MiB) | 2.0 | 2.5 | 1.25 |" in lines
-    assert "| guarded task, `group` | 100 | 0.95 |" in lines
+    assert "| guarded task, `group` | 100 | 1.50 | 0.95 |" in lines
