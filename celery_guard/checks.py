@@ -7,6 +7,7 @@ from celery_guard.delivery import checks as delivery
 from celery_guard.dlq import checks as dlq
 from celery_guard.failures import checks as failures
 from celery_guard.idempotency import checks as idempotency
+from celery_guard.limits import checks as limits
 from celery_guard.observability import checks as observability
 from celery_guard.routing import checks as routing
 from celery_guard.runs import checks as runs
@@ -22,4 +23,5 @@ ALL: tuple[Check, ...] = (
     *observability.CHECKS,
     *runs.CHECKS,
     *delivery.CHECKS,
+    *limits.CHECKS,
 )

@@ -77,6 +77,13 @@ DEFAULTS: Mapping[str, Any] = {
     "DELIVERY_BATCH": 500,
     "DELIVERY_LEASE": 10.0,
     "DELIVERY_POLLER": True,
+    "LIMITS": {},
+    "LIMITS_REDIS_URL": None,
+    "LIMITS_REDIS_PREFIX": "celery_guard:limits:",
+    "LIMITS_LEASE": 300,
+    "LIMITS_ON_OUTAGE": "run",
+    "LIMITS_DEFER_DELAY": 1.0,
+    "POLICY_REFRESH": 2.0,
 }
 
 
@@ -154,7 +161,46 @@ def duration(name: str) -> float:
         raise ImproperlyConfigured(f"{PREFIX}{name}: {exc}") from None
 
 
-class GuardSettings:
+def _seconds(value: Any) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class _LimitsSettings:
+    """The limits feature's settings (see ``docs/limits.md``)."""
+
+    @property
+    def limits_redis_url(self) -> str | None:
+        """Redis URL of the limits store; ``None`` means a Redis broker's URL."""
+        value = raw("LIMITS_REDIS_URL")
+        return str(value) if value else None
+
+    @property
+    def limits_redis_prefix(self) -> str:
+        """Prefix of every Redis key of the limits store."""
+        return str(raw("LIMITS_REDIS_PREFIX"))
+
+    @property
+    def limits_lease(self) -> float:
+        """Seconds a concurrency slot is held by a body that never releases it (a kill)."""
+        return _seconds(raw("LIMITS_LEASE"))
+
+    @property
+    def limits_on_outage(self) -> str:
+        """What a limited run does when the store is unreachable: ``"run"`` or ``"defer"``."""
+        return str(raw("LIMITS_ON_OUTAGE"))
+
+    @property
+    def limits_defer_delay(self) -> float:
+        """Base delay (seconds) of a run deferred by a full concurrency limit or a pause."""
+        return _seconds(raw("LIMITS_DEFER_DELAY"))
+
+    @property
+    def policy_refresh(self) -> float:
+        """Seconds a worker process keeps the task policies before reading them again."""
+        return _seconds(raw("POLICY_REFRESH"))
+
+
+class GuardSettings(_LimitsSettings):
     """Attribute access to the settings, read on every access so ``override_settings`` works.
 
     Values are returned as written; ``celery_guard.checks`` validates them (E001).

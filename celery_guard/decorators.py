@@ -100,6 +100,7 @@ def guarded_task(
         bound = guard_options.bind_to_function(
             cleaned, fn, bind=bool(celery.get("bind")), where="@guarded_task"
         )
+        base.guard_pipeline.check(bound, where="@guarded_task")
         task: GuardedTask = shared_task(base=base, guard_options=bound, **celery)(fn)
         return task
 

@@ -189,3 +189,10 @@ if os.environ.get("CG_DELIVERY_LEASE"):
     CELERY_GUARD_DELIVERY_LEASE = float(os.environ["CG_DELIVERY_LEASE"])
 if os.environ.get("CG_DELIVERY_BATCH"):
     CELERY_GUARD_DELIVERY_BATCH = int(os.environ["CG_DELIVERY_BATCH"])
+
+# Limits (docs/limits.md): a named limit the test tasks use, keys apart per test run.
+CELERY_GUARD_LIMITS = {"test-gateway": {"rate": "1000/s", "concurrency": 1}}
+CELERY_GUARD_LIMITS_REDIS_URL = REDIS_URL
+CELERY_GUARD_LIMITS_REDIS_PREFIX = f"cgt-{RUN_ID}:limits:"
+CELERY_GUARD_LIMITS_DEFER_DELAY = 0.3
+CELERY_GUARD_POLICY_REFRESH = 0.5

@@ -18,7 +18,8 @@ field                     meaning                                              w
 ``delay``                 the delay of the retry that published this message   failures
 ``write_failures``        deliveries whose dead letter could not be written    failures
 ``replay_of``             id of the dead letter this message replays           dlq
-``tenant``                the tenant the job runs for                          (reserved)
+``tenant``                the tenant the job runs for                          limits
+``deferred``              deferrals by a limit or a pause (not attempts)       limits
 ``beat``                  ``{entry, slot, token, key}`` of a beat-fired run    beat
 ``request``               ``{id, initiator}``: the HTTP request that started   observability
                           the job (inherited by tasks its tasks enqueue)
@@ -131,7 +132,7 @@ MAX_WINDOW = 100 * 365.25 * 86400
 #: Longest text a header field may carry where a 255-character column stores it.
 MAX_TEXT = 255
 
-_COUNTS = ("attempt", CONSUMED, THROTTLED, WRITE_FAILURES)
+_COUNTS = ("attempt", CONSUMED, THROTTLED, WRITE_FAILURES, "deferred")
 
 
 def _finite(value: Any) -> bool:

@@ -56,6 +56,13 @@ class Step:
     #: The guard options this step owns (decorator and, where allowed, per call).
     options: ClassVar[tuple[GuardOption, ...]] = ()
 
+    def check(self, task_options: Mapping[str, Any], where: str) -> None:
+        """Check a task's validated options together, at decoration time.
+
+        Raises:
+            TypeError, ValueError: Options that do not fit together (the message names them).
+        """
+
     def prepare(self, publish: Publish) -> None:
         """Validate a publish and add header fields to ``publish.fields``; raise to refuse it."""
 
@@ -85,6 +92,11 @@ class Pipeline:
     def __init__(self, steps: Iterable[Step]) -> None:
         self.steps: tuple[Step, ...] = tuple(steps)
         self.options = OptionSet(option for step in self.steps for option in step.options)
+
+    def check(self, task_options: Mapping[str, Any], where: str) -> None:
+        """Run every step's :meth:`Step.check` on a task's validated options."""
+        for step in self.steps:
+            step.check(task_options, where)
 
     def prepare(self, publish: Publish) -> dict[str, Any]:
         """Run every step's :meth:`Step.prepare`; return the header fields they stamped."""

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import re
-import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from celery_guard import durations
 from celery_guard.conf import guard_settings
-from celery_guard.core import options
+from celery_guard.core import options, templates
 from celery_guard.exceptions import IdempotencyKeyError
 
 logger = logging.getLogger(__name__)
@@ -31,93 +29,8 @@ MAX_KEY_LENGTH = 200
 _MAX_TASK_NAME = 100
 
 
-@dataclass(frozen=True, eq=False)
-class KeySpec:
-    """A decorator's ``idempotency_key``, checked against the task's signature.
-
-    Attributes:
-        source: The template string, or the callable that returns the key.
-        fields: The argument names the template uses (empty for a callable).
-    """
-
-    source: str | Callable[..., Any]
-    fields: tuple[str, ...] = ()
-
-    def __repr__(self) -> str:
-        return f"KeySpec({self.source!r})"
-
-
-def _template_fields(template: str) -> tuple[str, ...]:
-    fields: list[str] = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is None:
-            continue
-        root = re.split(r"[.\[]", name, maxsplit=1)[0]
-        if not root or root.isdigit():
-            raise ValueError(
-                f"template {template!r} uses a positional field {{{name}}}; "
-                "name the task's arguments, e.g. 'notify:{employee_id}'"
-            )
-        fields.append(root)
-    return tuple(dict.fromkeys(fields))
-
-
-def _validate_key(value: Any) -> Any:
-    if isinstance(value, KeySpec):
-        return value
-    if isinstance(value, str):
-        if not value.strip():
-            raise ValueError("must not be empty")
-        _template_fields(value)
-        return value
-    if callable(value):
-        return value
-    raise TypeError(
-        f"expected a key template (str) or a callable taking the task's arguments, "
-        f"got {type(value).__name__}"
-    )
-
-
-def _task_parameters(fn: Callable[..., Any], bind: bool) -> list[inspect.Parameter]:
-    params = list(inspect.signature(fn).parameters.values())
-    return params[1:] if bind and params else params
-
-
-def _check_callable(func: Callable[..., Any], params: list[inspect.Parameter]) -> None:
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):
-        return  # a builtin without a signature: checked when it is called
-    names = [p.name for p in params if p.kind is not p.VAR_KEYWORD]
-    try:
-        signature.bind(**dict.fromkeys(names))
-    except TypeError as exc:
-        raise ValueError(
-            f"callable {getattr(func, '__qualname__', func)!r} must accept the task's "
-            f"arguments as keywords ({', '.join(names)}): {exc}"
-        ) from None
-
-
-def _key_for_function(value: Any, fn: Callable[..., Any], bind: bool) -> KeySpec:
-    if isinstance(value, KeySpec):
-        return value
-    params = _task_parameters(fn, bind)
-    if not isinstance(value, str):
-        _check_callable(value, params)
-        return KeySpec(value)
-    fields = _template_fields(value)
-    names = {p.name for p in params if p.kind is not p.VAR_KEYWORD}
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return KeySpec(value, fields)  # any field may come through **kwargs
-    unknown = [f for f in fields if f not in names]
-    if unknown:
-        raise ValueError(
-            f"template {value!r} uses {', '.join(map(repr, unknown))}, which "
-            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of "
-            f"{fn.__qualname__}({', '.join(p.name for p in params)})"
-            f"{options.suggest(unknown[0], names)}"
-        )
-    return KeySpec(value, fields)
+#: A decorator's ``idempotency_key`` checked against the task's signature.
+KeySpec = templates.TemplateSpec
 
 
 def _validate_window(value: Any) -> float:
@@ -132,8 +45,8 @@ def _validate_conflict(value: Any) -> str:
 
 IDEMPOTENCY_KEY = options.GuardOption(
     name="idempotency_key",
-    validate=_validate_key,
-    for_function=_key_for_function,
+    validate=templates.validate,
+    for_function=templates.for_function,
 )
 DEDUP_WINDOW = options.GuardOption(
     name="dedup_window", validate=_validate_window, setting="DEDUP_WINDOW"
@@ -146,29 +59,17 @@ IDEMPOTENCY_CONFLICT = options.GuardOption(
 def bind_arguments(
     task: Any, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    """Bind a call's arguments to the task's parameters, defaults applied.
-
-    ``**kwargs`` parameters are flattened in, so a template can name their entries.
+    """Bind a call's arguments to the task's parameters (:func:`templates.bind_arguments`).
 
     Raises:
         IdempotencyKeyError: The arguments do not fit the task's signature.
     """
-    # ``task.run`` is a bound method for ``bind=True`` tasks, so ``self`` is not a parameter.
-    signature = inspect.signature(task.run)
     try:
-        bound = signature.bind(*(args or ()), **(kwargs or {}))
+        return templates.bind_arguments(task, args, kwargs)
     except TypeError as exc:
         raise IdempotencyKeyError(
             f"{task.name}: cannot derive the idempotency key: {exc}"
         ) from None
-    bound.apply_defaults()
-    arguments: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(value)
-        else:
-            arguments[name] = value
-    return arguments
 
 
 def derive(task_name: str, spec: Any, arguments: Mapping[str, Any]) -> str:
@@ -183,32 +84,11 @@ def derive(task_name: str, spec: Any, arguments: Mapping[str, Any]) -> str:
         IdempotencyKeyError: A template value is missing (or ``None``/empty), or the key is
             empty or not a string.
     """
-    if isinstance(spec, str):
-        raw: Any = spec
-    elif isinstance(spec, KeySpec) and isinstance(spec.source, str):
-        missing = [f for f in spec.fields if arguments.get(f) in (None, "")]
-        if missing:
-            raise IdempotencyKeyError(
-                f"{task_name}: idempotency key template {spec.source!r} has no value for "
-                f"{', '.join(map(repr, missing))}"
-            )
-        try:
-            raw = spec.source.format_map(arguments)
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-            raise IdempotencyKeyError(
-                f"{task_name}: idempotency key template {spec.source!r}: {exc!r}"
-            ) from None
-    else:
-        func: Callable[..., Any] = spec.source if isinstance(spec, KeySpec) else spec  # type: ignore[assignment]
-        raw = func(**arguments)
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        raw = str(raw)
-    if not isinstance(raw, str):
-        raise IdempotencyKeyError(
-            f"{task_name}: the idempotency key must be a str, got {type(raw).__name__}"
-        )
-    if not raw.strip():
-        raise IdempotencyKeyError(f"{task_name}: the idempotency key is empty")
+    try:
+        raw = templates.render(spec, arguments)
+    except ValueError as exc:
+        what = "idempotency key" if str(exc).startswith("template") else "the idempotency key"
+        raise IdempotencyKeyError(f"{task_name}: {what} {exc}") from None
     return namespaced(task_name, raw)
 
 

@@ -86,4 +86,5 @@ from tests.testapp import (  # noqa: E402  (register the observability and bulk-
     obs_tasks,  # noqa: F401
     run_tasks,  # noqa: F401
 )
+from tests.testapp.limit_tasks import *  # noqa: E402, F403  (limits test tasks)
 from tests.testapp.outbox_tasks import *  # noqa: E402, F403  (delivery test tasks)

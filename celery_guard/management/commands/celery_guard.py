@@ -14,11 +14,13 @@ from django.utils import timezone
 
 from celery_guard import conf, durations
 from celery_guard.conf import guard_settings
+from celery_guard.core import checks as core_checks
 from celery_guard.delivery import services as delivery
 from celery_guard.delivery.poller import Poller
 from celery_guard.dlq import replay, services
 from celery_guard.dlq.models import DeadLetter
 from celery_guard.idempotency import dedup
+from celery_guard.limits import services as limits_services
 from celery_guard.management import doctor
 from celery_guard.observability import alerts, rollups, status
 from celery_guard.runs import launch
@@ -100,10 +102,34 @@ class Command(BaseCommand):
             "outbox rows the fast path missed (workers run one too).",
         )
         rl.add_argument("--once", action="store_true", help="Poll once and exit.")
+        for name, verb in (("pause", "Pause"), ("resume", "Resume")):
+            pr = sub.add_parser(
+                name,
+                help=f"{verb} a task type: its deliveries are deferred (not dropped) while "
+                "paused; workers apply it within CELERY_GUARD_POLICY_REFRESH seconds.",
+            )
+            pr.add_argument("task", help="The task's name.")
+            pr.add_argument("--note", default=None, help="Why (kept on the task policy).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Run the chosen subcommand."""
         getattr(self, f"handle_{options['subcommand'].replace('-', '_')}")(**options)
+
+    def handle_pause(self, *, task: str, note: str | None = None, **options: Any) -> None:
+        """Pause a task type (its task policy)."""
+        self._pause(task, True, note)
+
+    def handle_resume(self, *, task: str, note: str | None = None, **options: Any) -> None:
+        """Resume a paused task type."""
+        self._pause(task, False, note)
+
+    def _pause(self, task: str, paused: bool, note: str | None) -> None:
+        app = core_checks.celery_app()
+        core_checks.guarded_tasks(app)
+        if task not in app.tasks:
+            self.stderr.write(f"warning: no task named {task!r} is registered here")
+        limits_services.set_paused(task, paused, note)
+        self.stdout.write(f"{task}: {'paused' if paused else 'resumed'}")
 
     def handle_status(self, json: bool = False, **options: Any) -> None:
         """Print the dashboard's figures as tables (or as JSON)."""

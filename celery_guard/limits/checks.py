@@ -1,0 +1,154 @@
+"""System checks of limits: ``CELERY_GUARD_LIMITS``, its settings, and hazards of limited tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Warning
+
+from celery_guard import conf
+from celery_guard.core import checks as core_checks
+from celery_guard.limits import rules, store
+
+OUTAGE_CHOICES = ("run", "defer")
+
+
+def setting_errors() -> Iterable[str]:
+    """Errors in the limits' own settings besides ``CELERY_GUARD_LIMITS`` (E001)."""
+    for name in ("LIMITS_LEASE", "LIMITS_DEFER_DELAY", "POLICY_REFRESH"):
+        value = conf.raw(name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(value, timedelta) or number) or conf.GuardSettings.seconds(value) <= 0:
+            yield f"CELERY_GUARD_{name} must be a positive number of seconds, got {value!r}"
+    if conf.raw("LIMITS_ON_OUTAGE") not in OUTAGE_CHOICES:
+        yield (
+            f"CELERY_GUARD_LIMITS_ON_OUTAGE must be one of {OUTAGE_CHOICES!r}, got "
+            f"{conf.raw('LIMITS_ON_OUTAGE')!r}"
+        )
+    if not isinstance(conf.raw("LIMITS_REDIS_PREFIX"), str):
+        yield "CELERY_GUARD_LIMITS_REDIS_PREFIX must be a str"
+    url = conf.raw("LIMITS_REDIS_URL")
+    if url is not None and not isinstance(url, str):
+        yield "CELERY_GUARD_LIMITS_REDIS_URL must be a str or None"
+
+
+check_setting_values = core_checks.setting_values_check(setting_errors)
+
+
+def check_limits_setting(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """E008: ``CELERY_GUARD_LIMITS`` is not name -> {rate, concurrency}; E009: a bad value."""
+    shape, values = rules.setting_errors()
+    hint = 'e.g. CELERY_GUARD_LIMITS = {"mail-gateway": {"rate": "50/s", "concurrency": 10}}'
+    found: list[CheckMessage] = [Error(t, hint=hint, id="celery_guard.E008") for t in shape]
+    return found + [Error(t, hint=hint, id="celery_guard.E009") for t in values]
+
+
+def _limited(app: Any) -> list[Any]:
+    names = tuple(o.name for o in rules.OPTIONS if o is not rules.TENANT)
+    return [
+        t
+        for t in core_checks.guarded_tasks(app)
+        if any(t.guard_options.get(name) for name in names)
+    ]
+
+
+def check_unknown_limits(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W012: a guarded task names a limit that ``CELERY_GUARD_LIMITS`` does not define."""
+    limits = conf.raw("LIMITS")
+    known = set(limits) if isinstance(limits, dict) else set()
+    found: list[CheckMessage] = []
+    for task in core_checks.guarded_tasks(core_checks.celery_app()):
+        for name in task.guard_options.get(rules.LIMITS.name) or ():
+            if name not in known:
+                found.append(
+                    Warning(
+                        f"{task.name} names limit {name!r}, which CELERY_GUARD_LIMITS does not "
+                        "define.",
+                        hint="Its runs fail until the limit is defined; add it to "
+                        "CELERY_GUARD_LIMITS or remove it from the task's limits=[...].",
+                        id="celery_guard.W012",
+                    )
+                )
+    return found
+
+
+def check_celery_rate_limit(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """W013: Celery's per-worker ``rate_limit`` on a guarded task."""
+    return [
+        Warning(
+            f"{task.name} sets Celery's rate_limit={task.rate_limit!r}, which holds per worker "
+            "(not across the cluster) and keeps prefetched messages waiting in the worker.",
+            hint="Use the guard's rate='N/s|m|h' option instead (cluster-wide, deferred).",
+            id="celery_guard.W013",
+        )
+        for task in core_checks.guarded_tasks(core_checks.celery_app())
+        if getattr(task, "rate_limit", None)
+    ]
+
+
+def check_prefetch(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W014: a prefetch multiplier above 1 while guarded tasks have limits."""
+    app = core_checks.celery_app()
+    multiplier = app.conf.worker_prefetch_multiplier
+    if not isinstance(multiplier, int) or multiplier <= 1 or not _limited(app):
+        return []
+    return [
+        Warning(
+            f"worker_prefetch_multiplier is {multiplier} while guarded tasks have limits: "
+            "a worker reserves messages it may only defer, ahead of other task types.",
+            hint="Set CELERY_WORKER_PREFETCH_MULTIPLIER = 1 (guarded tasks ack late anyway).",
+            id="celery_guard.W014",
+        )
+    ]
+
+
+def check_store(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W015: guarded tasks have limits but there is no Redis for the limits store."""
+    app = core_checks.celery_app()
+    if store.redis_url() is not None or not _limited(app):
+        return []
+    return [
+        Warning(
+            "Guarded tasks have limits but the limits store has no Redis: the broker is not "
+            "Redis and CELERY_GUARD_LIMITS_REDIS_URL is not set.",
+            hint="Set CELERY_GUARD_LIMITS_REDIS_URL; until then limited tasks run without "
+            "their limits (or are deferred, with CELERY_GUARD_LIMITS_ON_OUTAGE='defer').",
+            id="celery_guard.W015",
+        )
+    ]
+
+
+def check_unused_limits(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
+    """W022: a limit in ``CELERY_GUARD_LIMITS`` that no guarded task names (usually a typo)."""
+    limits = conf.raw("LIMITS")
+    if not isinstance(limits, dict) or not limits:
+        return []
+    used = {
+        name
+        for task in core_checks.guarded_tasks(core_checks.celery_app())
+        for name in task.guard_options.get(rules.LIMITS.name) or ()
+    }
+    return [
+        Warning(
+            f"CELERY_GUARD_LIMITS defines {name!r}, which no guarded task names.",
+            hint="Name it in a task's limits=[...], or remove it.",
+            id="celery_guard.W022",
+        )
+        for name in limits
+        if name not in used
+    ]
+
+
+CHECKS: tuple[core_checks.Check, ...] = (
+    check_setting_values,
+    check_limits_setting,
+    check_unknown_limits,
+    check_celery_rate_limit,
+    check_prefetch,
+    check_store,
+    check_unused_limits,
+)

@@ -1,0 +1,170 @@
+"""The limits step: stamp the tenant at enqueue; admit, defer or pause a run in the worker.
+
+Admission happens right before the body, inside the failure step: a delivery that starts
+past its ``deadline`` is dead-lettered by the failure step before it is admitted (so a job
+paused or throttled past its deadline never runs), and a deferral is a ``Retry`` the failure
+step lets through without counting an attempt. It sits outside the idempotency step, so a
+deferred delivery never takes its key's lease.
+
+An over-limit or paused delivery is not held: it is republished through the delivery
+schedule (``publish_at``) with a short jittered delay, its guard header unchanged but for
+the ``deferred`` count, and its message acked; the worker process is free at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from celery.exceptions import Reject, Retry
+
+from celery_guard.conf import guard_settings
+from celery_guard.core import headers
+from celery_guard.core.pipeline import CallNext, Publish, Step
+from celery_guard.limits import rules, services, store
+from celery_guard.observability import events
+
+logger = logging.getLogger(__name__)
+
+#: The guard header field counting a job's deferrals (not attempts).
+DEFERRED = "deferred"
+#: Longest delay of one deferral (seconds): a limit is checked again at least this often.
+MAX_DEFER = 30.0
+#: Seconds a concurrency slot's lease outlives the task's hard time limit.
+LEASE_MARGIN = 30.0
+
+_outage_logged = False
+
+
+def lease_for(task: Any) -> float:
+    """Seconds a slot of ``task`` is held without a release (a SIGKILLed worker's slot)."""
+    hard = float(getattr(task, "time_limit", None) or guard_settings.time_limit or 0)
+    return max(guard_settings.limits_lease, hard + LEASE_MARGIN if hard else 0.0)
+
+
+def _jittered(delay: float) -> float:
+    # Deferred deliveries must not all come back at the same instant.
+    return round(min(delay, MAX_DEFER) * random.uniform(1.0, 1.5) + random.uniform(0, 0.1), 3)
+
+
+def defer(task: Any, guard: Mapping[str, Any], limit: str, delay: float, event: str) -> NoReturn:
+    """Republish the running delivery ``delay`` seconds later without counting an attempt.
+
+    Raises:
+        celery.exceptions.Retry: Always once republished (Celery acks this delivery).
+        celery.exceptions.Reject: With ``requeue=True`` when it could not be republished.
+    """
+    request = task.request
+    count = guard.get(DEFERRED, 0)
+    count = count + 1 if isinstance(count, int) and not isinstance(count, bool) else 1
+    message_headers = {**(request.headers or {}), headers.HEADER: {**guard, DEFERRED: count}}
+    try:
+        again = task.signature_from_request(
+            request, countdown=delay, retries=request.retries, headers=message_headers
+        )
+        again.apply_async()
+    except Exception as exc:
+        logger.error(
+            "celery_guard: could not defer %s[%s] (%s); requeueing it",
+            task.name,
+            request.id,
+            limit,
+            exc_info=True,
+        )
+        events.emit("requeued", why=f"the deferral ({limit}) could not be published")
+        raise Reject(exc, requeue=True) from exc
+    if event == "deferred":
+        events.emit("deferred", limit=limit, delay=delay)
+    else:
+        events.emit("throttled", limit=limit, delay=delay)
+    logger.info(
+        "celery_guard: %s[%s] %s by %s: again in %.2fs (deferral %s)",
+        task.name,
+        request.id,
+        event,
+        limit,
+        delay,
+        count,
+    )
+    raise Retry(f"{event} by {limit}", when=delay, sig=again)
+
+
+def _outage(task: Any, guard: Mapping[str, Any], exc: Exception) -> None:
+    """The store is unreachable: run anyway (the default) or defer, and say so."""
+    global _outage_logged
+    if guard_settings.limits_on_outage == "defer":
+        logger.warning("celery_guard: limits store unreachable (%s); deferring %s", exc, task.name)
+        defer(task, guard, "unavailable", _jittered(guard_settings.limits_defer_delay), "throttled")
+    if not _outage_logged:
+        logger.warning(
+            "celery_guard: limits store unreachable (%s); running %s and others WITHOUT their "
+            "limits until it is back (CELERY_GUARD_LIMITS_ON_OUTAGE='run')",
+            exc,
+            task.name,
+        )
+        _outage_logged = True
+
+
+class LimitsStep(Step):
+    """Cluster-wide concurrency and rates, tenants, pauses (see ``docs/limits.md``)."""
+
+    name = "limits"
+    options = rules.OPTIONS
+
+    def check(self, task_options: Mapping[str, Any], where: str) -> None:
+        """A per-tenant limit needs a ``tenant`` template."""
+        rules.check_together(task_options, where)
+
+    def prepare(self, publish: Publish) -> None:
+        """Stamp the call's tenant (``ValueError`` when the template cannot be rendered)."""
+        if rules.TENANT_FIELD in publish.inherited and rules.TENANT.name not in publish.per_call:
+            return  # a retry or deferral keeps its tenant
+        tenant = rules.tenant_of(publish.task, publish.args, publish.kwargs, publish.per_call)
+        publish.fields[rules.TENANT_FIELD] = tenant
+
+    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+        """Admit the body under the task's limits, or defer the delivery; release after it."""
+        global _outage_logged
+        request = task.request
+        if request.called_directly or request.is_eager or request.id is None:
+            return call(*args, **kwargs)
+        policy = services.current(task.name)
+        guard = headers.read(request.headers)
+        if policy is not None and policy.paused:
+            defer(task, guard, "paused", _jittered(guard_settings.limits_defer_delay), "deferred")
+        tenant = guard.get(rules.TENANT_FIELD)
+        found = rules.rules_for(
+            task,
+            tenant if isinstance(tenant, str) else None,
+            concurrency=policy.concurrency if policy else None,
+            rate=policy.rate if policy else None,
+        )
+        if not found:
+            return call(*args, **kwargs)
+        try:
+            limits = store.get_store()
+            admission = limits.admit(found, lease_for(task))
+        except store.Unavailable as exc:
+            _outage(task, guard, exc)
+            return call(*args, **kwargs)
+        _outage_logged = False
+        if not admission.admitted:
+            assert admission.rule is not None
+            # A rate says when its window frees a start; a full semaphore does not.
+            base = max(admission.wait, 0.05) if admission.kind == "rate" else None
+            delay = _jittered(base if base is not None else guard_settings.limits_defer_delay)
+            defer(task, guard, f"{admission.rule.scope}:{admission.kind}", delay, "throttled")
+        try:
+            return call(*args, **kwargs)
+        finally:
+            try:
+                limits.release(found, admission.holder)
+            except store.Unavailable:
+                logger.warning(
+                    "celery_guard: could not release the slots of %s[%s]; they return when "
+                    "their lease ends",
+                    task.name,
+                    request.id,
+                )

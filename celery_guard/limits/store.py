@@ -1,0 +1,211 @@
+"""The limits store in Redis: admission and release of a run, one Lua script each.
+
+Concurrency is a semaphore of leases: a sorted set per scope whose members are the holders
+(one per running body) scored by their lease expiry. A holder releases its slot after the
+body; a holder that never does (its worker was SIGKILLed) drops out when its lease ends.
+
+Rates are a sliding log: a sorted set per scope of the starts of the last period, scored by
+their time. An admission counts the starts in ``(now - period, now]``, so in any window of one
+period at most ``count`` bodies start (no burst allowance: the tolerance is zero).
+
+One script checks every rule of a run and, only if all of them admit it, takes its slots
+and records its starts: one round trip to admit, one to release. The script reads the
+server's clock, so workers' clocks do not matter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from celery_guard.conf import guard_settings
+from celery_guard.limits.rules import Rule
+
+logger = logging.getLogger(__name__)
+
+#: KEYS: per rule, its concurrency set and its rate log. ARGV: holder, lease (s), rule
+#: count, then per rule: concurrency (0: none), rate count (0: none), rate period (s).
+#: Returns {1} when admitted, else {0, rule index, kind, seconds until it may admit}.
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local holder, lease, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, n do
+  local conc, count = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i])
+  local period = tonumber(ARGV[3 + 3 * i])
+  local ck, rk = KEYS[2 * i - 1], KEYS[2 * i]
+  if conc > 0 then
+    redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
+    if redis.call('ZCARD', ck) >= conc then
+      local first = redis.call('ZRANGE', ck, 0, 0, 'WITHSCORES')
+      return {0, i, 'concurrency', tostring(tonumber(first[2]) - now)}
+    end
+  end
+  if count > 0 then
+    redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - period)
+    if redis.call('ZCARD', rk) >= count then
+      local first = redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')
+      return {0, i, 'rate', tostring(tonumber(first[2]) + period - now)}
+    end
+  end
+end
+for i = 1, n do
+  local conc, count = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i])
+  local period = tonumber(ARGV[3 + 3 * i])
+  local ck, rk = KEYS[2 * i - 1], KEYS[2 * i]
+  if conc > 0 then
+    redis.call('ZADD', ck, now + lease, holder)
+    redis.call('PEXPIRE', ck, math.ceil(lease * 1000) + 1000)
+  end
+  if count > 0 then
+    redis.call('ZADD', rk, now, holder)
+    redis.call('PEXPIRE', rk, math.ceil(period * 1000) + 1000)
+  end
+end
+return {1}
+"""
+
+#: KEYS: the concurrency sets of a run's rules. ARGV: holder.
+RELEASE = """
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
+"""
+
+#: Seconds the store is left alone after it could not be reached (no timeout per task).
+OUTAGE_PAUSE = 2.0
+
+
+class Unavailable(Exception):
+    """The limits store cannot be reached (or has no Redis configured)."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The store's answer: admitted, or which rule refused and for how long."""
+
+    admitted: bool
+    holder: str
+    rule: Rule | None = None
+    kind: str = ""
+    wait: float = 0.0
+
+
+def redis_url() -> str | None:
+    """The limits' Redis: ``CELERY_GUARD_LIMITS_REDIS_URL``, else a Redis broker's URL."""
+    url = guard_settings.limits_redis_url
+    if url:
+        return url
+    from celery import current_app
+
+    broker = current_app.conf.broker_url
+    if isinstance(broker, str) and broker.split(":", 1)[0] in ("redis", "rediss", "unix"):
+        return broker
+    return None
+
+
+#: Clients by process and URL: one connection pool per process. Keyed by pid, like the
+#: delivery schedule's, so a forked pool process never shares its parent's connections.
+_clients: dict[tuple[int, str], Any] = {}
+_paused_until = 0.0
+
+
+def _client(url: str) -> Any:
+    key = (os.getpid(), url)
+    client = _clients.get(key)
+    if client is None:
+        # Short timeouts: an unreachable store costs a task about a second, then nothing
+        # for OUTAGE_PAUSE seconds.
+        client = _clients[key] = redis.Redis.from_url(
+            url, socket_connect_timeout=1.0, socket_timeout=2.0
+        )
+    return client
+
+
+class Store:
+    """The Redis limits store (one per process and URL, see :func:`get_store`)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.client = _client(url)
+        self.prefix = prefix
+        self._admit = self.client.register_script(ADMIT)
+        self._release = self.client.register_script(RELEASE)
+
+    def keys(self, rule: Rule) -> tuple[str, str]:
+        """The concurrency set and rate log of a rule."""
+        return f"{self.prefix}c:{rule.scope}", f"{self.prefix}r:{rule.scope}"
+
+    def admit(self, rules: Sequence[Rule], lease: float, holder: str | None = None) -> Admission:
+        """Admit one run under ``rules`` (taking its slots and starts) or say why not.
+
+        Raises:
+            Unavailable: Redis cannot be reached.
+        """
+        holder = holder or f"{os.getpid()}:{uuid.uuid4().hex}"
+        keys: list[str] = []
+        args: list[Any] = [holder, lease, len(rules)]
+        for rule in rules:
+            keys += self.keys(rule)
+            args += [
+                rule.concurrency or 0,
+                rule.rate.count if rule.rate else 0,
+                rule.rate.period if rule.rate else 0,
+            ]
+        answer = _guarded(lambda: self._admit(keys=keys, args=args))
+        if int(answer[0]) == 1:
+            return Admission(True, holder)
+        kind = answer[2].decode() if isinstance(answer[2], bytes) else str(answer[2])
+        return Admission(False, holder, rules[int(answer[1]) - 1], kind, float(answer[3]))
+
+    def release(self, rules: Sequence[Rule], holder: str) -> None:
+        """Give back the concurrency slots ``holder`` took.
+
+        Raises:
+            Unavailable: Redis cannot be reached (the slots return when their lease ends).
+        """
+        keys = [self.keys(rule)[0] for rule in rules if rule.concurrency]
+        if keys:
+            _guarded(lambda: self._release(keys=keys, args=[holder]))
+
+    def holders(self, rule: Rule) -> int:
+        """How many live holders a rule's concurrency set has now (admin, tests)."""
+        return int(self.client.zcount(self.keys(rule)[0], time.time(), "+inf"))
+
+
+def _guarded(call: Any) -> Any:
+    global _paused_until
+    if time.monotonic() < _paused_until:
+        raise Unavailable("the limits store was unreachable moments ago")
+    try:
+        return call()
+    except redis.RedisError as exc:
+        _paused_until = time.monotonic() + OUTAGE_PAUSE
+        raise Unavailable(str(exc)) from exc
+
+
+_stores: dict[tuple[int, str, str], Store] = {}
+
+
+def get_store() -> Store:
+    """This process's store for the configured URL and prefix.
+
+    Raises:
+        Unavailable: No Redis for the limits (no setting and the broker is not Redis).
+    """
+    url = redis_url()
+    if url is None:
+        raise Unavailable(
+            "no Redis for the limits: set CELERY_GUARD_LIMITS_REDIS_URL (the broker is not Redis)"
+        )
+    prefix = guard_settings.limits_redis_prefix
+    key = (os.getpid(), url, prefix)
+    store = _stores.get(key)
+    if store is None:
+        store = _stores[key] = Store(url, prefix)
+    return store

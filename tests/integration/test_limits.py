@@ -1,0 +1,181 @@
+"""Limits on a real Redis: the admission script under contention, leases, policies, admin."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.urls import reverse
+
+from celery_guard.limits import services, store
+from celery_guard.limits.models import TaskPolicy
+from celery_guard.limits.rules import Rate, Rule
+from tests.support.harness import wait_until
+
+
+def fresh_store(url: str) -> store.Store:
+    return store.Store(url, f"cgt-limits-{uuid.uuid4().hex[:8]}:")
+
+
+def test_concurrency_is_never_exceeded_by_contending_threads(redis_url):
+    limits = fresh_store(redis_url)
+    rule = Rule("task:contended", concurrency=2)
+    inside, peak, admitted = 0, 0, 0
+    lock = threading.Lock()
+
+    def worker() -> None:
+        nonlocal inside, peak, admitted
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            admission = limits.admit([rule], lease=30)
+            if not admission.admitted:
+                assert admission.kind == "concurrency" and admission.rule == rule
+                continue
+            with lock:
+                inside += 1
+                peak = max(peak, inside)
+                admitted += 1
+            time.sleep(0.005)
+            with lock:
+                inside -= 1
+            limits.release([rule], admission.holder)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak == 2  # reached, never exceeded
+    assert admitted > 10
+    assert limits.holders(rule) == 0
+
+
+def _hammer(url: str, prefix: str, rule: Rule, seconds: float, out: multiprocessing.Queue) -> None:
+    limits = store.Store(url, prefix)
+    count = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if limits.admit([rule], lease=30).admitted:
+            count += 1
+    out.put(count)
+
+
+def test_rate_holds_across_processes(redis_url):
+    prefix = f"cgt-limits-{uuid.uuid4().hex[:8]}:"
+    # A minute's window: nothing leaves it during the test, so exactly N starts are admitted.
+    rule = Rule("limit:shared", rate=Rate(7, 60.0))
+    out: multiprocessing.Queue = multiprocessing.Queue()
+    procs = [
+        multiprocessing.Process(target=_hammer, args=(redis_url, prefix, rule, 1.0, out))
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    counts = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert sum(counts) == 7
+
+
+def test_rate_window_slides_and_says_when_it_frees_a_start(redis_url):
+    limits = fresh_store(redis_url)
+    rule = Rule("task:sliding", rate=Rate(3, 1.0))
+    assert all(limits.admit([rule], lease=30).admitted for _ in range(3))
+    refused = limits.admit([rule], lease=30)
+    assert not refused.admitted and refused.kind == "rate"
+    assert 0 < refused.wait <= 1.0
+    time.sleep(refused.wait + 0.05)
+    assert limits.admit([rule], lease=30).admitted
+
+
+def test_all_rules_admit_or_none_is_taken(redis_url):
+    limits = fresh_store(redis_url)
+    own, shared = Rule("task:a", concurrency=5), Rule("limit:gw", concurrency=1)
+    first = limits.admit([own, shared], lease=30)
+    assert first.admitted
+    second = limits.admit([own, shared], lease=30)
+    assert not second.admitted and second.rule == shared
+    assert limits.holders(own) == 1  # the refused run took no slot of the first rule
+    limits.release([own, shared], first.holder)
+    assert limits.holders(own) == 0 and limits.holders(shared) == 0
+
+
+def _hold_forever(url: str, prefix: str, rule: Rule, ready: multiprocessing.Event) -> None:
+    assert store.Store(url, prefix).admit([rule], lease=1.5).admitted
+    ready.set()
+    time.sleep(600)
+
+
+def test_slot_of_a_killed_holder_returns_after_its_lease(redis_url):
+    prefix = f"cgt-limits-{uuid.uuid4().hex[:8]}:"
+    rule = Rule("task:killed", concurrency=1)
+    ready = multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold_forever, args=(redis_url, prefix, rule, ready))
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    limits = store.Store(redis_url, prefix)
+    assert not limits.admit([rule], lease=30).admitted  # still held by the dead process
+    wait_until(lambda: limits.admit([rule], lease=30).admitted, timeout=5, interval=0.1)
+
+
+def test_unreachable_store_raises_unavailable_then_fails_fast(monkeypatch):
+    monkeypatch.setattr(store, "_paused_until", 0.0)
+    limits = store.Store("redis://127.0.0.1:1/0", "x:")
+    with pytest.raises(store.Unavailable):
+        limits.admit([Rule("task:x", concurrency=1)], lease=30)
+    started = time.monotonic()
+    with pytest.raises(store.Unavailable, match="moments ago"):
+        limits.admit([Rule("task:x", concurrency=1)], lease=30)
+    assert time.monotonic() - started < 0.5
+    monkeypatch.setattr(store, "_paused_until", 0.0)
+
+
+@pytest.mark.django_db
+def test_policies_are_cached_and_reread_after_the_refresh(settings):
+    settings.CELERY_GUARD_POLICY_REFRESH = 60
+    services.forget()
+    assert services.current("app.tasks.x") is None
+    services.set_paused("app.tasks.x", True, note="incident")
+    assert services.current("app.tasks.x") is None  # cached: no query per task
+    services.forget()
+    assert services.current("app.tasks.x") == services.Policy(paused=True)
+    services.set_limits("app.tasks.x", concurrency=2, rate="5/s")
+    services.set_paused("app.tasks.x", False)
+    services.forget()
+    assert services.current("app.tasks.x") == services.Policy(False, 2, Rate(5, 1.0))
+    with pytest.raises(ValueError):
+        services.set_limits("app.tasks.x", rate="fast")
+    services.forget()
+
+
+@pytest.mark.django_db
+def test_admin_pauses_and_resumes_task_types_in_the_admin_log(admin_client):
+    TaskPolicy.objects.create(task_name="app.tasks.notify")
+    url = reverse("admin:celery_guard_taskpolicy_changelist")
+    row = TaskPolicy.objects.get()
+    response = admin_client.post(
+        url, {"action": "pause_selected", "_selected_action": [row.pk]}, follow=True
+    )
+    assert response.status_code == 200
+    assert TaskPolicy.objects.get().paused
+    assert LogEntry.objects.filter(change_message="paused (admin action)").count() == 1
+    admin_client.post(url, {"action": "resume_selected", "_selected_action": [row.pk]})
+    assert not TaskPolicy.objects.get().paused
+    change = reverse("admin:celery_guard_taskpolicy_change", args=[row.pk])
+    page = admin_client.post(
+        change, {"task_name": "app.tasks.notify", "rate": "fast", "note": ""}
+    ).content.decode()
+    assert "is not a rate" in page
+    admin_client.post(
+        change, {"task_name": "app.tasks.notify", "rate": "10/m", "concurrency": "2", "note": ""}
+    )
+    assert TaskPolicy.objects.get().rate == "10/m"
+    assert LogEntry.objects.filter(object_id=str(row.pk)).count() >= 3
