@@ -185,3 +185,16 @@ def test_w022_a_named_limit_no_task_uses():
         [message] = limits_checks.check_unused_limits()
     assert message.id == "celery_guard.W022"
     assert "'spare'" in message.msg
+
+
+def test_the_tenant_is_stamped_at_enqueue_and_kept_by_a_republish():
+    task = limit_tasks.tenant_job
+    assert task.guard_prepare((7, "a"), {}, None)["tenant"] == "dept-7"
+    assert task.guard_prepare((7, "a"), {}, {"tenant": "acme"})["tenant"] == "acme"
+    # A retry or a deferral republishes with the header it carries.
+    assert task.guard_prepare((8, "a"), {}, None, inherited={"tenant": "dept-7"})["tenant"] == (
+        "dept-7"
+    )
+    assert limit_tasks.limited_job.guard_prepare(("a",), {}, None)["tenant"] is None
+    with pytest.raises(ValueError, match="cannot derive the tenant"):
+        task.guard_prepare((), {"label": "a", "department_id": ""}, None)

@@ -1,0 +1,80 @@
+"""Limits on real workers: a cluster-wide concurrency of 1, pause and resume, a deadline."""
+
+from itertools import pairwise
+
+import pytest
+
+from celery_guard.limits import services
+from celery_guard.models import DeadLetter
+from tests.support.harness import wait_until
+from tests.testapp import limit_tasks
+from tests.testapp.models import Execution
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def executions(count, timeout=60):
+    return wait_until(
+        lambda: (
+            list(Execution.objects.order_by("started_at"))
+            if Execution.objects.count() >= count
+            else None
+        ),
+        timeout,
+    )
+
+
+def test_concurrency_one_across_two_workers_never_overlaps(start_worker):
+    start_worker(["high"], concurrency=2)
+    start_worker(["high"], concurrency=2)
+    for i in range(6):
+        limit_tasks.limited_job.delay(f"c-{i}", sleep_ms=300)
+
+    runs = executions(6)
+    assert sorted(r.label for r in runs) == [f"c-{i}" for i in range(6)]  # each ran once
+    for earlier, later in pairwise(runs):
+        assert later.started_at >= earlier.finished_at, (earlier.label, later.label)
+    assert len({r.hostname for r in runs}) == 2  # both workers ran some
+    # Deferred while the slot was taken, without using an attempt.
+    assert all(r.guard_header["attempt"] == 1 for r in runs)
+    assert any(r.guard_header.get("deferred", 0) >= 1 for r in runs)
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_paused_task_runs_after_resume_and_one_paused_past_its_deadline_is_dead_lettered(
+    start_worker,
+):
+    services.set_paused(limit_tasks.pausable_job.name, True)
+    services.set_paused(limit_tasks.deadline_job.name, True)
+    start_worker(["high"], concurrency=2)
+    limit_tasks.pausable_job.delay("paused")
+    limit_tasks.deadline_job.delay("late")
+
+    # deadline=3: deferred while paused, then dead-lettered without an attempt.
+    row = wait_until(lambda: DeadLetter.objects.filter(args__0="late").first(), timeout=30)
+    assert row.reason == DeadLetter.Reason.DEADLINE
+    assert row.attempts == 0
+    assert not Execution.objects.exists()  # neither ran while paused
+
+    services.set_paused(limit_tasks.pausable_job.name, False)
+    [run] = executions(1, timeout=30)
+    assert run.label == "paused"
+    assert run.guard_header["attempt"] == 1
+    assert run.guard_header["deferred"] >= 1
+    assert DeadLetter.objects.count() == 1
+
+
+def test_a_small_tenant_is_not_held_back_by_a_large_one(start_worker):
+    start_worker(["high"], concurrency=3)
+    for i in range(5):
+        limit_tasks.tenant_job.delay(1, f"a-{i}", sleep_ms=400)
+    limit_tasks.tenant_job.delay(2, "b-0", sleep_ms=0)
+
+    runs = executions(6)
+    a = [r for r in runs if r.label.startswith("a-")]
+    [b] = [r for r in runs if r.label == "b-0"]
+    assert {r.guard_header["tenant"] for r in a} == {"dept-1"}
+    assert b.guard_header["tenant"] == "dept-2"
+    for earlier, later in pairwise(a):  # tenant_concurrency=1 for each department
+        assert later.started_at >= earlier.finished_at
+    assert b.started_at < a[1].started_at  # it did not wait behind department 1's backlog
