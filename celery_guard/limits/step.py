@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from celery.exceptions import Reject, Retry
 
 from celery_guard.conf import guard_settings
-from celery_guard.core import headers
+from celery_guard.core import headers, http
 from celery_guard.core.pipeline import CallNext, Publish, Step
+from celery_guard.exceptions import ThrottledError
 from celery_guard.limits import rules, services, store
 from celery_guard.observability import events
 
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 DEFERRED = "deferred"
 #: Longest delay of one deferral (seconds): a limit is checked again at least this often.
 MAX_DEFER = 30.0
+#: Longest back-off (seconds) a 429's ``Retry-After`` puts on a named limit.
+MAX_BACK_OFF = 3600.0
 #: Seconds a concurrency slot's lease outlives the task's hard time limit.
 LEASE_MARGIN = 30.0
 
@@ -107,6 +111,27 @@ def _outage(task: Any, guard: Mapping[str, Any], exc: Exception) -> None:
         _outage_logged = True
 
 
+def _back_off(limits: store.Store, found: list[rules.Rule], exc: Exception) -> None:
+    """A 429 with ``Retry-After`` slows the named limits of the run for the whole cluster."""
+    if not (isinstance(exc, ThrottledError) or http.http_status(exc) == 429):
+        return
+    shared = [rule for rule in found if rule.scope.startswith("limit:")]
+    seconds = http.retry_after_of(exc, time.time())
+    if not shared or not seconds:
+        return
+    seconds = min(seconds, MAX_BACK_OFF)
+    try:
+        limits.back_off(shared, seconds)
+    except store.Unavailable:
+        return
+    logger.warning(
+        "celery_guard: the gateway behind %s answered throttled (Retry-After %.1fs): no run "
+        "is admitted under it until then",
+        ", ".join(rule.scope for rule in shared),
+        seconds,
+    )
+
+
 class LimitsStep(Step):
     """Cluster-wide concurrency and rates, tenants, pauses (see ``docs/limits.md``)."""
 
@@ -158,6 +183,9 @@ class LimitsStep(Step):
             defer(task, guard, f"{admission.rule.scope}:{admission.kind}", delay, "throttled")
         try:
             return call(*args, **kwargs)
+        except Exception as exc:
+            _back_off(limits, found, exc)
+            raise
         finally:
             try:
                 limits.release(found, admission.holder)

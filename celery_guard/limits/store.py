@@ -8,6 +8,9 @@ Rates are a sliding log: a sorted set per scope of the starts of the last period
 their time. An admission counts the starts in ``(now - period, now]``, so in any window of one
 period at most ``count`` bodies start (no burst allowance: the tolerance is zero).
 
+A back-off key per scope (set when a gateway behind a named limit answered 429 with
+``Retry-After``) refuses every run of that scope until it expires.
+
 One script checks every rule of a run and, only if all of them admit it, takes its slots
 and records its starts: one round trip to admit, one to release. The script reads the
 server's clock, so workers' clocks do not matter.
@@ -30,9 +33,10 @@ from celery_guard.limits.rules import Rule
 
 logger = logging.getLogger(__name__)
 
-#: KEYS: per rule, its concurrency set and its rate log. ARGV: holder, lease (s), rule
-#: count, then per rule: concurrency (0: none), rate count (0: none), rate period (s).
-#: Returns {1} when admitted, else {0, rule index, kind, seconds until it may admit}.
+#: KEYS: per rule, its concurrency set, its rate log and its back-off key. ARGV: holder,
+#: lease (s), rule count, then per rule: concurrency (0: none), rate count (0: none), rate
+#: period (s). Returns {1} when admitted, else {0, rule index, kind, seconds until it may
+#: admit}.
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -40,7 +44,9 @@ local holder, lease, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for i = 1, n do
   local conc, count = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i])
   local period = tonumber(ARGV[3 + 3 * i])
-  local ck, rk = KEYS[2 * i - 1], KEYS[2 * i]
+  local ck, rk = KEYS[3 * i - 2], KEYS[3 * i - 1]
+  local backoff = redis.call('PTTL', KEYS[3 * i])
+  if backoff > 0 then return {0, i, 'backoff', tostring(backoff / 1000)} end
   if conc > 0 then
     redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
     if redis.call('ZCARD', ck) >= conc then
@@ -59,7 +65,7 @@ end
 for i = 1, n do
   local conc, count = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i])
   local period = tonumber(ARGV[3 + 3 * i])
-  local ck, rk = KEYS[2 * i - 1], KEYS[2 * i]
+  local ck, rk = KEYS[3 * i - 2], KEYS[3 * i - 1]
   if conc > 0 then
     redis.call('ZADD', ck, now + lease, holder)
     redis.call('PEXPIRE', ck, math.ceil(lease * 1000) + 1000)
@@ -75,6 +81,16 @@ return {1}
 #: KEYS: the concurrency sets of a run's rules. ARGV: holder.
 RELEASE = """
 for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
+"""
+
+#: KEYS: back-off keys. ARGV: milliseconds. Lengthens a back-off, never shortens it.
+BACK_OFF = """
+for i = 1, #KEYS do
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[1]) then
+    redis.call('SET', KEYS[i], '1', 'PX', ARGV[1])
+  end
+end
 return 1
 """
 
@@ -136,10 +152,15 @@ class Store:
         self.prefix = prefix
         self._admit = self.client.register_script(ADMIT)
         self._release = self.client.register_script(RELEASE)
+        self._back_off = self.client.register_script(BACK_OFF)
 
-    def keys(self, rule: Rule) -> tuple[str, str]:
-        """The concurrency set and rate log of a rule."""
-        return f"{self.prefix}c:{rule.scope}", f"{self.prefix}r:{rule.scope}"
+    def keys(self, rule: Rule) -> tuple[str, str, str]:
+        """The concurrency set, rate log and back-off key of a rule."""
+        return (
+            f"{self.prefix}c:{rule.scope}",
+            f"{self.prefix}r:{rule.scope}",
+            f"{self.prefix}b:{rule.scope}",
+        )
 
     def admit(self, rules: Sequence[Rule], lease: float, holder: str | None = None) -> Admission:
         """Admit one run under ``rules`` (taking its slots and starts) or say why not.
@@ -172,6 +193,16 @@ class Store:
         keys = [self.keys(rule)[0] for rule in rules if rule.concurrency]
         if keys:
             _guarded(lambda: self._release(keys=keys, args=[holder]))
+
+    def back_off(self, rules: Sequence[Rule], seconds: float) -> None:
+        """Admit no run under ``rules`` for ``seconds`` (a gateway answered 429 Retry-After).
+
+        Raises:
+            Unavailable: Redis cannot be reached.
+        """
+        keys = [self.keys(rule)[2] for rule in rules]
+        if keys and seconds > 0:
+            _guarded(lambda: self._back_off(keys=keys, args=[max(1, int(seconds * 1000))]))
 
     def holders(self, rule: Rule) -> int:
         """How many live holders a rule's concurrency set has now (admin, tests)."""

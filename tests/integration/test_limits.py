@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -10,13 +11,17 @@ import time
 import uuid
 
 import pytest
+from celery.exceptions import Retry
 from django.contrib.admin.models import LogEntry
 from django.urls import reverse
 
+from celery_guard.exceptions import ThrottledError
 from celery_guard.limits import services, store
 from celery_guard.limits.models import TaskPolicy
 from celery_guard.limits.rules import Rate, Rule
+from celery_guard.limits.step import LimitsStep
 from tests.support.harness import wait_until
+from tests.testapp import limit_tasks
 
 
 def fresh_store(url: str) -> store.Store:
@@ -179,3 +184,82 @@ def test_admin_pauses_and_resumes_task_types_in_the_admin_log(admin_client):
     )
     assert TaskPolicy.objects.get().rate == "10/m"
     assert LogEntry.objects.filter(object_id=str(row.pk)).count() >= 3
+
+
+@pytest.fixture
+def running(settings):
+    """Run a guarded task's limits step as a worker would, with a real Redis and broker."""
+    settings.CELERY_GUARD_LIMITS_REDIS_PREFIX = f"cgt-limits-{uuid.uuid4().hex[:8]}:"
+    services.forget()
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(services, "current", lambda name: None)  # no policy table needed here
+
+    def run(task, args, body, guard=None):
+        header = {"v": 2, "attempt": 1, "first_enqueued_at": time.time(), **(guard or {})}
+        task.push_request(
+            id=uuid.uuid4().hex,
+            headers={"celery_guard": header},
+            retries=0,
+            is_eager=False,
+            called_directly=False,
+            delivery_info={"exchange": "", "routing_key": "cgt-limits-none"},
+            args=list(args),
+            kwargs={},
+        )
+        try:
+            return LimitsStep().run(task, tuple(args), {}, body)
+        finally:
+            task.pop_request()
+
+    yield run
+    monkey.undo()
+
+
+def test_an_over_limit_delivery_is_deferred_without_an_attempt(running, monkeypatch):
+    published = []
+    monkeypatch.setattr(
+        "celery.canvas.Signature.apply_async", lambda sig, *a, **kw: published.append(sig)
+    )
+    limits = store.get_store()
+    rule = Rule(f"task:{limit_tasks.limited_job.name}", concurrency=1)
+    held = limits.admit([rule], lease=30)
+    with pytest.raises(Retry) as retried:
+        running(limit_tasks.limited_job, ["x"], lambda *a: pytest.fail("ran over its limit"))
+    [again] = published
+    guard = again.options["headers"]["celery_guard"]
+    assert guard["deferred"] == 1 and guard["attempt"] == 1
+    assert again.options["retries"] == 0 and 0 < again.options["countdown"] <= 30
+    assert retried.value.sig is again
+    limits.release([rule], held.holder)
+    assert running(limit_tasks.limited_job, ["x"], lambda *a: "ran") == "ran"
+    assert limits.holders(rule) == 0  # released after the body
+
+
+def test_a_throttled_answer_backs_off_the_named_limit_for_the_cluster(running):
+    def throttled(*args):
+        raise ThrottledError("429", retry_after=1.5)
+
+    with pytest.raises(ThrottledError):
+        running(limit_tasks.gateway_job, ["x"], throttled)
+    refused = store.get_store().admit([Rule("limit:test-gateway", concurrency=1)], lease=30)
+    assert not refused.admitted and refused.kind == "backoff"
+    assert 0 < refused.wait <= 1.5
+
+
+def test_an_unreachable_store_fails_open_by_default_or_defers(
+    running, settings, caplog, monkeypatch
+):
+    published = []
+    monkeypatch.setattr(
+        "celery.canvas.Signature.apply_async", lambda sig, *a, **kw: published.append(sig)
+    )
+    settings.CELERY_GUARD_LIMITS_REDIS_URL = "redis://127.0.0.1:1/0"
+    store._paused_until = 0.0
+    with caplog.at_level(logging.WARNING, logger="celery_guard.limits.step"):
+        assert running(limit_tasks.limited_job, ["x"], lambda *a: "ran") == "ran"
+    assert "WITHOUT their limits" in caplog.text
+    settings.CELERY_GUARD_LIMITS_ON_OUTAGE = "defer"
+    with pytest.raises(Retry, match="throttled by unavailable"):
+        running(limit_tasks.limited_job, ["x"], lambda *a: pytest.fail("ran"))
+    assert len(published) == 1
+    store._paused_until = 0.0

@@ -17,6 +17,7 @@ from django.db import InterfaceError, OperationalError
 
 from celery_guard import PermanentError, ThrottledError, TransientError
 from celery_guard.backoff import Exponential, Fixed, Schedule, parse
+from celery_guard.core import http
 from celery_guard.failures import retry
 
 NOW = 1_700_000_000.0
@@ -152,19 +153,19 @@ def test_classification_order():
 
 def test_retry_after_parsing():
     date = email.utils.formatdate(NOW + 120, usegmt=True)
-    assert retry.parse_retry_after("30", NOW) == 30.0
-    assert retry.parse_retry_after(" 1.5 ", NOW) == 1.5
-    assert retry.parse_retry_after(date, NOW) == 120.0
-    assert retry.parse_retry_after(email.utils.formatdate(NOW - 60, usegmt=True), NOW) == 0.0
-    assert retry.parse_retry_after(dt.timedelta(seconds=9), NOW) == 9.0
+    assert http.parse_retry_after("30", NOW) == 30.0
+    assert http.parse_retry_after(" 1.5 ", NOW) == 1.5
+    assert http.parse_retry_after(date, NOW) == 120.0
+    assert http.parse_retry_after(email.utils.formatdate(NOW - 60, usegmt=True), NOW) == 0.0
+    assert http.parse_retry_after(dt.timedelta(seconds=9), NOW) == 9.0
     when = dt.datetime.fromtimestamp(NOW + 5, dt.timezone.utc)
-    assert retry.parse_retry_after(when, NOW) == 5.0
-    assert retry.parse_retry_after(-3, NOW) == 0.0
-    assert retry.parse_retry_after("soon", NOW) is None
-    assert retry.parse_retry_after(None, NOW) is None
-    assert retry.retry_after_of(requests_error(503, date), NOW) == 120.0
-    assert retry.retry_after_of(TransientError(retry_after="4"), NOW) == 4.0
-    assert retry.retry_after_of(ValueError(), NOW) is None
+    assert http.parse_retry_after(when, NOW) == 5.0
+    assert http.parse_retry_after(-3, NOW) == 0.0
+    assert http.parse_retry_after("soon", NOW) is None
+    assert http.parse_retry_after(None, NOW) is None
+    assert http.retry_after_of(requests_error(503, date), NOW) == 120.0
+    assert http.retry_after_of(TransientError(retry_after="4"), NOW) == 4.0
+    assert http.retry_after_of(ValueError(), NOW) is None
 
 
 def test_exponential_full_jitter_bounds():
