@@ -45,7 +45,8 @@ def check_limits_setting(app_configs: Sequence[Any] | None = None, **kw: Any) ->
     return found + [Error(t, hint=hint, id="celery_guard.E009") for t in values]
 
 
-def _limited(app: Any) -> list[Any]:
+def limited_tasks(app: Any) -> list[Any]:
+    """The guarded tasks of ``app`` with a limit (concurrency, rate, named or per tenant)."""
     names = tuple(o.name for o in rules.OPTIONS if o is not rules.TENANT)
     return [
         t
@@ -94,7 +95,7 @@ def check_prefetch(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[
     """W014: a prefetch multiplier above 1 while guarded tasks have limits."""
     app = core_checks.celery_app()
     multiplier = app.conf.worker_prefetch_multiplier
-    if not isinstance(multiplier, int) or multiplier <= 1 or not _limited(app):
+    if not isinstance(multiplier, int) or multiplier <= 1 or not limited_tasks(app):
         return []
     return [
         Warning(
@@ -109,7 +110,7 @@ def check_prefetch(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[
 def check_store(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
     """W015: guarded tasks have limits but there is no Redis for the limits store."""
     app = core_checks.celery_app()
-    if store.redis_url() is not None or not _limited(app):
+    if store.redis_url() is not None or not limited_tasks(app):
         return []
     return [
         Warning(

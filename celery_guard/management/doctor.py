@@ -14,6 +14,9 @@ from django.db import connection
 from celery_guard.conf import guard_settings
 from celery_guard.delivery import poller
 from celery_guard.idempotency.models import IdempotencyRecord, never_started
+from celery_guard.limits import checks as limits_checks
+from celery_guard.limits import store
+from celery_guard.limits.models import TaskPolicy
 
 
 @dataclass
@@ -127,6 +130,29 @@ def _check_poller(app: Any, report: Report) -> None:
         )
 
 
+def _check_limits(app: Any, report: Report) -> None:
+    limited = limits_checks.limited_tasks(app)
+    if limited:
+        try:
+            ms = _timed(lambda: store.get_store().client.ping())
+        except Exception as exc:
+            report.add(
+                "error",
+                f"limits store: unreachable: {exc}; {len(limited)} limited task type(s) run "
+                f"without their limits (CELERY_GUARD_LIMITS_ON_OUTAGE="
+                f"{guard_settings.limits_on_outage!r})",
+            )
+        else:
+            report.add("ok", f"limits store: reachable ({ms:.1f} ms)")
+    try:
+        paused = list(TaskPolicy.objects.filter(paused=True).values_list("task_name", flat=True))
+    except Exception as exc:
+        report.add("warning", f"task policies: not read: {exc}")
+        return
+    if paused:
+        report.add("warning", f"task types paused (deferred until resumed): {', '.join(paused)}")
+
+
 def worker_commands(app: Any) -> list[str]:
     """Return one worker command line per priority queue, so each level has its own pool."""
     queues = dict.fromkeys(guard_settings.priority_queues.values())
@@ -140,6 +166,7 @@ def run(timeout: float = 2.0) -> Report:
     _check_messages(report)
     _check_database(report)
     _check_never_started(report)
+    _check_limits(app, report)
     if _check_broker(app, report, timeout):
         _check_consumers(app, report, timeout)
         _check_poller(app, report)

@@ -24,3 +24,17 @@ def test_doctor_fails_on_a_check_error(settings, capsys):
     with pytest.raises(CommandError):
         run_doctor(capsys)
     assert "[error] celery_guard.E001" in capsys.readouterr().out
+
+
+def test_doctor_reports_the_limits_store_and_paused_task_types(settings, capsys):
+    from celery_guard.limits import services, store
+
+    services.set_paused("app.tasks.notify", True)
+    settings.CELERY_GUARD_LIMITS_REDIS_URL = "redis://127.0.0.1:1/0"
+    store._paused_until = 0.0
+    with pytest.raises(CommandError):
+        run_doctor(capsys)
+    out = capsys.readouterr().out
+    assert "[error] limits store: unreachable" in out
+    assert "[warning] task types paused (deferred until resumed): app.tasks.notify" in out
+    store._paused_until = 0.0
