@@ -80,7 +80,7 @@ DEFAULTS: Mapping[str, Any] = {
     "LIMITS": {},
     "LIMITS_REDIS_URL": None,
     "LIMITS_REDIS_PREFIX": "celery_guard:limits:",
-    "LIMITS_LEASE": 300,
+    "LIMITS_LEASE": 30,
     "LIMITS_ON_OUTAGE": "run",
     "LIMITS_DEFER_DELAY": 1.0,
     "POLICY_REFRESH": 2.0,
@@ -181,7 +181,7 @@ class _LimitsSettings:
 
     @property
     def limits_lease(self) -> float:
-        """Seconds a concurrency slot is held by a body that never releases it (a kill)."""
+        """Seconds a concurrency slot outlives its last renewal (a SIGKILLed worker's slot)."""
         return _seconds(raw("LIMITS_LEASE"))
 
     @property

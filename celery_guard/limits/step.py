@@ -36,16 +36,8 @@ DEFERRED = "deferred"
 MAX_DEFER = 30.0
 #: Longest back-off (seconds) a 429's ``Retry-After`` puts on a named limit.
 MAX_BACK_OFF = 3600.0
-#: Seconds a concurrency slot's lease outlives the task's hard time limit.
-LEASE_MARGIN = 30.0
 
 _outage_logged = False
-
-
-def lease_for(task: Any) -> float:
-    """Seconds a slot of ``task`` is held without a release (a SIGKILLed worker's slot)."""
-    hard = float(getattr(task, "time_limit", None) or guard_settings.time_limit or 0)
-    return max(guard_settings.limits_lease, hard + LEASE_MARGIN if hard else 0.0)
 
 
 def _jittered(delay: float) -> float:
@@ -170,7 +162,8 @@ class LimitsStep(Step):
             return call(*args, **kwargs)
         try:
             limits = store.get_store()
-            admission = limits.admit(found, lease_for(task))
+            lease = guard_settings.limits_lease
+            admission = limits.admit(found, lease)
         except store.Unavailable as exc:
             _outage(task, guard, exc)
             return call(*args, **kwargs)
@@ -181,12 +174,14 @@ class LimitsStep(Step):
             base = max(admission.wait, 0.05) if admission.kind == "rate" else None
             delay = _jittered(base if base is not None else guard_settings.limits_defer_delay)
             defer(task, guard, f"{admission.rule.scope}:{admission.kind}", delay, "throttled")
+        store.hold(limits, found, admission.holder, lease)
         try:
             return call(*args, **kwargs)
         except Exception as exc:
             _back_off(limits, found, exc)
             raise
         finally:
+            store.drop(admission.holder)
             try:
                 limits.release(found, admission.holder)
             except store.Unavailable:

@@ -1,8 +1,10 @@
 """The limits store in Redis: admission and release of a run, one Lua script each.
 
 Concurrency is a semaphore of leases: a sorted set per scope whose members are the holders
-(one per running body) scored by their lease expiry. A holder releases its slot after the
-body; a holder that never does (its worker was SIGKILLed) drops out when its lease ends.
+(one per running body) scored by their lease expiry. A thread of the worker process renews
+the leases of the bodies it runs (every third of a lease); a holder releases its slot after
+the body, and a holder that never does (its worker was SIGKILLed) drops out when its lease
+ends.
 
 Rates are a sliding log: a sorted set per scope of the starts of the last period, scored by
 their time. An admission counts the starts in ``(now - period, now]``, so in any window of one
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -81,6 +84,22 @@ return {1}
 #: KEYS: the concurrency sets of a run's rules. ARGV: holder.
 RELEASE = """
 for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
+"""
+
+#: KEYS: the concurrency sets of a running body's rules. ARGV: holder, lease (s). Extends the
+#: holder's live leases (an expired one is not revived: its slot may be someone else's).
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lease = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  local until_ = tonumber(redis.call('ZSCORE', KEYS[i], ARGV[1]) or '0')
+  if until_ > now then
+    redis.call('ZADD', KEYS[i], now + lease, ARGV[1])
+    redis.call('PEXPIRE', KEYS[i], math.ceil(lease * 1000) + 1000)
+  end
+end
 return 1
 """
 
@@ -153,6 +172,7 @@ class Store:
         self._admit = self.client.register_script(ADMIT)
         self._release = self.client.register_script(RELEASE)
         self._back_off = self.client.register_script(BACK_OFF)
+        self._renew = self.client.register_script(RENEW)
 
     def keys(self, rule: Rule) -> tuple[str, str, str]:
         """The concurrency set, rate log and back-off key of a rule."""
@@ -193,6 +213,16 @@ class Store:
         keys = [self.keys(rule)[0] for rule in rules if rule.concurrency]
         if keys:
             _guarded(lambda: self._release(keys=keys, args=[holder]))
+
+    def renew(self, rules: Sequence[Rule], holder: str, lease: float) -> None:
+        """Extend ``holder``'s live concurrency leases by ``lease`` seconds from now.
+
+        Raises:
+            Unavailable: Redis cannot be reached.
+        """
+        keys = [self.keys(rule)[0] for rule in rules if rule.concurrency]
+        if keys:
+            _guarded(lambda: self._renew(keys=keys, args=[holder, lease]))
 
     def back_off(self, rules: Sequence[Rule], seconds: float) -> None:
         """Admit no run under ``rules`` for ``seconds`` (a gateway answered 429 Retry-After).
@@ -240,3 +270,50 @@ def get_store() -> Store:
     if store is None:
         store = _stores[key] = Store(url, prefix)
     return store
+
+
+@dataclass
+class _Held:
+    store: Store
+    rules: tuple[Rule, ...]
+    lease: float
+    renewed: float
+
+
+#: The slots the bodies of this process hold, by holder, renewed by :func:`_renew_loop`.
+_held: dict[str, _Held] = {}
+_renewer_pid: int | None = None
+#: Seconds between two looks of the renewal thread at the held slots.
+RENEW_TICK = 0.25
+
+
+def hold(limits: Store, rules: Sequence[Rule], holder: str, lease: float) -> None:
+    """Keep ``holder``'s concurrency slots alive while its body runs (until :func:`drop`)."""
+    global _renewer_pid
+    if not any(rule.concurrency for rule in rules):
+        return
+    _held[holder] = _Held(limits, tuple(rules), lease, time.monotonic())
+    if _renewer_pid != os.getpid():  # a forked pool process has no renewal thread yet
+        _renewer_pid = os.getpid()
+        threading.Thread(target=_renew_loop, name="celery-guard-limits", daemon=True).start()
+
+
+def drop(holder: str) -> None:
+    """Stop renewing ``holder``'s slots (its body ended)."""
+    _held.pop(holder, None)
+
+
+def _renew_loop() -> None:
+    while True:
+        time.sleep(RENEW_TICK)
+        now = time.monotonic()
+        for holder, held in list(_held.items()):
+            if now - held.renewed < held.lease / 3:
+                continue
+            try:
+                held.store.renew(held.rules, holder, held.lease)
+                held.renewed = now
+            except Exception:
+                logger.warning(
+                    "celery_guard: could not renew the limit slots of %s", holder, exc_info=True
+                )

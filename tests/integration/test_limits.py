@@ -263,3 +263,18 @@ def test_an_unreachable_store_fails_open_by_default_or_defers(
         running(limit_tasks.limited_job, ["x"], lambda *a: pytest.fail("ran"))
     assert len(published) == 1
     store._paused_until = 0.0
+
+
+def test_a_running_body_keeps_its_slot_past_the_lease_by_renewal(redis_url):
+    limits = fresh_store(redis_url)
+    rule = Rule("task:renewed", concurrency=1)
+    admission = limits.admit([rule], lease=0.6)
+    store.hold(limits, [rule], admission.holder, 0.6)
+    try:
+        time.sleep(1.5)  # well past the lease: renewed meanwhile
+        assert limits.holders(rule) == 1
+        assert not limits.admit([rule], lease=0.6).admitted
+    finally:
+        store.drop(admission.holder)
+    # No longer renewed (the body "died" without a release): the slot comes back.
+    wait_until(lambda: limits.admit([rule], lease=30).admitted, timeout=5, interval=0.1)
