@@ -4,7 +4,8 @@ from itertools import pairwise
 
 import pytest
 
-from celery_guard.limits import services
+from celery_guard.limits import services, store
+from celery_guard.limits.rules import Rule
 from celery_guard.models import DeadLetter
 from tests.support.harness import wait_until
 from tests.testapp import limit_tasks
@@ -78,3 +79,29 @@ def test_a_small_tenant_is_not_held_back_by_a_large_one(start_worker):
     for earlier, later in pairwise(a):  # tenant_concurrency=1 for each department
         assert later.started_at >= earlier.finished_at
     assert b.started_at < a[1].started_at  # it did not wait behind department 1's backlog
+
+
+def test_a_killed_workers_slot_returns_within_the_lease_and_nothing_is_lost(start_worker, amqp_url):
+    from kombu import Connection
+
+    from tests.celery_app import app
+
+    # RabbitMQ requeues the killed worker's unacked message at once (Redis would wait for its
+    # visibility timeout); deferrals then wait in the database schedule.
+    env = {"CG_LIMITS_LEASE": "3"}
+    rule = Rule(f"task:{limit_tasks.limited_job.name}", concurrency=1)
+    first = start_worker(["high"], broker_url=amqp_url, concurrency=1, extra_env=env)
+    with Connection(amqp_url) as conn:
+        producer = app.amqp.Producer(conn)
+        limit_tasks.limited_job.apply_async(("long",), {"sleep_ms": 3000}, producer=producer)
+        wait_until(lambda: store.get_store().holders(rule) == 1, timeout=30)
+        first.kill()  # SIGKILL: the slot is never released, the message never acked
+        start_worker(["high"], broker_url=amqp_url, concurrency=1, extra_env=env)
+        limit_tasks.limited_job.apply_async(("next",), producer=producer)
+
+    # Both run in the end: the dead holder's slot came back when its lease ended, and the
+    # killed delivery, requeued, was admitted then.
+    runs = executions(2, timeout=60)
+    assert sorted(r.label for r in runs) == ["long", "next"]
+    assert runs[1].started_at >= runs[0].finished_at
+    assert not DeadLetter.objects.exists()
