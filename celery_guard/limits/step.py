@@ -37,6 +37,9 @@ MAX_DEFER = 30.0
 #: Longest back-off (seconds) a 429's ``Retry-After`` puts on a named limit.
 MAX_BACK_OFF = 3600.0
 
+#: Seconds a process waits before requeueing a delivery whose deferral failed to publish.
+REQUEUE_PAUSE = 1.0
+
 _outage_logged = False
 
 
@@ -70,6 +73,9 @@ def defer(task: Any, guard: Mapping[str, Any], limit: str, delay: float, event: 
             exc_info=True,
         )
         events.emit("requeued", why=f"the deferral ({limit}) could not be published")
+        # The broker (or the database schedule) is down: pause before the redelivery, so a
+        # broker that redelivers at once does not spin this process.
+        time.sleep(REQUEUE_PAUSE)
         raise Reject(exc, requeue=True) from exc
     if event == "deferred":
         events.emit("deferred", limit=limit, delay=delay)
