@@ -3,6 +3,7 @@
 Each feature contributes one :class:`Step` that declares the options it owns and overrides
 the hooks it needs:
 
+* :meth:`Step.check` (decoration time): check the task's validated options together.
 * :meth:`Step.prepare` (publish side, before anything reaches the broker): validate the call
   and add the feature's fields to the guard header; raising refuses the publish.
 * :meth:`Step.publish` (publish side): wrap the publish itself (publish once per key...).
