@@ -3,12 +3,24 @@
 from celery_guard import guarded_task
 from tests.testapp.tasks import record
 
-__all__ = ["deadline_job", "gateway_job", "limited_job", "pausable_job", "tenant_job"]
+__all__ = [
+    "deadline_job",
+    "gateway_job",
+    "limited_job",
+    "pausable_job",
+    "rated_job",
+    "tenant_job",
+]
 
 
 @guarded_task(priority="high", bind=True, concurrency=1)
 def limited_job(self, label: str, sleep_ms: int = 0) -> None:
     record(self, label, sleep_ms)
+
+
+@guarded_task(priority="high", bind=True, rate="4/s")
+def rated_job(self, label: str) -> None:
+    record(self, label)
 
 
 @guarded_task(priority="high", bind=True, limits=["test-gateway"])
