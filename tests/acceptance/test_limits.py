@@ -1,5 +1,6 @@
 """Limits on real workers: a cluster-wide concurrency of 1, pause and resume, a deadline."""
 
+import time
 from itertools import pairwise
 
 import pytest
@@ -122,3 +123,17 @@ def test_starts_stay_within_the_rate_in_every_sliding_window(start_worker):
         assert sum(1 for s in starts if first <= s < first + 1.0) <= 4 + 1
     assert any(r.guard_header.get("deferred", 0) >= 1 for r in runs)
     assert all(r.guard_header["attempt"] == 1 for r in runs)
+
+
+def test_deferred_jobs_with_idempotency_keys_each_run_once(start_worker):
+    start_worker(["high"], concurrency=3)
+    for i in range(4):
+        limit_tasks.keyed_limited_job.delay(f"k-{i}", sleep_ms=300)
+    limit_tasks.keyed_limited_job.delay("k-0", sleep_ms=300)  # a duplicate: not published
+
+    runs = executions(4)
+    assert sorted(r.label for r in runs) == [f"k-{i}" for i in range(4)]
+    assert any(r.guard_header.get("deferred", 0) >= 1 for r in runs)
+    assert not DeadLetter.objects.exists()
+    time.sleep(1)  # a second run of a key would show up here
+    assert Execution.objects.count() == 4

@@ -6,6 +6,7 @@ from tests.testapp.tasks import record
 __all__ = [
     "deadline_job",
     "gateway_job",
+    "keyed_limited_job",
     "limited_job",
     "pausable_job",
     "rated_job",
@@ -15,6 +16,11 @@ __all__ = [
 
 @guarded_task(priority="high", bind=True, concurrency=1)
 def limited_job(self, label: str, sleep_ms: int = 0) -> None:
+    record(self, label, sleep_ms)
+
+
+@guarded_task(priority="high", bind=True, concurrency=1, idempotency_key="limited:{label}")
+def keyed_limited_job(self, label: str, sleep_ms: int = 0) -> None:
     record(self, label, sleep_ms)
 
 
