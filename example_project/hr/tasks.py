@@ -17,13 +17,11 @@ from hr import gateway
 from hr.models import Employee, Notification, PasswordReset, ReportRecalc
 
 # --- The mail gateway's shared rate limit: the ONE place to change. ---------------------
-# Stand-in until cluster-wide limits land: Celery's own `rate_limit`, which each worker
-# enforces alone (one worker consumes the bulk queue in the demo, so it is the cluster's
-# rate too). With limits, this line becomes
-#     MAIL_GATEWAY_LIMIT = {"limits": ["mail-gateway"]}
-# and the CELERY_GUARD_LIMITS line commented out in proj/settings.py is uncommented.
-# `make demo` sets MAIL_GATEWAY_RATE from DEMO_SIZE; the gateway bears 1.3 times that.
-MAIL_GATEWAY_LIMIT = {"rate_limit": os.environ.get("MAIL_GATEWAY_RATE", "150/s")}
+# The cluster-wide named limit "mail-gateway" (CELERY_GUARD_LIMITS in proj/settings.py,
+# docs/limits.md): every worker together stays under the gateway's rate, and a delivery over
+# it is deferred instead of holding a worker slot. `make demo` sets MAIL_GATEWAY_RATE from
+# DEMO_SIZE; the gateway bears 1.3 times that.
+MAIL_GATEWAY_LIMIT = {"limits": ["mail-gateway"]}
 
 
 def _gateway_url() -> str:

@@ -129,6 +129,5 @@ CELERY_BEAT_SCHEDULE = {
     "celery-guard-sweep-runs": {"task": "celery_guard.sweep_runs", "schedule": 30.0},
 }
 
-# The mail gateway's cluster-wide limit, for hr.tasks.MAIL_GATEWAY_LIMIT once
-# `@guarded_task(limits=["mail-gateway"])` exists (an unknown setting until then):
-# CELERY_GUARD_LIMITS = {"mail-gateway": {"rate": os.environ.get("MAIL_GATEWAY_RATE", "150/s")}}
+# The mail gateway's cluster-wide limit (hr.tasks.MAIL_GATEWAY_LIMIT, docs/limits.md).
+CELERY_GUARD_LIMITS = {"mail-gateway": {"rate": os.environ.get("MAIL_GATEWAY_RATE", "150/s")}}
