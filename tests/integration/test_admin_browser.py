@@ -11,7 +11,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission, User
 
 from celery_guard.models import (
     BeatFire,
@@ -19,6 +20,7 @@ from celery_guard.models import (
     BulkRunItem,
     DeadLetter,
     DeadLetterReplay,
+    TaskPolicy,
 )
 from tests.acceptance.test_dlq_browser import ARGS, CHROMIUM, sync_playwright
 from tests.support.admin_rows import leader_lease, outbox_row
@@ -179,3 +181,31 @@ def test_beat_leader_fires_and_outbox_pages(live_server, page):
     rows = page.locator("#result_list tbody tr")
     assert rows.count() == 1
     assert "t-browser-pending" in rows.inner_text()
+
+
+def test_task_policy_pause_and_resume_need_the_change_permission(live_server, page):
+    TaskPolicy.objects.create(task_name="tests.testapp.tasks.default_job", note="incident 42")
+    viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.set(Permission.objects.filter(codename="view_taskpolicy"))
+    User.objects.create_superuser("ops", password="pw")
+    changelist = "/admin/celery_guard/taskpolicy/"
+
+    # A user who may only look sees the policy and no action to pause or resume it.
+    log_in(page, live_server, "viewer", changelist)
+    assert "tests.testapp.tasks.default_job" in page.inner_text("#result_list")
+    assert page.locator("select[name=action] option[value=pause_selected]").count() == 0
+    page.context.clear_cookies()
+
+    log_in(page, live_server, "ops", changelist)
+    for action, paused, verb in (
+        ("pause_selected", True, "paused"),
+        ("resume_selected", False, "resumed"),
+    ):
+        page.check("#result_list tbody input.action-select")
+        page.select_option("select[name=action]", action)
+        page.click("button[name=index]")
+        page.wait_for_selector(f".messagelist li:has-text('{verb}')")
+        assert TaskPolicy.objects.get().paused is paused
+        assert LogEntry.objects.filter(change_message=f"{verb} (admin action)").count() == 1
+        if paused:
+            page.screenshot(path=str(ARTIFACTS / "admin-task-policy-paused.png"), full_page=True)
