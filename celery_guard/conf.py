@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 
 from celery_guard import backoff, durations
 
@@ -107,9 +108,31 @@ def is_overridden(name: str) -> bool:
     return hasattr(django_settings, PREFIX + name)
 
 
+#: Values read so far, by setting name (and ``(name, "duration")`` for validated durations).
+#: Settings do not change while a process runs except through ``override_settings`` (and
+#: pytest-django's ``settings`` fixture, which uses it), whose ``setting_changed`` signal
+#: empties the cache; reading through Django's lazy settings on every publish cost more than
+#: the rest of a routing-only enqueue's guard.
+_cache: dict[Any, Any] = {}
+
+
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    _cache.clear()
+
+
+setting_changed.connect(_forget, dispatch_uid="celery_guard.conf.forget")
+
+
 def raw(name: str) -> Any:
     """Return ``CELERY_GUARD_<name>`` as the project wrote it, or the built-in default."""
-    return getattr(django_settings, PREFIX + name, DEFAULTS[name])
+    try:
+        return _cache[name]
+    except KeyError:
+        pass
+    value = getattr(django_settings, PREFIX + name, DEFAULTS[name])
+    if django_settings.configured:
+        _cache[name] = value
+    return value
 
 
 #: Duration settings -> the bounds :func:`celery_guard.durations.seconds` applies to them.
@@ -155,10 +178,16 @@ def duration(name: str) -> float:
             ``manage.py check`` reports as E001), naming the setting: a process that skipped
             the checks still fails clearly instead of deep inside a ledger.
     """
+    cached = _cache.get((name, "duration"))
+    if cached is not None:
+        return float(cached)
     try:
-        return durations.seconds(raw(name), **DURATIONS[name])
+        value = durations.seconds(raw(name), **DURATIONS[name])
     except (TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"{PREFIX}{name}: {exc}") from None
+    if django_settings.configured:
+        _cache[(name, "duration")] = value
+    return value
 
 
 def _seconds(value: Any) -> float:
@@ -201,7 +230,7 @@ class _LimitsSettings:
 
 
 class GuardSettings(_LimitsSettings):
-    """Attribute access to the settings, read on every access so ``override_settings`` works.
+    """Attribute access to the settings; ``override_settings`` applies at once (see ``raw``).
 
     Values are returned as written; ``celery_guard.checks`` validates them (E001).
     """

@@ -83,9 +83,12 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             PayloadError: The arguments are not plain JSON or are too large.
             IdempotencyKeyError: The call's idempotency key cannot be derived.
         """
-        where = f"{self.name}.apply_async(guard=...)"
-        per_call = self.guard_pipeline.options.clean(
-            {} if guard is None else guard, where=where, per_call=True
+        per_call = (
+            {}
+            if guard is None
+            else self.guard_pipeline.options.clean(
+                guard, where=f"{self.name}.apply_async(guard=...)", per_call=True
+            )
         )
         if serializer not in (None, "json"):
             raise ValueError(f"{self.name}: guarded tasks publish JSON, not {serializer!r}")
@@ -142,8 +145,12 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
             **fields,
         )
         task_id = task_id or uuid()
-        delay = publish_delay(
-            celery_options.get("countdown"), celery_options.get("eta"), self.app.timezone
+        countdown, eta = celery_options.get("countdown"), celery_options.get("eta")
+        # The app's timezone (a proxy lookup) only matters for an ETA.
+        delay = (
+            0.0
+            if eta is None and countdown is None
+            else publish_delay(countdown, eta, self.app.timezone)
         )
         due = None
         if delay > 0 and schedule.backend_name(self.app):

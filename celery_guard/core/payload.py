@@ -10,6 +10,8 @@ from typing import Any
 from celery_guard.exceptions import PayloadError
 
 _SCALARS = (int, bool, type(None))
+#: ``json.dumps(..., separators=...)`` would build an encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _no_nul(text: str, path: str, refuse: bool) -> None:
@@ -87,7 +89,8 @@ def check(
         if isinstance(key, str):
             _no_nul(key, f"kwargs: key {key!r}", refuse_nul)
         _walk(item, f"kwargs[{key!r}]", 1, refuse_nul)
-    size = len(json.dumps([args, kwargs], separators=(",", ":")).encode())
+    # ASCII (ensure_ascii), so its length in characters is its size in bytes.
+    size = len(_ENCODER.encode([args, kwargs]))
     if size > max_bytes:
         raise PayloadError(
             f"payload is {size} bytes, over CELERY_GUARD_MAX_PAYLOAD_BYTES ({max_bytes}); "
