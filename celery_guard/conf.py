@@ -108,30 +108,43 @@ def is_overridden(name: str) -> bool:
     return hasattr(django_settings, PREFIX + name)
 
 
-#: Values read so far, by setting name (and ``(name, "duration")`` for validated durations).
-#: Settings do not change while a process runs except through ``override_settings`` (and
-#: pytest-django's ``settings`` fixture, which uses it), whose ``setting_changed`` signal
-#: empties the cache; reading through Django's lazy settings on every publish cost more than
-#: the rest of a routing-only enqueue's guard.
+#: Values read so far, by setting name (and ``(name, "duration")`` for validated durations),
+#: for the settings object in place when they were read. Reading through Django's lazy
+#: settings on every publish cost more than the rest of a routing-only enqueue's guard.
+#: ``override_settings`` (and pytest-django's ``settings`` fixture) swaps that object and
+#: sends ``setting_changed``; either empties the cache.
 _cache: dict[Any, Any] = {}
+_cached_for: list[object] = [None]
+_MISSING = object()
 
 
-def _forget(*, setting: str, **kwargs: Any) -> None:
+def _forget(**kwargs: Any) -> None:
     _cache.clear()
 
 
 setting_changed.connect(_forget, dispatch_uid="celery_guard.conf.forget")
 
 
+def _cached(key: Any) -> Any:
+    """The cached value of ``key``, or ``_MISSING`` (the cache follows the settings object)."""
+    wrapped = getattr(django_settings, "_wrapped", None)
+    if wrapped is not _cached_for[0]:
+        _cache.clear()
+        _cached_for[0] = wrapped
+    return _cache.get(key, _MISSING)
+
+
+def _keep(key: Any, value: Any) -> None:
+    if django_settings.configured:
+        _cache[key] = value
+
+
 def raw(name: str) -> Any:
     """Return ``CELERY_GUARD_<name>`` as the project wrote it, or the built-in default."""
-    try:
-        return _cache[name]
-    except KeyError:
-        pass
-    value = getattr(django_settings, PREFIX + name, DEFAULTS[name])
-    if django_settings.configured:
-        _cache[name] = value
+    value = _cached(name)
+    if value is _MISSING:
+        value = getattr(django_settings, PREFIX + name, DEFAULTS[name])
+        _keep(name, value)
     return value
 
 
@@ -178,15 +191,14 @@ def duration(name: str) -> float:
             ``manage.py check`` reports as E001), naming the setting: a process that skipped
             the checks still fails clearly instead of deep inside a ledger.
     """
-    cached = _cache.get((name, "duration"))
-    if cached is not None:
+    cached = _cached((name, "duration"))
+    if cached is not _MISSING:
         return float(cached)
     try:
         value = durations.seconds(raw(name), **DURATIONS[name])
     except (TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"{PREFIX}{name}: {exc}") from None
-    if django_settings.configured:
-        _cache[(name, "duration")] = value
+    _keep((name, "duration"), value)
     return value
 
 

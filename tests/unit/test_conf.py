@@ -28,3 +28,18 @@ def test_override_settings_is_seen_on_the_next_read():
 
 def test_known_settings_are_the_declared_defaults():
     assert conf.known_settings() == {f"CELERY_GUARD_{name}" for name in conf.DEFAULTS}
+
+
+def test_a_cached_read_follows_override_settings_in_and_out():
+    assert guard_settings.max_payload_bytes == 256 * 1024  # read, and kept
+    with override_settings(CELERY_GUARD_MAX_PAYLOAD_BYTES=9):
+        assert guard_settings.max_payload_bytes == 9
+        with override_settings():
+            del settings.CELERY_GUARD_MAX_PAYLOAD_BYTES
+            assert guard_settings.max_payload_bytes == 256 * 1024
+        assert guard_settings.max_payload_bytes == 9
+    assert guard_settings.max_payload_bytes == 256 * 1024
+    assert guard_settings.idempotency_start_grace == 300.0
+    with override_settings(CELERY_GUARD_IDEMPOTENCY_START_GRACE=5):
+        assert guard_settings.idempotency_start_grace == 5.0
+    assert guard_settings.idempotency_start_grace == 300.0
