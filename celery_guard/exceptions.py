@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import Retry
+
 
 class GuardError(Exception):
     """Base class of every error celery_guard raises on purpose."""
@@ -106,3 +108,12 @@ class RunItemError(GuardError, ValueError):
     def __init__(self, message: str, *, index: int) -> None:
         super().__init__(message)
         self.index = index
+
+
+class Deferral(Retry):  # type: ignore[misc]
+    """A delivery put off by a limit or a pause: republished later, not an attempt.
+
+    Raised inside the guard pipeline (the limits step); Celery handles it as any ``Retry``
+    (the message is acked, the new one is published), and the steps around it know that
+    the body did not run.
+    """

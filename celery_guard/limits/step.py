@@ -19,12 +19,12 @@ import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from celery.exceptions import Reject, Retry
+from celery.exceptions import Reject
 
 from celery_guard.conf import guard_settings
 from celery_guard.core import headers, http
 from celery_guard.core.pipeline import CallNext, Publish, Step
-from celery_guard.exceptions import ThrottledError
+from celery_guard.exceptions import Deferral, ThrottledError
 from celery_guard.limits import rules, services, store
 from celery_guard.observability import events
 
@@ -52,7 +52,8 @@ def defer(task: Any, guard: Mapping[str, Any], limit: str, delay: float, event: 
     """Republish the running delivery ``delay`` seconds later without counting an attempt.
 
     Raises:
-        celery.exceptions.Retry: Always once republished (Celery acks this delivery).
+        celery_guard.exceptions.Deferral: Always once republished (a ``Retry``: Celery acks
+            this delivery).
         celery.exceptions.Reject: With ``requeue=True`` when it could not be republished.
     """
     request = task.request
@@ -90,7 +91,7 @@ def defer(task: Any, guard: Mapping[str, Any], limit: str, delay: float, event: 
         delay,
         count,
     )
-    raise Retry(f"{event} by {limit}", when=delay, sig=again)
+    raise Deferral(f"{event} by {limit}", when=delay, sig=again)
 
 
 def _outage(task: Any, guard: Mapping[str, Any], exc: Exception) -> None:

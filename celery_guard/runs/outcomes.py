@@ -8,6 +8,7 @@ from typing import Any
 from celery.exceptions import Ignore, Reject, Retry
 
 from celery_guard.dlq.models import DeadLetter
+from celery_guard.exceptions import Deferral
 from celery_guard.failures.retry import qualified_name
 from celery_guard.idempotency.dedup import context
 from celery_guard.runs import launch, services
@@ -53,6 +54,10 @@ def run_item(
         return None
     try:
         result = call(*args, **kwargs)
+    except Deferral:
+        # Put off by a limit or a pause: the body did not run, so this was not an attempt.
+        _not_an_attempt(run_id, item_id)
+        raise
     except Retry:
         raise
     except Reject as rejected:
@@ -79,6 +84,19 @@ def run_item(
         # recording it; it is this item's success.
         _record(task, run_id, item_id, ItemStatus.SUCCEEDED)
     return result
+
+
+def _not_an_attempt(run_id: int, item_id: int) -> None:
+    try:
+        services.uncount_attempt(item_id)
+    except Exception:
+        logger.warning(
+            "celery_guard: item %s of run %s was deferred; its attempt count could not be "
+            "corrected",
+            item_id,
+            run_id,
+            exc_info=True,
+        )
 
 
 def _failed(task: Any, run_id: int, item_id: int, exc: BaseException) -> None:

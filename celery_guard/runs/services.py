@@ -153,6 +153,11 @@ def start_item(run_id: int, item_id: int, *, mark_run: bool) -> bool:
     return bool(started)
 
 
+def uncount_attempt(item_id: int) -> None:
+    """Take back the attempt a delivery counted when it turned out not to run (a deferral)."""
+    BulkRunItem.objects.filter(pk=item_id, attempts__gt=0).update(attempts=F("attempts") - 1)
+
+
 def finish_item(
     run_id: int,
     item_id: int,

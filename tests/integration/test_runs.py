@@ -242,3 +242,26 @@ def test_invalid_runs_settings_are_e001(settings):
     errors = [e.msg for e in check_setting_values() if e.id == "celery_guard.E001"]
     assert len(errors) == 2
     assert "RUNS_RETENTION_DAYS" in errors[0] and "RUNS_SWEEP_GRACE" in errors[1]
+
+
+def test_a_deferred_delivery_of_an_item_is_not_counted_as_an_attempt():
+    from types import SimpleNamespace
+
+    from celery_guard.exceptions import Deferral
+    from celery_guard.runs import outcomes
+
+    run = start_run(run_item, [{"n": 1}], name="deferred")
+    item = BulkRunItem.objects.get(run=run)
+    task = SimpleNamespace(name=run_item.name, request=SimpleNamespace(id=item.task_id))
+
+    def deferred(**kwargs):
+        raise Deferral("throttled by mail-gateway", when=1.0)
+
+    for _ in range(3):
+        with pytest.raises(Deferral):
+            outcomes.run_item(task, run.pk, item.pk, (), {"n": 1}, deferred)
+    item.refresh_from_db()
+    assert (item.status, item.attempts) == ("running", 0)
+    outcomes.run_item(task, run.pk, item.pk, (), {"n": 1}, lambda **kwargs: None)
+    item.refresh_from_db()
+    assert (item.status, item.attempts) == ("succeeded", 1)
