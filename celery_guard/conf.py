@@ -178,6 +178,9 @@ DURATIONS: Mapping[str, Mapping[str, Any]] = {
         "allow_minimum": True,
         "maximum": durations.MAX_RETENTION_DAYS,
     },
+    "LIMITS_LEASE": {},
+    "LIMITS_DEFER_DELAY": {},
+    "POLICY_REFRESH": {},
 }
 #: Duration settings that may be ``None`` (no limit).
 OPTIONAL_DURATIONS = frozenset({"SOFT_TIME_LIMIT", "TIME_LIMIT"})
@@ -202,10 +205,6 @@ def duration(name: str) -> float:
     return value
 
 
-def _seconds(value: Any) -> float:
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
-
-
 class _LimitsSettings:
     """The limits feature's settings (see ``docs/limits.md``)."""
 
@@ -223,7 +222,7 @@ class _LimitsSettings:
     @property
     def limits_lease(self) -> float:
         """Seconds a concurrency slot outlives its last renewal (a SIGKILLed worker's slot)."""
-        return _seconds(raw("LIMITS_LEASE"))
+        return duration("LIMITS_LEASE")
 
     @property
     def limits_on_outage(self) -> str:
@@ -233,12 +232,12 @@ class _LimitsSettings:
     @property
     def limits_defer_delay(self) -> float:
         """Base delay (seconds) of a run deferred by a full concurrency limit or a pause."""
-        return _seconds(raw("LIMITS_DEFER_DELAY"))
+        return duration("LIMITS_DEFER_DELAY")
 
     @property
     def policy_refresh(self) -> float:
         """Seconds a worker process keeps the task policies before reading them again."""
-        return _seconds(raw("POLICY_REFRESH"))
+        return duration("POLICY_REFRESH")
 
 
 class GuardSettings(_LimitsSettings):

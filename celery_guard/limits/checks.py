@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
@@ -17,11 +16,7 @@ OUTAGE_CHOICES = ("run", "defer")
 
 def setting_errors() -> Iterable[str]:
     """Errors in the limits' own settings besides ``CELERY_GUARD_LIMITS`` (E001)."""
-    for name in ("LIMITS_LEASE", "LIMITS_DEFER_DELAY", "POLICY_REFRESH"):
-        value = conf.raw(name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (isinstance(value, timedelta) or number) or conf.GuardSettings.seconds(value) <= 0:
-            yield f"CELERY_GUARD_{name} must be a positive number of seconds, got {value!r}"
+    yield from core_checks.duration_errors(("LIMITS_LEASE", "LIMITS_DEFER_DELAY", "POLICY_REFRESH"))
     if conf.raw("LIMITS_ON_OUTAGE") not in OUTAGE_CHOICES:
         yield (
             f"CELERY_GUARD_LIMITS_ON_OUTAGE must be one of {OUTAGE_CHOICES!r}, got "
