@@ -79,6 +79,7 @@ DEFAULTS: Mapping[str, Any] = {
     "DELIVERY_LEASE": 10.0,
     "DELIVERY_POLLER": True,
     "LIMITS": {},
+    "LIMITS_BACKEND": None,
     "LIMITS_REDIS_URL": None,
     "LIMITS_REDIS_PREFIX": "celery_guard:limits:",
     "LIMITS_LEASE": 30,
@@ -207,6 +208,12 @@ def duration(name: str) -> float:
 
 class _LimitsSettings:
     """The limits feature's settings (see ``docs/limits.md``)."""
+
+    @property
+    def limits_backend(self) -> str | None:
+        """Where the limits store lives: ``"redis"``, ``"database"``, or ``None`` (chosen)."""
+        value = raw("LIMITS_BACKEND")
+        return str(value) if value else None
 
     @property
     def limits_redis_url(self) -> str | None:

@@ -5,7 +5,7 @@ from celery_guard.delivery.models import DeliveryLease, OutboxMessage
 from celery_guard.dlq.models import DeadLetter, DeadLetterReplay
 from celery_guard.failures.models import Delivery
 from celery_guard.idempotency.models import IdempotencyRecord
-from celery_guard.limits.models import TaskPolicy
+from celery_guard.limits.models import LimitEntry, LimitScope, TaskPolicy
 from celery_guard.observability.models import Alert, Dashboard, TaskMinute
 from celery_guard.runs.models import BulkRun, BulkRunItem
 
@@ -21,6 +21,8 @@ __all__ = [
     "Delivery",
     "DeliveryLease",
     "IdempotencyRecord",
+    "LimitEntry",
+    "LimitScope",
     "OutboxMessage",
     "TaskMinute",
     "TaskPolicy",

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.idem"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.idem", "tests.support.limits"]
 
 HERE = Path(__file__).resolve().parent
 IN_CI = bool(os.environ.get("CI"))

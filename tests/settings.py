@@ -193,6 +193,8 @@ if os.environ.get("CG_DELIVERY_BATCH"):
 # Limits (docs/limits.md): a named limit the test tasks use, keys apart per test run.
 CELERY_GUARD_LIMITS = {"test-gateway": {"rate": "1000/s", "concurrency": 1}}
 CELERY_GUARD_LIMITS_REDIS_URL = REDIS_URL
+# The limits store of this run's processes (tests/support/limits.py parametrizes it).
+CELERY_GUARD_LIMITS_BACKEND = os.environ.get("CG_LIMITS_BACKEND") or None
 CELERY_GUARD_LIMITS_REDIS_PREFIX = f"cgt-{RUN_ID}:limits:"
 CELERY_GUARD_LIMITS_DEFER_DELAY = 0.3
 CELERY_GUARD_POLICY_REFRESH = 0.5

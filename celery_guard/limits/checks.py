@@ -6,10 +6,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
+from django.db import connections, router
 
 from celery_guard import conf
 from celery_guard.core import checks as core_checks
 from celery_guard.limits import rules, store
+from celery_guard.limits.models import LimitEntry
 
 OUTAGE_CHOICES = ("run", "defer")
 
@@ -21,6 +23,12 @@ def setting_errors() -> Iterable[str]:
         yield (
             f"CELERY_GUARD_LIMITS_ON_OUTAGE must be one of {OUTAGE_CHOICES!r}, got "
             f"{conf.raw('LIMITS_ON_OUTAGE')!r}"
+        )
+    backend = conf.raw("LIMITS_BACKEND")
+    if backend is not None and backend not in store.BACKENDS:
+        yield (
+            f"CELERY_GUARD_LIMITS_BACKEND must be None or one of {store.BACKENDS!r}, got "
+            f"{backend!r}"
         )
     if not isinstance(conf.raw("LIMITS_REDIS_PREFIX"), str):
         yield "CELERY_GUARD_LIMITS_REDIS_PREFIX must be a str"
@@ -103,17 +111,63 @@ def check_prefetch(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[
 
 
 def check_store(app_configs: Sequence[Any] | None = None, **kw: Any) -> list[CheckMessage]:
-    """W015: guarded tasks have limits but there is no Redis for the limits store."""
+    """W015: the Redis limits store is selected but there is no Redis for it."""
     app = core_checks.celery_app()
-    if store.redis_url() is not None or not limited_tasks(app):
+    if conf.raw("LIMITS_BACKEND") != "redis" or store.redis_url() is not None:
+        return []
+    if not limited_tasks(app):
         return []
     return [
         Warning(
-            "Guarded tasks have limits but the limits store has no Redis: the broker is not "
-            "Redis and CELERY_GUARD_LIMITS_REDIS_URL is not set.",
-            hint="Set CELERY_GUARD_LIMITS_REDIS_URL; until then limited tasks run without "
-            "their limits (or are deferred, with CELERY_GUARD_LIMITS_ON_OUTAGE='defer').",
+            "CELERY_GUARD_LIMITS_BACKEND is 'redis' and guarded tasks have limits, but the "
+            "limits store has no Redis: the broker is not Redis and "
+            "CELERY_GUARD_LIMITS_REDIS_URL is not set.",
+            hint="Set CELERY_GUARD_LIMITS_REDIS_URL, or CELERY_GUARD_LIMITS_BACKEND = "
+            "'database'; until then limited tasks run without their limits (or are deferred, "
+            "with CELERY_GUARD_LIMITS_ON_OUTAGE='defer').",
             id="celery_guard.W015",
+        )
+    ]
+
+
+#: psycopg's isolation levels above READ COMMITTED (2: REPEATABLE READ, 3: SERIALIZABLE).
+READ_COMMITTED = 1
+
+
+def check_database_isolation(
+    app_configs: Sequence[Any] | None = None, **kw: Any
+) -> list[CheckMessage]:
+    """W029: the database limits store on PostgreSQL above READ COMMITTED isolation.
+
+    An admission locks its scope rows and then counts their entries in a second query; under
+    REPEATABLE READ or SERIALIZABLE that count reads the snapshot taken before the lock was
+    granted, so it misses the runs admitted meanwhile and admits over the limit (or fails on
+    serialization errors, and the run goes without its limits).
+    """
+    if list(setting_errors()) or not limited_tasks(core_checks.celery_app()):
+        return []
+    if store.backend() != "database":
+        return []
+    alias = router.db_for_write(LimitEntry) or "default"
+    settings = connections[alias].settings_dict
+    level = (settings.get("OPTIONS") or {}).get("isolation_level")
+    if not settings["ENGINE"].endswith("postgresql") or level is None:
+        return []
+    try:
+        above = int(level) > READ_COMMITTED
+    except (TypeError, ValueError):
+        return []
+    if not above:
+        return []
+    return [
+        Warning(
+            f"The limits store is the database {alias!r}, whose isolation level ({level!r}) is "
+            "above READ COMMITTED: an admission's count would miss runs admitted while it "
+            "waited for its scope's lock, and admit over the limit.",
+            hint="Use READ COMMITTED (PostgreSQL's default) for that database, route the "
+            "celery_guard LimitEntry/LimitScope models to one that uses it, or set "
+            "CELERY_GUARD_LIMITS_BACKEND = 'redis'.",
+            id="celery_guard.W029",
         )
     ]
 
@@ -146,5 +200,6 @@ CHECKS: tuple[core_checks.Check, ...] = (
     check_celery_rate_limit,
     check_prefetch,
     check_store,
+    check_database_isolation,
     check_unused_limits,
 )

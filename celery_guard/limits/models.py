@@ -47,3 +47,54 @@ class TaskPolicy(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}{' (paused)' if self.paused else ''}"
+
+
+class LimitScope(models.Model):
+    """One rule's scope in the database limits store: the row an admission locks.
+
+    Admissions of runs that share a scope are serialised on this row (``SELECT ... FOR
+    UPDATE`` on PostgreSQL, in scope order; SQLite serialises every write anyway). It also
+    holds the scope's back-off (a gateway's 429 ``Retry-After``). Written only by
+    :mod:`celery_guard.limits.dbstore`.
+    """
+
+    scope = models.CharField(max_length=255, unique=True)
+    #: Epoch seconds (the database server's clock on PostgreSQL) until which nothing is
+    #: admitted under this scope; 0: no back-off.
+    backoff_until = models.FloatField(default=0.0)
+
+    class Meta:
+        verbose_name = "limit scope"
+
+    def __str__(self) -> str:
+        return self.scope
+
+
+class LimitEntry(models.Model):
+    """A held concurrency slot (a lease) or a recorded start (a rate's sliding log).
+
+    Live while ``until`` is in the future: a lease until its expiry (pushed on by renewals),
+    a start until it leaves its rate's window (start + period). Expired rows count for
+    nothing and are purged. Written only by :mod:`celery_guard.limits.dbstore`.
+    """
+
+    class Kind(models.TextChoices):
+        SLOT = "c", "concurrency slot"
+        START = "r", "rate start"
+
+    scope = models.CharField(max_length=255)
+    kind = models.CharField(max_length=1, choices=Kind.choices)
+    holder = models.CharField(max_length=64)
+    #: Epoch seconds (the database server's clock on PostgreSQL) when the entry stops counting.
+    until = models.FloatField()
+
+    class Meta:
+        verbose_name = "limit entry"
+        verbose_name_plural = "limit entries"
+        indexes = [
+            models.Index(fields=["scope", "until"], name="cg_limitentry_scope_until"),
+            models.Index(fields=["holder"], name="cg_limitentry_holder"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.kind} {self.holder}"

@@ -110,7 +110,7 @@ def _outage(task: Any, guard: Mapping[str, Any], exc: Exception) -> None:
         _outage_logged = True
 
 
-def _back_off(limits: store.Store, found: list[rules.Rule], exc: Exception) -> None:
+def _back_off(limits: store.LimitsStore, found: list[rules.Rule], exc: Exception) -> None:
     """A 429 with ``Retry-After`` slows the named limits of the run for the whole cluster."""
     if not (isinstance(exc, ThrottledError) or http.http_status(exc) == 429):
         return

@@ -1,4 +1,7 @@
-"""The limits store in Redis: admission and release of a run, one Lua script each.
+"""The limits stores' interface and the Redis one: admission and release, one Lua script each.
+
+``CELERY_GUARD_LIMITS_BACKEND`` selects the store (:func:`get_store`): this Redis store, or the
+database store of :mod:`celery_guard.limits.dbstore` with the same semantics.
 
 Concurrency is a semaphore of leases: a sorted set per scope whose members are the holders
 (one per running body) scored by their lease expiry. A thread of the worker process renews
@@ -30,9 +33,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from django.db import connections as db_connections
 
 from celery_guard.conf import guard_settings
+from celery_guard.limits.base import Admission, LimitsStore, Unavailable
 from celery_guard.limits.rules import Rule
+
+__all__ = [
+    "BACKENDS",
+    "Admission",
+    "LimitsStore",
+    "Store",
+    "Unavailable",
+    "backend",
+    "drop",
+    "get_store",
+    "hold",
+    "redis_store",
+    "redis_url",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,19 +136,20 @@ return 1
 OUTAGE_PAUSE = 2.0
 
 
-class Unavailable(Exception):
-    """The limits store cannot be reached (or has no Redis configured)."""
+#: The values of ``CELERY_GUARD_LIMITS_BACKEND`` (``None``: chosen by :func:`backend`).
+BACKENDS = ("redis", "database")
 
 
-@dataclass(frozen=True)
-class Admission:
-    """The store's answer: admitted, or which rule refused and for how long."""
+def backend() -> str:
+    """The store in use: the setting, else ``"redis"`` when there is a Redis for the limits.
 
-    admitted: bool
-    holder: str
-    rule: Rule | None = None
-    kind: str = ""
-    wait: float = 0.0
+    Without a setting, a Redis broker or ``CELERY_GUARD_LIMITS_REDIS_URL`` selects Redis;
+    otherwise the database (the embedded default).
+    """
+    chosen = guard_settings.limits_backend
+    if chosen is not None:
+        return chosen
+    return "redis" if redis_url() is not None else "database"
 
 
 def redis_url() -> str | None:
@@ -238,6 +258,10 @@ class Store:
         """How many live holders a rule's concurrency set has now (admin, tests)."""
         return int(self.client.zcount(self.keys(rule)[0], time.time(), "+inf"))
 
+    def ping(self) -> None:
+        """One round trip to Redis (``doctor``)."""
+        self.client.ping()
+
 
 def _guarded(call: Any) -> Any:
     global _paused_until
@@ -253,8 +277,28 @@ def _guarded(call: Any) -> Any:
 _stores: dict[tuple[int, str, str], Store] = {}
 
 
-def get_store() -> Store:
-    """This process's store for the configured URL and prefix.
+def get_store() -> LimitsStore:
+    """This process's store: the one ``CELERY_GUARD_LIMITS_BACKEND`` selects (see :func:`backend`).
+
+    Raises:
+        Unavailable: The Redis backend is selected but there is no Redis for the limits (no
+            setting and the broker is not Redis).
+        ValueError: ``CELERY_GUARD_LIMITS_BACKEND`` is neither ``"redis"`` nor ``"database"``.
+    """
+    chosen = backend()
+    if chosen == "database":
+        from celery_guard.limits import dbstore
+
+        return dbstore.get_store()
+    if chosen != "redis":
+        raise ValueError(
+            f"CELERY_GUARD_LIMITS_BACKEND must be 'redis', 'database' or None, got {chosen!r}"
+        )
+    return redis_store()
+
+
+def redis_store() -> Store:
+    """This process's Redis store for the configured URL and prefix.
 
     Raises:
         Unavailable: No Redis for the limits (no setting and the broker is not Redis).
@@ -274,7 +318,7 @@ def get_store() -> Store:
 
 @dataclass
 class _Held:
-    store: Store
+    store: LimitsStore
     rules: tuple[Rule, ...]
     lease: float
     renewed: float
@@ -287,7 +331,7 @@ _renewer_pid: int | None = None
 RENEW_TICK = 0.25
 
 
-def hold(limits: Store, rules: Sequence[Rule], holder: str, lease: float) -> None:
+def hold(limits: LimitsStore, rules: Sequence[Rule], holder: str, lease: float) -> None:
     """Keep ``holder``'s concurrency slots alive while its body runs (until :func:`drop`)."""
     global _renewer_pid
     if not any(rule.concurrency for rule in rules):
@@ -306,6 +350,11 @@ def drop(holder: str) -> None:
 def _renew_loop() -> None:
     while True:
         time.sleep(RENEW_TICK)
+        if not _held:
+            # No body holds a slot: the database store's connection of this thread (if any)
+            # is not kept open while idle.
+            _close_thread_connections()
+            continue
         now = time.monotonic()
         for holder, held in list(_held.items()):
             if now - held.renewed < held.lease / 3:
@@ -317,3 +366,9 @@ def _renew_loop() -> None:
                 logger.warning(
                     "celery_guard: could not renew the limit slots of %s", holder, exc_info=True
                 )
+
+
+def _close_thread_connections() -> None:
+    for connection in db_connections.all(initialized_only=True):
+        if connection.connection is not None:
+            connection.close()

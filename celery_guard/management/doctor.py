@@ -134,7 +134,7 @@ def _check_limits(app: Any, report: Report) -> None:
     limited = limits_checks.limited_tasks(app)
     if limited:
         try:
-            ms = _timed(lambda: store.get_store().client.ping())
+            ms = _timed(lambda: store.get_store().ping())
         except Exception as exc:
             report.add(
                 "error",

@@ -13,23 +13,26 @@ import uuid
 import pytest
 from celery.exceptions import Retry
 from django.contrib.admin.models import LogEntry
+from django.db import connections
 from django.urls import reverse
 
 from celery_guard.exceptions import ThrottledError
-from celery_guard.limits import services, store
-from celery_guard.limits.models import TaskPolicy
+from celery_guard.limits import dbstore, services, store
+from celery_guard.limits.models import LimitEntry, LimitScope, TaskPolicy
 from celery_guard.limits.rules import Rate, Rule
 from celery_guard.limits.step import LimitsStep
 from tests.support.harness import wait_until
+from tests.support.limits import fresh_prefix
 from tests.testapp import limit_tasks
 
+#: A store test runs on both backends (``limits_backend``); the database one commits for real,
+#: so the test's threads and processes see each other's admissions.
+STORE_TEST = pytest.mark.django_db(transaction=True)
 
-def fresh_store(url: str) -> store.Store:
-    return store.Store(url, f"cgt-limits-{uuid.uuid4().hex[:8]}:")
 
-
-def test_concurrency_is_never_exceeded_by_contending_threads(redis_url):
-    limits = fresh_store(redis_url)
+@STORE_TEST
+def test_concurrency_is_never_exceeded_by_contending_threads(limits_store):
+    limits = limits_store
     rule = Rule("task:contended", concurrency=2)
     inside, peak, admitted = 0, 0, 0
     lock = threading.Lock()
@@ -37,19 +40,22 @@ def test_concurrency_is_never_exceeded_by_contending_threads(redis_url):
     def worker() -> None:
         nonlocal inside, peak, admitted
         end = time.monotonic() + 1.0
-        while time.monotonic() < end:
-            admission = limits.admit([rule], lease=30)
-            if not admission.admitted:
-                assert admission.kind == "concurrency" and admission.rule == rule
-                continue
-            with lock:
-                inside += 1
-                peak = max(peak, inside)
-                admitted += 1
-            time.sleep(0.005)
-            with lock:
-                inside -= 1
-            limits.release([rule], admission.holder)
+        try:
+            while time.monotonic() < end:
+                admission = limits.admit([rule], lease=30)
+                if not admission.admitted:
+                    assert admission.kind == "concurrency" and admission.rule == rule
+                    continue
+                with lock:
+                    inside += 1
+                    peak = max(peak, inside)
+                    admitted += 1
+                time.sleep(0.005)
+                with lock:
+                    inside -= 1
+                limits.release([rule], admission.holder)
+        finally:
+            connections.close_all()  # this thread's own database connection
 
     threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
@@ -61,8 +67,16 @@ def test_concurrency_is_never_exceeded_by_contending_threads(redis_url):
     assert limits.holders(rule) == 0
 
 
-def _hammer(url: str, prefix: str, rule: Rule, seconds: float, out: multiprocessing.Queue) -> None:
-    limits = store.Store(url, prefix)
+def _store_in_child(backend: str, prefix: str) -> store.LimitsStore:
+    if backend == "redis":
+        return store.Store(os.environ["REDIS_URL"], prefix)
+    return dbstore.DatabaseStore()
+
+
+def _hammer(
+    backend: str, prefix: str, rule: Rule, seconds: float, out: multiprocessing.Queue
+) -> None:
+    limits = _store_in_child(backend, prefix)
     count = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -71,15 +85,17 @@ def _hammer(url: str, prefix: str, rule: Rule, seconds: float, out: multiprocess
     out.put(count)
 
 
-def test_rate_holds_across_processes(redis_url):
-    prefix = f"cgt-limits-{uuid.uuid4().hex[:8]}:"
+@STORE_TEST
+def test_rate_holds_across_processes(limits_backend, redis_url):
+    prefix = fresh_prefix()
     # A minute's window: nothing leaves it during the test, so exactly N starts are admitted.
     rule = Rule("limit:shared", rate=Rate(7, 60.0))
     out: multiprocessing.Queue = multiprocessing.Queue()
     procs = [
-        multiprocessing.Process(target=_hammer, args=(redis_url, prefix, rule, 1.0, out))
+        multiprocessing.Process(target=_hammer, args=(limits_backend, prefix, rule, 1.0, out))
         for _ in range(4)
     ]
+    connections.close_all()  # a forked child must open its own connection, not share ours
     for p in procs:
         p.start()
     counts = [out.get(timeout=30) for _ in procs]
@@ -88,8 +104,9 @@ def test_rate_holds_across_processes(redis_url):
     assert sum(counts) == 7
 
 
-def test_rate_window_slides_and_says_when_it_frees_a_start(redis_url):
-    limits = fresh_store(redis_url)
+@STORE_TEST
+def test_rate_window_slides_and_says_when_it_frees_a_start(limits_store):
+    limits = limits_store
     rule = Rule("task:sliding", rate=Rate(3, 1.0))
     assert all(limits.admit([rule], lease=30).admitted for _ in range(3))
     refused = limits.admit([rule], lease=30)
@@ -99,8 +116,9 @@ def test_rate_window_slides_and_says_when_it_frees_a_start(redis_url):
     assert limits.admit([rule], lease=30).admitted
 
 
-def test_all_rules_admit_or_none_is_taken(redis_url):
-    limits = fresh_store(redis_url)
+@STORE_TEST
+def test_all_rules_admit_or_none_is_taken(limits_store):
+    limits = limits_store
     own, shared = Rule("task:a", concurrency=5), Rule("limit:gw", concurrency=1)
     first = limits.admit([own, shared], lease=30)
     assert first.admitted
@@ -111,22 +129,26 @@ def test_all_rules_admit_or_none_is_taken(redis_url):
     assert limits.holders(own) == 0 and limits.holders(shared) == 0
 
 
-def _hold_forever(url: str, prefix: str, rule: Rule, ready: multiprocessing.Event) -> None:
-    assert store.Store(url, prefix).admit([rule], lease=1.5).admitted
+def _hold_forever(backend: str, prefix: str, rule: Rule, ready: multiprocessing.Event) -> None:
+    assert _store_in_child(backend, prefix).admit([rule], lease=1.5).admitted
     ready.set()
     time.sleep(600)
 
 
-def test_slot_of_a_killed_holder_returns_after_its_lease(redis_url):
-    prefix = f"cgt-limits-{uuid.uuid4().hex[:8]}:"
+@STORE_TEST
+def test_slot_of_a_killed_holder_returns_after_its_lease(limits_backend, redis_url):
+    prefix = fresh_prefix()
     rule = Rule("task:killed", concurrency=1)
     ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_forever, args=(redis_url, prefix, rule, ready))
+    holder = multiprocessing.Process(
+        target=_hold_forever, args=(limits_backend, prefix, rule, ready)
+    )
+    connections.close_all()  # a forked child must open its own connection, not share ours
     holder.start()
     assert ready.wait(30)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(10)
-    limits = store.Store(redis_url, prefix)
+    limits = _store_in_child(limits_backend, prefix)
     assert not limits.admit([rule], lease=30).admitted  # still held by the dead process
     wait_until(lambda: limits.admit([rule], lease=30).admitted, timeout=5, interval=0.1)
 
@@ -215,7 +237,10 @@ def running(settings):
     monkey.undo()
 
 
-def test_an_over_limit_delivery_is_deferred_without_an_attempt(running, monkeypatch):
+@STORE_TEST
+def test_an_over_limit_delivery_is_deferred_without_an_attempt(
+    limits_backend, running, monkeypatch
+):
     published = []
     monkeypatch.setattr(
         "celery.canvas.Signature.apply_async", lambda sig, *a, **kw: published.append(sig)
@@ -235,7 +260,8 @@ def test_an_over_limit_delivery_is_deferred_without_an_attempt(running, monkeypa
     assert limits.holders(rule) == 0  # released after the body
 
 
-def test_a_throttled_answer_backs_off_the_named_limit_for_the_cluster(running):
+@STORE_TEST
+def test_a_throttled_answer_backs_off_the_named_limit_for_the_cluster(limits_backend, running):
     def throttled(*args):
         raise ThrottledError("429", retry_after=1.5)
 
@@ -265,8 +291,9 @@ def test_an_unreachable_store_fails_open_by_default_or_defers(
     store._paused_until = 0.0
 
 
-def test_a_running_body_keeps_its_slot_past_the_lease_by_renewal(redis_url):
-    limits = fresh_store(redis_url)
+@STORE_TEST
+def test_a_running_body_keeps_its_slot_past_the_lease_by_renewal(limits_store):
+    limits = limits_store
     rule = Rule("task:renewed", concurrency=1)
     admission = limits.admit([rule], lease=0.6)
     store.hold(limits, [rule], admission.holder, 0.6)

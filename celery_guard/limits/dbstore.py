@@ -1,0 +1,310 @@
+"""The limits store in the database: the Redis store's semantics, in short SQL transactions.
+
+Selected by ``CELERY_GUARD_LIMITS_BACKEND = "database"`` (the default when there is no Redis
+for the limits). Two tables (:mod:`celery_guard.limits.models`):
+
+- ``LimitScope``, one row per rule scope: the row an admission locks, and the scope's
+  back-off. Admissions that share a scope are serialised on it: ``SELECT ... FOR UPDATE`` on
+  PostgreSQL, the rows of a run locked in scope order so two runs never deadlock; SQLite
+  serialises every write transaction anyway (the admission writes first, so it holds the
+  write lock before it reads).
+- ``LimitEntry``, one row per held concurrency slot (a lease, live until its expiry, pushed
+  on by the renewal thread) and per recorded start (live until it leaves its rate's window,
+  start + period). A rule admits a run while fewer than its limit of its entries are live:
+  concurrency and rate are counted the same way, the rate with a tolerance of zero starts,
+  like the Redis sliding log.
+
+An admission is one transaction: lock the run's scopes, count their live entries (and read
+the clock) in one query, insert the run's entries only if every rule admits it (all or
+nothing), commit. On PostgreSQL that is 5 round trips (BEGIN, lock, count, insert, COMMIT;
+4 when refused); the release is one ``DELETE`` (autocommit). Times are epoch seconds from the
+database server's clock on PostgreSQL (``clock_timestamp()``, read after the locks are held),
+so the workers' clocks do not matter; on SQLite, whose workers share one host, from that
+host's clock.
+
+Expired entries, and scopes with no entry and no back-off, are purged by the admissions
+themselves, at most every :data:`PURGE_EVERY` seconds per process, so the tables hold about
+the live slots and starts (plus what expired since the last purge).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from django.db import Error as DatabaseError
+from django.db import connections, router, transaction
+
+from celery_guard.core import dbreuse
+from celery_guard.limits.base import Admission, Unavailable
+from celery_guard.limits.models import LimitEntry, LimitScope
+from celery_guard.limits.rules import Rule
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds between two purges of expired rows by one process.
+PURGE_EVERY = 5.0
+#: Seconds an expired entry is kept before a purge deletes it (none counts once expired).
+PURGE_GRACE = 1.0
+#: Seconds the store is left alone after a database error (no timeout per task).
+OUTAGE_PAUSE = 2.0
+#: Longest scope stored verbatim (longer ones keep a prefix and a digest).
+MAX_SCOPE = 255
+
+SLOT = LimitEntry.Kind.SLOT.value
+START = LimitEntry.Kind.START.value
+
+_paused_until = 0.0
+
+
+def scope_key(scope: str) -> str:
+    """The stored name of a rule's scope (a digest keeps a long one unique and short)."""
+    if len(scope) <= MAX_SCOPE:
+        return scope
+    digest = hashlib.sha256(scope.encode()).hexdigest()
+    return f"{scope[: MAX_SCOPE - len(digest) - 1]}#{digest}"
+
+
+def _marks(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+class DatabaseStore:
+    """The database limits store (one per process and database alias, see :func:`get_store`)."""
+
+    def __init__(self, alias: str | None = None) -> None:
+        self.alias = alias or router.db_for_write(LimitEntry) or "default"
+        connection = connections[self.alias]
+        self.server_clock = connection.vendor == "postgresql"
+        self.row_locks = bool(connection.features.has_select_for_update)
+        quote = connection.ops.quote_name
+        self.scopes = quote(LimitScope._meta.db_table)
+        self.entries = quote(LimitEntry._meta.db_table)
+        self._next_purge = 0.0
+
+    def _now(self) -> tuple[str, list[Any]]:
+        """SQL for "now" in epoch seconds, and its parameters: the server's clock on PostgreSQL."""
+        if self.server_clock:
+            return "EXTRACT(EPOCH FROM clock_timestamp())::float8", []
+        return "%s", [time.time()]
+
+    def _guarded(self, call: Callable[[], T]) -> T:
+        global _paused_until
+        if time.monotonic() < _paused_until:
+            raise Unavailable("the limits database was unreachable moments ago")
+        try:
+            return call()
+        except DatabaseError as exc:
+            _paused_until = time.monotonic() + OUTAGE_PAUSE
+            dbreuse.close_unusable()
+            raise Unavailable(str(exc)) from exc
+
+    def admit(self, rules: Sequence[Rule], lease: float, holder: str | None = None) -> Admission:
+        """Admit one run under ``rules`` (taking its slots and starts) or say why not.
+
+        Raises:
+            Unavailable: The database cannot be reached.
+        """
+        holder = holder or f"{os.getpid()}:{uuid.uuid4().hex}"
+        answer = self._guarded(lambda: self._admit(rules, lease, holder))
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + PURGE_EVERY
+            try:
+                self.purge()
+            except Unavailable:
+                logger.warning("celery_guard: could not purge the expired limit entries")
+        return answer
+
+    def _admit(self, rules: Sequence[Rule], lease: float, holder: str) -> Admission:
+        keys = [scope_key(rule.scope) for rule in rules]
+        with transaction.atomic(using=self.alias), connections[self.alias].cursor() as cursor:
+            backoffs = self._lock(cursor, keys)
+            now_sql, now_args = self._now()
+            cursor.execute(
+                f"SELECT n.now, e.scope, e.kind, COUNT(e.id), MIN(e.until) "
+                f"FROM (SELECT {now_sql} AS now) n LEFT JOIN {self.entries} e "
+                f"ON e.scope IN ({_marks(len(keys))}) AND e.until > n.now "
+                "GROUP BY n.now, e.scope, e.kind",
+                [*now_args, *keys],
+            )
+            counts: dict[tuple[str, str], tuple[int, float]] = {}
+            now = 0.0
+            for row in cursor.fetchall():
+                now = float(row[0])
+                if row[1] is not None:
+                    counts[(row[1], row[2])] = (int(row[3]), float(row[4]))
+            rows: list[Any] = []
+            for rule, key in zip(rules, keys, strict=True):
+                if backoffs[key] > now:
+                    return Admission(False, holder, rule, "backoff", backoffs[key] - now)
+                if rule.concurrency:
+                    held, first = counts.get((key, SLOT), (0, now))
+                    if held >= rule.concurrency:
+                        return Admission(False, holder, rule, "concurrency", first - now)
+                    rows += [key, SLOT, holder, now + lease]
+                if rule.rate:
+                    started, first = counts.get((key, START), (0, now))
+                    if started >= rule.rate.count:
+                        return Admission(False, holder, rule, "rate", first - now)
+                    rows += [key, START, holder, now + rule.rate.period]
+            if rows:
+                cursor.execute(
+                    f"INSERT INTO {self.entries} (scope, kind, holder, until) VALUES "
+                    + ", ".join(["(%s, %s, %s, %s)"] * (len(rows) // 4)),
+                    rows,
+                )
+        return Admission(True, holder)
+
+    def _lock(self, cursor: Any, keys: Sequence[str]) -> dict[str, float]:
+        """Lock the scope rows of ``keys`` (created when missing), in order: their back-offs."""
+        wanted = sorted(set(keys))
+        lock = " FOR UPDATE" if self.row_locks else ""
+        select = (
+            f"SELECT scope, backoff_until FROM {self.scopes} "
+            f"WHERE scope IN ({_marks(len(wanted))}) ORDER BY scope{lock}"
+        )
+        if not self.row_locks:
+            # SQLite: a write first, so this transaction takes the database's write lock
+            # before it reads (a read-then-write transaction could not upgrade under load).
+            self._create(cursor, wanted)
+        for _ in range(3):
+            cursor.execute(select, wanted)
+            found = {str(scope): float(until) for scope, until in cursor.fetchall()}
+            if len(found) == len(wanted):
+                return found
+            # A scope's first run, or its row was just purged: create it, then lock it.
+            self._create(cursor, [key for key in wanted if key not in found])
+        raise Unavailable(f"the limit scopes {wanted!r} could not be locked")
+
+    def _create(self, cursor: Any, keys: Sequence[str]) -> None:
+        cursor.execute(
+            f"INSERT INTO {self.scopes} (scope, backoff_until) VALUES "
+            + ", ".join(["(%s, 0)"] * len(keys))
+            + " ON CONFLICT (scope) DO NOTHING",
+            list(keys),
+        )
+
+    def release(self, rules: Sequence[Rule], holder: str) -> None:
+        """Give back the concurrency slots ``holder`` took (one ``DELETE``).
+
+        Raises:
+            Unavailable: The database cannot be reached (the slots return when their lease
+                ends).
+        """
+        if any(rule.concurrency for rule in rules):
+            self._execute(
+                f"DELETE FROM {self.entries} WHERE holder = %s AND kind = %s", [holder, SLOT]
+            )
+
+    def renew(self, rules: Sequence[Rule], holder: str, lease: float) -> None:
+        """Extend ``holder``'s live concurrency leases by ``lease`` seconds from now.
+
+        An expired lease is not revived: its slot may be someone else's.
+
+        Raises:
+            Unavailable: The database cannot be reached.
+        """
+        if not any(rule.concurrency for rule in rules):
+            return
+        now_sql, now_args = self._now()
+        self._execute(
+            f"UPDATE {self.entries} SET until = {now_sql} + %s "
+            f"WHERE holder = %s AND kind = %s AND until > {now_sql}",
+            [*now_args, lease, holder, SLOT, *now_args],
+        )
+
+    def back_off(self, rules: Sequence[Rule], seconds: float) -> None:
+        """Admit no run under ``rules`` for ``seconds`` (lengthens a back-off, never shortens).
+
+        Raises:
+            Unavailable: The database cannot be reached.
+        """
+        keys = sorted({scope_key(rule.scope) for rule in rules})
+        if not keys or seconds <= 0:
+            return
+
+        def write() -> None:
+            now_sql, now_args = self._now()
+            with transaction.atomic(using=self.alias), connections[self.alias].cursor() as cursor:
+                self._lock(cursor, keys)
+                cursor.execute(
+                    f"UPDATE {self.scopes} SET backoff_until = {now_sql} + %s "
+                    f"WHERE scope IN ({_marks(len(keys))}) AND backoff_until < {now_sql} + %s",
+                    [*now_args, seconds, *keys, *now_args, seconds],
+                )
+
+        self._guarded(write)
+
+    def holders(self, rule: Rule) -> int:
+        """How many live holders a rule's concurrency has now (admin, tests)."""
+        now_sql, now_args = self._now()
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute(
+                f"SELECT COUNT(*) FROM {self.entries} "
+                f"WHERE scope = %s AND kind = %s AND until > {now_sql}",
+                [scope_key(rule.scope), SLOT, *now_args],
+            )
+            return int(cursor.fetchone()[0])
+
+    def ping(self) -> None:
+        """One round trip to the database's limits tables (``doctor``: also migrated?)."""
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute(f"SELECT scope FROM {self.scopes} WHERE 1 = 0")
+
+    def purge(self) -> int:
+        """Delete expired entries, and scopes with neither entries nor a back-off.
+
+        A scope row some admission holds is skipped (PostgreSQL: ``SKIP LOCKED``), so a purge
+        never waits for an admission nor deadlocks with one.
+
+        Returns:
+            The number of rows deleted.
+
+        Raises:
+            Unavailable: The database cannot be reached.
+        """
+        now_sql, now_args = self._now()
+        skip = " FOR UPDATE SKIP LOCKED" if self.row_locks else ""
+
+        def delete() -> int:
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute(
+                    f"DELETE FROM {self.entries} WHERE until < {now_sql} - %s",
+                    [*now_args, PURGE_GRACE],
+                )
+                deleted = int(cursor.rowcount)
+                cursor.execute(
+                    f"DELETE FROM {self.scopes} WHERE id IN (SELECT s.id FROM {self.scopes} s "
+                    f"WHERE s.backoff_until < {now_sql} AND NOT EXISTS (SELECT 1 FROM "
+                    f"{self.entries} e WHERE e.scope = s.scope){skip})",
+                    now_args,
+                )
+                return deleted + int(cursor.rowcount)
+
+        return self._guarded(delete)
+
+    def _execute(self, sql: str, args: Sequence[Any]) -> None:
+        def run() -> None:
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute(sql, args)
+
+        self._guarded(run)
+
+
+_stores: dict[tuple[int, str], DatabaseStore] = {}
+
+
+def get_store(alias: str | None = None) -> DatabaseStore:
+    """This process's database store (on the database the router gives ``LimitEntry``)."""
+    key = (os.getpid(), alias or "")
+    found = _stores.get(key)
+    if found is None:
+        found = _stores[key] = DatabaseStore(alias)
+    return found
