@@ -1,4 +1,8 @@
-"""Limits on real workers: a cluster-wide concurrency of 1, pause and resume, a deadline."""
+"""Limits on real workers: a cluster-wide concurrency of 1, pause and resume, a deadline.
+
+The multi-worker claims (concurrency, rate, a SIGKILLed holder) run on both limits stores
+(``limits_backend``: Redis, and the database on PostgreSQL).
+"""
 
 import time
 from itertools import pairwise
@@ -26,7 +30,7 @@ def executions(count, timeout=60):
     )
 
 
-def test_concurrency_one_across_two_workers_never_overlaps(start_worker):
+def test_concurrency_one_across_two_workers_never_overlaps(limits_backend, start_worker):
     start_worker(["high"], concurrency=2)
     start_worker(["high"], concurrency=2)
     for i in range(6):
@@ -82,7 +86,9 @@ def test_a_small_tenant_is_not_held_back_by_a_large_one(start_worker):
     assert b.started_at < a[1].started_at  # it did not wait behind department 1's backlog
 
 
-def test_a_killed_workers_slot_returns_within_the_lease_and_nothing_is_lost(start_worker, amqp_url):
+def test_a_killed_workers_slot_returns_within_the_lease_and_nothing_is_lost(
+    limits_backend, start_worker, amqp_url
+):
     from kombu import Connection
 
     from tests.celery_app import app
@@ -108,7 +114,7 @@ def test_a_killed_workers_slot_returns_within_the_lease_and_nothing_is_lost(star
     assert not DeadLetter.objects.exists()
 
 
-def test_starts_stay_within_the_rate_in_every_sliding_window(start_worker):
+def test_starts_stay_within_the_rate_in_every_sliding_window(limits_backend, start_worker):
     start_worker(["high"], concurrency=2)
     start_worker(["high"], concurrency=2)
     for i in range(14):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 from django.test import override_settings
 
 from celery_guard import guarded_task
 from celery_guard.limits import checks as limits_checks
-from celery_guard.limits import rules
+from celery_guard.limits import dbstore, rules, store
 from celery_guard.limits.rules import Rate, Rule
 from tests.testapp import limit_tasks
 
@@ -142,9 +143,30 @@ def test_e009_bad_rate_or_concurrency_in_a_named_limit(bad):
 
 def test_e001_limits_settings():
     assert limits_checks.check_setting_values() == []
-    with override_settings(CELERY_GUARD_LIMITS_ON_OUTAGE="maybe", CELERY_GUARD_LIMITS_LEASE=0):
+    with override_settings(
+        CELERY_GUARD_LIMITS_ON_OUTAGE="maybe",
+        CELERY_GUARD_LIMITS_LEASE=0,
+        CELERY_GUARD_LIMITS_BACKEND="memcached",
+    ):
         found = limits_checks.check_setting_values()
-    assert {m.id for m in found} == {"celery_guard.E001"} and len(found) == 2
+    assert {m.id for m in found} == {"celery_guard.E001"} and len(found) == 3
+    assert any("CELERY_GUARD_LIMITS_BACKEND" in m.msg for m in found)
+
+
+def test_the_backend_is_redis_when_there_is_one_else_the_database(celery_conf):
+    with override_settings(CELERY_GUARD_LIMITS_BACKEND=None):
+        assert store.backend() == "redis"  # CELERY_GUARD_LIMITS_REDIS_URL is set
+        celery_conf(broker_url="amqp://guest:guest@127.0.0.1:5672//")
+        with override_settings(CELERY_GUARD_LIMITS_REDIS_URL=None):
+            assert store.backend() == "database"  # no Redis anywhere: the embedded default
+            assert isinstance(store.get_store(), dbstore.DatabaseStore)
+        celery_conf(broker_url="redis://127.0.0.1:6379/0")
+        with override_settings(CELERY_GUARD_LIMITS_REDIS_URL=None):
+            assert store.backend() == "redis"  # a Redis broker
+    with override_settings(CELERY_GUARD_LIMITS_BACKEND="database"):
+        assert store.backend() == "database"  # the setting wins
+    with override_settings(CELERY_GUARD_LIMITS_BACKEND="memcached"), pytest.raises(ValueError):
+        store.get_store()
 
 
 def test_w012_a_task_names_an_undefined_limit():
@@ -170,12 +192,27 @@ def test_w014_prefetch_multiplier_with_limits(celery_conf):
     assert message.id == "celery_guard.W014"
 
 
-def test_w015_no_redis_for_the_limits(celery_conf):
+def test_w015_the_redis_backend_without_a_redis(celery_conf):
     assert limits_checks.check_store() == []
     celery_conf(broker_url="amqp://guest:guest@127.0.0.1:5672//")
-    with override_settings(CELERY_GUARD_LIMITS_REDIS_URL=None):
+    with override_settings(CELERY_GUARD_LIMITS_REDIS_URL=None, CELERY_GUARD_LIMITS_BACKEND=None):
+        assert limits_checks.check_store() == []  # chosen automatically: the database
+    with override_settings(CELERY_GUARD_LIMITS_REDIS_URL=None, CELERY_GUARD_LIMITS_BACKEND="redis"):
         [message] = limits_checks.check_store()
     assert message.id == "celery_guard.W015"
+
+
+def test_w029_the_database_backend_above_read_committed(monkeypatch):
+    db = connections["default"].settings_dict
+    monkeypatch.setitem(db, "ENGINE", "django.db.backends.postgresql")
+    monkeypatch.setitem(db, "OPTIONS", {**db.get("OPTIONS", {}), "isolation_level": 1})
+    with override_settings(CELERY_GUARD_LIMITS_BACKEND="database"):
+        assert limits_checks.check_database_isolation() == []  # READ COMMITTED
+        monkeypatch.setitem(db["OPTIONS"], "isolation_level", 2)  # REPEATABLE READ
+        [message] = limits_checks.check_database_isolation()
+    assert message.id == "celery_guard.W029"
+    with override_settings(CELERY_GUARD_LIMITS_BACKEND="redis"):
+        assert limits_checks.check_database_isolation() == []
 
 
 def test_w022_a_named_limit_no_task_uses():
