@@ -308,3 +308,34 @@ def test_a_running_body_keeps_its_slot_past_the_lease_by_renewal(limits_store):
         store.drop(admission.holder)
     # No longer renewed (the body "died" without a release): the slot comes back.
     wait_until(lambda: limits.admit([rule], lease=30).admitted, timeout=5, interval=0.1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_database_store_purges_what_no_longer_counts():
+    limits = dbstore.DatabaseStore()
+    gone, kept, paused = (
+        Rule("task:gone", concurrency=1),
+        Rule("task:kept", concurrency=1),
+        Rule("limit:paused", rate=Rate(5, 60.0)),
+    )
+    old = limits.admit([gone], lease=0.01)
+    live = limits.admit([kept], lease=30)
+    assert old.admitted and live.admitted and limits.admit([paused], lease=30).admitted
+    limits.back_off([paused], 60)
+    LimitEntry.objects.filter(scope="limit:paused").delete()  # only its back-off is left
+    time.sleep(dbstore.PURGE_GRACE + 0.1)
+    assert limits.purge() == 2  # the expired slot and its scope
+    assert set(LimitScope.objects.values_list("scope", flat=True)) == {"task:kept", "limit:paused"}
+    assert list(LimitEntry.objects.values_list("holder", flat=True)) == [live.holder]
+    refused = limits.admit([paused], lease=30)
+    assert not refused.admitted and refused.kind == "backoff"  # the back-off survived
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_scope_is_stored_under_a_unique_digest():
+    limits = dbstore.DatabaseStore()
+    one, two = Rule("tenant:" + "x" * 300, concurrency=1), Rule("tenant:" + "x" * 299 + "y", 1)
+    assert limits.admit([one], lease=30).admitted
+    assert limits.admit([two], lease=30).admitted  # not the same scope
+    assert not limits.admit([one], lease=30).admitted
+    assert all(len(s) <= 255 for s in LimitScope.objects.values_list("scope", flat=True))
