@@ -143,7 +143,7 @@ def _check_limits(app: Any, report: Report) -> None:
                 f"{guard_settings.limits_on_outage!r})",
             )
         else:
-            report.add("ok", f"limits store: reachable ({ms:.1f} ms)")
+            report.add("ok", f"limits store: reachable ({store.backend()}, {ms:.1f} ms)")
     try:
         paused = list(TaskPolicy.objects.filter(paused=True).values_list("task_name", flat=True))
     except Exception as exc:

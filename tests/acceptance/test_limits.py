@@ -10,6 +10,7 @@ from itertools import pairwise
 import pytest
 
 from celery_guard.limits import services, store
+from celery_guard.limits.models import LimitScope
 from celery_guard.limits.rules import Rule
 from celery_guard.models import DeadLetter
 from tests.support.harness import wait_until
@@ -30,6 +31,13 @@ def executions(count, timeout=60):
     )
 
 
+def admitted_through_the_selected_store(limits_backend, task):
+    """The workers admitted ``task`` through the selected store: a scope row in the database
+    with the database store, none with Redis (no admission since the last could purge it)."""
+    exists = LimitScope.objects.filter(scope=f"task:{task.name}").exists()
+    return exists == (limits_backend == "database")
+
+
 def test_concurrency_one_across_two_workers_never_overlaps(limits_backend, start_worker):
     start_worker(["high"], concurrency=2)
     start_worker(["high"], concurrency=2)
@@ -45,6 +53,7 @@ def test_concurrency_one_across_two_workers_never_overlaps(limits_backend, start
     assert all(r.guard_header["attempt"] == 1 for r in runs)
     assert any(r.guard_header.get("deferred", 0) >= 1 for r in runs)
     assert not DeadLetter.objects.exists()
+    assert admitted_through_the_selected_store(limits_backend, limit_tasks.limited_job)
 
 
 def test_a_paused_task_runs_after_resume_and_one_paused_past_its_deadline_is_dead_lettered(
@@ -129,6 +138,7 @@ def test_starts_stay_within_the_rate_in_every_sliding_window(limits_backend, sta
         assert sum(1 for s in starts if first <= s < first + 1.0) <= 4 + 1
     assert any(r.guard_header.get("deferred", 0) >= 1 for r in runs)
     assert all(r.guard_header["attempt"] == 1 for r in runs)
+    assert admitted_through_the_selected_store(limits_backend, limit_tasks.rated_job)
 
 
 def test_deferred_jobs_with_idempotency_keys_each_run_once(start_worker):

@@ -38,3 +38,12 @@ def test_doctor_reports_the_limits_store_and_paused_task_types(settings, capsys)
     assert "[error] limits store: unreachable" in out
     assert "[warning] task types paused (deferred until resumed): app.tasks.notify" in out
     store._paused_until = 0.0
+
+
+def test_doctor_reaches_the_database_limits_store(settings, capsys):
+    settings.CELERY_GUARD_LIMITS_BACKEND = "database"
+    try:
+        out = run_doctor(capsys)
+    except CommandError:  # other findings (no worker consumes the queues) do not matter here
+        out = capsys.readouterr().out
+    assert "[ok] limits store: reachable (database," in out
