@@ -124,6 +124,8 @@ class DatabaseStore:
 
     def _admit(self, rules: Sequence[Rule], lease: float, holder: str) -> Admission:
         keys = [scope_key(rule.scope) for rule in rules]
+        if not keys:
+            return Admission(True, holder)
         with transaction.atomic(using=self.alias), connections[self.alias].cursor() as cursor:
             backoffs = self._lock(cursor, keys)
             now_sql, now_args = self._now()
@@ -141,6 +143,7 @@ class DatabaseStore:
                 if row[1] is not None:
                     counts[(row[1], row[2])] = (int(row[3]), float(row[4]))
             rows: list[Any] = []
+            taken: set[tuple[str, str]] = set()  # one entry per scope and kind, as in Redis
             for rule, key in zip(rules, keys, strict=True):
                 if backoffs[key] > now:
                     return Admission(False, holder, rule, "backoff", backoffs[key] - now)
@@ -148,12 +151,16 @@ class DatabaseStore:
                     held, first = counts.get((key, SLOT), (0, now))
                     if held >= rule.concurrency:
                         return Admission(False, holder, rule, "concurrency", first - now)
-                    rows += [key, SLOT, holder, now + lease]
+                    if (key, SLOT) not in taken:
+                        taken.add((key, SLOT))
+                        rows += [key, SLOT, holder, now + lease]
                 if rule.rate:
                     started, first = counts.get((key, START), (0, now))
                     if started >= rule.rate.count:
                         return Admission(False, holder, rule, "rate", first - now)
-                    rows += [key, START, holder, now + rule.rate.period]
+                    if (key, START) not in taken:
+                        taken.add((key, START))
+                        rows += [key, START, holder, now + rule.rate.period]
             if rows:
                 cursor.execute(
                     f"INSERT INTO {self.entries} (scope, kind, holder, until) VALUES "
@@ -173,22 +180,20 @@ class DatabaseStore:
         if not self.row_locks:
             # SQLite: a write first, so this transaction takes the database's write lock
             # before it reads (a read-then-write transaction could not upgrade under load).
-            self._create(cursor, wanted)
+            self._create(wanted)
         for _ in range(3):
             cursor.execute(select, wanted)
             found = {str(scope): float(until) for scope, until in cursor.fetchall()}
             if len(found) == len(wanted):
                 return found
             # A scope's first run, or its row was just purged: create it, then lock it.
-            self._create(cursor, [key for key in wanted if key not in found])
+            self._create([key for key in wanted if key not in found])
         raise Unavailable(f"the limit scopes {wanted!r} could not be locked")
 
-    def _create(self, cursor: Any, keys: Sequence[str]) -> None:
-        cursor.execute(
-            f"INSERT INTO {self.scopes} (scope, backoff_until) VALUES "
-            + ", ".join(["(%s, 0)"] * len(keys))
-            + " ON CONFLICT (scope) DO NOTHING",
-            list(keys),
+    def _create(self, keys: Sequence[str]) -> None:
+        # One INSERT that skips the scopes another process created meanwhile.
+        LimitScope.objects.using(self.alias).bulk_create(
+            [LimitScope(scope=key) for key in keys], ignore_conflicts=True
         )
 
     def release(self, rules: Sequence[Rule], holder: str) -> None:
