@@ -2,6 +2,23 @@
 
 from django.db import migrations, models
 
+#: The limits store's tables hold leases and starts that expire within seconds: on PostgreSQL
+#: they are UNLOGGED (no WAL), so an admission's commit does not wait for a disk flush. A
+#: crash empties them (running bodies lose their slots; their releases find nothing).
+TABLES = ("celery_guard_limitscope", "celery_guard_limitentry")
+
+
+def set_unlogged(apps, schema_editor):
+    if schema_editor.connection.vendor == "postgresql":
+        for table in TABLES:
+            schema_editor.execute(f"ALTER TABLE {schema_editor.quote_name(table)} SET UNLOGGED")
+
+
+def set_logged(apps, schema_editor):
+    if schema_editor.connection.vendor == "postgresql":
+        for table in TABLES:
+            schema_editor.execute(f"ALTER TABLE {schema_editor.quote_name(table)} SET LOGGED")
+
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -53,4 +70,5 @@ class Migration(migrations.Migration):
                 ],
             },
         ),
+        migrations.RunPython(set_unlogged, set_logged),
     ]
