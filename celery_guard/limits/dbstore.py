@@ -20,7 +20,8 @@ nothing), commit. On PostgreSQL that is 5 round trips (BEGIN, lock, count, inser
 4 when refused); the release is one ``DELETE`` (autocommit). Times are epoch seconds from the
 database server's clock on PostgreSQL (``clock_timestamp()``, read after the locks are held),
 so the workers' clocks do not matter; on SQLite, whose workers share one host, from that
-host's clock.
+host's clock. On PostgreSQL both tables are ``UNLOGGED`` (migration ``0009``): what they hold
+expires within seconds, so it needs no WAL, and a commit does not wait for a disk flush.
 
 Expired entries, and scopes with no entry and no back-off, are purged by the admissions
 themselves, at most every :data:`PURGE_EVERY` seconds per process, so the tables hold about
