@@ -15,13 +15,19 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True)
 class Admission:
-    """The store's answer: admitted, or which rule refused and for how long."""
+    """The store's answer: admitted, or which rule refused and for how long.
+
+    ``reserved`` says the refused run now holds a reservation of ``rule``: a start (or a
+    concurrency slot) kept for it ``wait`` seconds from now, ahead of the runs that come
+    later (only from a store with ``reserves = True``, when asked to reserve).
+    """
 
     admitted: bool
     holder: str
     rule: Rule | None = None
     kind: str = ""
     wait: float = 0.0
+    reserved: bool = False
 
 
 class LimitsStore(Protocol):

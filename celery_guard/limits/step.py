@@ -7,8 +7,11 @@ step lets through without counting an attempt. It sits outside the idempotency s
 deferred delivery never takes its key's lease.
 
 An over-limit or paused delivery is not held: it is republished through the delivery
-schedule (``publish_at``) with a short jittered delay, its guard header unchanged but for
-the ``deferred`` count, and its message acked; the worker process is free at once.
+schedule (``publish_at``), its guard header unchanged but for the ``deferred`` count (and
+its reservations), and its message acked; the worker process is free at once. A store that
+reserves (Redis) gives a refused delivery its own future start, spread by the rate (or by
+the measured gap between releases of a full semaphore) behind the deliveries already
+waiting, so it is republished about once instead of coming back to be refused again.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ MAX_DEFER = 30.0
 #: Longest back-off (seconds) a 429's ``Retry-After`` puts on a named limit.
 MAX_BACK_OFF = 3600.0
 
+#: The guard header field listing the scopes a delivery holds a reservation of: on its
+#: return it is admitted ahead of the deliveries that hold none.
+RESERVED = "reserved"
+#: The guard header field of when (epoch seconds) a reservation longer than ``MAX_DEFER``
+#: is due: a delivery back before it is deferred again without asking the store.
+UNTIL = "until"
+#: Most seconds a delivery back before its reservation may be early and still be admitted.
+EARLY = 0.05
+
 #: Seconds a process waits before requeueing a delivery whose deferral failed to publish.
 REQUEUE_PAUSE = 1.0
 
@@ -48,8 +60,17 @@ def _jittered(delay: float) -> float:
     return round(min(delay, MAX_DEFER) * random.uniform(1.0, 1.5) + random.uniform(0, 0.1), 3)
 
 
-def defer(task: Any, guard: Mapping[str, Any], limit: str, delay: float, event: str) -> NoReturn:
+def defer(
+    task: Any,
+    guard: Mapping[str, Any],
+    limit: str,
+    delay: float,
+    event: str,
+    fields: Mapping[str, Any] | None = None,
+) -> NoReturn:
     """Republish the running delivery ``delay`` seconds later without counting an attempt.
+
+    ``fields`` replace guard header fields of the republished delivery (``None``: drop one).
 
     Raises:
         celery_guard.exceptions.Deferral: Always once republished (a ``Retry``: Celery acks
@@ -59,7 +80,9 @@ def defer(task: Any, guard: Mapping[str, Any], limit: str, delay: float, event: 
     request = task.request
     count = guard.get(DEFERRED, 0)
     count = count + 1 if isinstance(count, int) and not isinstance(count, bool) else 1
-    message_headers = {**(request.headers or {}), headers.HEADER: {**guard, DEFERRED: count}}
+    again_guard = {**guard, DEFERRED: count, **(fields or {})}
+    again_guard = {name: value for name, value in again_guard.items() if value is not None}
+    message_headers = {**(request.headers or {}), headers.HEADER: again_guard}
     try:
         again = task.signature_from_request(
             request, countdown=delay, retries=request.retries, headers=message_headers
@@ -131,6 +154,29 @@ def _back_off(limits: store.LimitsStore, found: list[rules.Rule], exc: Exception
     )
 
 
+def _refused(task: Any, guard: Mapping[str, Any], admission: store.Admission) -> NoReturn:
+    """Defer a refused delivery: to its reservation, or by the time the store gave."""
+    assert admission.rule is not None
+    limit = f"{admission.rule.scope}:{admission.kind}"
+    if admission.reserved:
+        # Reservations are already spread by the rate (or the gap between releases): a
+        # little jitter is enough.
+        wait = max(admission.wait, 0.0) + random.uniform(0, 0.02)
+        held = guard.get(RESERVED)
+        scopes = [s for s in held if isinstance(s, str)] if isinstance(held, list) else []
+        if admission.rule.scope not in scopes:
+            scopes.append(admission.rule.scope)
+        until = round(time.time() + wait, 3) if wait > MAX_DEFER else None
+        fields = {RESERVED: scopes, UNTIL: until}
+        defer(task, guard, limit, round(min(wait, MAX_DEFER), 3), "throttled", fields)
+    if admission.kind in ("rate", "backoff"):
+        # The store knows when its window frees a start or its back-off ends.
+        base = max(admission.wait, 0.05)
+    else:
+        base = guard_settings.limits_defer_delay
+    defer(task, guard, limit, _jittered(base), "throttled", {UNTIL: None})
+
+
 class LimitsStep(Step):
     """Cluster-wide concurrency and rates, tenants, pauses (see ``docs/limits.md``)."""
 
@@ -167,20 +213,27 @@ class LimitsStep(Step):
         )
         if not found:
             return call(*args, **kwargs)
+        until = guard.get(UNTIL)
+        if isinstance(until, (int, float)) and until - time.time() > EARLY:
+            # Back before its reservation (a wait longer than MAX_DEFER): the store has
+            # nothing new to say.
+            wait = until - time.time()
+            defer(task, guard, "reservation", min(wait, MAX_DEFER), "throttled")
         try:
             limits = store.get_store()
             lease = guard_settings.limits_lease
-            admission = limits.admit(found, lease)
+            if getattr(limits, "reserves", False):
+                held = guard.get(RESERVED)
+                held = [s for s in held if isinstance(s, str)] if isinstance(held, list) else []
+                admission = limits.admit(found, lease, reserve=True, held=held)
+            else:
+                admission = limits.admit(found, lease)
         except store.Unavailable as exc:
             _outage(task, guard, exc)
             return call(*args, **kwargs)
         _outage_logged = False
         if not admission.admitted:
-            assert admission.rule is not None
-            # A rate says when its window frees a start; a full semaphore does not.
-            base = max(admission.wait, 0.05) if admission.kind == "rate" else None
-            delay = _jittered(base if base is not None else guard_settings.limits_defer_delay)
-            defer(task, guard, f"{admission.rule.scope}:{admission.kind}", delay, "throttled")
+            _refused(task, guard, admission)
         store.hold(limits, found, admission.holder, lease)
         try:
             return call(*args, **kwargs)

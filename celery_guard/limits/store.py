@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,39 +55,70 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: KEYS: per rule, its concurrency set, its rate log and its back-off key. ARGV: holder,
-#: lease (s), rule count, then per rule: concurrency (0: none), rate count (0: none), rate
-#: period (s). Returns {1} when admitted, else {0, rule index, kind, seconds until it may
-#: admit}.
+#: KEYS: per rule, its concurrency set, its rate log, its back-off key and its queue (a hash:
+#: ``r``/``c`` the next free reserved start of the rate/concurrency, ``g`` the gap between
+#: two releases of a full semaphore, ``l`` the last such release). ARGV: holder, lease (s),
+#: rule count, reserve (1: a refused run reserves a future start), then per rule:
+#: concurrency (0: none), rate count (0: none), rate period (s), held (1: the run holds a
+#: reservation of this rule), default gap (s). Returns {1} when admitted, else {0, rule
+#: index, kind, seconds until it may be admitted, 1 when that is a reservation it now holds}.
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local holder, lease, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local reserving = ARGV[4] == '1'
+local function arg(i, j) return tonumber(ARGV[4 + 5 * (i - 1) + j]) end
+local function reserve(qk, field, earliest, spacing)
+  local at = math.max(earliest, tonumber(redis.call('HGET', qk, field) or '0'))
+  redis.call('HSET', qk, field, tostring(at + spacing))
+  redis.call('PEXPIRE', qk, 3600000)
+  return at
+end
+local function queued(qk, field)
+  return reserving and tonumber(redis.call('HGET', qk, field) or '0') > now
+end
 for i = 1, n do
-  local conc, count = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i])
-  local period = tonumber(ARGV[3 + 3 * i])
-  local ck, rk = KEYS[3 * i - 2], KEYS[3 * i - 1]
-  local backoff = redis.call('PTTL', KEYS[3 * i])
-  if backoff > 0 then return {0, i, 'backoff', tostring(backoff / 1000)} end
+  local conc, count, period, held, gap0 = arg(i, 1), arg(i, 2), arg(i, 3), arg(i, 4), arg(i, 5)
+  local ck, rk, bk, qk = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+  local backoff = redis.call('PTTL', bk)
+  if backoff > 0 then
+    local free = now + backoff / 1000
+    if reserving and count > 0 then
+      return {0, i, 'backoff', tostring(reserve(qk, 'r', free, period / count) - now), 1}
+    end
+    return {0, i, 'backoff', tostring(backoff / 1000), 0}
+  end
   if conc > 0 then
     redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
     if redis.call('ZCARD', ck) >= conc then
-      local first = redis.call('ZRANGE', ck, 0, 0, 'WITHSCORES')
-      return {0, i, 'concurrency', tostring(tonumber(first[2]) - now)}
+      if not reserving then
+        local first = redis.call('ZRANGE', ck, 0, 0, 'WITHSCORES')
+        return {0, i, 'concurrency', tostring(tonumber(first[2]) - now), 0}
+      end
+      -- No place in line for a slot (a free one goes to whoever asks first): the refused
+      -- run comes back when, at the measured pace of releases, the ones ahead had theirs.
+      local gap = tonumber(redis.call('HGET', qk, 'g') or tostring(gap0 / conc))
+      return {0, i, 'concurrency', tostring(reserve(qk, 'c', now + gap, gap) - now), 1}
     end
   end
   if count > 0 then
     redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - period)
-    if redis.call('ZCARD', rk) >= count then
-      local first = redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')
-      return {0, i, 'rate', tostring(tonumber(first[2]) + period - now)}
+    local full = redis.call('ZCARD', rk) >= count
+    if full or (held == 0 and queued(qk, 'r')) then
+      local free = now
+      if full then
+        local first = redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')
+        free = tonumber(first[2]) + period
+      end
+      if not reserving then return {0, i, 'rate', tostring(free - now), 0} end
+      if held == 1 then return {0, i, 'rate', tostring(math.max(free - now, 0.001)), 1} end
+      return {0, i, 'rate', tostring(reserve(qk, 'r', free, period / count) - now), 1}
     end
   end
 end
 for i = 1, n do
-  local conc, count = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i])
-  local period = tonumber(ARGV[3 + 3 * i])
-  local ck, rk = KEYS[3 * i - 2], KEYS[3 * i - 1]
+  local conc, count, period = arg(i, 1), arg(i, 2), arg(i, 3)
+  local ck, rk = KEYS[4 * i - 3], KEYS[4 * i - 2]
   if conc > 0 then
     redis.call('ZADD', ck, now + lease, holder)
     redis.call('PEXPIRE', ck, math.ceil(lease * 1000) + 1000)
@@ -100,9 +131,31 @@ end
 return {1}
 """
 
-#: KEYS: the concurrency sets of a run's rules. ARGV: holder.
+#: KEYS: per concurrency rule of the run, its set and its queue. ARGV: holder, longest gap
+#: (s), then per rule its concurrency. A release from a full semaphore also measures the gap
+#: between two such releases (a moving average): how far apart waiting runs are reserved.
 RELEASE = """
-for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cap = tonumber(ARGV[2])
+for i = 1, #KEYS / 2 do
+  local ck, qk = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('ZSCORE', ck, ARGV[1]) then
+    if redis.call('ZCOUNT', ck, now, '+inf') >= tonumber(ARGV[2 + i]) then
+      local last = tonumber(redis.call('HGET', qk, 'l') or '0')
+      if last > 0 then
+        local gap = math.min(now - last, cap)
+        local old = tonumber(redis.call('HGET', qk, 'g') or tostring(gap))
+        redis.call('HSET', qk, 'g', tostring(0.7 * old + 0.3 * gap))
+      end
+      redis.call('HSET', qk, 'l', tostring(now))
+      redis.call('PEXPIRE', qk, 3600000)
+    else
+      redis.call('HDEL', qk, 'l')
+    end
+    redis.call('ZREM', ck, ARGV[1])
+  end
+end
 return 1
 """
 
@@ -131,6 +184,10 @@ for i = 1, #KEYS do
 end
 return 1
 """
+
+#: Longest gap between two releases of a full semaphore that the moving average takes in
+#: (seconds): a waiting run is reserved at most this far behind the one before it.
+MAX_GAP = 30.0
 
 #: Seconds the store is left alone after it could not be reached (no timeout per task).
 OUTAGE_PAUSE = 2.0
@@ -186,6 +243,11 @@ def _client(url: str) -> Any:
 class Store:
     """The Redis limits store (one per process and URL, see :func:`get_store`)."""
 
+    #: It can reserve future starts for refused runs (``admit(..., reserve=True)``). A
+    #: backend without the attribute is asked plainly and its refused runs are deferred by
+    #: the time it gives.
+    reserves = True
+
     def __init__(self, url: str, prefix: str) -> None:
         self.client = _client(url)
         self.prefix = prefix
@@ -202,27 +264,52 @@ class Store:
             f"{self.prefix}b:{rule.scope}",
         )
 
-    def admit(self, rules: Sequence[Rule], lease: float, holder: str | None = None) -> Admission:
+    def queue(self, rule: Rule) -> str:
+        """The key of a rule's reservations (next free starts, gap between releases)."""
+        return f"{self.prefix}q:{rule.scope}"
+
+    def admit(
+        self,
+        rules: Sequence[Rule],
+        lease: float,
+        holder: str | None = None,
+        *,
+        reserve: bool = False,
+        held: Collection[str] = (),
+    ) -> Admission:
         """Admit one run under ``rules`` (taking its slots and starts) or say why not.
+
+        Args:
+            rules: The run's rules, all of which must admit it.
+            lease: Seconds a concurrency slot is held unless renewed.
+            holder: The holder's name (a fresh one by default).
+            reserve: A refused run reserves the next free start of the rule that refused it
+                (see :class:`Admission`); runs holding no reservation then wait behind those
+                that do. Without it, the rules are checked as they stand.
+            held: Scopes of the rules the run holds a reservation of (from earlier refusals).
 
         Raises:
             Unavailable: Redis cannot be reached.
         """
         holder = holder or f"{os.getpid()}:{uuid.uuid4().hex}"
         keys: list[str] = []
-        args: list[Any] = [holder, lease, len(rules)]
+        args: list[Any] = [holder, lease, len(rules), 1 if reserve else 0]
+        gap = guard_settings.limits_defer_delay
         for rule in rules:
-            keys += self.keys(rule)
+            keys += [*self.keys(rule), self.queue(rule)]
             args += [
                 rule.concurrency or 0,
                 rule.rate.count if rule.rate else 0,
                 rule.rate.period if rule.rate else 0,
+                1 if rule.scope in held else 0,
+                gap,
             ]
         answer = _guarded(lambda: self._admit(keys=keys, args=args))
         if int(answer[0]) == 1:
             return Admission(True, holder)
         kind = answer[2].decode() if isinstance(answer[2], bytes) else str(answer[2])
-        return Admission(False, holder, rules[int(answer[1]) - 1], kind, float(answer[3]))
+        rule = rules[int(answer[1]) - 1]
+        return Admission(False, holder, rule, kind, float(answer[3]), int(answer[4]) == 1)
 
     def release(self, rules: Sequence[Rule], holder: str) -> None:
         """Give back the concurrency slots ``holder`` took.
@@ -230,9 +317,11 @@ class Store:
         Raises:
             Unavailable: Redis cannot be reached (the slots return when their lease ends).
         """
-        keys = [self.keys(rule)[0] for rule in rules if rule.concurrency]
-        if keys:
-            _guarded(lambda: self._release(keys=keys, args=[holder]))
+        bound = [rule for rule in rules if rule.concurrency]
+        if bound:
+            keys = [key for rule in bound for key in (self.keys(rule)[0], self.queue(rule))]
+            args = [holder, MAX_GAP, *(rule.concurrency for rule in bound)]
+            _guarded(lambda: self._release(keys=keys, args=args))
 
     def renew(self, rules: Sequence[Rule], holder: str, lease: float) -> None:
         """Extend ``holder``'s live concurrency leases by ``lease`` seconds from now.
