@@ -93,6 +93,7 @@ class Demo:
         if not database:
             os.environ.setdefault("SQLITE_PATH", str(self.workdir / "demo.sqlite3"))
         redis_url, self.redis = ensure_redis_url()
+        self.redis_url = redis_url
         self.facts["services"] = (
             ("PostgreSQL/DATABASE_URL" if database else "SQLite")
             + " + "
@@ -115,6 +116,7 @@ class Demo:
             DEMO_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT),
             DEMO_IDEMPOTENCY_LEASE=str(IDEMPOTENCY_LEASE),
             CELERY_GUARD_LOG_LEVEL="ERROR",
+            DEMO_COUNT_DEFERRALS="1",
         )
         self.say(f"mail gateway: {self.gateway.url} (bears {rate * 1.3:.0f}/s; bulk {rate}/s)")
 
@@ -154,6 +156,23 @@ class Demo:
         with app.connection_for_write() as conn:
             for queue in guard_settings.priority_queues.values():
                 conn.default_channel.queue_purge(queue)
+        self._deferrals(reset=True)
+
+    def _deferrals(self, reset: bool = False) -> dict[str, int]:
+        """Deferrals the workers counted, by kind (``hr.apps``)."""
+        import redis
+
+        from hr.apps import DEFERRALS_KEY
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            if reset:
+                client.delete(DEFERRALS_KEY)
+                return {}
+            found = client.hgetall(DEFERRALS_KEY)
+            return {k.decode(): int(v) for k, v in sorted(found.items())}
+        finally:
+            client.close()
 
     def _employees(self) -> None:
         from hr.models import Employee
@@ -503,6 +522,7 @@ class Demo:
         reset_sends = self.gateway.stats.sends("password-reset")
         reports = Counter(ReportRecalc.objects.values_list("run_id", flat=True))
         duration = time.monotonic() - self.started
+        deferrals = self._deferrals()
 
         check(run.total == self.size, f"run total {run.total} != {self.size}")
         check(run.pending == 0, f"{run.pending} items of the run never finished")
@@ -553,6 +573,7 @@ class Demo:
             reports={"run": reports[run.pk], "retry": reports[child.pk] if child else None},
             runs={"run": run.pk, "resubmitted": duplicate.pk, "retry": child.pk if child else None},
             gateway_answers=dict(self.gateway.stats.answers),
+            deferrals=deferrals,
             duration=round(duration, 1),
             problems=self.problems,
         )
@@ -577,6 +598,8 @@ class Demo:
             f"  report recalc      {reports[run.pk]}x for run #{run.pk}"
             + (f", {reports[child.pk]}x for retry run #{child.pk}" if child else ""),
             f"  gateway answers    {_answers(self.gateway.stats.answers)}",
+            f"  deferred           {sum(deferrals.values())} over-limit republishes"
+            + (f" ({_answers(Counter(deferrals))})" if deferrals else ""),
             f"  duration           {duration:.1f} s",
             "",
             f"  run card:  {self.url}/admin/celery_guard/bulkrun/{run.pk}/change/",

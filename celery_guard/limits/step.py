@@ -23,8 +23,10 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from celery.exceptions import Reject
+from django.core.exceptions import ImproperlyConfigured
 
-from celery_guard.conf import guard_settings
+from celery_guard import durations
+from celery_guard.conf import duration, guard_settings, raw
 from celery_guard.core import headers, http
 from celery_guard.core.pipeline import CallNext, Publish, Step
 from celery_guard.exceptions import Deferral, ThrottledError
@@ -43,8 +45,11 @@ MAX_BACK_OFF = 3600.0
 #: The guard header field listing the scopes a delivery holds a reservation of: on its
 #: return it is admitted ahead of the deliveries that hold none.
 RESERVED = "reserved"
-#: The guard header field of when (epoch seconds) a reservation longer than ``MAX_DEFER``
-#: is due: a delivery back before it is deferred again without asking the store.
+#: Longest delay of a deferral to a reservation (seconds), unless the task's ``deadline``
+#: comes first: a reservation further out is reached in several deferrals.
+MAX_RESERVE = 300.0
+#: The guard header field of when (epoch seconds) a reservation longer than one deferral is
+#: due: a delivery back before it is deferred again without asking the store.
 UNTIL = "until"
 #: Most seconds a delivery back before its reservation may be early and still be admitted.
 EARLY = 0.05
@@ -154,6 +159,25 @@ def _back_off(limits: store.LimitsStore, found: list[rules.Rule], exc: Exception
     )
 
 
+def _longest_wait(task: Any, guard: Mapping[str, Any]) -> float:
+    """How long one deferral to a reservation may wait: ``MAX_RESERVE``, or until the deadline.
+
+    A delivery back past its deadline is dead-lettered by the failure step then, not when a
+    far reservation falls due.
+    """
+    own = getattr(task, "guard_options", None) or {}
+    try:
+        deadline = durations.seconds(own["deadline"]) if "deadline" in own else None
+        if deadline is None and raw("DEADLINE") is not None:
+            deadline = duration("DEADLINE")
+    except (TypeError, ValueError, ImproperlyConfigured):
+        deadline = None
+    first = guard.get("first_enqueued_at")
+    if deadline is None or not isinstance(first, (int, float)):
+        return MAX_RESERVE
+    return min(MAX_RESERVE, max(first + deadline - time.time(), 0.0) + 0.1)
+
+
 def _refused(task: Any, guard: Mapping[str, Any], admission: store.Admission) -> NoReturn:
     """Defer a refused delivery: to its reservation, or by the time the store gave."""
     assert admission.rule is not None
@@ -166,9 +190,10 @@ def _refused(task: Any, guard: Mapping[str, Any], admission: store.Admission) ->
         scopes = [s for s in held if isinstance(s, str)] if isinstance(held, list) else []
         if admission.rule.scope not in scopes:
             scopes.append(admission.rule.scope)
-        until = round(time.time() + wait, 3) if wait > MAX_DEFER else None
+        longest = _longest_wait(task, guard)
+        until = round(time.time() + wait, 3) if wait > longest else None
         fields = {RESERVED: scopes, UNTIL: until}
-        defer(task, guard, limit, round(min(wait, MAX_DEFER), 3), "throttled", fields)
+        defer(task, guard, limit, round(min(wait, longest), 3), "throttled", fields)
     if admission.kind in ("rate", "backoff"):
         # The store knows when its window frees a start or its back-off ends.
         base = max(admission.wait, 0.05)
@@ -218,7 +243,7 @@ class LimitsStep(Step):
             # Back before its reservation (a wait longer than MAX_DEFER): the store has
             # nothing new to say.
             wait = until - time.time()
-            defer(task, guard, "reservation", min(wait, MAX_DEFER), "throttled")
+            defer(task, guard, "reservation", min(wait, _longest_wait(task, guard)), "throttled")
         try:
             limits = store.get_store()
             lease = guard_settings.limits_lease

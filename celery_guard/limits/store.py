@@ -111,7 +111,9 @@ for i = 1, n do
         free = tonumber(first[2]) + period
       end
       if not reserving then return {0, i, 'rate', tostring(free - now), 0} end
-      if held == 1 then return {0, i, 'rate', tostring(math.max(free - now, 0.001)), 1} end
+      -- A run back for its reservation that finds the window full (it came late, with the
+      -- schedule's batch) takes a new one at the end of the line: waiting for the window
+      -- alone would bring it back with the next batch, and those refused would pile up.
       return {0, i, 'rate', tostring(reserve(qk, 'r', free, period / count) - now), 1}
     end
   end

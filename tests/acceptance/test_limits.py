@@ -4,6 +4,7 @@ The multi-worker claims (concurrency, rate, a SIGKILLed holder) run on both limi
 (``limits_backend``: Redis, and the database on PostgreSQL).
 """
 
+import os
 import time
 from itertools import pairwise
 
@@ -153,3 +154,67 @@ def test_deferred_jobs_with_idempotency_keys_each_run_once(start_worker):
     assert not DeadLetter.objects.exists()
     time.sleep(1)  # a second run of a key would show up here
     assert Execution.objects.count() == 4
+
+
+def test_a_small_tenant_starts_within_one_pass_over_a_large_tenants_backlog(
+    start_worker, redis_url
+):
+    """docs/limits.md, "Tenants and fairness": the bound, asserted from the test's figures.
+
+    Tenant A's backlog (2,000 here, ``CG_FAIR_BACKLOG=10000`` for the issue's figure: the
+    bound is the same formula) is queued ahead of tenant B's 10 jobs. Each of A's deliveries
+    is refused once, with a reservation at A's rate, so B's jobs start after one pass over
+    the backlog ahead of them plus A's reservations falling due meanwhile, paced by A's
+    ``tenant_rate``: at most ``backlog + rate * (t + 1) + processes`` handled deliveries of A.
+    """
+    import redis
+    from kombu import Connection
+
+    from celery_guard.delivery.schedule import RedisSchedule
+    from tests.celery_app import app
+
+    backlog, small = int(os.environ.get("CG_FAIR_BACKLOG", "2000")), 10
+    rate, processes = 20.0, 4  # fair_job: tenant_rate="20/s"; 2 workers x 2 processes
+    counter = f"cgt-fair-{time.time_ns()}"
+    client = redis.Redis.from_url(redis_url)
+    with Connection(app.conf.broker_url) as conn:
+        producer = app.amqp.Producer(conn)
+        for i in range(backlog):
+            limit_tasks.fair_job.apply_async((1, f"a-{i}"), producer=producer)
+        for i in range(small):
+            limit_tasks.fair_job.apply_async((2, f"b-{i}"), producer=producer)
+    env = {"CG_DEFERRAL_COUNTER": counter}
+    try:
+        start_worker(["high"], concurrency=2, extra_env=env, extra_args=["-l", "WARNING"])
+        start_worker(["high"], concurrency=2, extra_env=env, extra_args=["-l", "WARNING"])
+        b = wait_until(
+            lambda: (
+                found
+                if len(found := list(Execution.objects.filter(label__startswith="b-"))) == small
+                else None
+            ),
+            timeout=60 + backlog / 20,
+        )
+    finally:
+        # A's reservations reach minutes ahead: none may reach a later test's workers.
+        schedule = RedisSchedule(app).key
+        client.zrem(
+            schedule, *[m for m in client.zrange(schedule, 0, -1) if b"fair_job" in m] or [b"-"]
+        )
+        client.delete(counter)
+    a = list(Execution.objects.filter(label__startswith="a-"))
+    last_b = max(r.started_at for r in b)
+    elapsed = last_b - min(r.started_at for r in [*a, *b])
+    # A's deliveries handled before B's last start: its refusals (the count each B job read
+    # when it started) and its bodies that started before.
+    refused_a = max(int(r.label.rsplit("@", 1)[1]) for r in b)
+    ran_a = sum(1 for r in a if r.started_at <= last_b)
+    assert refused_a + ran_a <= backlog + rate * (elapsed + 1) + processes, (
+        refused_a,
+        ran_a,
+        elapsed,
+    )
+    assert ran_a <= rate * (elapsed + 1) * 1.1 + 1  # A kept to its rate meanwhile
+    assert refused_a + ran_a >= backlog - processes  # B did wait behind the backlog
+    assert {r.guard_header["tenant"] for r in b} == {"dept-2"}
+    assert all(r.guard_header["attempt"] == 1 for r in b)
