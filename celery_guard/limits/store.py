@@ -16,6 +16,13 @@ period at most ``count`` bodies start (no burst allowance: the tolerance is zero
 A back-off key per scope (set when a gateway behind a named limit answered 429 with
 ``Retry-After``) refuses every run of that scope until it expires.
 
+Reservations (``admit(..., reserve=True)``): a hash per scope keeps the next free start of
+its rate and of its semaphore. A refused run is handed a start spread behind the runs already
+waiting (``period / count`` apart for a rate; the measured gap between releases of a full
+semaphore for a concurrency), so its deferral brings it back about once; a run holding no
+reservation of a rate queues behind those that do. Every start still passes the sliding
+log, so the rate's guarantee does not depend on them.
+
 One script checks every rule of a run and, only if all of them admit it, takes its slots
 and records its starts: one round trip to admit, one to release. The script reads the
 server's clock, so workers' clocks do not matter.

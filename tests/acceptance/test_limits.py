@@ -216,5 +216,6 @@ def test_a_small_tenant_starts_within_one_pass_over_a_large_tenants_backlog(
     )
     assert ran_a <= rate * (elapsed + 1) * 1.1 + 1  # A kept to its rate meanwhile
     assert refused_a + ran_a >= backlog - processes  # B did wait behind the backlog
+    print(f"B: last start {elapsed:.1f}s after the first; A: {refused_a} refused, {ran_a} ran")
     assert {r.guard_header["tenant"] for r in b} == {"dept-2"}
     assert all(r.guard_header["attempt"] == 1 for r in b)
