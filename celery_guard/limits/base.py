@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,8 +33,22 @@ class Admission:
 class LimitsStore(Protocol):
     """What the limits step needs of a store: both backends implement it alike."""
 
-    def admit(self, rules: Sequence[Rule], lease: float, holder: str | None = None) -> Admission:
-        """Admit one run under ``rules`` (all or nothing) or say which rule refused and why."""
+    #: Whether a refused run can reserve a future start (``admit(..., reserve=True)``).
+    reserves: bool
+
+    def admit(
+        self,
+        rules: Sequence[Rule],
+        lease: float,
+        holder: str | None = None,
+        *,
+        reserve: bool = False,
+        held: Collection[str] = (),
+    ) -> Admission:
+        """Admit one run under ``rules`` (all or nothing) or say which rule refused and why.
+
+        A store without reservations (``reserves`` false) ignores ``reserve`` and ``held``.
+        """
         ...
 
     def release(self, rules: Sequence[Rule], holder: str) -> None:

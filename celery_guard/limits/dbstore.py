@@ -35,7 +35,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 from django.db import Error as DatabaseError
@@ -80,6 +80,9 @@ def _marks(count: int) -> str:
 class DatabaseStore:
     """The database limits store (one per process and database alias, see :func:`get_store`)."""
 
+    #: No reservations: a refused run is deferred by the time the store returns.
+    reserves = False
+
     def __init__(self, alias: str | None = None) -> None:
         self.alias = alias or router.db_for_write(LimitEntry) or "default"
         connection = connections[self.alias]
@@ -107,8 +110,19 @@ class DatabaseStore:
             dbreuse.close_unusable()
             raise Unavailable(str(exc)) from exc
 
-    def admit(self, rules: Sequence[Rule], lease: float, holder: str | None = None) -> Admission:
+    def admit(
+        self,
+        rules: Sequence[Rule],
+        lease: float,
+        holder: str | None = None,
+        *,
+        reserve: bool = False,
+        held: Collection[str] = (),
+    ) -> Admission:
         """Admit one run under ``rules`` (taking its slots and starts) or say why not.
+
+        The database store keeps no reservations (``reserves`` is false): ``reserve`` and
+        ``held`` are accepted for the common interface and ignored.
 
         Raises:
             Unavailable: The database cannot be reached.

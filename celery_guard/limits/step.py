@@ -247,7 +247,7 @@ class LimitsStep(Step):
         try:
             limits = store.get_store()
             lease = guard_settings.limits_lease
-            if getattr(limits, "reserves", False):
+            if limits.reserves:
                 held = guard.get(RESERVED)
                 held = [s for s in held if isinstance(s, str)] if isinstance(held, list) else []
                 admission = limits.admit(found, lease, reserve=True, held=held)
