@@ -247,6 +247,7 @@ class LimitsStep(Step):
         try:
             limits = store.get_store()
             lease = guard_settings.limits_lease
+            store.settle()  # this process's last release first: its slot may be the one free
             if limits.reserves:
                 held = guard.get(RESERVED)
                 held = [s for s in held if isinstance(s, str)] if isinstance(held, list) else []
@@ -266,13 +267,4 @@ class LimitsStep(Step):
             _back_off(limits, found, exc)
             raise
         finally:
-            store.drop(admission.holder)
-            try:
-                limits.release(found, admission.holder)
-            except store.Unavailable:
-                logger.warning(
-                    "celery_guard: could not release the slots of %s[%s]; they return when "
-                    "their lease ends",
-                    task.name,
-                    request.id,
-                )
+            store.release_later(limits, found, admission.holder)

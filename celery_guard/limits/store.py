@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -422,22 +423,36 @@ class _Held:
     renewed: float
 
 
-#: The slots the bodies of this process hold, by holder, renewed by :func:`_renew_loop`.
+#: The slots the bodies of this process hold, by holder, renewed by :func:`_background`.
 _held: dict[str, _Held] = {}
-_renewer_pid: int | None = None
-#: Seconds between two looks of the renewal thread at the held slots.
+#: Releases handed to the background thread: a body's end does not wait for the store.
+_releases: queue.SimpleQueue[tuple[Any, tuple[Rule, ...], str]] = queue.SimpleQueue()
+#: Releases queued and not yet answered by the store, and the condition they are waited on.
+_unsent = 0
+_sent = threading.Condition()
+_thread_pid: int | None = None
+#: Seconds between two looks of the background thread at the held slots.
 RENEW_TICK = 0.25
+#: Longest wait of an admission for this process's own releases still in flight.
+SETTLE_TIMEOUT = 1.0
+
+
+def _ensure_thread() -> None:
+    global _thread_pid, _releases, _unsent, _sent
+    if _thread_pid == os.getpid():
+        return
+    # A forked pool process inherits neither the thread nor a usable copy of its state.
+    _thread_pid = os.getpid()
+    _releases, _unsent, _sent = queue.SimpleQueue(), 0, threading.Condition()
+    threading.Thread(target=_background, name="celery-guard-limits", daemon=True).start()
 
 
 def hold(limits: LimitsStore, rules: Sequence[Rule], holder: str, lease: float) -> None:
     """Keep ``holder``'s concurrency slots alive while its body runs (until :func:`drop`)."""
-    global _renewer_pid
     if not any(rule.concurrency for rule in rules):
         return
+    _ensure_thread()
     _held[holder] = _Held(limits, tuple(rules), lease, time.monotonic())
-    if _renewer_pid != os.getpid():  # a forked pool process has no renewal thread yet
-        _renewer_pid = os.getpid()
-        threading.Thread(target=_renew_loop, name="celery-guard-limits", daemon=True).start()
 
 
 def drop(holder: str) -> None:
@@ -445,14 +460,61 @@ def drop(holder: str) -> None:
     _held.pop(holder, None)
 
 
-def _renew_loop() -> None:
+def release_later(limits: Any, rules: Sequence[Rule], holder: str) -> None:
+    """Stop renewing ``holder``'s slots and release them from the background thread.
+
+    The release is one round trip to the store that the task's result does not depend on, so
+    it overlaps with whatever the process does next. Until it is answered the slots still
+    count as taken (a limit is only ever stricter for it), and :func:`settle` makes the next
+    admission of this process wait for it. A process that dies first leaves its slots to run
+    out with their lease, as a SIGKILLed one does.
+    """
+    global _unsent
+    _held.pop(holder, None)
+    if not any(rule.concurrency for rule in rules):
+        return
+    _ensure_thread()
+    with _sent:
+        _unsent += 1
+    _releases.put((limits, tuple(rules), holder))
+
+
+def settle(timeout: float = SETTLE_TIMEOUT) -> None:
+    """Wait until this process's queued releases reached the store (or ``timeout``)."""
+    if not _unsent:
+        return
+    with _sent:
+        _sent.wait_for(lambda: not _unsent, timeout)
+
+
+def _release(limits: Any, rules: tuple[Rule, ...], holder: str) -> None:
+    global _unsent
+    try:
+        limits.release(rules, holder)
+    except Exception:
+        logger.warning(
+            "celery_guard: could not release the limit slots of %s; they return when their "
+            "lease ends",
+            holder,
+            exc_info=True,
+        )
+    finally:
+        with _sent:
+            _unsent -= 1
+            _sent.notify_all()
+
+
+def _background() -> None:
+    releases = _releases
     while True:
-        time.sleep(RENEW_TICK)
-        if not _held:
-            # No body holds a slot: the database store's connection of this thread (if any)
-            # is not kept open while idle.
-            _close_thread_connections()
-            continue
+        try:
+            _release(*releases.get(timeout=RENEW_TICK))
+        except queue.Empty:
+            if not _held:
+                # Idle (no release sent, no body holds a slot): the database store's
+                # connection of this thread (if any) is not kept open.
+                _close_thread_connections()
+                continue
         now = time.monotonic()
         for holder, held in list(_held.items()):
             if now - held.renewed < held.lease / 3:

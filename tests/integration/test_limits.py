@@ -260,6 +260,7 @@ def test_an_over_limit_delivery_is_deferred_without_an_attempt(
     assert retried.value.sig is again
     limits.release([rule], held.holder)
     assert running(limit_tasks.limited_job, ["x"], lambda *a: "ran") == "ran"
+    store.settle()  # the release is sent by the background thread
     assert limits.holders(rule) == 0  # released after the body
 
 
@@ -292,6 +293,34 @@ def test_an_unreachable_store_fails_open_by_default_or_defers(
         running(limit_tasks.limited_job, ["x"], lambda *a: pytest.fail("ran"))
     assert len(published) == 1
     store._paused_until = 0.0
+
+
+@STORE_TEST
+def test_a_release_sent_in_the_background_is_settled_before_the_next_admission(limits_store):
+    # Serial jobs under concurrency=1 in one process: without settle(), the next admission
+    # races the previous body's release still in flight and is refused.
+    limits = limits_store
+    rule = Rule("task:serial", concurrency=1)
+    for _ in range(30):
+        store.settle()
+        admission = limits.admit([rule], lease=30)
+        assert admission.admitted, admission
+        store.release_later(limits, [rule], admission.holder)
+    store.settle()
+    assert limits.holders(rule) == 0
+
+
+def test_a_background_release_that_fails_is_logged_and_does_not_block_the_next(caplog):
+    class Unreachable:
+        def release(self, rules, holder):
+            raise store.Unavailable("connection refused")
+
+    rule = Rule("task:unreachable", concurrency=1)
+    with caplog.at_level(logging.WARNING, logger="celery_guard.limits.store"):
+        store.release_later(Unreachable(), [rule], "holder-1")
+        store.settle(timeout=5)
+        assert store._unsent == 0
+    assert "could not release the limit slots of holder-1" in caplog.text
 
 
 @STORE_TEST
