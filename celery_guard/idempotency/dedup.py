@@ -397,7 +397,8 @@ def _confirm(store: ledger.Ledger, task: Any, key: str, task_id: str, within: fl
     key again: a duplicate message that the worker-side guard runs at most once.
     """
     try:
-        confirmed = store.confirm(key, task_id, within)
+        # Not waited for where the ledger can help it: nothing here depends on the answer.
+        confirmed = store.confirm(key, task_id, within, wait=False)
     except Exception:
         logger.warning(
             "celery_guard: %s[%s] published but its claim of key %r could not be confirmed; "

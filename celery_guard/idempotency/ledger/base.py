@@ -115,7 +115,9 @@ class Ledger(abc.ABC):
         """
 
     @abc.abstractmethod
-    def confirm(self, key: str, task_id: str, start_within: float | None = None) -> bool:
+    def confirm(
+        self, key: str, task_id: str, start_within: float | None = None, *, wait: bool = True
+    ) -> bool:
         """Confirm the publish of ``task_id``'s claim: clear its publish deadline.
 
         The claim must then start within ``start_within`` seconds (default
@@ -123,6 +125,10 @@ class Ledger(abc.ABC):
         the visibility timeout), or a later claim takes it over as never started. Only an
         unconfirmed ``pending`` claim of ``task_id`` changes; ``False`` when the key was
         taken over, or a worker already started the task (its state stands).
+
+        With ``wait=False`` a backend may send the confirmation without waiting for its
+        answer (then it returns ``True``: sent): the enqueue does not need the answer, only
+        a log line. The Redis ledger does so when its server can skip a reply.
         """
 
     def claim_many(

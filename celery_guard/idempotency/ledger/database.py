@@ -6,8 +6,9 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from django.db import IntegrityError, router, transaction
+from django.db import connections, router, transaction
 from django.db.models import Case, F, Q, Value, When
+from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from celery_guard.core import inserts
@@ -55,6 +56,11 @@ def _abandoned(row: dict[str, Any], now: dt.datetime) -> str:
     return "never started" if start_by is not None and start_by <= now else ""
 
 
+def _plain(value: Any) -> Any:
+    """A value as the database driver takes it: a state enum as its text."""
+    return value.value if isinstance(value, KeyState) else value
+
+
 class DatabaseLedger(Ledger):
     """Ledger in the Django database (:class:`celery_guard.models.IdempotencyRecord`).
 
@@ -73,15 +79,51 @@ class DatabaseLedger(Ledger):
         return str(router.db_for_write(self._model()))
 
     def _insert(self, **fields: Any) -> bool:
-        try:
-            with transaction.atomic(using=self.using()):
-                self._model().objects.using(self.using()).create(**fields)
-        except IntegrityError:
-            return False
-        return True
+        """Insert a record unless its key exists; True when it went in.
+
+        One autocommit statement (``ON CONFLICT (key) DO NOTHING``) where an insert that may
+        fail on the unique key takes a transaction (``BEGIN``, ``INSERT``, ``COMMIT`` or
+        ``ROLLBACK``): a new key is the usual case of a claim.
+        """
+        defaults = {
+            field.name: field.get_default()
+            for field in self._model()._meta.concrete_fields
+            if field.has_default() and field.name not in fields
+        }
+        fields = {**defaults, **fields}
+        names = list(fields)
+        inserted = inserts.insert_new(
+            self._model(),
+            self.using(),
+            names,
+            [[_plain(fields[n]) for n in names]],
+            unique="key",
+            returning="key",
+        )
+        return bool(inserted)
 
     def _rows(self) -> Any:
         return self._model().objects.using(self.using())
+
+    def _update_returning(self, rows: Any, returning: str, **values: Any) -> Any:
+        """``rows.update(**values)`` that returns ``returning`` of the row it changed, or None.
+
+        ``UPDATE ... RETURNING`` (PostgreSQL, SQLite >= 3.35, as :mod:`celery_guard.core.inserts`
+        needs too): one statement where an update and a read of what it wrote take two, and
+        the value read is the one this update wrote. For a filter that matches one row at most.
+        """
+        query = rows.query.chain(UpdateQuery)
+        query.add_update_values(values)
+        connection = connections[rows.db]
+        sql, params = query.get_compiler(rows.db).as_sql()
+        if not sql:
+            return None
+        column = self._model()._meta.get_field(returning).column
+        returning_sql = f"{sql} RETURNING {connection.ops.quote_name(column)}"
+        with transaction.mark_for_rollback_on_error(using=rows.db), connection.cursor() as cursor:
+            cursor.execute(returning_sql, params)
+            row = cursor.fetchone()
+        return None if row is None else row[0]
 
     def claim(
         self,
@@ -182,8 +224,10 @@ class DatabaseLedger(Ledger):
         )
         return {str(key) for key in keys}
 
-    def confirm(self, key: str, task_id: str, start_within: float | None = None) -> bool:
-        """See :meth:`Ledger.confirm`."""
+    def confirm(
+        self, key: str, task_id: str, start_within: float | None = None, *, wait: bool = True
+    ) -> bool:
+        """See :meth:`Ledger.confirm` (always waits: one conditional ``UPDATE``)."""
         now = timezone.now()
         start_by = now + dt.timedelta(seconds=start_bound(start_within))
         rows = self._rows().filter(_unconfirmed(), key=key, task_id=task_id)
@@ -242,35 +286,26 @@ class DatabaseLedger(Ledger):
             )
             if reclaim:
                 takeable |= Q(state=KeyState.RUNNING, task_id=task_id)
-            taken = (
-                self._rows()
-                .filter(takeable, key=key)
-                .update(
-                    state=KeyState.RUNNING,
-                    task_id=task_id,
-                    fingerprint=fingerprint,
-                    owner=owner,
-                    lease_expires_at=lease_until,
-                    start_by=None,
-                    fencing_token=F("fencing_token") + 1,
-                    updated_at=now,
-                    # A key past its window starts a new one; otherwise the window stands.
-                    expires_at=Case(
-                        When(expires_at__lte=now, then=Value(new_window)),
-                        default=F("expires_at"),
-                    ),
-                )
+            # One statement, one commit: the UPDATE returns the new fencing token itself.
+            token = self._update_returning(
+                self._rows().filter(takeable, key=key),
+                "fencing_token",
+                state=KeyState.RUNNING,
+                task_id=task_id,
+                fingerprint=fingerprint,
+                owner=owner,
+                lease_expires_at=lease_until,
+                start_by=None,
+                fencing_token=F("fencing_token") + 1,
+                updated_at=now,
+                # A key past its window starts a new one; otherwise the window stands.
+                expires_at=Case(
+                    When(expires_at__lte=now, then=Value(new_window)),
+                    default=F("expires_at"),
+                ),
             )
-            if taken:
-                token = (
-                    self._rows()
-                    .filter(key=key, owner=owner)
-                    .values_list("fencing_token", flat=True)
-                    .first()
-                )
-                if token is not None:
-                    return Start("run", int(token), task_id=task_id)
-                continue  # taken over already: a pathological lease; decide again
+            if token is not None:
+                return Start("run", int(token), task_id=task_id)
             if self._insert(
                 key=key,
                 state=KeyState.RUNNING,
