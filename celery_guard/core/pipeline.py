@@ -98,6 +98,9 @@ class Pipeline:
         # so a pass-through hook costs nothing (the run side wraps every step, as before).
         self._preparers = tuple(s.prepare for s in self.steps if _overrides(s, "prepare"))
         self._publishers = tuple(s.publish for s in self.steps if _overrides(s, "publish"))
+        # The same for the run side, which wraps every delivery: a step that does not
+        # override ``run`` adds no layer around the body.
+        self._runners = tuple(s for s in self.steps if _overrides(s, "run"))
 
     def check(self, task_options: Mapping[str, Any], where: str) -> None:
         """Run every step's :meth:`Step.check` on a task's validated options."""
@@ -126,7 +129,7 @@ class Pipeline:
     def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], body: CallNext) -> Any:
         """Run ``body`` inside every step's :meth:`Step.run`, the first step outermost."""
         call = body
-        for step in reversed(self.steps):
+        for step in reversed(self._runners):
             call = _bind_run(step, task, call)
         return call(*args, **kwargs)
 
