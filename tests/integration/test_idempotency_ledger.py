@@ -341,3 +341,61 @@ def test_claim_many_decides_each_key_like_claim_and_confirm_many_confirms_the_pa
     # get_many: the records that exist, by key, as get() returns them.
     found = idem_store.get_many(["t:a", "t:nothing", "t:same"])
     assert found == {"t:a": idem_store.get("t:a"), "t:same": idem_store.get("t:same")}
+
+
+def test_a_start_and_a_new_claim_are_one_statement_each():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    store = ledger.DatabaseLedger()
+    with CaptureQueriesContext(connection) as claimed:
+        store.claim("order-one", task_name="t", task_id="id-1", fingerprint="f", window=60)
+    # No BEGIN/ROLLBACK around an insert that may meet the key: it skips it instead.
+    assert [q["sql"].split()[0].upper() for q in claimed.captured_queries] == ["INSERT"]
+    with CaptureQueriesContext(connection) as started:
+        run = store.start(
+            "order-one",
+            task_name="t",
+            task_id="id-1",
+            fingerprint="f",
+            window=60,
+            owner="w",
+            lease=30,
+        )
+    # The UPDATE returns the fencing token it wrote: no SELECT after it (one commit).
+    assert len(started.captured_queries) == 1
+    assert "RETURNING" in started.captured_queries[0]["sql"]
+    assert (run.outcome, run.fencing_token) == ("run", 1)
+    assert store.get("order-one")["fencing_token"] == 1
+    # An existing key is not inserted over, and its claim still decides as before.
+    assert store.claim(
+        "order-one", task_name="t", task_id="id-2", fingerprint="f", window=60
+    ) == ledger.Claim("duplicate", "id-1", "f")
+
+
+@pytest.mark.parametrize("idem_backend", ["redis"], indirect=True)
+def test_an_unawaited_confirm_is_applied_before_the_next_command(idem_store, monkeypatch):
+    claim(idem_store)
+    # Sent behind CLIENT REPLY SKIP: nothing to wait for, and the next read sees it.
+    assert idem_store.confirm("t:k", "t1", 30, wait=False) is True
+    assert idem_store.get("t:k")["lease_expires_at"] is None
+    assert idem_store._skips_replies is True
+    # The connection it used holds no stray reply: the following commands answer in order.
+    assert claim(idem_store, task_id="t2") == ledger.Claim("duplicate", "t1", FP)
+    assert idem_store.client.ping() is True
+
+    # A server that does not skip replies gets the usual call, and its answer.
+    claim(idem_store, key="t:k2")
+    monkeypatch.setattr(idem_store, "_skips_replies", False)
+    assert idem_store.confirm("t:k2", "other", 30, wait=False) is False  # not the holder
+    assert idem_store.confirm("t:k2", "t1", 30, wait=False) is True
+    assert idem_store.get("t:k2")["lease_expires_at"] is None
+
+
+@pytest.mark.parametrize("idem_backend", ["redis"], indirect=True)
+def test_a_script_the_server_does_not_know_is_loaded_again(idem_store, monkeypatch):
+    # As after SCRIPT FLUSH or a restart of Redis: EVALSHA answers NOSCRIPT.
+    monkeypatch.setattr(idem_store._claim, "sha", "0" * 40)
+    assert claim(idem_store).outcome == "claimed"
+    assert idem_store._claim.sha != "0" * 40
+    assert claim(idem_store, task_id="t2").outcome == "duplicate"
