@@ -3,7 +3,7 @@
 Options: ``--full`` (longer run), ``--write-docs`` (also fill the results section of
 docs/benchmarks.md), ``--only NAME`` (compare only these guarded variants), ``--only-dlq``
 (only the dead-letter section), ``--dlq-rows N`` (time the changelist at these sizes),
-``--sqlite`` (use SQLite even when PostgreSQL is available), ``--out DIR``.
+``--only-runs`` (only the bulk-runs section), ``--sqlite`` (use SQLite even when PostgreSQL is available), ``--out DIR``.
 
 ``python -m bench seed-dead-letters COUNT [--batch N]`` inserts fake dead letters into the
 example project's database (``DATABASE_URL``, or its SQLite file; another project's with
@@ -41,6 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only the dead-letter section (no variants, worker or micro-benchmarks)",
     )
     parser.add_argument(
+        "--only-runs",
+        action="store_true",
+        help="only the bulk-runs section (no variants, worker or micro-benchmarks)",
+    )
+    parser.add_argument(
         "--dlq-rows",
         action="append",
         type=int,
@@ -50,11 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sqlite", action="store_true", help="use SQLite, not PostgreSQL")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON")
     args = parser.parse_args(argv)
-    if args.only_dlq and args.only:
-        parser.error("--only picks variants, which --only-dlq does not run")
-    if args.only_dlq and args.write_docs:
+    if args.only_dlq and args.only_runs:
+        parser.error("--only-dlq and --only-runs each run one section: pick one")
+    partial = "--only-dlq" if args.only_dlq else "--only-runs" if args.only_runs else None
+    if partial and args.only:
+        parser.error(f"--only picks variants, which {partial} does not run")
+    if partial and args.write_docs:
         # The docs' results section is one whole run: a partial one would replace it.
-        parser.error("--write-docs needs the whole run, not --only-dlq")
+        parser.error(f"--write-docs needs the whole run, not {partial}")
     if args.dlq_rows and min(args.dlq_rows) < 1:
         parser.error("--dlq-rows must be positive")
     return args
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.worker import BenchWorker
         from proj.celery import app
 
-        variants = [] if args.only_dlq else cases.variants(args.only)
+        variants = [] if args.only_dlq or args.only_runs else cases.variants(args.only)
         if any(v.needs_database for v in variants):
             progress("migrating the bench database")
             call_command("migrate", verbosity=0)
@@ -170,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             return worker
 
         measured: dict[str, Any]
-        if args.only_dlq:
-            progress(f"run {run_id}: {config.mode} mode, dead letters only")
+        if args.only_dlq or args.only_runs:
+            section = "dead letters" if args.only_dlq else "bulk runs"
+            progress(f"run {run_id}: {config.mode} mode, {section} only")
             measured = {"config": dataclasses.asdict(config)}
         else:
             progress(f"run {run_id}: {config.mode} mode, variants {[v.name for v in variants]}")
@@ -180,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             measured["micro"] = micro.run_all(config.micro_n, database.engine)
             progress("observability: the events' cost per task, in process")
             measured["observability"] = observability.run(config.observability_n, config.reps)
-        progress("dead letters: changelist timings and bulk replay")
-        measured["dlq"] = dlq.run(list(config.dlq_rows), config.dlq_replay_n)
-        if not args.only_dlq:
+        if not args.only_runs:
+            progress("dead letters: changelist timings and bulk replay")
+            measured["dlq"] = dlq.run(list(config.dlq_rows), config.dlq_replay_n)
+        if not args.only_dlq and not args.only_runs:
             progress("delivery: outbox, schedule throughput, idle poller")
             measured["delivery"] = delivery.run(config.delivery_n)
+        if not args.only_dlq:
             progress("bulk runs: start_run, drain against a group, memory")
             measured["runs"] = runs.run(
                 config.runs_n, config.runs_drain_n, config.reps, config.runs_memory_n

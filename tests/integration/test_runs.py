@@ -1,5 +1,6 @@
 """Bulk runs without workers: validation before anything is written, sweep, cancel, purge."""
 
+import collections
 import datetime as dt
 import time
 
@@ -265,3 +266,119 @@ def test_a_deferred_delivery_of_an_item_is_not_counted_as_an_attempt():
     outcomes.run_item(task, run.pk, item.pk, (), {"n": 1}, lambda **kwargs: None)
     item.refresh_from_db()
     assert (item.status, item.attempts) == ("succeeded", 1)
+
+
+def _delivery(run, seq, body=lambda **kwargs: None):
+    """One delivery of an item through the runs step's worker side (no broker), to call."""
+    from types import SimpleNamespace
+
+    from celery_guard.runs import outcomes
+
+    item = BulkRunItem.objects.get(run=run, seq=seq)
+    task = SimpleNamespace(name=run_item.name, request=SimpleNamespace(id=item.task_id))
+    return lambda: outcomes.run_item(task, run.pk, item.pk, (), item.kwargs, body)
+
+
+def test_an_item_costs_two_statements_on_the_worker():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def fails(**kwargs):
+        raise ValueError("no gateway")
+
+    run = start_run(run_item, [{"n": n} for n in range(4)], name="statements")
+    deliveries = [_delivery(run, 0), _delivery(run, 1), _delivery(run, 2, fails)]
+    deliveries[0]()  # the first item of a run in a process also marks the run running
+    with CaptureQueriesContext(connection) as succeeded:
+        deliveries[1]()
+    with CaptureQueriesContext(connection) as failed, pytest.raises(ValueError):
+        deliveries[2]()
+    run.refresh_from_db()
+    assert (run.status, run.succeeded, run.failed, run.pending) == ("running", 2, 1, 1)
+    # PostgreSQL: the start, then the outcome and the run's counters in one statement (and
+    # the dead letter's lookup for a failure). SQLite: BEGIN IMMEDIATE, three statements, COMMIT.
+    expected = (2, 3) if connection.vendor == "postgresql" else (6, 7)
+    assert (len(succeeded), len(failed)) == expected, [q["sql"][:40] for q in failed]
+
+
+def _together(calls):
+    """Run the calls on threads of their own (each its own connection), released at once."""
+    import threading
+
+    from django.db import connection
+
+    gate = threading.Barrier(len(calls))
+    results = [None] * len(calls)
+
+    def work(index, call):
+        try:
+            gate.wait(10)
+            results[index] = call()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_two_last_items_recorded_at_the_same_moment_finish_the_run_once():
+    done = BulkRunItem.Status.SUCCEEDED
+    for attempt in range(15):
+        run = start_run(run_item, [{"n": n} for n in range(3)], on_complete=run_complete.si("r"))
+        first, *last_two = BulkRunItem.objects.filter(run=run).order_by("seq")
+        assert services.finish_item(run.pk, first.pk, done) == (True, False)
+        outcomes = _together(
+            [
+                lambda pk=last_two[0].pk: services.finish_item(run.pk, pk, done),
+                lambda pk=last_two[1].pk: services.finish_item(
+                    run.pk, pk, BulkRunItem.Status.FAILED, error_class="x.Y"
+                ),
+            ]
+        )
+        assert sorted(outcomes) == [(True, False), (True, True)], (attempt, outcomes)
+        run.refresh_from_db()
+        assert (run.status, run.succeeded, run.failed, run.pending) == (
+            "completed_with_errors",
+            2,
+            1,
+            0,
+        )
+        assert run.completion_claimed_at == run.finished_at is not None
+
+
+def test_counters_are_exact_when_many_reports_race_including_duplicates_and_a_cancel():
+    statuses = [BulkRunItem.Status.SUCCEEDED, BulkRunItem.Status.FAILED, BulkRunItem.Status.SKIPPED]
+    run = start_run(run_item, [{"n": n} for n in range(120)], on_complete=run_complete.si("m"))
+    items = list(BulkRunItem.objects.filter(run=run).order_by("seq").values_list("pk", flat=True))
+    for pk in items[:80]:
+        services.start_item(run.pk, pk, mark_run=False)
+
+    def reporter(offset):
+        # Every running item reported twice (a redelivery), with different outcomes.
+        def report():
+            return [
+                services.finish_item(run.pk, pk, statuses[(i + offset) % 3])
+                for i, pk in enumerate(items[:80])
+            ]
+
+        return report
+
+    results = _together([reporter(0), reporter(1), lambda: services.cancel(run, initiator="ops")])
+    reports = results[0] + results[1]
+    assert sum(moved for moved, _ in reports) == 80
+    run.refresh_from_db()
+    cancelled, cancel_finished = results[2]
+    assert cancelled == 40  # the pending ones
+    assert run.succeeded + run.failed + run.skipped == 80
+    assert (run.cancelled, run.pending, run.status) == (40, 0, "cancelled")
+    # One of the 162 calls ended the run: the last report, or the cancel if it came last.
+    assert sum(finished for _, finished in reports) + cancel_finished == 1
+    by_status = collections.Counter(
+        BulkRunItem.objects.filter(run=run).values_list("status", flat=True)
+    )
+    assert by_status["succeeded"] == run.succeeded and by_status["failed"] == run.failed
+    assert by_status["skipped"] == run.skipped and by_status["cancelled"] == 40
