@@ -2,8 +2,9 @@
 
 Options: ``--full`` (longer run), ``--write-docs`` (also fill the results section of
 docs/benchmarks.md), ``--only NAME`` (compare only these guarded variants), ``--only-dlq``
-(only the dead-letter section), ``--dlq-rows N`` (time the changelist at these sizes),
-``--only-runs`` (only the bulk-runs section), ``--sqlite`` (use SQLite even when PostgreSQL is available), ``--out DIR``.
+(only the dead-letter section), ``--only-runs`` (only the bulk-runs section), ``--dlq-rows N``
+(time the changelist at these sizes), ``--sqlite`` (use SQLite even when PostgreSQL is
+available), ``--out DIR``.
 
 ``python -m bench seed-dead-letters COUNT [--batch N]`` inserts fake dead letters into the
 example project's database (``DATABASE_URL``, or its SQLite file; another project's with

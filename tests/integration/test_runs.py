@@ -333,9 +333,9 @@ def test_two_last_items_recorded_at_the_same_moment_finish_the_run_once():
         assert services.finish_item(run.pk, first.pk, done) == (True, False)
         outcomes = _together(
             [
-                lambda pk=last_two[0].pk: services.finish_item(run.pk, pk, done),
-                lambda pk=last_two[1].pk: services.finish_item(
-                    run.pk, pk, BulkRunItem.Status.FAILED, error_class="x.Y"
+                lambda run_id=run.pk, pk=last_two[0].pk: services.finish_item(run_id, pk, done),
+                lambda run_id=run.pk, pk=last_two[1].pk: services.finish_item(
+                    run_id, pk, BulkRunItem.Status.FAILED, error_class="x.Y"
                 ),
             ]
         )
@@ -382,3 +382,29 @@ def test_counters_are_exact_when_many_reports_race_including_duplicates_and_a_ca
     )
     assert by_status["succeeded"] == run.succeeded and by_status["failed"] == run.failed
     assert by_status["skipped"] == run.skipped and by_status["cancelled"] == 40
+
+
+def test_the_asynchronous_commit_of_item_writes_never_covers_a_caller_transaction():
+    from django.db import connection, transaction
+
+    if connection.vendor != "postgresql":
+        pytest.skip("asynchronous commit is PostgreSQL's")
+    run = start_run(run_item, [{"n": n} for n in range(2)], name="quick")
+    first, second = BulkRunItem.objects.filter(run=run).order_by("seq")
+    done = BulkRunItem.Status.SUCCEEDED
+
+    def setting():
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            return cursor.fetchone()[0]
+
+    with transaction.atomic():
+        assert services.start_item(run.pk, first.pk, mark_run=False)
+        assert services.finish_item(run.pk, first.pk, done) == (True, False)
+        assert setting() == "on"  # the caller's transaction commits as it would have
+    # Autocommitted: each write is its own transaction, committed without waiting.
+    assert services.start_item(run.pk, second.pk, mark_run=False)
+    assert services.finish_item(run.pk, second.pk, done) == (True, True)
+    assert setting() == "on"
+    run.refresh_from_db()
+    assert (run.status, run.succeeded, run.pending) == ("succeeded", 2, 0)
