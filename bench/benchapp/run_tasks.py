@@ -1,4 +1,10 @@
-"""Tasks of the bulk-run benchmark (bench/runs.py): one 10 ms body, plain and guarded."""
+"""Tasks of the bulk-run benchmark (bench/runs.py): one 10 ms body, plain and guarded.
+
+``guarded_redis`` is the same guarded task whose idempotency ledger is the Redis one (the
+bench's ledger selector, ``bench.cases.idempotency``), on the worker and at its publish in
+``publishing_with(redis_ledger)``: a run of it shows what the run costs apart from the
+database ledger's writes of its items' keys.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from celery import shared_task
 
 from bench import naming
 from bench.benchapp import bodies
+from bench.cases import idempotency
 from bench.cases.baseline import PLAIN_OPTIONS
 from celery_guard import guarded_task
 
@@ -23,3 +30,7 @@ plain = shared_task(name="bench.runs.plain", queue=PLAIN_QUEUE, **PLAIN_OPTIONS)
 guarded = guarded_task(name="bench.runs.guarded", priority="default", ignore_result=True)(
     sleep_and_count
 )
+guarded_redis = guarded_task(
+    name="bench.runs.guarded_redis", priority="default", ignore_result=True
+)(sleep_and_count)
+idempotency.use_ledger(guarded_redis.name, idempotency.redis_ledger)

@@ -14,8 +14,9 @@ or run (the task the worker is executing). The selector builds a ledger on every
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from celery import current_task
@@ -69,6 +70,21 @@ def _sender(factory: LedgerFactory) -> Callable[[Any, tuple[Any, ...], int], Any
             _publishing.reset(token)
 
     return send
+
+
+def use_ledger(task_name: str, factory: LedgerFactory) -> None:
+    """Make the worker's ledger of ``task_name`` the one ``factory`` builds."""
+    _by_task[task_name] = factory
+
+
+@contextlib.contextmanager
+def publishing_with(factory: LedgerFactory) -> Iterator[None]:
+    """Publish (claim keys) on the ledger ``factory`` builds while in the block."""
+    token = _publishing.set(factory)
+    try:
+        yield
+    finally:
+        _publishing.reset(token)
 
 
 def database_ledger() -> ledger_module.Ledger:
