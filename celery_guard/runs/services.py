@@ -9,8 +9,9 @@ item become final: it marks the run finished and claims the completion in the sa
 
 On PostgreSQL a worker's two writes per item are one statement each (``start_item``: the
 item's UPDATE; ``finish_item``: the item's UPDATE and the run's counters, finish and claim in
-one statement, a data-modifying CTE), so the run's row is locked only for that statement;
-elsewhere (SQLite) the same changes are made by several statements in one transaction.
+one statement, a data-modifying CTE), so the run's row is locked only for that statement,
+and both commit asynchronously (:func:`_quick`); elsewhere (SQLite) the same changes are made
+by several statements in one transaction.
 """
 
 from __future__ import annotations
