@@ -21,7 +21,12 @@
   the run again with the keys on the Redis ledger instead of the database one, which tells
   the run's own bookkeeping from its keys' ledger writes.
 
-``--drain-only`` skips ``claims``, ``start`` and ``memory``.
+* ``bookkeeping``: a worker's writes of an item (``start_item`` then ``finish_item``), timed
+  in this process over the items of a run, on the one-statement path (PostgreSQL) and on the
+  portable one (a transaction of several statements, synchronously committed: what every
+  database used before), alternated in chunks, in the same run; with the statements per item.
+
+``--drain-only`` skips ``claims``, ``start``, ``memory`` and ``bookkeeping``.
 """
 
 from __future__ import annotations
@@ -153,6 +158,58 @@ def measure_memory(app: Any, n: int) -> dict[str, Any]:
     return {"peak_bytes": peaks, "ratio_4n_to_n": large / small if small else None}
 
 
+def measure_bookkeeping(app: Any, n: int) -> dict[str, Any]:
+    """Seconds per item of ``start_item`` + ``finish_item``, one-statement vs portable path."""
+    from unittest import mock
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from bench.benchapp.run_tasks import guarded
+    from celery_guard import start_run
+    from celery_guard.conf import guard_settings
+    from celery_guard.models import BulkRunItem
+    from celery_guard.runs import services
+
+    fast = services._fast_connection
+    paths: dict[str, Any] = {"one_statement": fast, "portable": lambda: None}
+    if fast() is None:
+        del paths["one_statement"]  # SQLite: the portable path only
+    done = BulkRunItem.Status.SUCCEEDED
+    runs: dict[str, int] = {}
+    items: dict[str, list[int]] = {}
+    statements: dict[str, int] = {}
+    seconds = dict.fromkeys(paths, 0.0)
+    for kind, path in paths.items():
+        run = start_run(guarded, _items(n + 2, "unused"), name=f"bench bookkeeping {kind}")
+        _purge(app, guard_settings.priority_queues["default"])
+        ids = list(BulkRunItem.objects.filter(run=run).order_by("seq").values_list("pk", flat=True))
+        runs[kind], items[kind] = run.pk, ids[2:]
+        with mock.patch.object(services, "_fast_connection", path):
+            services.start_item(run.pk, ids[0], mark_run=True)  # the once-per-process mark
+            with CaptureQueriesContext(connection) as queries:
+                services.start_item(run.pk, ids[1], mark_run=False)
+                services.finish_item(run.pk, ids[1], done)
+        statements[kind] = len(queries)
+    for first in range(0, n, 50):  # chunks alternated: drifts of the machine land on both
+        for kind, path in paths.items():
+            with mock.patch.object(services, "_fast_connection", path):
+                started = time.perf_counter()
+                for pk in items[kind][first : first + 50]:
+                    services.start_item(runs[kind], pk, mark_run=False)
+                    services.finish_item(runs[kind], pk, done)
+                seconds[kind] += time.perf_counter() - started
+    per_item = {kind: 1000 * spent / n for kind, spent in seconds.items()}
+    return {
+        "n": n,
+        "ms_per_item": per_item,
+        # As Django counts them: a transaction's BEGIN and COMMIT are two more round trips
+        # on PostgreSQL (SQLite's BEGIN IMMEDIATE and COMMIT are counted).
+        "statements_per_item": statements,
+        "ratio": stats.ratio(per_item.get("portable", 0.0), per_item.get("one_statement", 0.0)),
+    }
+
+
 def measure_drain(app: Any, n: int, reps: int) -> dict[str, Any]:
     """Drain ``n`` 10 ms tasks as a plain group, a guarded group and a run, ``reps`` times."""
     from celery import group
@@ -250,6 +307,7 @@ def measure(
             result["claims"] = measure_claims(n)
             result["start"] = measure_start(app, n)
             result["memory"] = measure_memory(app, memory_n)
+            result["bookkeeping"] = measure_bookkeeping(app, min(n, 1000))
     if drain_n:
         result["drain"] = measure_drain(app, drain_n, reps)
     return result
@@ -310,6 +368,23 @@ def table(runs: dict[str, Any]) -> str:
         + " | ".join(f"{peaks[s] / 2**20:.1f}" for s in sizes)
         + f" | {memory['ratio_4n_to_n'] or 0:.2f} |",
     ]
+    books = runs.get("bookkeeping")
+    if books:
+        per_item, counted = books["ms_per_item"], books["statements_per_item"]
+        lines += [
+            "",
+            f"A worker's writes of an item (`start_item` + `finish_item`), {books['n']:,} items "
+            "in this process:",
+            "",
+            "| path | ms per item | statements per item |",
+            "|---|---|---|",
+        ]
+        for kind, title in (
+            ("one_statement", "one statement each, asynchronous commit (PostgreSQL)"),
+            ("portable", "a transaction of several statements (SQLite; PostgreSQL before)"),
+        ):
+            if kind in per_item:
+                lines.append(f"| {title} | {per_item[kind]:.2f} | {counted[kind]} |")
     drain = runs.get("drain")
     if drain:
         per_s = drain["per_s"]

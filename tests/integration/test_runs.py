@@ -279,7 +279,7 @@ def _delivery(run, seq, body=lambda **kwargs: None):
     return lambda: outcomes.run_item(task, run.pk, item.pk, (), item.kwargs, body)
 
 
-def test_an_item_costs_two_statements_on_the_worker():
+def test_an_item_costs_the_worker_two_statements_on_postgresql():
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
