@@ -203,8 +203,7 @@ def measure_bookkeeping(app: Any, n: int) -> dict[str, Any]:
     return {
         "n": n,
         "ms_per_item": per_item,
-        # As Django counts them: a transaction's BEGIN and COMMIT are two more round trips
-        # on PostgreSQL (SQLite's BEGIN IMMEDIATE and COMMIT are counted).
+        # As Django counts them: a transaction's BEGIN and COMMIT included (round trips).
         "statements_per_item": statements,
         "ratio": stats.ratio(per_item.get("portable", 0.0), per_item.get("one_statement", 0.0)),
     }
