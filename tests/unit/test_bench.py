@@ -296,6 +296,13 @@ def test_only_dlq_options_parse_and_refuse_what_they_skip():
             parse_args(["--only-dlq", *conflicting])
 
 
+def test_only_runs_option_parses_and_refuses_what_it_skips():
+    assert parse_args(["--only-runs"]).only_runs
+    for conflicting in (["--write-docs"], ["--only", "guarded-routing"], ["--only-dlq"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--only-runs", *conflicting])
+
+
 def test_report_of_a_dead_letter_only_run():
     results = {
         key: value for key, value in RESULTS.items() if key not in ("variants", "references")
@@ -417,3 +424,49 @@ def test_report_shows_bulk_run_start_drain_and_memory():
     assert "| redis ledger | 8.00 | 1,000 |" in lines
     assert "| traced (MiB) | 2.0 | 2.5 | 1.25 |" in lines
     assert "| guarded task, `group` | 100 | 1.50 | 0.95 |" in lines
+    assert not any(
+        "its keys on the Redis ledger" in line or "ms per item" in line for line in lines
+    )
+
+
+def test_report_shows_the_bookkeeping_per_item_and_the_run_on_the_redis_ledger():
+    summary = {"median": 100.0, "min": 90.0, "max": 110.0, "runs": 3}
+    results = copy.deepcopy(RESULTS)
+    kinds = ("plain_group", "guarded_group", "run", "run_redis")
+    results["runs"] = {
+        "engine": "postgresql",
+        "claims": {
+            "n": 10,
+            "redis": {"one_by_one_s": 1.0, "bulk_s": 0.5, "ratio": 2.0},
+            "database": {"one_by_one_s": 1.0, "bulk_s": 0.5, "ratio": 2.0},
+        },
+        "start": {
+            "n": 10,
+            "redis": {"seconds": 1.0, "items_per_s": 10.0},
+            "database": {"seconds": 1.0, "items_per_s": 10.0},
+            "plain_apply_async": {"seconds": 1.0, "items_per_s": 10.0},
+        },
+        "memory": {"peak_bytes": {"10": 2**20, "40": 2**20}, "ratio_4n_to_n": 1.0},
+        "bookkeeping": {
+            "n": 1000,
+            "ms_per_item": {"one_statement": 1.5, "portable": 9.25},
+            "statements_per_item": {"one_statement": 2, "portable": 6},
+            "ratio": 6.2,
+        },
+        "drain": {
+            "n": 300,
+            "reps": 3,
+            "per_s": dict.fromkeys(kinds, summary),
+            "publish_s": {kind: {"median": 0.5} for kind in kinds},
+            "run_vs_guarded_group": 0.5,
+            "run_vs_plain_group": 0.5,
+            "run_redis_vs_guarded_group": 0.8,
+        },
+    }
+    lines = report.render(results).splitlines()
+    assert "| one statement each, asynchronous commit (PostgreSQL) | 1.50 | 2 |" in lines
+    assert "| a transaction of several statements (SQLite; PostgreSQL before) | 9.25 | 6 |" in lines
+    assert (
+        "| the bulk run, its keys on the Redis ledger | 100 | 0.50 | (vs the guarded group: 0.80) |"
+        in lines
+    )
