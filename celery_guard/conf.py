@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from django.conf import settings as django_settings
@@ -138,6 +138,24 @@ def _cached(key: Any) -> Any:
 def _keep(key: Any, value: Any) -> None:
     if django_settings.configured:
         _cache[key] = value
+
+
+_T = TypeVar("_T")
+
+
+def memo(key: Hashable, compute: Callable[[], _T]) -> _T:
+    """``compute()``, kept with the settings cache until the settings change.
+
+    For a value derived from the configuration that a hot path would otherwise work out on
+    every task (the Redis URL a Celery broker setting gives: Celery's ``broker_url`` lookup
+    costs more than the rest of the look-ups of a run). Emptied by ``override_settings`` and
+    ``setting_changed`` like the settings themselves; a value that raises is not kept.
+    """
+    value = _cached(("memo", key))
+    if value is _MISSING:
+        value = compute()
+        _keep(("memo", key), value)
+    return value  # type: ignore[no-any-return]
 
 
 def raw(name: str) -> Any:

@@ -143,6 +143,43 @@ def _count_ok(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= MAX_COUNT
 
 
+def _storable(value: Any, depth: int = 0) -> bool:
+    """Whether :func:`_unstorable` would find nothing in ``value`` (the common case, fast).
+
+    Decides on exact built-in types only and builds no paths; any other type answers False,
+    so :func:`_unstorable` then looks again and words what it finds. Strings and integers,
+    most of a header, are decided inline: this runs on every delivery.
+    """
+    if depth > 20:
+        return False
+    kind = type(value)
+    if kind is str:
+        return "\x00" not in value
+    if kind is int or kind is bool or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    depth += 1
+    if kind is dict:
+        if depth > 20 and value:
+            return False  # its items are nested too deeply
+        for key, item in value.items():
+            if (type(key) is not str or "\x00" in key) and not _storable(key, depth):
+                return False
+            kind = type(item)
+            if kind is int:
+                continue
+            if kind is str:
+                if "\x00" in item:
+                    return False
+            elif not _storable(item, depth):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        return all(_storable(item, depth) for item in value)
+    return False
+
+
 def _unstorable(value: Any, path: str, found: list[str], depth: int = 0) -> None:
     """Collect NUL characters and non-finite numbers, which no database column can hold."""
     if depth > 20:
@@ -169,6 +206,14 @@ def problems(guard: Mapping[str, Any]) -> list[str]:
     dead-letter row can store, so a forged or corrupt header is refused with a reason instead
     of breaking (or looping in) the failure pipeline.
     """
+    if _well_formed(guard):
+        return []
+    # Rare (corrupt, forged, or not a plain dict): look again, naming each problem.
+    return _problems(guard)
+
+
+def _problems(guard: Mapping[str, Any]) -> list[str]:
+    """The full check of :func:`problems`: every problem, each with its wording."""
     found: list[str] = []
     _unstorable(dict(guard), HEADER, found)
     for name in _COUNTS:
@@ -195,6 +240,38 @@ def problems(guard: Mapping[str, Any]) -> list[str]:
     if entry is not None:
         found.extend(_identity_problems(entry))
     return found
+
+
+def _well_formed(guard: Mapping[str, Any]) -> bool:
+    """True only when :func:`problems` would find nothing: a header as the guard writes it.
+
+    Accepts exact built-in types in range and answers False on anything else, so the full
+    check (which words each problem) only runs for a header this fast check cannot vouch for.
+    """
+    if type(guard) is not dict or not _storable(guard):
+        return False  # past here every float in the header is finite
+    get = guard.get
+    for name in _COUNTS:
+        count = get(name, 0)
+        if type(count) is not int or not 0 <= count <= MAX_COUNT:
+            return False
+    first = get("first_enqueued_at")
+    if first is not None and not (type(first) in (int, float) and 0 <= first <= MAX_TIMESTAMP):
+        return False
+    delay = get("delay")
+    if delay is not None and not (type(delay) in (int, float) and delay >= 0):
+        return False
+    if HISTORY in guard and type(guard[HISTORY]) is not list:
+        return False
+    for name in ("tenant", "priority"):
+        text = get(name)
+        if text is not None and not (type(text) is str and len(text) <= MAX_TEXT):
+            return False
+    replay_of = get("replay_of")
+    if replay_of is not None and not (type(replay_of) is int and 1 <= replay_of < 2**63):
+        return False
+    entry = get("idempotency")
+    return entry is None or not _identity_problems(entry)
 
 
 def _identity_problems(entry: Any) -> list[str]:

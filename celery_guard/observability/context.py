@@ -124,16 +124,28 @@ def bind_origin(value: Origin | None) -> Iterator[Origin | None]:
         _origin.reset(token)
 
 
-@contextlib.contextmanager
-def bind_run(run: Run) -> Iterator[Run]:
-    """Make ``run`` (and its origin) the current run inside the block."""
-    run_token = _run.set(run)
-    origin_token = _origin.set(run.origin)
-    try:
-        yield run
-    finally:
+class _BoundRun:
+    """What :func:`bind_run` returns: a plain class, cheaper per delivery than a generator."""
+
+    __slots__ = ("_run", "_tokens")
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    def __enter__(self) -> Run:
+        run = self._run
+        self._tokens = (_run.set(run), _origin.set(run.origin))
+        return run
+
+    def __exit__(self, *exc_info: object) -> None:
+        run_token, origin_token = self._tokens
         _origin.reset(origin_token)
         _run.reset(run_token)
+
+
+def bind_run(run: Run) -> contextlib.AbstractContextManager[Run]:
+    """Make ``run`` (and its origin) the current run inside the block."""
+    return _BoundRun(run)
 
 
 def origin_from_header(value: Any) -> Origin | None:

@@ -1,5 +1,6 @@
 """Settings are read lazily through celery_guard.conf and follow override_settings."""
 
+import pytest
 from django.conf import settings
 from django.test import override_settings
 
@@ -43,3 +44,26 @@ def test_a_cached_read_follows_override_settings_in_and_out():
     with override_settings(CELERY_GUARD_IDEMPOTENCY_START_GRACE=5):
         assert guard_settings.idempotency_start_grace == 5.0
     assert guard_settings.idempotency_start_grace == 300.0
+
+
+def test_memo_keeps_a_value_until_the_settings_change():
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    assert conf.memo("test_memo", compute) == 1
+    assert conf.memo("test_memo", compute) == 1
+    with override_settings(CELERY_GUARD_MAX_PAYLOAD_BYTES=10):
+        assert conf.memo("test_memo", compute) == 2
+    assert conf.memo("test_memo", compute) == 3
+
+
+def test_memo_keeps_no_value_that_raised():
+    def fail():
+        raise ValueError("no")
+
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            conf.memo("test_memo_raises", fail)

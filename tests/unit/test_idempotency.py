@@ -163,3 +163,24 @@ def test_callable_key_must_accept_the_task_arguments_at_decoration():
     def notify_ok(employee_id: int, event_version: str) -> None: ...
 
     assert identify(notify_ok, 3, "v").key == f"{notify_ok.name}:n:3"
+
+
+def test_the_redis_ledger_follows_the_broker_url_per_settings(celery_conf):
+    from celery import current_app
+    from django.test import override_settings
+
+    from celery_guard.idempotency import ledger
+
+    redis_ledger = {"CELERY_GUARD_IDEMPOTENCY_BACKEND": "redis"}
+    with override_settings(**redis_ledger, CELERY_GUARD_IDEMPOTENCY_REDIS_URL=None):
+        assert ledger.get_ledger().url == current_app.conf.broker_url
+    with override_settings(
+        **redis_ledger, CELERY_GUARD_IDEMPOTENCY_REDIS_URL="redis://127.0.0.1:6379/5"
+    ):
+        assert ledger.get_ledger().url == "redis://127.0.0.1:6379/5"
+    celery_conf(broker_url="amqp://guest@localhost//")
+    with (
+        override_settings(**redis_ledger, CELERY_GUARD_IDEMPOTENCY_REDIS_URL=None),
+        pytest.raises(ValueError, match="CELERY_GUARD_IDEMPOTENCY_REDIS_URL"),
+    ):
+        ledger.get_ledger()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from celery_guard.conf import guard_settings
+from celery_guard.conf import guard_settings, memo
 from celery_guard.idempotency.ledger.base import Claim, Ledger, NewClaim, Start
 from celery_guard.idempotency.ledger.database import DatabaseLedger
 from celery_guard.idempotency.ledger.redis import RedisLedger
@@ -35,13 +35,33 @@ def redis_url() -> str:
         return url
     from celery import current_app
 
-    broker = current_app.conf.broker_url
+    return _redis_broker(current_app.conf.broker_url)
+
+
+def _redis_broker(broker: object) -> str:
     if not isinstance(broker, str) or broker.split(":", 1)[0] not in REDIS_SCHEMES:
         raise ValueError(
             "the 'redis' idempotency ledger needs CELERY_GUARD_IDEMPOTENCY_REDIS_URL when "
             "the broker is not Redis"
         )
     return broker
+
+
+def _ledger_url() -> str:
+    """:func:`redis_url`, with the broker's URL looked up once per Celery app and settings.
+
+    Every keyed publish and run asks for the ledger; Celery's ``broker_url`` lookup would
+    cost more than the rest of it. The settings cache keeps the answer (``override_settings``
+    empties it); a broker URL assigned to ``app.conf`` at run time is not seen here, and
+    :func:`redis_url` (what ``manage.py check`` calls) still reads it every time.
+    """
+    url = guard_settings.idempotency_redis_url
+    if url is not None:
+        return url
+    from celery import current_app
+
+    app = current_app._get_current_object()
+    return memo(("idempotency_broker_url", app), lambda: _redis_broker(app.conf.broker_url))
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,7 +80,7 @@ def get_ledger() -> Ledger:
     if backend == "database":
         return DatabaseLedger()
     if backend == "redis":
-        return redis_ledger(redis_url(), guard_settings.idempotency_redis_prefix)
+        return redis_ledger(_ledger_url(), guard_settings.idempotency_redis_prefix)
     raise ValueError(
         f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
     )
