@@ -92,3 +92,23 @@ def test_nesting_at_the_limit_is_decided_like_the_full_check():
         guard = {"deep": _deep(levels)}
         assert headers.problems(guard) == headers._problems(guard)
         assert bool(headers._problems(guard)) == (not headers._well_formed(guard))
+
+
+def test_read_takes_any_mapping_and_folds_in_the_version_1_beat_headers():
+    guard = {"v": 2, "attempt": 1}
+    assert headers.read({headers.HEADER: guard}) is guard
+    assert headers.read({headers.HEADER: OrderedDict(guard)}) == guard
+    assert headers.read({headers.HEADER: "corrupt"}) == {}
+    assert headers.read({"id": "x"}) == {}
+    assert headers.read(None) == {}
+    legacy = {
+        headers.LEGACY_BEAT_HEADER: OrderedDict(entry="e", slot=1.0),
+        headers.LEGACY_BEAT_KEY_HEADER: "b:1",
+    }
+    assert headers.read(legacy) == {headers.BEAT: {"entry": "e", "slot": 1.0, "key": "b:1"}}
+    assert headers.read({**legacy, headers.HEADER: guard}) == {
+        **guard,
+        headers.BEAT: {"entry": "e", "slot": 1.0, "key": "b:1"},
+    }
+    beat = {headers.BEAT: {"entry": "new"}}
+    assert headers.read({**legacy, headers.HEADER: beat}) == beat
