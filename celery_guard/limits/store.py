@@ -426,7 +426,7 @@ class _Held:
 #: The slots the bodies of this process hold, by holder, renewed by :func:`_background`.
 _held: dict[str, _Held] = {}
 #: Releases handed to the background thread: a body's end does not wait for the store.
-_releases: queue.SimpleQueue[tuple[Any, tuple[Rule, ...], str]] = queue.SimpleQueue()
+_releases: queue.SimpleQueue[tuple[LimitsStore, tuple[Rule, ...], str]] = queue.SimpleQueue()
 #: Releases queued and not yet answered by the store, and the condition they are waited on.
 _unsent = 0
 _sent = threading.Condition()
@@ -460,7 +460,7 @@ def drop(holder: str) -> None:
     _held.pop(holder, None)
 
 
-def release_later(limits: Any, rules: Sequence[Rule], holder: str) -> None:
+def release_later(limits: LimitsStore, rules: Sequence[Rule], holder: str) -> None:
     """Stop renewing ``holder``'s slots and release them from the background thread.
 
     The release is one round trip to the store that the task's result does not depend on, so
@@ -470,7 +470,7 @@ def release_later(limits: Any, rules: Sequence[Rule], holder: str) -> None:
     out with their lease, as a SIGKILLed one does.
     """
     global _unsent
-    _held.pop(holder, None)
+    drop(holder)
     if not any(rule.concurrency for rule in rules):
         return
     _ensure_thread()
@@ -487,7 +487,7 @@ def settle(timeout: float = SETTLE_TIMEOUT) -> None:
         _sent.wait_for(lambda: not _unsent, timeout)
 
 
-def _release(limits: Any, rules: tuple[Rule, ...], holder: str) -> None:
+def _release(limits: LimitsStore, rules: tuple[Rule, ...], holder: str) -> None:
     global _unsent
     try:
         limits.release(rules, holder)
