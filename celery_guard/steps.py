@@ -13,6 +13,9 @@ past its deadline never runs) and lets a deferral's ``Retry`` through without co
 attempt; a deferred delivery never takes its idempotency key's lease. The admitted step comes
 last (innermost): a delivery has ``started`` only once every gate before it (idempotency,
 limits) let it through, just before its body runs.
+
+The routing step only stamps the priority level at publish: it comes before the limits step,
+whose task policy may override that level.
 """
 
 from celery_guard.core.pipeline import Pipeline
@@ -29,9 +32,9 @@ GUARD = Pipeline(
         ObservabilityStep(),
         RunsStep(),
         FailuresStep(),
+        RoutingStep(),
         LimitsStep(),
         IdempotencyStep(),
-        RoutingStep(),
         DeliveryStep(),
         AdmittedStep(),
     ]

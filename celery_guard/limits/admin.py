@@ -22,7 +22,7 @@ from celery_guard.limits.models import TaskPolicy
 class TaskPolicyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """One row per task type with a policy; pause/resume in bulk."""
 
-    list_display = ("task_name", "paused", "concurrency", "rate", "note", "updated_at")
+    list_display = ("task_name", "paused", "concurrency", "rate", "priority", "note", "updated_at")
     list_filter = ("paused",)
     search_fields = ("task_name", "note")
     actions = ("pause_selected", "resume_selected")

@@ -5,7 +5,17 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from celery_guard.conf import guard_settings
 from celery_guard.limits import rules
+
+
+def _validate_priority(value: str) -> None:
+    levels = guard_settings.priority_queues
+    if value and value not in levels:
+        raise ValidationError(
+            f"{value!r} is not a priority level; CELERY_GUARD_PRIORITY_QUEUES defines "
+            f"{', '.join(repr(level) for level in levels)}"
+        )
 
 
 def _validate_rate(value: str) -> None:
@@ -19,7 +29,8 @@ class TaskPolicy(models.Model):
     """One task type's policy, read by every worker within ``CELERY_GUARD_POLICY_REFRESH``.
 
     A paused task type's deliveries are deferred (republished later, no attempt used), not
-    dropped; the overrides replace the task's own ``concurrency``/``rate`` options.
+    dropped; the overrides replace the task's own ``concurrency``/``rate``/``priority``
+    options (a priority override also moves deliveries already queued, see ``docs/limits.md``).
     """
 
     task_name = models.CharField(max_length=200, unique=True)
@@ -36,6 +47,14 @@ class TaskPolicy(models.Model):
         blank=True,
         validators=[_validate_rate],
         help_text="overrides the task's rate option: 'N/s', 'N/m' or 'N/h'",
+    )
+    priority = models.CharField(
+        max_length=64,
+        blank=True,
+        validators=[_validate_priority],
+        help_text="overrides the task's priority level (a key of CELERY_GUARD_PRIORITY_QUEUES), "
+        "also of its calls' guard={'priority': ...}; deliveries already queued move when a "
+        "worker takes them",
     )
     note = models.TextField(blank=True, help_text="why (an incident, a ticket...)")
     updated_at = models.DateTimeField(auto_now=True)

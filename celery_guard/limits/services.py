@@ -2,7 +2,9 @@
 
 Workers never query the database per task: each process keeps the policy table in memory and
 reads it again at most every ``CELERY_GUARD_POLICY_REFRESH`` seconds (2 by default), so a
-change made in the admin reaches every worker within that time plus the deferral delay.
+change made in the admin reaches every worker within that time plus the deferral delay. A
+publishing process (a web process) reads it the same way for the priority override, and never
+inside a transaction that has already failed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+
+from django.db import connection, transaction
 
 from celery_guard.conf import guard_settings
 from celery_guard.core import dbreuse
@@ -26,6 +30,8 @@ class Policy:
     paused: bool = False
     concurrency: int | None = None
     rate: rules.Rate | None = None
+    #: A priority level (a key of ``CELERY_GUARD_PRIORITY_QUEUES``) replacing the task's.
+    priority: str | None = None
 
 
 _policies: dict[str, Policy] = {}
@@ -45,8 +51,17 @@ def _load() -> dict[str, Policy]:
                     row.task_name,
                     row.rate,
                 )
-        if row.paused or row.concurrency or rate:
-            found[row.task_name] = Policy(row.paused, row.concurrency or None, rate)
+        priority = row.priority or None
+        if priority is not None and priority not in guard_settings.priority_queues:
+            logger.warning(
+                "celery_guard: task policy of %s names the priority level %r, which "
+                "CELERY_GUARD_PRIORITY_QUEUES no longer defines; ignored",
+                row.task_name,
+                priority,
+            )
+            priority = None
+        if row.paused or row.concurrency or rate or priority:
+            found[row.task_name] = Policy(row.paused, row.concurrency or None, rate, priority)
     return found
 
 
@@ -60,7 +75,13 @@ def current(task_name: str) -> Policy | None:
     if _loaded_at is None or now - _loaded_at >= guard_settings.policy_refresh:
         _loaded_at = now
         try:
-            _policies = _load()
+            if connection.in_atomic_block:
+                # A publish inside the caller's transaction: a failed read rolls back to this
+                # savepoint and leaves the caller's transaction usable.
+                with transaction.atomic():
+                    _policies = _load()
+            else:
+                _policies = _load()
         except Exception:
             logger.warning(
                 "celery_guard: could not read the task policies; keeping the last ones read",
@@ -68,6 +89,19 @@ def current(task_name: str) -> Policy | None:
             )
             dbreuse.close_unusable()
     return _policies.get(task_name)
+
+
+def for_publish(task_name: str) -> Policy | None:
+    """The policy of ``task_name`` for a publish (the priority override).
+
+    As :func:`current`, but the connection is looked at only when a read is due, and a
+    transaction that has already failed is never read in: the policies cached answer then.
+    """
+    if _loaded_at is not None and time.monotonic() - _loaded_at < guard_settings.policy_refresh:
+        return _policies.get(task_name)
+    if connection.in_atomic_block and connection.needs_rollback:
+        return _policies.get(task_name)
+    return current(task_name)
 
 
 def forget() -> None:
@@ -102,6 +136,20 @@ def set_limits(task_name: str, *, concurrency: int | None = None, rate: str = ""
     row, _ = TaskPolicy.objects.get_or_create(task_name=task_name)
     row.concurrency, row.rate = concurrency, rate
     row.save(update_fields=["concurrency", "rate", "updated_at"])
+    return row
+
+
+def set_priority(task_name: str, level: str) -> TaskPolicy:
+    """Override a task type's priority level (``""``: the task's own).
+
+    Raises:
+        django.core.exceptions.ValidationError: ``level`` is not a key of
+            ``CELERY_GUARD_PRIORITY_QUEUES``.
+    """
+    row, _ = TaskPolicy.objects.get_or_create(task_name=task_name)
+    row.priority = level
+    row.full_clean(validate_unique=False)
+    row.save(update_fields=["priority", "updated_at"])
     return row
 
 

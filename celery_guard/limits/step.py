@@ -54,6 +54,10 @@ UNTIL = "until"
 #: Most seconds a delivery back before its reservation may be early and still be admitted.
 EARLY = 0.05
 
+#: The guard header field of the priority level (stamped by the routing step; the router
+#: sends a message to its level's queue).
+PRIORITY = "priority"
+
 #: Seconds a process waits before requeueing a delivery whose deferral failed to publish.
 REQUEUE_PAUSE = 1.0
 
@@ -72,10 +76,12 @@ def defer(
     delay: float,
     event: str,
     fields: Mapping[str, Any] | None = None,
+    queue: str | None = None,
 ) -> NoReturn:
     """Republish the running delivery ``delay`` seconds later without counting an attempt.
 
-    ``fields`` replace guard header fields of the republished delivery (``None``: drop one).
+    ``fields`` replace guard header fields of the republished delivery (``None``: drop one);
+    ``queue`` sends it to another queue than the one it came from.
 
     Raises:
         celery_guard.exceptions.Deferral: Always once republished (a ``Retry``: Celery acks
@@ -90,7 +96,11 @@ def defer(
     message_headers = {**(request.headers or {}), headers.HEADER: again_guard}
     try:
         again = task.signature_from_request(
-            request, countdown=delay, retries=request.retries, headers=message_headers
+            request,
+            queue=queue,
+            countdown=delay,
+            retries=request.retries,
+            headers=message_headers,
         )
         again.apply_async()
     except Exception as exc:
@@ -202,6 +212,20 @@ def _refused(task: Any, guard: Mapping[str, Any], admission: store.Admission) ->
     defer(task, guard, limit, _jittered(base), "throttled", {UNTIL: None})
 
 
+def _move(task: Any, guard: Mapping[str, Any], level: str) -> None:
+    """Send a delivery queued under another level than its policy's to that level's queue.
+
+    Deliveries already queued when an operator overrode the priority move once, without
+    running and without counting an attempt; a delivery already on its level runs on.
+    """
+    if guard.get(PRIORITY) == level:
+        return
+    queue = guard_settings.priority_queues.get(level)
+    if queue is None:  # the level left the settings since the policy was read
+        return
+    defer(task, guard, f"policy priority {level}", 0.0, "deferred", {PRIORITY: level}, queue)
+
+
 class LimitsStep(Step):
     """Cluster-wide concurrency and rates, tenants, pauses (see ``docs/limits.md``)."""
 
@@ -213,7 +237,14 @@ class LimitsStep(Step):
         rules.check_together(task_options, where)
 
     def prepare(self, publish: Publish) -> None:
-        """Stamp the call's tenant (``ValueError`` when the template cannot be rendered)."""
+        """Stamp the call's tenant (``ValueError`` when the template cannot be rendered).
+
+        A task policy's priority override replaces the level the routing step stamped (the
+        task's, or the call's ``guard={"priority": ...}``): it is an operator's decision.
+        """
+        policy = services.for_publish(publish.task.name)
+        if policy is not None and policy.priority is not None:
+            publish.fields[PRIORITY] = policy.priority
         if rules.TENANT_FIELD in publish.inherited and rules.TENANT.name not in publish.per_call:
             return  # a retry or deferral keeps its tenant
         tenant = rules.tenant_of(publish.task, publish.args, publish.kwargs, publish.per_call)
@@ -227,6 +258,8 @@ class LimitsStep(Step):
             return call(*args, **kwargs)
         policy = services.current(task.name)
         guard = headers.read(request.headers)
+        if policy is not None and policy.priority is not None:
+            _move(task, guard, policy.priority)
         if policy is not None and policy.paused:
             defer(task, guard, "paused", _jittered(guard_settings.limits_defer_delay), "deferred")
         tenant = guard.get(rules.TENANT_FIELD)

@@ -84,6 +84,23 @@ def test_a_paused_task_runs_after_resume_and_one_paused_past_its_deadline_is_dea
     assert DeadLetter.objects.count() == 1
 
 
+def test_a_priority_override_moves_queued_jobs_and_routes_new_ones(start_worker, queues):
+    limit_tasks.pausable_job.delay("queued before")  # on the task's own level: high
+    services.set_priority(limit_tasks.pausable_job.name, "low")
+    services.forget()  # this process would see it within CELERY_GUARD_POLICY_REFRESH
+    limit_tasks.pausable_job.delay("published after")
+    start_worker(["high", "low"], concurrency=2)
+
+    runs = {r.label: r for r in executions(2, timeout=30)}
+    moved, routed = runs["queued before"], runs["published after"]
+    assert moved.queue == routed.queue == queues["low"]
+    assert moved.guard_header["priority"] == routed.guard_header["priority"] == "low"
+    assert moved.guard_header["deferred"] == 1  # moved once, without running
+    assert "deferred" not in routed.guard_header  # published to its level's queue at once
+    assert moved.guard_header["attempt"] == routed.guard_header["attempt"] == 1
+    services.forget()
+
+
 def test_a_small_tenant_is_not_held_back_by_a_large_one(start_worker):
     start_worker(["high"], concurrency=3)
     for i in range(5):

@@ -13,7 +13,9 @@ import uuid
 import pytest
 from celery.exceptions import Retry
 from django.contrib.admin.models import LogEntry
-from django.db import connections
+from django.core.exceptions import ValidationError
+from django.db import DatabaseError, connection, connections, transaction
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from celery_guard.exceptions import ThrottledError
@@ -183,6 +185,40 @@ def test_policies_are_cached_and_reread_after_the_refresh(settings):
     assert services.current("app.tasks.x") == services.Policy(False, 2, Rate(5, 1.0))
     with pytest.raises(ValueError):
         services.set_limits("app.tasks.x", rate="fast")
+    services.forget()
+
+
+@pytest.mark.django_db
+def test_a_priority_override_names_a_level_and_one_that_left_the_settings_is_ignored(
+    settings, caplog
+):
+    services.forget()
+    with pytest.raises(ValidationError, match="'urgent' is not a priority level"):
+        services.set_priority("app.tasks.x", "urgent")
+    services.set_priority("app.tasks.x", "low")
+    assert services.for_publish("app.tasks.x") == services.Policy(priority="low")
+    settings.CELERY_GUARD_PRIORITY_QUEUES = {"high": "q-high", "default": "q-default"}
+    services.forget()
+    assert services.current("app.tasks.x") is None
+    assert "no longer defines; ignored" in caplog.text
+    services.forget()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_publish_in_a_failed_transaction_reads_no_policy_and_leaves_it_alone():
+    services.forget()
+    services.set_priority("app.tasks.x", "low")
+    with transaction.atomic():
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT no_such_column FROM celery_guard_taskpolicy")
+        except DatabaseError:
+            transaction.set_rollback(True)
+        # The transaction is broken: the cached policies answer, without a query.
+        with CaptureQueriesContext(connection) as queries:
+            services.for_publish("app.tasks.x")
+        assert len(queries) == 0
+    assert services.for_publish("app.tasks.x") == services.Policy(priority="low")
     services.forget()
 
 
