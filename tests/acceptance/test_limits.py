@@ -9,9 +9,11 @@ import time
 from itertools import pairwise
 
 import pytest
+from django.contrib.auth.models import User
+from django.urls import reverse
 
 from celery_guard.limits import services, store
-from celery_guard.limits.models import LimitScope
+from celery_guard.limits.models import LimitScope, TaskPolicy
 from celery_guard.limits.rules import Rule
 from celery_guard.models import DeadLetter
 from tests.support.harness import wait_until
@@ -82,6 +84,34 @@ def test_a_paused_task_runs_after_resume_and_one_paused_past_its_deadline_is_dea
     assert run.guard_header["attempt"] == 1
     assert run.guard_header["deferred"] >= 1
     assert DeadLetter.objects.count() == 1
+
+
+def test_a_pause_from_the_admin_stops_new_starts_within_5_s_and_resume_runs_every_job(
+    start_worker, client
+):
+    jobs = 60
+    policy = TaskPolicy.objects.create(task_name=limit_tasks.pausable_job.name)
+    User.objects.create_superuser("ops", password="pw")
+    client.login(username="ops", password="pw")
+    changelist = reverse("admin:celery_guard_taskpolicy_changelist")
+    start_worker(["high"], concurrency=2)
+    for i in range(jobs):
+        limit_tasks.pausable_job.delay(f"p-{i}", sleep_ms=200)  # about 6 s of work
+    wait_until(lambda: Execution.objects.count() >= 4, timeout=30)
+
+    client.post(changelist, {"action": "pause_selected", "_selected_action": [policy.pk]})
+    paused_at = time.time()
+    time.sleep(8)
+    held_back = jobs - Execution.objects.count()
+    assert held_back > 0
+    assert not Execution.objects.filter(started_at__gt=paused_at + 5).exists()
+
+    client.post(changelist, {"action": "resume_selected", "_selected_action": [policy.pk]})
+    runs = executions(jobs, timeout=60)
+    assert sorted(r.label for r in runs) == sorted(f"p-{i}" for i in range(jobs))  # once each
+    assert all(r.guard_header["attempt"] == 1 for r in runs)  # no attempt used by the pause
+    assert sum(1 for r in runs if r.guard_header.get("deferred", 0) >= 1) >= held_back
+    assert not DeadLetter.objects.exists()
 
 
 def test_a_priority_override_moves_queued_jobs_and_routes_new_ones(start_worker, queues):

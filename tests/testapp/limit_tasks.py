@@ -50,8 +50,8 @@ def tenant_job(self, department_id: int, label: str, sleep_ms: int = 0) -> None:
 
 
 @guarded_task(priority="high", bind=True)
-def pausable_job(self, label: str) -> None:
-    record(self, label)
+def pausable_job(self, label: str, sleep_ms: int = 0) -> None:
+    record(self, label, sleep_ms)
 
 
 @guarded_task(priority="high", bind=True, deadline=3)
