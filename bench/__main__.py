@@ -145,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         from django.core.management import call_command
 
         import bench.benchapp.tasks  # noqa: F401  (registers every case's tasks)
-        from bench import cases, delivery, dlq, fingerprint, micro, observability, runs
+        from bench import (
+            cases,
+            delivery,
+            dlq,
+            fingerprint,
+            limit_trips,
+            micro,
+            observability,
+            runs,
+        )
         from bench.worker import BenchWorker
         from proj.celery import app
 
@@ -186,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             progress(f"run {run_id}: {config.mode} mode, variants {[v.name for v in variants]}")
             measured = runner.run(start_worker)
+            if any(v.name in limit_trips.STORES for v in variants):
+                progress("limits: round trips per task, counted in process")
+                measured["limit_trips"] = limit_trips.run(variants, config.limit_trips_n)
             progress("micro-benchmarks: ledger decisions and beat lease operations")
             measured["micro"] = micro.run_all(config.micro_n, database.engine)
             progress("observability: the events' cost per task, in process")

@@ -318,7 +318,97 @@ def variant_table(results: Mapping[str, Any], name: str) -> str:
             f"| {label} | {cell(theirs, figure.digits)} | {cell(mine, figure.digits)} "
             f"| {shown} | {judge(figure, value, target)} |"
         )
+    lines += reference_rows(results, name)
     return "\n".join(lines)
+
+
+#: The drains a variant with a ``reference`` is also compared with it on.
+REFERENCE_FIGURES = tuple(f for f in FIGURES if f.key.startswith("drain_"))
+
+
+def reference_rows(results: Mapping[str, Any], name: str) -> list[str]:
+    """Rows of ``name``'s drains against its reference variant (same columns, "vs" it)."""
+    variants = results["variants"]
+    guarded = variants[name]
+    reference = variants.get(guarded.get("reference") or "")
+    if reference is None:
+        return []
+    targets = guarded.get("reference_targets", {})
+    lines = []
+    for figure in REFERENCE_FIGURES:
+        mine = guarded["metrics"].get(figure.key)
+        theirs = reference["metrics"].get(figure.key)
+        value = comparison(
+            figure,
+            mine.get("median") if mine else None,
+            theirs.get("median") if theirs else None,
+        )
+        shown = "—" if value is None else f"{value:.2f}x vs {reference['title']}"
+        target = targets.get(figure.target) if figure.target else None
+        lines.append(
+            f"| {figure.label} ({figure.unit}), vs {reference['title']} "
+            f"| {cell(theirs, figure.digits)} ({reference['title']}) "
+            f"| {cell(mine, figure.digits)} | {shown} | {judge(figure, value, target)} |"
+        )
+    return lines
+
+
+#: Issue 16's bound on the Redis round trips per task of a limit that never binds (one
+#: concurrency and one rate limit).
+ROUND_TRIPS_TARGET = 2
+
+
+def limits_table(results: Mapping[str, Any]) -> str:
+    """Issue 16's targets: each limits variant against the same task without the limit.
+
+    The drain ratios per worker configuration (from the drains), and the round trips per
+    task that :mod:`bench.limit_trips` counted in process (the same for both configurations).
+    """
+    variants = results.get("variants", {})
+    configs = results.get("configs") or {"tuned": {"title": "tuned", "suffix": ""}}
+    order = sorted(configs.values(), key=lambda c: c["suffix"] == "")  # quick start first
+    lines = [
+        "| target | bound | " + " | ".join(c["title"] for c in order) + " |",
+        "|---|---|" + "---:|" * len(order),
+    ]
+    for variant in variants.values():
+        reference = variants.get(variant.get("reference") or "")
+        if reference is None:
+            continue
+        for key, bound in variant.get("reference_targets", {}).items():
+            figure = next(f for f in FIGURES if f.key == key)
+            cells = []
+            for config in order:
+                ratio = stats.ratio(
+                    _median(variant, key + config["suffix"]),
+                    _median(reference, key + config["suffix"]),
+                )
+                cells.append(
+                    "—"
+                    if ratio is None
+                    else f"{ratio:.2f}x {'met' if ratio >= bound else 'missed'}"
+                )
+            lines.append(
+                f"| {figure.label}: {variant['title']} / {reference['title']} "
+                f"| ≥ {bound:.2f}x | " + " | ".join(cells) + " |"
+            )
+    for name, trips in (results.get("limit_trips") or {}).items():
+        title = variants.get(name, {}).get("title", name)
+        per_task = trips["per_task"]
+        shown = f"{per_task:.2f} (admit {trips['admit']:.2f} + release {trips['release']:.2f})"
+        if trips["store"] == "Redis":
+            label, bound = "Redis round trips per task", f"≤ {ROUND_TRIPS_TARGET}"
+            shown += " met" if per_task <= ROUND_TRIPS_TARGET + 0.005 else " missed"
+        else:
+            label, bound = f"database {trips['unit']} per task ({trips['store']})", "reported"
+        rules = "; ".join(
+            f"{r['scope']}: concurrency {r['concurrency']}, rate {r['rate']}"
+            for r in trips["rules"]
+        )
+        lines.append(
+            f"| {label}: {title} [{rules}] | {bound} | " + " | ".join([shown] * len(order)) + " |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _commands(per_task: Mapping[str, float], floor: float = 0.1) -> str:
@@ -544,6 +634,18 @@ def render(results: Mapping[str, Any]) -> str:
             continue
         parts += ["", f"### {variant['title']} vs plain Celery", "", variant_table(results, name)]
         parts += ["", *command_lines(results, name)]
+    limits = limits_table(results)
+    if limits:
+        parts += [
+            "",
+            "### Targets of issue 16 (a limit that never binds / the same task without it)",
+            "",
+            limits,
+            "",
+            "Round trips counted on the client side, in process, for what the limits step "
+            "sends the store per task (one admission, one release): see *Limits: round trips "
+            "per task* in docs/benchmarks.md.",
+        ]
     if results.get("micro"):
         parts += [
             "",

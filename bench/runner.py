@@ -48,6 +48,9 @@ class Config:
     pushpop_n: int
     commit_n: int
     micro_n: int = 300
+    #: Admissions and releases counted per limits variant (bench/limit_trips.py): the counts
+    #: do not depend on the machine, so a few hundred repeat exactly.
+    limit_trips_n: int = 200
     #: Dead letters the changelist is timed at (bench/dlq.py), smallest first.
     dlq_rows: tuple[int, ...] = (100_000,)
     #: Dead letters replayed in bulk.
@@ -525,6 +528,8 @@ class Runner:
                 "baseline": variant.baseline,
                 "queue": variant.queue,
                 "targets": dict(variant.targets),
+                "reference": variant.reference,
+                "reference_targets": dict(variant.reference_targets),
                 "metrics": metrics,
                 "commands_last_run": self.commands[variant.name],
             }

@@ -66,6 +66,10 @@ class Variant:
         description: One sentence for the docs and the JSON.
         order: Position in the run and the report among the guarded variants (lower first;
             equal ones in registration order).
+        reference: Another guarded variant: "the same task without" this variant's feature
+            (e.g. routing only for the limits), shown as a ratio next to the one to plain.
+        reference_targets: Targets of the ratios to ``reference`` (minimum ratios, keyed by
+            metric like :data:`ISSUE_TARGETS`).
     """
 
     name: str
@@ -79,6 +83,8 @@ class Variant:
     targets: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
     order: int = 100
+    reference: str | None = None
+    reference_targets: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [kind for kind in KINDS if kind not in self.tasks]

@@ -15,13 +15,18 @@ for the limits). Two tables (:mod:`celery_guard.limits.models`):
   like the Redis sliding log.
 
 An admission is one transaction: lock the run's scopes, count their live entries (and read
-the clock) in one query, insert the run's entries only if every rule admits it (all or
-nothing), commit. On PostgreSQL that is 5 round trips (BEGIN, lock, count, insert, COMMIT;
-4 when refused); the release is one ``DELETE`` (autocommit). Times are epoch seconds from the
-database server's clock on PostgreSQL (``clock_timestamp()``, read after the locks are held),
-so the workers' clocks do not matter; on SQLite, whose workers share one host, from that
-host's clock. On PostgreSQL both tables are ``UNLOGGED`` (migration ``0009``): what they hold
-expires within seconds, so it needs no WAL, and a commit does not wait for a disk flush.
+the clock), insert the run's entries only if every rule admits it (all or nothing), commit.
+On PostgreSQL that transaction is one call of the function ``celery_guard_limits_admit``
+(migration ``0010``, PL/pgSQL): one round trip, in the implicit transaction of its statement;
+being VOLATILE, each statement of it reads with a new snapshot (READ COMMITTED), so its
+counts, made once the locks are held, see the entries of the admissions that held them before.
+On SQLite it stays a transaction of several statements, in process (the scope rows written
+first, then the count and the insert); the release is one ``DELETE`` (autocommit) on both.
+Times are epoch seconds from the database server's clock on PostgreSQL (``clock_timestamp()``,
+read after the locks are held), so the workers' clocks do not matter; on SQLite, whose
+workers share one host, from that host's clock. On PostgreSQL both tables are ``UNLOGGED``
+(migration ``0009``): what they hold expires within seconds, so it needs no WAL, and a
+commit does not wait for a disk flush.
 
 Expired entries, and scopes with no entry and no back-off, are purged by the admissions
 themselves, at most every :data:`PURGE_EVERY` seconds per process, so the tables hold about
@@ -59,6 +64,12 @@ OUTAGE_PAUSE = 2.0
 #: Longest scope stored verbatim (longer ones keep a prefix and a digest).
 MAX_SCOPE = 255
 
+#: PostgreSQL's admission in one call (migration ``0010``), with its argument types.
+ADMIT_FUNCTION = (
+    "celery_guard_limits_admit(text[], integer[], integer[], double precision[], "
+    "double precision, text)"
+)
+
 SLOT = LimitEntry.Kind.SLOT.value
 START = LimitEntry.Kind.START.value
 
@@ -87,6 +98,8 @@ class DatabaseStore:
         self.alias = alias or router.db_for_write(LimitEntry) or "default"
         connection = connections[self.alias]
         self.server_clock = connection.vendor == "postgresql"
+        #: Admit through ``celery_guard_limits_admit`` (migration ``0010``): one round trip.
+        self.one_call = connection.vendor == "postgresql"
         self.row_locks = bool(connection.features.has_select_for_update)
         quote = connection.ops.quote_name
         self.scopes = quote(LimitScope._meta.db_table)
@@ -141,6 +154,8 @@ class DatabaseStore:
         keys = [scope_key(rule.scope) for rule in rules]
         if not keys:
             return Admission(True, holder)
+        if self.one_call:
+            return self._admit_in_one_call(rules, keys, lease, holder)
         with transaction.atomic(using=self.alias), connections[self.alias].cursor() as cursor:
             backoffs = self._lock(cursor, keys)
             now_sql, now_args = self._now()
@@ -183,6 +198,32 @@ class DatabaseStore:
                     rows,
                 )
         return Admission(True, holder)
+
+    def _admit_in_one_call(
+        self, rules: Sequence[Rule], keys: Sequence[str], lease: float, holder: str
+    ) -> Admission:
+        """PostgreSQL: the same admission in one round trip, ``celery_guard_limits_admit``.
+
+        The function (migration ``0010``) locks, counts and inserts as :meth:`_admit` does,
+        in the implicit transaction of its one statement (autocommit).
+        """
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute(
+                "SELECT admitted, refused, kind, wait FROM celery_guard_limits_admit("
+                "%s::text[], %s::integer[], %s::integer[], %s::float8[], %s, %s)",
+                [
+                    list(keys),
+                    [rule.concurrency or 0 for rule in rules],
+                    [rule.rate.count if rule.rate else 0 for rule in rules],
+                    [rule.rate.period if rule.rate else 0.0 for rule in rules],
+                    lease,
+                    holder,
+                ],
+            )
+            admitted, refused, kind, wait = cursor.fetchone()
+        if admitted:
+            return Admission(True, holder)
+        return Admission(False, holder, rules[refused - 1], str(kind), float(wait))
 
     def _lock(self, cursor: Any, keys: Sequence[str]) -> dict[str, float]:
         """Lock the scope rows of ``keys`` (created when missing), in order: their back-offs."""
@@ -274,9 +315,16 @@ class DatabaseStore:
             return int(cursor.fetchone()[0])
 
     def ping(self) -> None:
-        """One round trip to the database's limits tables (``doctor``: also migrated?)."""
+        """One round trip to the database's limits tables (``doctor``: also migrated?).
+
+        On PostgreSQL it also asks for the admission function (migration ``0010``): the
+        cast fails when it is missing.
+        """
+        select = f"SELECT (SELECT scope FROM {self.scopes} WHERE 1 = 0)"
+        if self.one_call:
+            select += f", '{ADMIT_FUNCTION}'::regprocedure"
         with connections[self.alias].cursor() as cursor:
-            cursor.execute(f"SELECT scope FROM {self.scopes} WHERE 1 = 0")
+            cursor.execute(select)
 
     def purge(self) -> int:
         """Delete expired entries, and scopes with neither entries nor a back-off.

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 from celery.exceptions import Retry
@@ -404,3 +405,84 @@ def test_a_long_scope_is_stored_under_a_unique_digest():
     assert limits.admit([two], lease=30).admitted  # not the same scope
     assert not limits.admit([one], lease=30).admitted
     assert all(len(s) <= 255 for s in LimitScope.objects.values_list("scope", flat=True))
+
+
+def _contend(
+    rules: list[Rule],
+    seconds: float,
+    inside: Any,
+    peak: Any,
+    out: multiprocessing.Queue,
+) -> None:
+    # A process of its own, so a connection of its own: admissions race for real row locks.
+    limits = dbstore.DatabaseStore()
+    admitted = unavailable = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            admission = limits.admit(rules, lease=30)
+        except store.Unavailable:  # a deadlock or a lock that could not be taken
+            unavailable += 1
+            time.sleep(dbstore.OUTAGE_PAUSE)
+            continue
+        if not admission.admitted:
+            time.sleep(0.001)
+            continue
+        with inside.get_lock():
+            inside.value += 1
+            peak.value = max(peak.value, inside.value)
+        admitted += 1
+        time.sleep(0.002)
+        with inside.get_lock():
+            inside.value -= 1
+        limits.release(rules, admission.holder)
+    out.put((admitted, unavailable))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_admissions_on_postgresql_never_exceed_the_cap(postgres):
+    # The one-call admission (migration 0010) counts after it holds the scopes' locks: in
+    # READ COMMITTED each statement of the function sees the entries the admissions before
+    # it committed. Eight processes, two rules in both orders (a shared scope: deadlock-free
+    # only if every caller locks in scope order), a cap of 3 on the task's rule.
+    own = Rule("task:capped", concurrency=3)
+    shared = Rule("limit:capped-shared", concurrency=5, rate=Rate(1_000_000, 1.0))
+    inside = multiprocessing.Value("i", 0)
+    peak = multiprocessing.Value("i", 0)
+    out: multiprocessing.Queue = multiprocessing.Queue()
+    procs = [
+        multiprocessing.Process(
+            target=_contend,
+            args=([own, shared] if i % 2 else [shared, own], 1.5, inside, peak, out),
+        )
+        for i in range(8)
+    ]
+    connections.close_all()  # a forked child must open its own connection, not share ours
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert sum(unavailable for _, unavailable in results) == 0
+    assert sum(admitted for admitted, _ in results) > 50
+    assert peak.value == 3  # reached, never exceeded
+    assert dbstore.DatabaseStore().holders(own) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_admission_is_one_round_trip_on_postgresql(postgres):
+    from django.test.utils import CaptureQueriesContext
+
+    limits = dbstore.DatabaseStore()
+    limits._next_purge = float("inf")  # the periodic purge is not the admission
+    rules = [Rule("task:trips", concurrency=1, rate=Rate(10, 60.0)), Rule("limit:trips", 2)]
+    with CaptureQueriesContext(connections["default"]) as taken:
+        first = limits.admit(rules, lease=30)
+    with CaptureQueriesContext(connections["default"]) as refused:
+        second = limits.admit(rules, lease=30)
+    assert first.admitted
+    assert not second.admitted and second.rule == rules[0] and second.kind == "concurrency"
+    assert 29 < second.wait <= 30
+    assert len(taken) == len(refused) == 1
+    kinds = set(LimitEntry.objects.values_list("scope", "kind"))
+    assert kinds == {("task:trips", "c"), ("task:trips", "r"), ("limit:trips", "c")}

@@ -470,3 +470,71 @@ def test_report_shows_the_bookkeeping_per_item_and_the_run_on_the_redis_ledger()
         "| the bulk run, its keys on the Redis ledger | 100 | 0.50 | (vs the guarded group: 0.80) |"
         in lines
     )
+
+
+def test_report_compares_the_limits_with_the_same_task_without_them():
+    results = copy.deepcopy(RESULTS)
+    results["configs"] = {
+        "quick-start": {"title": "quick start", "suffix": "_qs", "env": {}},
+        "tuned": {"title": "tuned", "suffix": "", "env": {}},
+    }
+    routing = results["variants"]["guarded-routing"] = results["variants"].pop("guarded")
+    routing["metrics"].update(drain_sleep_rate=_summary(150), drain_sleep_rate_qs=_summary(150))
+    results["variants"]["plain"]["metrics"].update(
+        drain_sleep_rate=_summary(160), drain_sleep_rate_qs=_summary(160)
+    )
+    results["variants"]["guarded-limits-db"] = {
+        "title": "limits (database)",
+        "baseline": False,
+        "targets": {},
+        "reference": "guarded-routing",
+        "reference_targets": {"drain_sleep_rate": 0.95},
+        "commands_last_run": {},
+        "metrics": {
+            "drain_sleep_rate": _summary(144),  # 0.96x routing, 0.90x plain
+            "drain_sleep_rate_qs": _summary(141),  # 0.94x routing
+        },
+    }
+    rules = [{"scope": "task:t", "concurrency": 10000, "rate": "1000000/h"}]
+    results["limit_trips"] = {
+        "guarded-limits": {
+            "admit": 1.0,
+            "release": 1.5,
+            "per_task": 2.5,
+            "n": 2,
+            "store": "Redis",
+            "unit": "round trips",
+            "rules": rules,
+        },
+        "guarded-limits-db": {
+            "admit": 1.0,
+            "release": 1.0,
+            "per_task": 2.0,
+            "n": 2,
+            "store": "PostgreSQL",
+            "unit": "round trips",
+            "rules": rules,
+        },
+    }
+    lines = report.render(results).splitlines()
+    ratio = next(
+        line for line in lines if line.startswith("| drain, 10 ms task: limits (database)")
+    )
+    assert ratio.endswith("| ≥ 0.95x | 0.94x missed | 0.96x met |")
+    redis_trips = next(line for line in lines if line.startswith("| Redis round trips per task"))
+    assert "[task:t: concurrency 10000, rate 1000000/h] | ≤ 2 |" in redis_trips
+    assert redis_trips.endswith("| 2.50 (admit 1.00 + release 1.50) missed |")
+    db_trips = next(line for line in lines if line.startswith("| database round trips per task"))
+    assert db_trips.endswith(
+        "| reported | 2.00 (admit 1.00 + release 1.00) |" + " 2.00 (admit 1.00 + release 1.00) |"
+    )
+    # Next to the vs-plain rows of the variant's own table, the same drain vs routing only.
+    vs_routing = next(
+        line
+        for line in lines
+        if line.startswith("| drain, 10 ms task (tasks/s), vs guarded: routing only")
+    )
+    assert "| 0.96x vs guarded: routing only | ≥ 0.95x met |" in vs_routing
+    own = lines[lines.index("### limits (database) vs plain Celery") :]
+    vs_plain = next(line for line in own if line.startswith("| drain, 10 ms task (tasks/s) |"))
+    assert vs_plain.endswith("| 0.90x |  |")  # no target against plain Celery
