@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import os
@@ -486,3 +487,17 @@ def test_a_database_admission_is_one_round_trip_on_postgresql(postgres):
     assert len(taken) == len(refused) == 1
     kinds = set(LimitEntry.objects.values_list("scope", "kind"))
     assert kinds == {("task:trips", "c"), ("task:trips", "r"), ("limit:trips", "c")}
+
+
+@pytest.mark.django_db
+def test_the_database_store_ping_fails_without_the_admission_function(postgres):
+    from django.db import DatabaseError, transaction
+
+    migration = importlib.import_module("celery_guard.migrations.0010_limits_admit_function")
+    limits = dbstore.DatabaseStore()
+    limits.ping()
+    with pytest.raises(DatabaseError, match="celery_guard_limits_admit"), transaction.atomic():
+        with connections["default"].cursor() as cursor:
+            cursor.execute(migration.DROP)  # rolled back with the savepoint
+        limits.ping()
+    limits.ping()
