@@ -17,7 +17,7 @@ for the limits). Two tables (:mod:`celery_guard.limits.models`):
 An admission is one transaction: lock the run's scopes, count their live entries (and read
 the clock), insert the run's entries only if every rule admits it (all or nothing), commit.
 On PostgreSQL that transaction is one call of the function ``celery_guard_limits_admit``
-(migration ``0010``, PL/pgSQL): one round trip, in the implicit transaction of its statement;
+(migration ``0011``, PL/pgSQL): one round trip, in the implicit transaction of its statement;
 being VOLATILE, each statement of it reads with a new snapshot (READ COMMITTED), so its
 counts, made once the locks are held, see the entries of the admissions that held them before.
 On SQLite it stays a transaction of several statements, in process (the scope rows written
@@ -64,7 +64,7 @@ OUTAGE_PAUSE = 2.0
 #: Longest scope stored verbatim (longer ones keep a prefix and a digest).
 MAX_SCOPE = 255
 
-#: PostgreSQL's admission in one call (migration ``0010``), with its argument types.
+#: PostgreSQL's admission in one call (migration ``0011``), with its argument types.
 ADMIT_FUNCTION = (
     "celery_guard_limits_admit(text[], integer[], integer[], double precision[], "
     "double precision, text)"
@@ -98,7 +98,7 @@ class DatabaseStore:
         self.alias = alias or router.db_for_write(LimitEntry) or "default"
         connection = connections[self.alias]
         self.server_clock = connection.vendor == "postgresql"
-        #: Admit through ``celery_guard_limits_admit`` (migration ``0010``): one round trip.
+        #: Admit through ``celery_guard_limits_admit`` (migration ``0011``): one round trip.
         self.one_call = connection.vendor == "postgresql"
         self.row_locks = bool(connection.features.has_select_for_update)
         quote = connection.ops.quote_name
@@ -204,7 +204,7 @@ class DatabaseStore:
     ) -> Admission:
         """PostgreSQL: the same admission in one round trip, ``celery_guard_limits_admit``.
 
-        The function (migration ``0010``) locks, counts and inserts as :meth:`_admit` does,
+        The function (migration ``0011``) locks, counts and inserts as :meth:`_admit` does,
         in the implicit transaction of its one statement (autocommit).
         """
         with connections[self.alias].cursor() as cursor:
@@ -317,7 +317,7 @@ class DatabaseStore:
     def ping(self) -> None:
         """One round trip to the database's limits tables (``doctor``: also migrated?).
 
-        On PostgreSQL it also asks for the admission function (migration ``0010``): the
+        On PostgreSQL it also asks for the admission function (migration ``0011``): the
         cast fails when it is missing.
         """
         select = f"SELECT (SELECT scope FROM {self.scopes} WHERE 1 = 0)"

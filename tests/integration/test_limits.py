@@ -442,7 +442,7 @@ def _contend(
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_admissions_on_postgresql_never_exceed_the_cap(postgres):
-    # The one-call admission (migration 0010) counts after it holds the scopes' locks: in
+    # The one-call admission (migration 0011) counts after it holds the scopes' locks: in
     # READ COMMITTED each statement of the function sees the entries the admissions before
     # it committed. Eight processes, two rules in both orders (a shared scope: deadlock-free
     # only if every caller locks in scope order), a cap of 3 on the task's rule.
@@ -493,7 +493,7 @@ def test_a_database_admission_is_one_round_trip_on_postgresql(postgres):
 def test_the_database_store_ping_fails_without_the_admission_function(postgres):
     from django.db import DatabaseError, transaction
 
-    migration = importlib.import_module("celery_guard.migrations.0010_limits_admit_function")
+    migration = importlib.import_module("celery_guard.migrations.0011_limits_admit_function")
     limits = dbstore.DatabaseStore()
     limits.ping()
     with pytest.raises(DatabaseError, match="celery_guard_limits_admit"), transaction.atomic():

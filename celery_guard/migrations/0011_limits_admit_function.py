@@ -116,7 +116,7 @@ def drop_function(apps: Any, schema_editor: Any) -> None:
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("celery_guard", "0009_limits_database"),
+        ("celery_guard", "0010_taskpolicy_priority"),
     ]
 
     operations = [
