@@ -14,12 +14,14 @@
   ``4 n`` items given as a generator; flat means a ratio near 1 (items are read, written and
   published in chunks).
 * ``drain``: ``n`` 10 ms tasks drained by one prefork worker (2 processes), as a plain Celery
-  ``group`` of a plain task, a ``group`` of the same body as a guarded task, and a bulk run
-  of that guarded task (until the run is final); the ratios are run / group (rates, higher is
-  better). The issue's target: a run costs at most 10% more than the same guarded tasks.
-  Each item of a run has an idempotency key (the group's calls have none): ``run_redis`` is
-  the run again with the keys on the Redis ledger instead of the database one, which tells
-  the run's own bookkeeping from its keys' ledger writes.
+  ``group`` of a plain task, a ``group`` of the same body as a guarded task, a ``group`` of
+  that guarded task with one idempotency key per call (``keyed_group``, on the database
+  ledger), and a bulk run of that guarded task (until the run is final); the ratios are run /
+  group (rates, higher is better). Each item of a run has an idempotency key (a run needs
+  one: the sweep settles an item from its key's ledger record), so the keyed group is the
+  same tasks without a run, and the issue's target (a run costs at most 10% more) is checked
+  against it. ``run_redis`` and ``keyed_group_redis`` are the run and the keyed group again
+  with the keys on the Redis ledger instead of the database one.
 
 * ``bookkeeping``: a worker's writes of an item (``start_item`` then ``finish_item``), timed
   in this process over the items of a run, on the one-statement path (PostgreSQL) and on the
@@ -210,7 +212,9 @@ def measure_bookkeeping(app: Any, n: int) -> dict[str, Any]:
 
 
 def measure_drain(app: Any, n: int, reps: int) -> dict[str, Any]:
-    """Drain ``n`` 10 ms tasks as a plain group, a guarded group and a run, ``reps`` times."""
+    """Drain ``n`` 10 ms tasks as groups (plain, guarded, keyed) and as a run, ``reps`` times."""
+    import uuid
+
     from celery import group
 
     from bench.benchapp.bodies import _redis
@@ -228,7 +232,9 @@ def measure_drain(app: Any, n: int, reps: int) -> dict[str, Any]:
     rates: dict[str, list[float]] = {
         "plain_group": [],
         "guarded_group": [],
+        "keyed_group": [],
         "run": [],
+        "keyed_group_redis": [],
         "run_redis": [],
     }
     publish_s: dict[str, list[float]] = {kind: [] for kind in rates}
@@ -250,6 +256,21 @@ def measure_drain(app: Any, n: int, reps: int) -> dict[str, Any]:
                 lambda: BulkRun.objects.filter(pk=run.pk, finished_at__isnull=False).exists(),
                 timeout,
             )
+        elif kind in ("keyed_group", "keyed_group_redis"):
+            # The run's tasks without the run: one new key per call, as each item has.
+            tag = uuid.uuid4().hex[:12]
+            keyed = guarded if kind == "keyed_group" else guarded_redis
+            calls = group(
+                keyed.s(counter=counter, ident=i).set(guard={"idempotency_key": f"{tag}:{i}"})
+                for i in range(n)
+            )
+            if kind == "keyed_group":
+                calls.apply_async()
+            else:
+                with idempotency.publishing_with(idempotency.redis_ledger):
+                    calls.apply_async()
+            publish_s[kind].append(time.perf_counter() - started)
+            _wait(drained, timeout)
         else:
             task = plain if kind == "plain_group" else guarded
             group(task.s(counter=counter, ident=i) for i in range(n)).apply_async()
@@ -283,7 +304,11 @@ def measure_drain(app: Any, n: int, reps: int) -> dict[str, Any]:
         },
         "run_vs_guarded_group": stats.ratio(median["run"], median["guarded_group"]),
         "run_vs_plain_group": stats.ratio(median["run"], median["plain_group"]),
+        "run_vs_keyed_group": stats.ratio(median["run"], median["keyed_group"]),
         "run_redis_vs_guarded_group": stats.ratio(median["run_redis"], median["guarded_group"]),
+        "run_redis_vs_keyed_group_redis": stats.ratio(
+            median["run_redis"], median["keyed_group_redis"]
+        ),
     }
 
 
@@ -402,8 +427,23 @@ def table(runs: dict[str, Any]) -> str:
             f"{pub['plain_group']:.2f} | {drain['run_vs_plain_group'] or 0:.2f} |",
             f"| guarded task, `group` | {per_s['guarded_group']['median']:,.0f} | "
             f"{pub['guarded_group']:.2f} | {drain['run_vs_guarded_group'] or 0:.2f} |",
-            f"| guarded task, bulk run | {per_s['run']['median']:,.0f} | {pub['run']:.2f} | 1.00 |",
         ]
+        if "keyed_group" in per_s:
+            lines.append(
+                "| guarded task, `group`, a key per call (the same tasks without a run: "
+                f"the target) | {per_s['keyed_group']['median']:,.0f} | "
+                f"{pub['keyed_group']:.2f} | **{drain.get('run_vs_keyed_group') or 0:.2f}** |"
+            )
+        lines.append(
+            f"| guarded task, bulk run | {per_s['run']['median']:,.0f} | {pub['run']:.2f} | 1.00 |"
+        )
+        if "keyed_group_redis" in per_s:
+            lines.append(
+                f"| the keyed `group`, its keys on the Redis ledger | "
+                f"{per_s['keyed_group_redis']['median']:,.0f} | {pub['keyed_group_redis']:.2f} | "
+                f"(the run on Redis / this: "
+                f"{drain.get('run_redis_vs_keyed_group_redis') or 0:.2f}) |"
+            )
         if "run_redis" in per_s:
             lines.append(
                 f"| the bulk run, its keys on the Redis ledger | "

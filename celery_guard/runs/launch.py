@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: Items validated and written per ``bulk_create``, and published per chunk.
 CHUNK = 1000
+#: Items of the first chunk published: the workers start on them while the keys of the next
+#: (full) chunks are claimed, instead of idling until 1,000 keys are.
+FIRST_PUBLISH_CHUNK = 50
 
 
 def _per_call(task: Any, run: BulkRun, seq: int) -> dict[str, Any]:
@@ -155,18 +158,20 @@ def publish_items(run: BulkRun) -> int:
     unpublished = BulkRunItem.objects.filter(
         run_id=run.pk, published=False, status=ItemStatus.PENDING
     ).order_by("seq")
+    size = min(FIRST_PUBLISH_CHUNK, CHUNK)
     try:
         with app.producer_or_acquire() as producer:
             while True:
                 chunk = list(
                     unpublished.filter(seq__gt=last).values_list("pk", "seq", "kwargs", "task_id")[
-                        :CHUNK
+                        :size
                     ]
                 )
                 if not chunk:
                     break
                 sent += _publish_chunk(task, run, chunk, producer)
                 last = chunk[-1][1]
+                size = CHUNK
     except Exception:
         logger.exception(
             "celery_guard: publishing the items of run %s failed after %d message(s); the "

@@ -54,6 +54,28 @@ def test_items_are_published_once_each_in_chunks(redis_url, queues, monkeypatch)
     assert len(keys) == 250
 
 
+def test_a_small_first_chunk_goes_out_before_the_full_chunks_keys_are_claimed(
+    redis_url, queues, monkeypatch
+):
+    monkeypatch.setattr(launch, "CHUNK", 100)
+    monkeypatch.setattr(launch, "FIRST_PUBLISH_CHUNK", 10)
+    claimed, queued_before = [], []
+    real_claim = DatabaseLedger.claim_many
+
+    def claim_many(self, claims, **kwargs):
+        claimed.append(len(claims))
+        queued_before.append(queue_length(redis_url, queues["high"]))
+        return real_claim(self, claims, **kwargs)
+
+    monkeypatch.setattr(DatabaseLedger, "claim_many", claim_many)
+    run = start_run(run_item, ({"n": n} for n in range(250)), name="first")
+    assert claimed == [10, 100, 100, 40]
+    # The second chunk's keys are claimed once the first chunk's messages are out.
+    assert queued_before == [0, 10, 110, 210]
+    assert queue_length(redis_url, queues["high"]) == 250
+    assert BulkRunItem.objects.filter(run=run, published=True).count() == 250
+
+
 def test_keys_are_claimed_per_chunk_and_held_keys_skip_or_fail_their_items(
     redis_url, queues, monkeypatch
 ):

@@ -429,11 +429,9 @@ def test_report_shows_bulk_run_start_drain_and_memory():
     )
 
 
-def test_report_shows_the_bookkeeping_per_item_and_the_run_on_the_redis_ledger():
-    summary = {"median": 100.0, "min": 90.0, "max": 110.0, "runs": 3}
-    results = copy.deepcopy(RESULTS)
-    kinds = ("plain_group", "guarded_group", "run", "run_redis")
-    results["runs"] = {
+def _small_runs() -> dict:
+    """The start, claims and memory figures of a small bulk-runs section."""
+    return {
         "engine": "postgresql",
         "claims": {
             "n": 10,
@@ -447,6 +445,15 @@ def test_report_shows_the_bookkeeping_per_item_and_the_run_on_the_redis_ledger()
             "plain_apply_async": {"seconds": 1.0, "items_per_s": 10.0},
         },
         "memory": {"peak_bytes": {"10": 2**20, "40": 2**20}, "ratio_4n_to_n": 1.0},
+    }
+
+
+def test_report_shows_the_bookkeeping_per_item_and_the_run_on_the_redis_ledger():
+    summary = {"median": 100.0, "min": 90.0, "max": 110.0, "runs": 3}
+    results = copy.deepcopy(RESULTS)
+    kinds = ("plain_group", "guarded_group", "run", "run_redis")
+    results["runs"] = {
+        **_small_runs(),
         "bookkeeping": {
             "n": 1000,
             "ms_per_item": {"one_statement": 1.5, "portable": 9.25},
@@ -538,3 +545,43 @@ def test_report_compares_the_limits_with_the_same_task_without_them():
     own = lines[lines.index("### limits (database) vs plain Celery") :]
     vs_plain = next(line for line in own if line.startswith("| drain, 10 ms task (tasks/s) |"))
     assert vs_plain.endswith("| 0.90x |  |")  # no target against plain Celery
+
+
+def test_report_checks_the_run_against_the_keyed_group_and_keeps_the_other_rows():
+    summary = {"median": 100.0, "min": 90.0, "max": 110.0, "runs": 3}
+    keyed = {"median": 110.0, "min": 100.0, "max": 120.0, "runs": 3}
+    results = copy.deepcopy(RESULTS)
+    kinds = ("plain_group", "guarded_group", "run", "run_redis")
+    results["runs"] = {
+        **_small_runs(),
+        "drain": {
+            "n": 300,
+            "reps": 3,
+            "per_s": {
+                **dict.fromkeys(kinds, summary),
+                "keyed_group": keyed,
+                "keyed_group_redis": keyed,
+            },
+            "publish_s": {kind: {"median": 0.5} for kind in (*kinds, "keyed_group")},
+            "run_vs_guarded_group": 0.5,
+            "run_vs_plain_group": 0.5,
+            "run_vs_keyed_group": 0.91,
+            "run_redis_vs_guarded_group": 0.8,
+            "run_redis_vs_keyed_group_redis": 0.93,
+        },
+    }
+    lines = report.render(results).splitlines()
+    assert (
+        "| guarded task, `group`, a key per call (the same tasks without a run: the target) "
+        "| 110 | 0.50 | **0.91** |" in lines
+    )
+    assert (
+        "| the keyed `group`, its keys on the Redis ledger | 110 | 0.00 | "
+        "(the run on Redis / this: 0.93) |" in lines
+    )
+    assert "| guarded task, `group` | 100 | 0.50 | 0.50 |" in lines
+    assert "| guarded task, bulk run | 100 | 0.50 | 1.00 |" in lines
+    assert (
+        "| the bulk run, its keys on the Redis ledger | 100 | 0.50 | (vs the guarded group: 0.80) |"
+        in lines
+    )
