@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.db import connections, router, transaction
-from django.db.models import Case, F, Q, Value, When
-from django.db.models.sql import UpdateQuery
+from django.db.models import Q
 from django.utils import timezone
 
 from celery_guard.core import inserts
@@ -61,6 +60,96 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, KeyState) else value
 
 
+#: The text of the worker-side statements, by database vendor and statement (see
+#: :func:`_statement`).
+_STATEMENTS: dict[tuple[str, str], str] = {}
+
+_RUNNING = KeyState.RUNNING.value
+_PENDING = KeyState.PENDING.value
+_SUCCEEDED = KeyState.SUCCEEDED.value
+#: States a start takes over whatever their lease and window (see :meth:`DatabaseLedger.start`).
+_TAKEABLE = (KeyState.PENDING.value, KeyState.FAILED.value, KeyState.RELEASED.value)
+
+
+def _statement(connection: Any, name: str, build: Callable[[Callable[[str], str]], str]) -> str:
+    """The SQL of statement ``name`` on ``connection``'s vendor, written once per process.
+
+    ``build`` gets a function from a field name of the record to its quoted column (``"table"``
+    gives the quoted table). Every delivery of a keyed task starts and finishes its key: the
+    ORM would build, resolve and compile the same ``UPDATE`` each time, several times the
+    client time of the round trip itself (issue 12). Only the parameters change.
+    """
+    key = (connection.vendor, name)
+    sql = _STATEMENTS.get(key)
+    if sql is None:
+        from celery_guard.idempotency.models import IdempotencyRecord
+
+        meta = IdempotencyRecord._meta
+        quote = connection.ops.quote_name
+        columns = {f.name: str(f.column) for f in meta.concrete_fields}
+        columns["table"] = str(meta.db_table)
+
+        def column(field: str) -> str:
+            return str(quote(columns[field]))
+
+        sql = _STATEMENTS[key] = build(column)
+    return sql
+
+
+def _start_sql(reclaim: bool) -> Callable[[Callable[[str], str]], str]:
+    """The conditional ``UPDATE ... RETURNING`` of :meth:`DatabaseLedger.start`."""
+
+    def build(c: Callable[[str], str]) -> str:
+        takeable = (
+            f"{c('state')} IN (%s, %s, %s)"
+            f" OR ({c('state')} = %s AND {c('lease_expires_at')} <= %s)"
+            f" OR ({c('state')} = %s AND {c('expires_at')} <= %s)"
+        )
+        if reclaim:
+            takeable += f" OR ({c('state')} = %s AND {c('task_id')} = %s)"
+        return (
+            f"UPDATE {c('table')} SET {c('state')} = %s, {c('task_id')} = %s, "
+            f"{c('fingerprint')} = %s, {c('owner')} = %s, {c('lease_expires_at')} = %s, "
+            f"{c('start_by')} = NULL, {c('fencing_token')} = {c('fencing_token')} + 1, "
+            f"{c('updated_at')} = %s, "
+            # A key past its window starts a new one; otherwise the window stands.
+            f"{c('expires_at')} = CASE WHEN {c('expires_at')} <= %s THEN %s "
+            f"ELSE {c('expires_at')} END "
+            f"WHERE {c('key')} = %s AND ({takeable}) RETURNING {c('fencing_token')}"
+        )
+
+    return build
+
+
+_START_SQL = {False: _start_sql(False), True: _start_sql(True)}
+
+
+def _transition_sql(held: int) -> Callable[[Callable[[str], str]], str]:
+    """The conditional ``UPDATE`` of a held run's end (``held``: how many states hold it)."""
+
+    def build(c: Callable[[str], str]) -> str:
+        states = ", ".join(["%s"] * held)
+        return (
+            f"UPDATE {c('table')} SET {c('state')} = %s, {c('updated_at')} = %s "
+            f"WHERE {c('key')} = %s AND {c('owner')} = %s AND {c('fencing_token')} = %s "
+            f"AND {c('state')} IN ({states})"
+        )
+
+    return build
+
+
+_TRANSITION_SQL = {n: (f"transition-{n}", _transition_sql(n)) for n in (1, 2)}
+
+
+def _renew_sql(c: Callable[[str], str]) -> str:
+    """The conditional ``UPDATE`` of :meth:`DatabaseLedger.renew`."""
+    return (
+        f"UPDATE {c('table')} SET {c('lease_expires_at')} = %s, {c('updated_at')} = %s "
+        f"WHERE {c('key')} = %s AND {c('owner')} = %s AND {c('fencing_token')} = %s "
+        f"AND {c('state')} = %s AND {c('lease_expires_at')} > %s"
+    )
+
+
 class DatabaseLedger(Ledger):
     """Ledger in the Django database (:class:`celery_guard.models.IdempotencyRecord`).
 
@@ -105,25 +194,26 @@ class DatabaseLedger(Ledger):
     def _rows(self) -> Any:
         return self._model().objects.using(self.using())
 
-    def _update_returning(self, rows: Any, returning: str, **values: Any) -> Any:
-        """``rows.update(**values)`` that returns ``returning`` of the row it changed, or None.
+    def _execute(
+        self, name: str, build: Callable[[Callable[[str], str]], str], params: Sequence[Any]
+    ) -> tuple[int, Any]:
+        """Run statement ``name`` (see :func:`_statement`) with ``params``, in one round trip.
 
-        ``UPDATE ... RETURNING`` (PostgreSQL, SQLite >= 3.35, as :mod:`celery_guard.core.inserts`
-        needs too): one statement where an update and a read of what it wrote take two, and
-        the value read is the one this update wrote. For a filter that matches one row at most.
+        Datetimes are adapted as the ORM adapts them; like ``QuerySet.update()``, an error
+        inside an atomic block marks it for rollback.
+
+        Returns:
+            The rows changed, and the first column of the first row returned (or None).
         """
-        query = rows.query.chain(UpdateQuery)
-        query.add_update_values(values)
-        connection = connections[rows.db]
-        sql, params = query.get_compiler(rows.db).as_sql()
-        if not sql:
-            return None
-        column = self._model()._meta.get_field(returning).column
-        returning_sql = f"{sql} RETURNING {connection.ops.quote_name(column)}"
-        with transaction.mark_for_rollback_on_error(using=rows.db), connection.cursor() as cursor:
-            cursor.execute(returning_sql, params)
-            row = cursor.fetchone()
-        return None if row is None else row[0]
+        alias = self.using()
+        connection = connections[alias]
+        sql = _statement(connection, name, build)
+        adapt = connection.ops.adapt_datetimefield_value
+        values = [adapt(v) if isinstance(v, dt.datetime) else v for v in params]
+        with transaction.mark_for_rollback_on_error(using=alias), connection.cursor() as cursor:
+            cursor.execute(sql, values)
+            row = cursor.fetchone() if cursor.description else None
+            return cursor.rowcount, None if row is None else row[0]
 
     def claim(
         self,
@@ -279,31 +369,29 @@ class DatabaseLedger(Ledger):
             now = timezone.now()
             lease_until = now + dt.timedelta(seconds=lease)
             new_window = now + dt.timedelta(seconds=window)
-            takeable = (
-                Q(state__in=[KeyState.PENDING, KeyState.FAILED, KeyState.RELEASED])
-                | Q(state=KeyState.RUNNING, lease_expires_at__lte=now)
-                | Q(state=KeyState.SUCCEEDED, expires_at__lte=now)
-            )
-            if reclaim:
-                takeable |= Q(state=KeyState.RUNNING, task_id=task_id)
             # One statement, one commit: the UPDATE returns the new fencing token itself.
-            token = self._update_returning(
-                self._rows().filter(takeable, key=key),
-                "fencing_token",
-                state=KeyState.RUNNING,
-                task_id=task_id,
-                fingerprint=fingerprint,
-                owner=owner,
-                lease_expires_at=lease_until,
-                start_by=None,
-                fencing_token=F("fencing_token") + 1,
-                updated_at=now,
-                # A key past its window starts a new one; otherwise the window stands.
-                expires_at=Case(
-                    When(expires_at__lte=now, then=Value(new_window)),
-                    default=F("expires_at"),
-                ),
-            )
+            # Takeable: pending, failed or released; running past its lease; succeeded past
+            # its window; with ``reclaim``, running under this very task id.
+            params: list[Any] = [
+                _RUNNING,
+                task_id,
+                fingerprint,
+                owner,
+                lease_until,
+                now,
+                now,
+                new_window,
+                key,
+                *_TAKEABLE,
+                _RUNNING,
+                now,
+                _SUCCEEDED,
+                now,
+            ]
+            if reclaim:
+                params += [_RUNNING, task_id]
+            name = "start-reclaim" if reclaim else "start"
+            _, token = self._execute(name, _START_SQL[reclaim], params)
             if token is not None:
                 return Start("run", int(token), task_id=task_id)
             if self._insert(
@@ -341,8 +429,9 @@ class DatabaseLedger(Ledger):
         held = (
             [KeyState.RUNNING, KeyState.PENDING] if state == KeyState.FAILED else [KeyState.RUNNING]
         )
-        rows = self._rows().filter(key=key, owner=owner, fencing_token=token, state__in=held)
-        return bool(rows.update(state=state, updated_at=timezone.now()))
+        params = [_plain(state), timezone.now(), key, owner, token, *map(_plain, held)]
+        changed, _ = self._execute(*_TRANSITION_SQL[len(held)], params)
+        return bool(changed)
 
     def finish(self, key: str, *, owner: str, token: int, state: str) -> bool:
         """See :meth:`Ledger.finish`."""
@@ -357,15 +446,10 @@ class DatabaseLedger(Ledger):
     def renew(self, key: str, *, owner: str, token: int, lease: float) -> bool:
         """See :meth:`Ledger.renew`."""
         now = timezone.now()
-        rows = self._rows().filter(
-            key=key,
-            owner=owner,
-            fencing_token=token,
-            state=KeyState.RUNNING,
-            lease_expires_at__gt=now,
-        )
         until = now + dt.timedelta(seconds=lease)
-        return bool(rows.update(lease_expires_at=until, updated_at=now))
+        params = [until, now, key, owner, token, _RUNNING, now]
+        changed, _ = self._execute("renew", _renew_sql, params)
+        return bool(changed)
 
     def release(
         self, key: str, task_id: str | None = None, *, keep_succeeded: bool = False
