@@ -373,6 +373,40 @@ def test_a_start_and_a_new_claim_are_one_statement_each():
     ) == ledger.Claim("duplicate", "id-1", "f")
 
 
+def test_a_keyed_run_costs_two_statements_and_a_duplicate_decision_three():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    store = ledger.DatabaseLedger()
+    claim(store, key="order-two", task_id="id-1")
+    assert store.confirm("order-two", "id-1", 30)
+    with CaptureQueriesContext(connection) as run:
+        started = start(store, "w", key="order-two", task_id="id-1")
+        assert store.finish("order-two", owner="w", token=started.fencing_token, state="succeeded")
+    # The worker side of a keyed delivery: the start and the end, one round trip (and one
+    # commit) each.
+    assert [q["sql"].split()[0].upper() for q in run.captured_queries] == ["UPDATE", "UPDATE"]
+    with CaptureQueriesContext(connection) as duplicate:
+        decided = claim(store, key="order-two", task_id="id-2")
+    assert decided == ledger.Claim("duplicate", "id-1", FP)
+    assert [q["sql"].split()[0].upper() for q in duplicate.captured_queries] == [
+        "INSERT",
+        "UPDATE",
+        "SELECT",
+    ]
+    # A redelivery of the key that succeeded reads the record it could not take: a skip.
+    skip = start(store, "v", key="order-two", task_id="id-1")
+    assert (skip.outcome, skip.fencing_token, skip.task_id) == ("skip", 1, "id-1")
+    holder = start(store, "w", key="order-busy", task_id="id-3", lease=30)
+    busy = start(store, "v", key="order-busy", task_id="id-4")
+    assert (busy.outcome, busy.fencing_token, busy.task_id) == (
+        "busy",
+        holder.fencing_token,
+        "id-3",
+    )
+    assert 0 < busy.retry_in <= 30
+
+
 @pytest.mark.parametrize("idem_backend", ["redis"], indirect=True)
 def test_an_unawaited_confirm_is_applied_before_the_next_command(idem_store, monkeypatch):
     claim(idem_store)

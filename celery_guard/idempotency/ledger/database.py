@@ -141,6 +141,101 @@ def _transition_sql(held: int) -> Callable[[Callable[[str], str]], str]:
 _TRANSITION_SQL = {n: (f"transition-{n}", _transition_sql(n)) for n in (1, 2)}
 
 
+def _confirm_sql(c: Callable[[str], str]) -> str:
+    """The conditional ``UPDATE`` of :meth:`DatabaseLedger.confirm` (see :func:`_unconfirmed`)."""
+    return (
+        f"UPDATE {c('table')} SET {c('lease_expires_at')} = NULL, {c('start_by')} = %s, "
+        f"{c('updated_at')} = %s WHERE {c('key')} = %s AND {c('task_id')} = %s "
+        f"AND {c('state')} = %s AND {c('owner')} = '' AND {c('lease_expires_at')} IS NOT NULL"
+    )
+
+
+#: The fields a claim writes, in the order of :func:`_claim_sql`'s parameters.
+_CLAIMED = (
+    "state",
+    "task_name",
+    "task_id",
+    "fingerprint",
+    "owner",
+    "lease_expires_at",
+    "start_by",
+    "created_at",
+    "updated_at",
+    "expires_at",
+)
+
+
+class _Quoted:
+    """``{c[field]}`` in a format string: the quoted column of ``field``."""
+
+    def __init__(self, column: Callable[[str], str]) -> None:
+        self.column = column
+
+    def __getitem__(self, field: str) -> str:
+        return self.column(field)
+
+
+def _claim_sql(where: str) -> Callable[[Callable[[str], str]], str]:
+    """A claim's ``UPDATE`` of an existing record, whose ``WHERE`` ``where`` writes."""
+
+    def build(c: Callable[[str], str]) -> str:
+        assignments = ", ".join(f"{c(name)} = %s" for name in _CLAIMED)
+        return f"UPDATE {c('table')} SET {assignments} WHERE {where.format(c=_Quoted(c))}"
+
+    return build
+
+
+#: A record free for a new claim: released, or past its window and not a live run.
+_CLAIM_FREE = (
+    "{c[key]} = %s AND ({c[state]} = %s OR ({c[expires_at]} <= %s AND NOT ("
+    "{c[lease_expires_at]} > %s AND {c[lease_expires_at]} IS NOT NULL AND {c[state]} = %s)))"
+)
+#: The abandoned claim of a given task id: unconfirmed past its publish grace...
+_CLAIM_UNCONFIRMED = (
+    "{c[key]} = %s AND {c[task_id]} = %s AND {c[state]} = %s AND {c[owner]} = '' "
+    "AND {c[lease_expires_at]} <= %s"
+)
+#: ... or confirmed but never started by its start-by time.
+_CLAIM_NEVER_STARTED = (
+    "{c[key]} = %s AND {c[task_id]} = %s AND {c[state]} = %s AND {c[owner]} = '' "
+    "AND {c[lease_expires_at]} IS NULL AND {c[start_by]} <= %s"
+)
+_CLAIM_SQL = {
+    "free": _claim_sql(_CLAIM_FREE),
+    "unconfirmed": _claim_sql(_CLAIM_UNCONFIRMED),
+    "never started": _claim_sql(_CLAIM_NEVER_STARTED),
+}
+
+
+def _row_sql(columns: tuple[str, ...]) -> Callable[[Callable[[str], str]], str]:
+    """The read of ``columns`` of one record by key."""
+
+    def build(c: Callable[[str], str]) -> str:
+        return (
+            f"SELECT {', '.join(c(name) for name in columns)} FROM {c('table')} "
+            f"WHERE {c('key')} = %s"
+        )
+
+    return build
+
+
+#: The datetime fields a read may return.
+_DATETIMES = frozenset({"lease_expires_at", "start_by", "expires_at", "created_at", "updated_at"})
+#: What a claim reads of a record it could not take, and what a start reads.
+_CLAIM_ROW: tuple[str, ...] = (
+    "task_id",
+    "fingerprint",
+    "state",
+    "owner",
+    "lease_expires_at",
+    "start_by",
+)
+_START_ROW: tuple[str, ...] = ("state", "fencing_token", "lease_expires_at", "task_id")
+_ROW_SQL: dict[tuple[str, ...], Callable[[Callable[[str], str]], str]] = {
+    columns: _row_sql(columns) for columns in (_CLAIM_ROW, _START_ROW)
+}
+
+
 def _renew_sql(c: Callable[[str], str]) -> str:
     """The conditional ``UPDATE`` of :meth:`DatabaseLedger.renew`."""
     return (
@@ -215,6 +310,32 @@ class DatabaseLedger(Ledger):
             row = cursor.fetchone() if cursor.description else None
             return cursor.rowcount, None if row is None else row[0]
 
+    def _row(self, key: str, columns: tuple[str, ...]) -> dict[str, Any] | None:
+        """``columns`` of the record of ``key``, as the ORM reads them, or None: one ``SELECT``."""
+        alias = self.using()
+        connection = connections[alias]
+        sql = _statement(connection, "row-" + "-".join(columns), _ROW_SQL[columns])
+        with transaction.mark_for_rollback_on_error(using=alias), connection.cursor() as cursor:
+            cursor.execute(sql, [key])
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        found = dict(zip(columns, row, strict=True))
+        # PostgreSQL returns aware datetimes; SQLite returns text the ORM would convert.
+        convert = getattr(connection.ops, "convert_datetimefield_value", None)
+        if convert is not None:
+            for name in columns:
+                if name in _DATETIMES:
+                    found[name] = convert(found[name], None, connection)
+        return found
+
+    def _claim_update(self, where: str, fields: dict[str, Any], params: list[Any]) -> bool:
+        """Write claim ``fields`` over the record that ``_CLAIM_SQL[where]`` with ``params``
+        matches; True when it did."""
+        values = [_plain(fields[name]) for name in _CLAIMED] + params
+        changed, _ = self._execute("claim-" + where, _CLAIM_SQL[where], values)
+        return bool(changed)
+
     def claim(
         self,
         key: str,
@@ -243,16 +364,11 @@ class DatabaseLedger(Ledger):
             }
             if self._insert(key=key, **fields):
                 return Claim("claimed", task_id, fingerprint)
-            live_run = Q(state=KeyState.RUNNING, lease_expires_at__gt=now)
-            free = Q(state=KeyState.RELEASED) | (Q(expires_at__lte=now) & ~live_run)
-            if self._rows().filter(free, key=key).update(**fields):
+            # Free: released, or past its window and not a live run.
+            free = [key, KeyState.RELEASED.value, now, now, _RUNNING]
+            if self._claim_update("free", fields, free):
                 return Claim("claimed", task_id, fingerprint)
-            row = (
-                self._rows()
-                .filter(key=key)
-                .values("task_id", "fingerprint", "state", "owner", "lease_expires_at", "start_by")
-                .first()
-            )
+            row = self._row(key, _CLAIM_ROW)
             if row is None:  # purged between the two statements: try again
                 continue
             if row["task_id"] == task_id:
@@ -260,15 +376,8 @@ class DatabaseLedger(Ledger):
             why = _abandoned(row, now)
             if why:
                 # Compare-and-set on the dead claim's task id: one racing producer wins.
-                past = (
-                    Q(lease_expires_at__lte=now)
-                    if why == "unconfirmed"
-                    else Q(lease_expires_at__isnull=True, start_by__lte=now)
-                )
-                dead = self._rows().filter(
-                    past, key=key, task_id=row["task_id"], state=KeyState.PENDING, owner=""
-                )
-                if dead.update(**fields):
+                dead = [key, row["task_id"], _PENDING, now]
+                if self._claim_update(why, fields, dead):
                     never_started = why == "never started"
                     return Claim("claimed", task_id, fingerprint, row["task_id"], never_started)
                 continue  # confirmed, started or taken over meanwhile: decide again
@@ -320,8 +429,9 @@ class DatabaseLedger(Ledger):
         """See :meth:`Ledger.confirm` (always waits: one conditional ``UPDATE``)."""
         now = timezone.now()
         start_by = now + dt.timedelta(seconds=start_bound(start_within))
-        rows = self._rows().filter(_unconfirmed(), key=key, task_id=task_id)
-        return bool(rows.update(lease_expires_at=None, start_by=start_by, updated_at=now))
+        params = [start_by, now, key, task_id, _PENDING]
+        changed, _ = self._execute("confirm", _confirm_sql, params)
+        return bool(changed)
 
     def confirm_many(
         self, published: Sequence[tuple[str, str]], start_within: float | None = None
@@ -408,12 +518,7 @@ class DatabaseLedger(Ledger):
                 expires_at=new_window,
             ):
                 return Start("run", 1, task_id=task_id)
-            row = (
-                self._rows()
-                .filter(key=key)
-                .values("state", "fencing_token", "lease_expires_at", "task_id")
-                .first()
-            )
+            row = self._row(key, _START_ROW)
             if row is None:
                 continue
             if row["state"] == KeyState.SUCCEEDED:
