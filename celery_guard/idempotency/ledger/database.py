@@ -60,7 +60,7 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, KeyState) else value
 
 
-#: The text of the worker-side statements, by database vendor and statement (see
+#: The text of the ledger's per-call statements, by database vendor and statement (see
 #: :func:`_statement`).
 _STATEMENTS: dict[tuple[str, str], str] = {}
 
@@ -75,9 +75,10 @@ def _statement(connection: Any, name: str, build: Callable[[Callable[[str], str]
     """The SQL of statement ``name`` on ``connection``'s vendor, written once per process.
 
     ``build`` gets a function from a field name of the record to its quoted column (``"table"``
-    gives the quoted table). Every delivery of a keyed task starts and finishes its key: the
-    ORM would build, resolve and compile the same ``UPDATE`` each time, several times the
-    client time of the round trip itself (issue 12). Only the parameters change.
+    gives the quoted table). Every delivery of a keyed task starts and finishes its key, and
+    every keyed enqueue claims and confirms one: the ORM would build, resolve and compile the
+    same statements each time, several times the client time of the round trip itself
+    (issue 12). Only the parameters change.
     """
     key = (connection.vendor, name)
     sql = _STATEMENTS.get(key)
