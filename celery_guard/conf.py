@@ -123,12 +123,28 @@ def _forget(**kwargs: Any) -> None:
     _cache.clear()
 
 
+def forget() -> None:
+    """Empty the settings cache and :func:`memo`'s values now.
+
+    For code that changes the Celery app's configuration at run time (a test's fixture):
+    values derived from it are otherwise kept until the Django settings change.
+    """
+    _cache.clear()
+
+
 setting_changed.connect(_forget, dispatch_uid="celery_guard.conf.forget")
+
+
+#: The lazy settings' own ``__dict__``, where Django keeps the settings object it wraps
+#: (``_wrapped``). Django clears this dict when the object is swapped but never replaces it,
+#: so one reference serves for the process; reading it skips ``LazyObject.__getattribute__``
+#: (a Python call) on every setting read of the hot path.
+_lazy_state: dict[str, Any] = object.__getattribute__(django_settings, "__dict__")
 
 
 def _cached(key: Any) -> Any:
     """The cached value of ``key``, or ``_MISSING`` (the cache follows the settings object)."""
-    wrapped = getattr(django_settings, "_wrapped", None)
+    wrapped = _lazy_state.get("_wrapped")
     if wrapped is not _cached_for[0]:
         _cache.clear()
         _cached_for[0] = wrapped

@@ -24,6 +24,21 @@ from celery_guard.steps import GUARD
 logger = logging.getLogger(__name__)
 
 
+def _publish_settings() -> tuple[float | None, float | None, int]:
+    """The default soft and hard time limits and the payload limit, read once per settings.
+
+    Three setting reads on every publish cost more than the rest of the time-limit logic.
+    """
+    return conf.memo(
+        "publish_settings",
+        lambda: (
+            guard_settings.soft_time_limit,
+            guard_settings.time_limit,
+            guard_settings.max_payload_bytes,
+        ),
+    )
+
+
 class GuardedTask(DjangoTask):  # type: ignore[misc]
     """Base class of tasks made by :func:`celery_guard.guarded_task`.
 
@@ -93,7 +108,7 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
         if serializer not in (None, "json"):
             raise ValueError(f"{self.name}: guarded tasks publish JSON, not {serializer!r}")
         try:
-            payload.check(args, kwargs, max_bytes=guard_settings.max_payload_bytes)
+            payload.refuse(args, kwargs, max_bytes=_publish_settings()[2])
         except PayloadError as exc:
             logger.warning("celery_guard: refused to publish %s: %s", self.name, exc)
             raise
@@ -129,10 +144,14 @@ class GuardedTask(DjangoTask):  # type: ignore[misc]
         Raises:
             IdempotencyConflict: The key is held by a call with other arguments.
         """
-        for limit in ("soft_time_limit", "time_limit"):
-            if celery_options.get(limit) is None and getattr(self, limit, None) is None:
-                default = getattr(guard_settings, limit)
-                if default is not None:
+        soft, hard, _ = _publish_settings()
+        if soft is not None or hard is not None:
+            for limit, default in (("soft_time_limit", soft), ("time_limit", hard)):
+                if (
+                    default is not None
+                    and celery_options.get(limit) is None
+                    and getattr(self, limit, None) is None
+                ):
                     celery_options[limit] = default
         message_headers = dict(celery_options.pop("headers", None) or {})
         previous = headers.read(message_headers)

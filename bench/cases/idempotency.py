@@ -98,10 +98,12 @@ def sqlite_ledger() -> ledger_module.Ledger:
 
 
 def redis_ledger() -> ledger_module.Ledger:
-    """The Redis ledger on the broker's Redis, under the run's key prefix."""
-    return ledger_module.redis_ledger(
-        ledger_module.redis_url(), guard_settings.idempotency_redis_prefix
-    )
+    """The Redis ledger on the broker's Redis, under the run's key prefix.
+
+    The one ``get_ledger`` returns with ``CELERY_GUARD_IDEMPOTENCY_BACKEND = "redis"``, found
+    the same way (the broker's URL kept per settings), so the bench measures that path.
+    """
+    return ledger_module.settings_redis_ledger()
 
 
 def _clear_database(alias: str) -> Callable[[], None]:

@@ -81,16 +81,21 @@ def stamp(previous: Mapping[str, Any] | None, *, retries: int, **fields: Any) ->
         retries: Celery's retry count for this publish (0 for a first publish).
         **fields: Feature fields to record (``priority``...); ``None`` values are left out.
     """
-    first = previous.get("first_enqueued_at") if previous else None
     now = time.time()
-    header: dict[str, Any] = {
-        **(previous or {}),
-        "v": VERSION,
-        "first_enqueued_at": first if first is not None else now,
-        "attempt": retries + 1,
-        "sent_at": now,
-    }
-    header.update({k: v for k, v in fields.items() if v is not None})
+    if previous:
+        first = previous.get("first_enqueued_at")
+        header: dict[str, Any] = {
+            **previous,
+            "v": VERSION,
+            "first_enqueued_at": first if first is not None else now,
+            "attempt": retries + 1,
+            "sent_at": now,
+        }
+    else:
+        header = {"v": VERSION, "first_enqueued_at": now, "attempt": retries + 1, "sent_at": now}
+    for name, value in fields.items():
+        if value is not None:
+            header[name] = value
     return header
 
 

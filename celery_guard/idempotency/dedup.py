@@ -20,6 +20,7 @@ from celery.exceptions import Retry
 from django.db import transaction
 from django.utils import timezone
 
+from celery_guard import conf
 from celery_guard.conf import guard_settings
 from celery_guard.core import checks as core_checks
 from celery_guard.core import headers
@@ -268,8 +269,9 @@ def publish_once(
     if identity is None:
         return _deduplicated(publish(), False)
     store = ledger.get_ledger()
-    ctx = context(task.request)
-    if task_id == task.request.id and ctx.key == identity.key:
+    request = task.request
+    ctx = context(request)
+    if task_id == request.id and ctx.key == identity.key:
         if ctx.owner is not None and ctx.fencing_token is not None:
             store.yield_lease(identity.key, owner=ctx.owner, token=ctx.fencing_token)
             logger.info("celery_guard: %s gives key %r back for its retry", task_id, ctx.key)
@@ -386,8 +388,14 @@ def start_within(task: Any, delay: float) -> float:
     held comes back only after it; RabbitMQ returns it when the channel closes), plus
     ``CELERY_GUARD_IDEMPOTENCY_START_GRACE`` for the queue wait.
     """
-    visibility = core_checks.redis_visibility_timeout(task.app) or 0.0
-    return delay + visibility + guard_settings.idempotency_start_grace
+    app = task.app
+    # Two Celery configuration lookups cost more than the rest of a confirm: kept per app
+    # with the settings cache (a transport option assigned to app.conf at run time is not
+    # seen, as for the ledger's broker URL).
+    visibility = conf.memo(
+        ("redis_visibility_timeout", app), lambda: core_checks.redis_visibility_timeout(app)
+    )
+    return delay + (visibility or 0.0) + guard_settings.idempotency_start_grace
 
 
 def _confirm(store: ledger.Ledger, task: Any, key: str, task_id: str, within: float) -> None:

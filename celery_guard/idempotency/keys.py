@@ -111,10 +111,14 @@ def namespaced(task_name: str, raw: str) -> str:
     return f"{prefix}:{body}"
 
 
+#: The canonical JSON of a fingerprint; ``json.dumps`` with these options would build an
+#: encoder on every keyed publish and run.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr)
+
+
 def fingerprint(arguments: Mapping[str, Any]) -> str:
     """Return the sha256 of the canonical JSON of a call's bound arguments."""
-    text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=repr)
-    return _sha256(text)
+    return _sha256(_CANONICAL.encode(arguments))
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,8 @@ class Identity:
     def from_header(cls, guard_header: Mapping[str, Any]) -> Identity | None:
         """Read the identity a message carries, or ``None``."""
         entry = guard_header.get(HEADER_FIELD)
-        if not isinstance(entry, Mapping) or not entry.get("key"):
+        # None (no key, every routing-only publish) before the Mapping ABC check.
+        if entry is None or not isinstance(entry, Mapping) or not entry.get("key"):
             return None
         return cls(
             key=str(entry["key"]),
@@ -176,6 +181,7 @@ def identify(
     return Identity(
         key=derive(task.name, spec, arguments),
         fingerprint=fingerprint(arguments),
-        window=_validate_window(window),
+        # Every source of the window validated it (decorator, guard=..., settings).
+        window=window if type(window) is float else _validate_window(window),
         on_conflict=IDEMPOTENCY_CONFLICT.resolve(per_call, task.guard_options),
     )

@@ -82,7 +82,11 @@ class ObservabilityStep(Step):
         result = send()
         if events.listening() and getattr(result, "id", None) == task_id:
             identity = header.get("idempotency")
-            key = identity.get("key") if isinstance(identity, Mapping) else None
+            key = (
+                identity.get("key")
+                if identity is not None and isinstance(identity, Mapping)
+                else None
+            )
             events.emit(
                 "enqueued",
                 task_id=task_id,

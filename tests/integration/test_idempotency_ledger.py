@@ -433,3 +433,22 @@ def test_a_script_the_server_does_not_know_is_loaded_again(idem_store, monkeypat
     assert claim(idem_store).outcome == "claimed"
     assert idem_store._claim.sha != "0" * 40
     assert claim(idem_store, task_id="t2").outcome == "duplicate"
+
+
+@pytest.mark.parametrize("idem_backend", ["redis"], indirect=True)
+def test_enqueue_claims_keep_one_connection_that_recovers_when_the_server_drops_it(idem_store):
+    assert claim(idem_store).outcome == "claimed"
+    conn = idem_store._publisher()
+    assert claim(idem_store, key="t:k2").outcome == "claimed"
+    assert idem_store._publisher() is conn  # kept across claims, not the pool's
+    conn.send_command("CLIENT", "ID")
+    idem_store.client.client_kill_filter(_id=conn.read_response())
+    # The dropped connection fails the claim's round trip; the claim is still decided.
+    assert claim(idem_store, key="t:k3").outcome == "claimed"
+    assert claim(idem_store, key="t:k3", task_id="t2").outcome == "duplicate"
+    assert idem_store.client.ping() is True
+    # A forked child does not share its parent's socket: it opens its own.
+    conn = idem_store._publisher()
+    conn.pid = -1
+    assert idem_store._publisher() is not conn
+    assert claim(idem_store, key="t:k4").outcome == "claimed"

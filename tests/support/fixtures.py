@@ -14,6 +14,7 @@ import pytest
 from celery import current_app
 from django.conf import settings
 
+from celery_guard import conf as guard_conf
 from devprocs.embedded import EmbeddedRedis
 from tests.support.harness import Worker, purge
 
@@ -106,7 +107,9 @@ def celery_conf():
         for key, value in values.items():
             saved.setdefault(key, conf.get(key))
             conf[key] = value
+        guard_conf.forget()  # values the guard derived from the old configuration
 
     yield set_
     for key, value in saved.items():
         conf[key] = value
+    guard_conf.forget()

@@ -184,3 +184,35 @@ def test_the_redis_ledger_follows_the_broker_url_per_settings(celery_conf):
         pytest.raises(ValueError, match="CELERY_GUARD_IDEMPOTENCY_REDIS_URL"),
     ):
         ledger.get_ledger()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((7, "v1"), {}),
+        ((7,), {"event_version": "v1"}),
+        ((), {"note": "n", "employee_id": 7, "event_version": "v1"}),
+        ((7, "v1", "n"), {}),
+        ((7, "v1", "n", "extra"), {}),  # too many
+        ((7,), {"employee_id": 8, "event_version": "v1"}),  # twice
+        ((7, "v1"), {"unknown": 1}),
+        ((7,), {}),  # missing
+    ],
+)
+def test_binding_a_plain_signature_matches_signature_bind(args, kwargs):
+    import inspect
+
+    from celery_guard.core import templates
+
+    task = idem_tasks.idem_notify
+    signature = inspect.signature(task.run)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        with pytest.raises(TypeError, match=str(exc)):
+            templates.bind_arguments(task, args, kwargs)
+        return
+    bound.apply_defaults()
+    arguments = templates.bind_arguments(task, args, kwargs)
+    assert arguments == dict(bound.arguments)
+    assert list(arguments) == list(bound.arguments)  # in the parameters' order

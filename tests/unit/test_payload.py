@@ -6,7 +6,7 @@ import decimal
 import pytest
 
 from celery_guard import PayloadError
-from celery_guard.core.payload import check
+from celery_guard.core.payload import check, refuse
 
 
 def test_plain_json_passes_and_reports_size():
@@ -76,3 +76,55 @@ def test_args_and_kwargs_must_be_containers():
         check("abc", {}, max_bytes=100)
     with pytest.raises(PayloadError, match="kwargs: expected a dict, got list"):
         check((), [1], max_bytes=100)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((), {"user": {"joined": datetime.datetime(2024, 1, 1)}}),
+        ((1, [2, decimal.Decimal("1.5")]), {}),
+        ((), {"when": float("nan")}),
+        ((float("inf"),), {}),
+        ((), {"ids": {1: "a"}}),
+        ((object(),), {}),
+        ("abc", {}),
+        ((), [1]),
+    ],
+)
+def test_refuse_refuses_what_check_refuses_with_the_same_message(args, kwargs):
+    with pytest.raises(PayloadError) as checked:
+        check(args, kwargs, max_bytes=10_000)
+    with pytest.raises(PayloadError) as refused:
+        refuse(args, kwargs, max_bytes=10_000)
+    assert str(refused.value) == str(checked.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        (("x" * 60,), {}),
+        (("é" * 30,), {}),
+        (("\U0001f600" * 10,), {}),  # a surrogate pair per character: 12 bytes each
+        ((2**400,), {}),
+        ((), {"k" * 60: 1}),
+        ((1.5e-308, -2.2250738585072014e-308, True, None), {"a": "b"}),
+    ],
+)
+def test_refuse_admits_exactly_what_fits(args, kwargs):
+    size = check(args, kwargs, max_bytes=10_000)
+    refuse(args, kwargs, max_bytes=size)  # fits exactly: admitted, by bound or by encoding
+    with pytest.raises(PayloadError, match=rf"payload is {size} bytes"):
+        refuse(args, kwargs, max_bytes=size - 1)
+
+
+def test_refuse_admits_small_scalar_calls_without_encoding(monkeypatch):
+    from celery_guard.core import payload
+
+    def no_encoding(*a, **kw):
+        raise AssertionError("encoded")
+
+    monkeypatch.setattr(payload, "check", no_encoding)
+    refuse((1, "a" * 50, None, True, 2.5, -(2**70)), {"k": "v"}, max_bytes=10_000)
+    refuse(None, None, max_bytes=100)
+    with pytest.raises(AssertionError):
+        refuse(([1],), {}, max_bytes=10_000)  # a container: the full check

@@ -19,6 +19,7 @@ __all__ = [
     "Start",
     "get_ledger",
     "redis_url",
+    "settings_redis_ledger",
 ]
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
@@ -74,13 +75,22 @@ def redis_ledger(url: str, prefix: str) -> RedisLedger:
     return RedisLedger(url, prefix)
 
 
+def settings_redis_ledger() -> RedisLedger:
+    """The Redis ledger of the settings: what :func:`get_ledger` returns for ``"redis"``.
+
+    Raises:
+        ValueError: No ``CELERY_GUARD_IDEMPOTENCY_REDIS_URL`` and the broker is not Redis.
+    """
+    return redis_ledger(_ledger_url(), guard_settings.idempotency_redis_prefix)
+
+
 def get_ledger() -> Ledger:
     """Return the ledger ``CELERY_GUARD_IDEMPOTENCY_BACKEND`` selects."""
     backend = guard_settings.idempotency_backend
     if backend == "database":
         return DatabaseLedger()
     if backend == "redis":
-        return redis_ledger(_ledger_url(), guard_settings.idempotency_redis_prefix)
+        return settings_redis_ledger()
     raise ValueError(
         f"CELERY_GUARD_IDEMPOTENCY_BACKEND must be 'database' or 'redis', got {backend!r}"
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +48,9 @@ local function write(abandoned, never_started)
     'updated_at', now, 'expires_at', now + window)
   redis.call('HSETNX', KEYS[1], 'token', 0)
   touch(retention)
+  -- A fresh claim (the hot path) answers 1: the rest the caller knows, and one integer
+  -- costs the client a fraction of parsing five strings.
+  if abandoned == '' and never_started == '' then return 1 end
   return {'claimed', task_id, fp, abandoned, never_started}
 end
 if not state then return write('', '') end
@@ -146,17 +151,37 @@ def _pack(args: Sequence[str | bytes | int | float]) -> bytes:
     The hot path's arguments are known strings and numbers: packing them here costs a
     fraction of redis-py's generic encoder.
     """
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        raw = (
-            arg if isinstance(arg, bytes) else (arg if isinstance(arg, str) else repr(arg)).encode()
-        )
-        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-    return b"".join(parts)
+    return b"*%d\r\n%s" % (len(args), _bulk(args))
+
+
+def _bulk(args: Sequence[str | bytes | int | float]) -> bytes:
+    """``args`` as RESP bulk strings, one after the other (a command without its header)."""
+    raws = [
+        a.encode() if type(a) is str else a if type(a) is bytes else _text(a).encode() for a in args
+    ]
+    return b"".join([b"$%d\r\n%s\r\n" % (len(raw), raw) for raw in raws])
+
+
+def _text(arg: Any) -> str:
+    # What redis-py sends for a number (repr), and for a str subclass its text.
+    return arg if isinstance(arg, str) else repr(arg)
 
 
 _SKIP_REPLY = _pack(("CLIENT", "REPLY", "SKIP"))
 _PROBE = b"celery_guard:reply-skip"
+
+
+def _eval_head(script: str) -> bytes:
+    """``EVAL <script> 1`` in the Redis protocol, without the array header: packed once.
+
+    A quiet confirm sends the whole script on every publish (see :meth:`RedisLedger.confirm`);
+    encoding and framing its text once saves most of the packing.
+    """
+    return _pack(("EVAL", script, 1))[len(b"*3\r\n") :]
+
+
+#: The confirm script's ``EVAL`` head, for :meth:`RedisLedger._send_quietly`.
+_CONFIRM_EVAL = _eval_head(_LUA_CONFIRM)
 
 
 def _connection(pool: Any) -> Any:
@@ -194,6 +219,10 @@ class RedisLedger(Ledger):
         self._renew = self.client.register_script(_LUA_RENEW)
         #: Whether the server skips a reply on request (probed on first use).
         self._skips_replies: bool | None = None
+        #: ``EVALSHA <sha> 1`` of each script, packed once (see :func:`_eval_head`).
+        self._heads: dict[str, bytes] = {}
+        #: Each thread's connection for enqueue claims (see :meth:`_publisher`).
+        self._publishing = threading.local()
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -214,7 +243,8 @@ class RedisLedger(Ledger):
     ) -> Claim:
         """See :meth:`Ledger.claim`."""
         args = [task_name, task_id, fingerprint, window, self._retention(), publish_grace(grace)]
-        return _claim_of(self._run(self._claim, self._key(key), args))
+        reply = self._run(self._claim, self._key(key), args, publishing=True)
+        return _claim_of(reply, task_id, fingerprint)
 
     def claim_many(
         self, claims: Sequence[NewClaim], *, task_name: str, grace: float | None = None
@@ -225,7 +255,10 @@ class RedisLedger(Ledger):
         for c in claims:
             args = [task_name, c.task_id, c.fingerprint, c.window, retention, grace]
             self._claim(keys=[self._key(c.key)], args=args, client=pipe)
-        return [_claim_of(reply) for reply in pipe.execute()]
+        return [
+            _claim_of(reply, c.task_id, c.fingerprint)
+            for c, reply in zip(claims, pipe.execute(), strict=True)
+        ]
 
     def confirm(
         self, key: str, task_id: str, start_within: float | None = None, *, wait: bool = True
@@ -239,22 +272,48 @@ class RedisLedger(Ledger):
         old one, a proxy, a renamed ``CLIENT``) gets the usual call.
         """
         args = [task_id, start_bound(start_within)]
-        if not wait and self._send_quietly(_LUA_CONFIRM, self._key(key), args):
+        if not wait and self._send_quietly(_CONFIRM_EVAL, self._key(key), args):
             return True
         return bool(self._confirm(keys=[self._key(key)], args=args))
 
-    def _run(self, script: Any, key: str, args: Sequence[Any]) -> Any:
+    def _publisher(self) -> Any:
+        """This thread's connection for enqueue claims, or None (then the pool's).
+
+        Kept by the thread across publishes instead of borrowed from the pool for each claim:
+        the pool's checkout and release (locks, a readiness poll of the socket, redis-py's
+        connection metrics) cost more than packing and sending the script. The pool's
+        readiness poll guards against a reply left unread; a claim always reads its reply, or
+        drops the connection on any error before it did, so none is ever left behind. A
+        claim waits for its answer, so nothing sent after it on other connections can
+        overtake it. A forked child makes its own (the parent's socket stays the parent's);
+        a pool with client-side caching is used as is.
+        """
+        conn = getattr(self._publishing, "conn", None)
+        if conn is not None and conn.pid == os.getpid():
+            return conn
+        pool = self.client.connection_pool
+        if getattr(pool, "cache", None) is not None:
+            return None
+        conn = self._publishing.conn = pool.connection_class(**pool.connection_kwargs)
+        return conn
+
+    def _run(self, script: Any, key: str, args: Sequence[Any], publishing: bool = False) -> Any:
         """Run a registered ``script`` on ``key``: the hot path's one round trip.
 
-        ``EVALSHA`` straight on a pooled connection, which costs half the CPU of redis-py's
+        ``EVALSHA`` straight on a pooled connection (the thread's own one for an enqueue
+        claim, ``publishing``: see :meth:`_publisher`), which costs half the CPU of redis-py's
         ``Script`` call (its retry and event machinery). Anything unusual (the script not
         loaded, a connection gone stale) takes the ``Script`` call, which loads the script
         and reconnects.
         """
         pool = self.client.connection_pool
-        conn = _connection(pool)
+        head = self._heads.get(script.sha)
+        if head is None:
+            head = self._heads[script.sha] = _pack(("EVALSHA", script.sha, 1))[len(b"*3\r\n") :]
+        own = self._publisher() if publishing else None
+        conn = own if own is not None else _connection(pool)
         try:
-            conn.send_packed_command([_pack(("EVALSHA", script.sha, 1, key, *args))])
+            conn.send_packed_command([b"*%d\r\n%s%s" % (4 + len(args), head, _bulk((key, *args)))])
             return conn.read_response()
         except redis_errors.NoScriptError:
             pass  # replied: the connection is clean
@@ -266,20 +325,27 @@ class RedisLedger(Ledger):
             conn.disconnect()  # interrupted mid-reply: the reply would be read by the next
             raise
         finally:
-            pool.release(conn)
+            if own is None:
+                pool.release(conn)
         return script(keys=[key], args=args)
 
-    def _send_quietly(self, script: str, key: str, args: Sequence[Any]) -> bool:
-        """Send ``script`` on ``key`` with no reply to wait for; False when it cannot."""
+    def _send_quietly(self, head: bytes, key: str, args: Sequence[Any]) -> bool:
+        """Send a script (``head``: :func:`_eval_head`) on ``key`` with no reply to wait for.
+
+        Returns False when it cannot.
+        """
         if self._skips_replies is None:
             self._skips_replies = self._probe_reply_skip()
         if not self._skips_replies:
             return False
         pool = self.client.connection_pool
+        # A pooled connection, not the claims' own one: the pool hands it back first to the
+        # next command of this thread, which thus runs after the confirmation.
         conn = _connection(pool)
         try:
             # EVAL, not EVALSHA: a NOSCRIPT error would go unseen with its reply skipped.
-            conn.send_packed_command([_SKIP_REPLY + _pack(("EVAL", script, 1, key, *args))])
+            command = b"*%d\r\n%s%s" % (4 + len(args), head, _bulk((key, *args)))
+            conn.send_packed_command([_SKIP_REPLY + command])
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
             conn.disconnect()
             return False  # a stale pooled connection: the usual call reconnects and retries
@@ -400,7 +466,11 @@ def _record_of(key: str, raw: dict[bytes, bytes]) -> dict[str, Any] | None:
     }
 
 
-def _claim_of(reply: Sequence[bytes]) -> Claim:
+def _claim_of(reply: int | Sequence[bytes], task_id: str, fingerprint: str) -> Claim:
+    """The claim script's answer for the call of ``task_id`` with ``fingerprint``."""
+    if reply == 1:
+        return Claim("claimed", task_id, fingerprint)
+    assert not isinstance(reply, int)
     outcome, holder, fp, abandoned, unstarted = reply
     return Claim(
         outcome.decode(), holder.decode(), fp.decode(), abandoned.decode(), bool(unstarted)
