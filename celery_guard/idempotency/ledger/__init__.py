@@ -81,7 +81,14 @@ def settings_redis_ledger() -> RedisLedger:
     Raises:
         ValueError: No ``CELERY_GUARD_IDEMPOTENCY_REDIS_URL`` and the broker is not Redis.
     """
-    return redis_ledger(_ledger_url(), guard_settings.idempotency_redis_prefix)
+    from celery import current_app
+
+    app = current_app._get_current_object()
+    # One look-up per keyed publish instead of the URL's, the prefix's and the ledger cache's.
+    return memo(
+        ("redis_ledger", app),
+        lambda: redis_ledger(_ledger_url(), guard_settings.idempotency_redis_prefix),
+    )
 
 
 def get_ledger() -> Ledger:
