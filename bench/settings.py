@@ -17,6 +17,10 @@ from proj.settings import LOGGING as _PROJECT_LOGGING
 
 CG_BENCH_PREFIX = naming.prefix()
 
+# The example project runs with DEBUG for its admin; a production worker does not (with DEBUG,
+# Django records every SQL statement of a process, a cost per query on the guarded side).
+DEBUG = False
+
 INSTALLED_APPS = [*INSTALLED_APPS, "bench.benchapp"]
 
 # Identical for plain and guarded tasks: the guard's own defaults (late acks, requeue when
