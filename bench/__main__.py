@@ -18,8 +18,10 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # A shell starts background jobs with SIGINT ignored; Ctrl-C must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    from bench import naming, report
+    from bench import dbcount, naming, report
     from bench.runner import FULL, QUICK, Runner, WorkerConfig, progress
     from bench.services import Services, forget_keys
 
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             CG_BENCH_BROKER_URL=broker_url,
             CELERY_BROKER_URL=broker_url,
         )
+        # The workers count their database commits into files there (bench/dbcount.py).
+        os.environ[dbcount.ENV] = tempfile.mkdtemp(prefix="cgbench-db-")
         if database.url:
             os.environ["DATABASE_URL"] = database.url
             # The database ledger on SQLite is compared too (bench/cases/idempotency.py).
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # Django may not be set up yet
             pass
         services.close()
+        if os.environ.get(dbcount.ENV):
+            shutil.rmtree(os.environ.pop(dbcount.ENV), ignore_errors=True)
         if shared_redis:
             # A shared Redis keeps kombu's bindings and pidbox keys; every one carries the run id.
             try:

@@ -106,6 +106,22 @@ FIGURES: tuple[Figure, ...] = (
         digits=2,
     ),
     Figure(
+        "db_periodic_per_s",
+        "periodic database commits, execute",
+        "per s",
+        False,
+        compare="extra",
+        digits=2,
+    ),
+    Figure(
+        "db_periodic_per_s_qs",
+        "periodic database commits, execute, quick start",
+        "per s",
+        False,
+        compare="extra",
+        digits=2,
+    ),
+    Figure(
         "db_sessions_execute_qs",
         "database connections opened per task, execute, quick start",
         "",
@@ -436,6 +452,20 @@ def command_lines(results: Mapping[str, Any], name: str) -> list[str]:
         lines.append(
             f"- Redis commands per task, {phase}: plain {_commands(theirs)}; "
             f"extra with the guard: {_commands(extra)}"
+        )
+    theirs, mine = (
+        baseline.get("db_periodic_last_run", {}),
+        variants[name].get("db_periodic_last_run", {}),
+    )
+    if mine.get(""):
+        lines.append(
+            "- periodic database commits per second, execute (tuned worker): plain "
+            f"{_commands(theirs.get('', {}), 0.01)}; with the guard "
+            f"{_commands(mine[''], 0.01)}. They depend on time, not on the tasks: "
+            "the delivery poller (every poll), the task-policy refresh (every "
+            "`CELERY_GUARD_POLICY_REFRESH` in each process that runs a guarded task) and the "
+            "rollup flush (every `CELERY_GUARD_ROLLUP_FLUSH_SECONDS`), over a drain of a "
+            "second or two; the per-task figure counts every other commit"
         )
     return lines
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from bench import stats
+from bench import dbcount, stats
 from bench.cases import Variant
 from bench.services import Database
 from bench.worker import BenchWorker
@@ -161,6 +161,8 @@ class Runner:
         self._ident = itertools.count()
         self.per_run: dict[str, dict[str, list[float]]] = {v.name: {} for v in variants}
         self.commands: dict[str, dict[str, dict[str, float]]] = {v.name: {} for v in variants}
+        #: Periodic commits per second by kind, per variant and configuration suffix.
+        self.db_periodic: dict[str, dict[str, dict[str, float]]] = {v.name: {} for v in variants}
 
     # -- broker helpers -------------------------------------------------------------------
 
@@ -381,10 +383,20 @@ class Runner:
         self._record(variant, "commands_enqueue", sum(per_task.values()))
         self.commands[variant.name]["enqueue"] = per_task
 
+    def db_commits(self) -> dict[str, int] | None:
+        """Commits the worker processes made so far, by kind (``bench.dbcount``), or None.
+
+        Counted in the workers, not read from ``pg_stat_database``, which reports a busy
+        connection's commits late (see ``bench.dbcount``).
+        """
+        directory = os.environ.get(dbcount.ENV)
+        return dbcount.read(directory, exclude=os.getpid()) if directory else None
+
     def db_activity(self) -> tuple[int, int] | None:
         """Transactions committed and sessions opened so far in the run's PostgreSQL database.
 
-        None on SQLite. Waits first until idle backends have reported their statistics.
+        None on SQLite. Waits first until idle backends have reported their statistics (the
+        sessions figure; the commits are counted in the workers, :meth:`db_commits`).
         """
         if self.database.engine != "postgresql":
             return None
@@ -408,6 +420,7 @@ class Runner:
         self.purge(variant.queue)
         self._publish(variant, kind, n)
         db_before = self.db_activity() if kind == "noop" else None
+        commits_before, window_start = self.db_commits(), time.perf_counter()
         own: Counter[str] = Counter()
         before = self.commandstats()
         worker.consume(variant.queue)
@@ -421,11 +434,19 @@ class Runner:
             per_task = stats.commands_per_task(before, after, n, own=dict(own))
             self._record(variant, f"commands_execute{suffix}", sum(per_task.values()))
             self.commands[variant.name][f"execute{suffix}"] = per_task
+            commits_after, window = self.db_commits(), time.perf_counter() - window_start
+            if commits_before is not None and commits_after is not None:
+                made = {k: commits_after[k] - commits_before[k] for k in dbcount.KINDS}
+                # The tasks' own commits per task; the periodic ones (policy refresh, rollup
+                # flush, delivery poller) depend on time, not on the tasks: per second.
+                self._record(variant, f"db_commits_execute{suffix}", made["task"] / n)
+                periodic = sum(made[k] for k in dbcount.PERIODIC)
+                self._record(variant, f"db_periodic_per_s{suffix}", periodic / window)
+                self.db_periodic[variant.name][suffix] = {
+                    k: made[k] / window for k in dbcount.PERIODIC
+                }
             db_after = self.db_activity()
             if db_before is not None and db_after is not None:
-                # The first statistics read is itself one committed transaction of the window.
-                commits = max(0, db_after[0] - db_before[0] - 1)
-                self._record(variant, f"db_commits_execute{suffix}", commits / n)
                 self._record(
                     variant, f"db_sessions_execute{suffix}", (db_after[1] - db_before[1]) / n
                 )
@@ -532,6 +553,7 @@ class Runner:
                 "reference_targets": dict(variant.reference_targets),
                 "metrics": metrics,
                 "commands_last_run": self.commands[variant.name],
+                "db_periodic_last_run": self.db_periodic[variant.name],
             }
         if self._pg is not None:
             self._pg.close()

@@ -11,3 +11,9 @@ class BenchAppConfig(AppConfig):
     name = "bench.benchapp"
     label = "benchapp"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        """Count this process's database commits when the runner asks (``bench.dbcount``)."""
+        from bench import dbcount
+
+        dbcount.install()

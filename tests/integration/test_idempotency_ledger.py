@@ -438,17 +438,44 @@ def test_a_script_the_server_does_not_know_is_loaded_again(idem_store, monkeypat
 @pytest.mark.parametrize("idem_backend", ["redis"], indirect=True)
 def test_enqueue_claims_keep_one_connection_that_recovers_when_the_server_drops_it(idem_store):
     assert claim(idem_store).outcome == "claimed"
-    conn = idem_store._publisher()
+    conn = idem_store._take()
+    idem_store._give(conn)
     assert claim(idem_store, key="t:k2").outcome == "claimed"
-    assert idem_store._publisher() is conn  # kept across claims, not the pool's
+    assert idem_store._take() is conn  # kept across claims, not the pool's
     conn.send_command("CLIENT", "ID")
-    idem_store.client.client_kill_filter(_id=conn.read_response())
+    client_id = conn.read_response()
+    idem_store._give(conn)
+    idem_store.client.client_kill_filter(_id=client_id)
     # The dropped connection fails the claim's round trip; the claim is still decided.
     assert claim(idem_store, key="t:k3").outcome == "claimed"
     assert claim(idem_store, key="t:k3", task_id="t2").outcome == "duplicate"
     assert idem_store.client.ping() is True
-    # A forked child does not share its parent's socket: it opens its own.
-    conn = idem_store._publisher()
-    conn.pid = -1
-    assert idem_store._publisher() is not conn
-    assert claim(idem_store, key="t:k4").outcome == "claimed"
+
+
+@pytest.mark.parametrize("idem_backend", ["redis"], indirect=True)
+def test_the_hot_path_keeps_its_connection_and_replaces_one_redis_closed(idem_store):
+    import os
+
+    run = start(idem_store, "w1")
+    kept = idem_store._take()
+    idem_store._give(kept)
+    assert idem_store.finish("t:k", owner="w1", token=run.fencing_token, state="succeeded")
+    # The same connection served both scripts: no pool checkout per command.
+    assert idem_store._take() is kept
+    kept.send_command("CLIENT", "ID")
+    client_id = kept.read_response()
+    idem_store._give(kept)
+
+    # Redis drops it (a restart, its idle timeout): the next script reconnects and answers.
+    assert idem_store.client.client_kill_filter(_id=client_id) == 1
+    assert start(idem_store, "w2", key="t:k2").outcome == "run"
+    assert idem_store.get("t:k2")["owner"] == "w2"
+
+    # A forked child never uses its parent's connections.
+    parent = idem_store._take()
+    idem_store._give(parent)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os._exit(0 if idem_store._take() is not parent else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert idem_store._take() is parent

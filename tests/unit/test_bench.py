@@ -585,3 +585,26 @@ def test_report_checks_the_run_against_the_keyed_group_and_keeps_the_other_rows(
         "| the bulk run, its keys on the Redis ledger | 100 | 0.50 | (vs the guarded group: 0.80) |"
         in lines
     )
+
+
+def test_db_counts_sort_commits_by_table_and_add_up_every_process(tmp_path, monkeypatch):
+    from bench import dbcount
+
+    assert dbcount.KINDS[dbcount._kind('SELECT * FROM "celery_guard_taskpolicy"')] == "policy"
+    assert dbcount.KINDS[dbcount._kind('UPDATE "celery_guard_taskminute" SET')] == "rollups"
+    assert dbcount.KINDS[dbcount._kind('UPDATE "celery_guard_deliverylease" SET')] == "poller"
+    assert dbcount.KINDS[dbcount._kind('UPDATE "celery_guard_idempotencyrecord"')] == "task"
+    monkeypatch.setenv(dbcount.ENV, str(tmp_path))
+    monkeypatch.setattr(dbcount, "_counts", [0] * len(dbcount.KINDS))
+    monkeypatch.setattr(dbcount, "_file", [None])
+    for kind in (0, 0, 1, 3):
+        dbcount._bump(kind)
+    (tmp_path / "1.counts").write_bytes(dbcount._FORMAT.pack(5, 0, 2, 0))
+    assert dbcount.read(str(tmp_path)) == {"task": 7, "policy": 1, "rollups": 2, "poller": 1}
+    # The runner leaves its own process out (its publishes are not the worker's).
+    assert dbcount.read(str(tmp_path), exclude=1) == {
+        "task": 2,
+        "policy": 1,
+        "rollups": 0,
+        "poller": 1,
+    }

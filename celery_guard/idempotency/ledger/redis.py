@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
-import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -200,6 +200,21 @@ def _redis_client(url: str) -> Any:
     return redis.Redis.from_url(url)
 
 
+def _forget_connections_in_child(ledger: RedisLedger) -> None:
+    """Empty ``ledger``'s kept connections in a forked child: its parent's sockets.
+
+    At the fork rather than by a pid check per command (a system call each time).
+    """
+    ref = weakref.ref(ledger)
+
+    def forget() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._idle = []
+
+    os.register_at_fork(after_in_child=forget)
+
+
 class RedisLedger(Ledger):
     """Ledger in Redis: one hash per key, every transition one Lua script.
 
@@ -221,8 +236,10 @@ class RedisLedger(Ledger):
         self._skips_replies: bool | None = None
         #: ``EVALSHA <sha> 1`` of each script, packed once (see :func:`_eval_head`).
         self._heads: dict[str, bytes] = {}
-        #: Each thread's connection for enqueue claims (see :meth:`_publisher`).
-        self._publishing = threading.local()
+        #: Connections the hot path took from the pool and keeps between calls (see
+        #: :meth:`_take`); a forked child starts without its parent's.
+        self._idle: list[Any] = []
+        _forget_connections_in_child(self)
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -243,7 +260,7 @@ class RedisLedger(Ledger):
     ) -> Claim:
         """See :meth:`Ledger.claim`."""
         args = [task_name, task_id, fingerprint, window, self._retention(), publish_grace(grace)]
-        reply = self._run(self._claim, self._key(key), args, publishing=True)
+        reply = self._run(self._claim, self._key(key), args)
         return _claim_of(reply, task_id, fingerprint)
 
     def claim_many(
@@ -276,42 +293,18 @@ class RedisLedger(Ledger):
             return True
         return bool(self._confirm(keys=[self._key(key)], args=args))
 
-    def _publisher(self) -> Any:
-        """This thread's connection for enqueue claims, or None (then the pool's).
-
-        Kept by the thread across publishes instead of borrowed from the pool for each claim:
-        the pool's checkout and release (locks, a readiness poll of the socket, redis-py's
-        connection metrics) cost more than packing and sending the script. The pool's
-        readiness poll guards against a reply left unread; a claim always reads its reply, or
-        drops the connection on any error before it did, so none is ever left behind. A
-        claim waits for its answer, so nothing sent after it on other connections can
-        overtake it. A forked child makes its own (the parent's socket stays the parent's);
-        a pool with client-side caching is used as is.
-        """
-        conn = getattr(self._publishing, "conn", None)
-        if conn is not None and conn.pid == os.getpid():
-            return conn
-        pool = self.client.connection_pool
-        if getattr(pool, "cache", None) is not None:
-            return None
-        conn = self._publishing.conn = pool.connection_class(**pool.connection_kwargs)
-        return conn
-
-    def _run(self, script: Any, key: str, args: Sequence[Any], publishing: bool = False) -> Any:
+    def _run(self, script: Any, key: str, args: Sequence[Any]) -> Any:
         """Run a registered ``script`` on ``key``: the hot path's one round trip.
 
-        ``EVALSHA`` straight on a pooled connection (the thread's own one for an enqueue
-        claim, ``publishing``: see :meth:`_publisher`), which costs half the CPU of redis-py's
-        ``Script`` call (its retry and event machinery). Anything unusual (the script not
-        loaded, a connection gone stale) takes the ``Script`` call, which loads the script
-        and reconnects.
+        ``EVALSHA`` straight on a connection of this ledger (:meth:`_take`), which costs half
+        the CPU of redis-py's ``Script`` call (its retry and event machinery). Anything
+        unusual (the script not loaded, a connection gone stale) takes the ``Script`` call,
+        which loads the script and reconnects.
         """
-        pool = self.client.connection_pool
         head = self._heads.get(script.sha)
         if head is None:
             head = self._heads[script.sha] = _pack(("EVALSHA", script.sha, 1))[len(b"*3\r\n") :]
-        own = self._publisher() if publishing else None
-        conn = own if own is not None else _connection(pool)
+        conn = self._take()
         try:
             conn.send_packed_command([b"*%d\r\n%s%s" % (4 + len(args), head, _bulk((key, *args)))])
             return conn.read_response()
@@ -325,9 +318,29 @@ class RedisLedger(Ledger):
             conn.disconnect()  # interrupted mid-reply: the reply would be read by the next
             raise
         finally:
-            if own is None:
-                pool.release(conn)
+            self._give(conn)
         return script(keys=[key], args=args)
+
+    def _take(self) -> Any:
+        """A connection for one command and its reply; give it back with :meth:`_give`.
+
+        The hot path keeps its connections instead of returning them to the pool after each
+        command: the pool's checkout (its lock, connection-state bookkeeping and a readiness
+        poll of the socket) cost more CPU than the rest of a ledger call. A connection is
+        given back only once its reply was read (or after ``disconnect()``), so one taken
+        here never holds unread data; a stale one fails on use and the ``Script`` fallback
+        reconnects. A confirmation sent without waiting (:meth:`_send_quietly`) stays on the
+        pool, so a read through the client (:meth:`get`) still follows it on the same
+        connection; the scripts sent here decide the same whether or not it was applied yet
+        (a pending claim answers a claim or a start alike, confirmed or not).
+        """
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return _connection(self.client.connection_pool)
+
+    def _give(self, conn: Any) -> None:
+        self._idle.append(conn)
 
     def _send_quietly(self, head: bytes, key: str, args: Sequence[Any]) -> bool:
         """Send a script (``head``: :func:`_eval_head`) on ``key`` with no reply to wait for.
@@ -339,8 +352,8 @@ class RedisLedger(Ledger):
         if not self._skips_replies:
             return False
         pool = self.client.connection_pool
-        # A pooled connection, not the claims' own one: the pool hands it back first to the
-        # next command of this thread, which thus runs after the confirmation.
+        # A pooled connection, not one the hot path keeps (:meth:`_take`): the pool hands it
+        # back first to the next command of this thread, which thus runs after the confirmation.
         conn = _connection(pool)
         try:
             # EVAL, not EVALSHA: a NOSCRIPT error would go unseen with its reply skipped.
