@@ -119,10 +119,6 @@ _cached_for: list[object] = [None]
 _MISSING = object()
 
 
-def _forget(**kwargs: Any) -> None:
-    _cache.clear()
-
-
 def forget() -> None:
     """Empty the settings cache and :func:`memo`'s values now.
 
@@ -130,6 +126,10 @@ def forget() -> None:
     values derived from it are otherwise kept until the Django settings change.
     """
     _cache.clear()
+
+
+def _forget(**kwargs: Any) -> None:
+    forget()
 
 
 setting_changed.connect(_forget, dispatch_uid="celery_guard.conf.forget")

@@ -204,8 +204,8 @@ class DatabaseStore:
     ) -> Admission:
         """PostgreSQL: the same admission in one round trip, ``celery_guard_limits_admit``.
 
-        The function (migration ``0011``) locks, counts and inserts as :meth:`_admit` does,
-        in the implicit transaction of its one statement (autocommit).
+        The function (migration ``0011``) locks, counts and inserts as the transaction of
+        :meth:`_admit` does elsewhere, in the implicit transaction of its one statement.
         """
         with connections[self.alias].cursor() as cursor:
             cursor.execute(

@@ -36,33 +36,13 @@ def redis_url() -> str:
         return url
     from celery import current_app
 
-    return _redis_broker(current_app.conf.broker_url)
-
-
-def _redis_broker(broker: object) -> str:
+    broker = current_app.conf.broker_url
     if not isinstance(broker, str) or broker.split(":", 1)[0] not in REDIS_SCHEMES:
         raise ValueError(
             "the 'redis' idempotency ledger needs CELERY_GUARD_IDEMPOTENCY_REDIS_URL when "
             "the broker is not Redis"
         )
     return broker
-
-
-def _ledger_url() -> str:
-    """:func:`redis_url`, with the broker's URL looked up once per Celery app and settings.
-
-    Every keyed publish and run asks for the ledger; Celery's ``broker_url`` lookup would
-    cost more than the rest of it. The settings cache keeps the answer (``override_settings``
-    empties it); a broker URL assigned to ``app.conf`` at run time is not seen here, and
-    :func:`redis_url` (what ``manage.py check`` calls) still reads it every time.
-    """
-    url = guard_settings.idempotency_redis_url
-    if url is not None:
-        return url
-    from celery import current_app
-
-    app = current_app._get_current_object()
-    return memo(("idempotency_broker_url", app), lambda: _redis_broker(app.conf.broker_url))
 
 
 @functools.lru_cache(maxsize=16)
@@ -84,10 +64,13 @@ def settings_redis_ledger() -> RedisLedger:
     from celery import current_app
 
     app = current_app._get_current_object()
-    # One look-up per keyed publish instead of the URL's, the prefix's and the ledger cache's.
+    # One look-up per keyed publish, kept with the settings (``override_settings`` empties
+    # it): Celery's ``broker_url`` lookup alone would cost more than the rest of it. A broker
+    # URL assigned to ``app.conf`` at run time is not seen here; :func:`redis_url` (what
+    # ``manage.py check`` calls) still reads it every time.
     return memo(
         ("redis_ledger", app),
-        lambda: redis_ledger(_ledger_url(), guard_settings.idempotency_redis_prefix),
+        lambda: redis_ledger(redis_url(), guard_settings.idempotency_redis_prefix),
     )
 
 

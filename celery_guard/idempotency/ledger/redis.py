@@ -171,17 +171,18 @@ _SKIP_REPLY = _pack(("CLIENT", "REPLY", "SKIP"))
 _PROBE = b"celery_guard:reply-skip"
 
 
-def _eval_head(script: str) -> bytes:
-    """``EVAL <script> 1`` in the Redis protocol, without the array header: packed once.
+def _eval_head(command: str, script: str) -> bytes:
+    """``EVAL <script> 1`` (or ``EVALSHA <sha> 1``) in RESP, without the array header.
 
-    A quiet confirm sends the whole script on every publish (see :meth:`RedisLedger.confirm`);
-    encoding and framing its text once saves most of the packing.
+    Packed once per script: the hot path adds the key and arguments (see
+    :meth:`RedisLedger._run`); a quiet confirm sends the whole script on every publish (see
+    :meth:`RedisLedger.confirm`), so encoding and framing its text once saves most of it.
     """
-    return _pack(("EVAL", script, 1))[len(b"*3\r\n") :]
+    return _pack((command, script, 1))[len(b"*3\r\n") :]
 
 
 #: The confirm script's ``EVAL`` head, for :meth:`RedisLedger._send_quietly`.
-_CONFIRM_EVAL = _eval_head(_LUA_CONFIRM)
+_CONFIRM_EVAL = _eval_head("EVAL", _LUA_CONFIRM)
 
 
 def _connection(pool: Any) -> Any:
@@ -303,7 +304,7 @@ class RedisLedger(Ledger):
         """
         head = self._heads.get(script.sha)
         if head is None:
-            head = self._heads[script.sha] = _pack(("EVALSHA", script.sha, 1))[len(b"*3\r\n") :]
+            head = self._heads[script.sha] = _eval_head("EVALSHA", script.sha)
         conn = self._take()
         try:
             conn.send_packed_command([b"*%d\r\n%s%s" % (4 + len(args), head, _bulk((key, *args)))])
