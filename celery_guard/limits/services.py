@@ -35,7 +35,8 @@ class Policy:
 
 
 _policies: dict[str, Policy] = {}
-_loaded_at: float | None = None
+#: When (``time.monotonic()``) the policies read last are to be read again.
+_stale_at = 0.0
 
 
 def _load() -> dict[str, Policy]:
@@ -70,10 +71,10 @@ def current(task_name: str) -> Policy | None:
 
     When the database cannot be read, the last policies read stay in force (logged).
     """
-    global _policies, _loaded_at
+    global _policies, _stale_at
     now = time.monotonic()
-    if _loaded_at is None or now - _loaded_at >= guard_settings.policy_refresh:
-        _loaded_at = now
+    if now >= _stale_at:
+        _stale_at = now + guard_settings.policy_refresh
         try:
             if connection.in_atomic_block:
                 # A publish inside the caller's transaction: a failed read rolls back to this
@@ -97,7 +98,7 @@ def for_publish(task_name: str) -> Policy | None:
     As :func:`current`, but the connection is looked at only when a read is due, and a
     transaction that has already failed is never read in: the policies cached answer then.
     """
-    if _loaded_at is not None and time.monotonic() - _loaded_at < guard_settings.policy_refresh:
+    if time.monotonic() < _stale_at:  # every publish but one per refresh: no setting read
         return _policies.get(task_name)
     if connection.in_atomic_block and connection.needs_rollback:
         return _policies.get(task_name)
@@ -106,8 +107,8 @@ def for_publish(task_name: str) -> Policy | None:
 
 def forget() -> None:
     """Drop this process's cached policies (the next run reads them)."""
-    global _loaded_at
-    _loaded_at = None
+    global _stale_at
+    _stale_at = 0.0
 
 
 def set_paused(task_name: str, paused: bool, note: str | None = None) -> TaskPolicy:
@@ -146,9 +147,10 @@ def set_priority(task_name: str, level: str) -> TaskPolicy:
         django.core.exceptions.ValidationError: ``level`` is not a key of
             ``CELERY_GUARD_PRIORITY_QUEUES``.
     """
+    # Checked before the row is created: a refused level leaves no policy behind.
+    TaskPolicy._meta.get_field("priority").clean(level, None)
     row, _ = TaskPolicy.objects.get_or_create(task_name=task_name)
     row.priority = level
-    row.full_clean(validate_unique=False)
     row.save(update_fields=["priority", "updated_at"])
     return row
 

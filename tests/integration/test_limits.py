@@ -197,6 +197,7 @@ def test_a_priority_override_names_a_level_and_one_that_left_the_settings_is_ign
     services.forget()
     with pytest.raises(ValidationError, match="'urgent' is not a priority level"):
         services.set_priority("app.tasks.x", "urgent")
+    assert not TaskPolicy.objects.exists()  # nothing half-written
     services.set_priority("app.tasks.x", "low")
     assert services.for_publish("app.tasks.x") == services.Policy(priority="low")
     settings.CELERY_GUARD_PRIORITY_QUEUES = {"high": "q-high", "default": "q-default"}
