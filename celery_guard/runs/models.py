@@ -146,7 +146,9 @@ class BulkRunItem(models.Model):
 
     Status = ItemStatus
 
-    run = models.ForeignKey(BulkRun, on_delete=models.CASCADE, related_name="items")
+    #: No index of its own: the unique ``(run, seq)`` serves every look-up by run (each index
+    #: is one more entry to write at every change of an item's status).
+    run = models.ForeignKey(BulkRun, on_delete=models.CASCADE, related_name="items", db_index=False)
     #: Position of the item in the ``items`` given to ``start_run`` (0-based).
     seq = models.PositiveIntegerField()
     kwargs = models.JSONField(default=dict)
@@ -166,6 +168,7 @@ class BulkRunItem(models.Model):
         on_delete=models.SET_NULL,
         related_name="+",
         db_constraint=False,
+        db_index=False,  # a partial index (below): only failed items have a dead letter
     )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -180,6 +183,12 @@ class BulkRunItem(models.Model):
             models.Index(fields=["run", "status", "seq"], name="cg_run_item_status"),
             models.Index(fields=["run", "error_class", "seq"], name="cg_run_item_error"),
             models.Index(fields=["task_id"], name="cg_run_item_task_id"),
+            # A dead letter's items (its deletion sets their link to NULL).
+            models.Index(
+                fields=["dead_letter"],
+                name="cg_run_item_dead_letter",
+                condition=models.Q(dead_letter__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -431,3 +431,48 @@ def test_the_asynchronous_commit_of_item_writes_never_covers_a_caller_transactio
     assert commits_synchronously()
     run.refresh_from_db()
     assert (run.status, run.succeeded, run.pending) == ("succeeded", 2, 0)
+
+
+def test_the_worker_statements_are_prepared_per_session_and_a_lost_one_runs_unprepared(caplog):
+    from django.db import connection
+
+    def prepared():
+        if connection.vendor != "postgresql":
+            return set()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT name FROM pg_prepared_statements")
+            return {name for (name,) in cursor.fetchall()}
+
+    run = start_run(run_item, [{"n": n} for n in range(4)], name="prepared")
+    items = list(BulkRunItem.objects.filter(run=run).order_by("seq").values_list("pk", flat=True))
+    done, failed = BulkRunItem.Status.SUCCEEDED, BulkRunItem.Status.FAILED
+    connection.close()  # a new session
+    assert services.start_item(run.pk, items[0], mark_run=True)
+    assert services.finish_item(run.pk, items[0], done) == (True, False)
+    assert services.start_item(run.pk, items[1], mark_run=False)
+    assert services.finish_item(run.pk, items[1], failed, error_class="x.Y") == (True, False)
+    assert services.finish_item(run.pk, items[1], done) == (False, False)  # final already
+    if connection.vendor == "postgresql":
+        assert prepared() >= {
+            "celery_guard_item_start",
+            "celery_guard_item_succeeded",
+            "celery_guard_item_failed",
+        }
+        with connection.cursor() as cursor:
+            cursor.execute("DEALLOCATE ALL")  # the session loses them (a pooler's reset)
+    assert services.start_item(run.pk, items[2], mark_run=False)
+    assert services.finish_item(run.pk, items[2], done) == (True, False)
+    assert services.start_item(run.pk, items[3], mark_run=False)
+    assert services.finish_item(run.pk, items[3], done) == (True, True)
+    assert not services.start_item(run.pk, items[3], mark_run=False)  # final: not run again
+    assert prepared() == set()  # this session prepares nothing any more
+    run.refresh_from_db()
+    assert (run.status, run.succeeded, run.failed, run.pending) == (
+        "completed_with_errors",
+        3,
+        1,
+        0,
+    )
+    attempts = BulkRunItem.objects.filter(run=run).values_list("attempts", flat=True)
+    assert list(attempts.order_by("seq")) == [1, 1, 1, 1]
+    assert run.completion_claimed_at is None and run.finished_at is not None
