@@ -7,7 +7,7 @@ the hooks it needs:
 * :meth:`Step.prepare` (publish side, before anything reaches the broker): validate the call
   and add the feature's fields to the guard header; raising refuses the publish.
 * :meth:`Step.publish` (publish side): wrap the publish itself (publish once per key...).
-* :meth:`Step.run` (worker side): wrap the task body.
+* :meth:`Step.around` (worker side): wrap the task body of one :class:`Delivery`.
 
 :class:`Pipeline` composes the steps in order, the first one outermost (as procrastinate's
 middleware and dramatiq's), so the failure pipeline, listed first, sees every outcome of the
@@ -23,10 +23,36 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from celery_guard.core import headers
 from celery_guard.core.options import GuardOption, OptionSet
 
 #: The continuation a run-side step calls: the steps inside it, then the task body.
 CallNext = Callable[..., Any]
+
+
+class Delivery:
+    """One delivery of a guarded task, as every run-side step reads it.
+
+    Made once per delivery by :meth:`Pipeline.run`, so the steps share one look-up of the
+    task's request (a thread-local stack read, several Python calls in Celery) and one read
+    of its guard header instead of one each.
+
+    Attributes:
+        task: The guarded task being run.
+        args: Positional arguments of the body.
+        kwargs: Keyword arguments of the body.
+        request: ``task.request`` of this delivery.
+        guard: The guard header the request carries (empty when none).
+    """
+
+    __slots__ = ("args", "guard", "kwargs", "request", "task")
+
+    def __init__(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.request = request = task.request
+        self.guard: Mapping[str, Any] = headers.read(getattr(request, "headers", None))
 
 
 @dataclass
@@ -83,9 +109,13 @@ class Step:
         """
         return send()
 
+    def around(self, delivery: Delivery, call: Callable[[], Any]) -> Any:
+        """Run one delivery: call ``call()`` (the steps inside, then the body)."""
+        return call()
+
     def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
-        """Run one delivery: call ``call(*args, **kwargs)`` (the steps inside, then the body)."""
-        return call(*args, **kwargs)
+        """Run this step alone around ``call(*args, **kwargs)`` for the running request."""
+        return self.around(Delivery(task, args, kwargs), functools.partial(call, *args, **kwargs))
 
 
 class Pipeline:
@@ -99,8 +129,8 @@ class Pipeline:
         self._preparers = tuple(s.prepare for s in self.steps if _overrides(s, "prepare"))
         self._publishers = tuple(s.publish for s in self.steps if _overrides(s, "publish"))
         # The same for the run side, which wraps every delivery: a step that does not
-        # override ``run`` adds no layer around the body.
-        self._runners = tuple(s for s in self.steps if _overrides(s, "run"))
+        # override ``around`` adds no layer around the body.
+        self._runners = tuple(s for s in self.steps if _overrides(s, "around"))
 
     def check(self, task_options: Mapping[str, Any], where: str) -> None:
         """Run every step's :meth:`Step.check` on a task's validated options."""
@@ -127,11 +157,13 @@ class Pipeline:
         return send()
 
     def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], body: CallNext) -> Any:
-        """Run ``body`` inside every step's :meth:`Step.run`, the first step outermost."""
-        call = body
+        """Run ``body`` inside every step's :meth:`Step.around`, the first step outermost."""
+        delivery = Delivery(task, args, kwargs)
+        # Partials, not closures: made and called in C, once per step and delivery.
+        call: Callable[[], Any] = functools.partial(body, *args, **kwargs)
         for step in reversed(self._runners):
-            call = _bind_run(step, task, call)
-        return call(*args, **kwargs)
+            call = functools.partial(step.around, delivery, call)
+        return call()
 
 
 def _overrides(step: Step, hook: str) -> bool:
@@ -150,10 +182,6 @@ def publish_delay(countdown: Any, eta: Any, tz: dt.tzinfo = dt.timezone.utc) -> 
     if isinstance(countdown, (int, float)) and not isinstance(countdown, bool):
         return max(0.0, float(countdown))
     return 0.0
-
-
-def _bind_run(step: Step, task: Any, call: CallNext) -> CallNext:
-    return lambda *a, **kw: step.run(task, a, kw, call)
 
 
 def is_guarded(task: Any) -> bool:

@@ -396,11 +396,20 @@ def _may_be_lost(task: Any, request: Any) -> bool:
     return not flags_redeliveries(task.app)
 
 
-def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-    """Run one delivery of a guarded task through the failure pipeline."""
+def run(
+    task: Any, body: Callable[[], Any], request: Any, guard: Mapping[str, Any] | None = None
+) -> Any:
+    """Run one delivery of a guarded task through the failure pipeline.
+
+    Args:
+        task: The guarded task.
+        body: Runs the steps inside and the task body (no arguments: they are bound in it).
+        request: ``task.request`` of the delivery.
+        guard: Its guard header, if already read.
+    """
     global _outages
-    request = task.request
-    guard = headers.read(request.headers)
+    if guard is None:
+        guard = headers.read(request.headers)
     found = _request_problems(request, guard)
     if found:
         _refuse(task, found)
@@ -450,7 +459,7 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
         if started is not None and started.timed_out:
             # The previous delivery was killed at the hard time limit: that was an attempt.
             handle(task, TimeLimitExceeded((request.timelimit or (None, None))[0]))
-        result = _call(task, body, args, kwargs)
+        result = _call(task, body, request, guard)
         ended = True
         _outages = 0
         return result
@@ -472,17 +481,13 @@ def run(task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mappin
                 )
 
 
-def _call(
-    task: Any, body: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> Any:
-    request = task.request
+def _call(task: Any, body: Callable[[], Any], request: Any, guard: Mapping[str, Any]) -> Any:
     try:
-        return body(*args, **kwargs)
+        return body()
     except (Retry, Ignore):
         raise
     except Reject as rejected:
         if not rejected.requeue:
-            guard = headers.read(request.headers)
             dead_letter(
                 task,
                 rejected,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from celery_guard.core.pipeline import CallNext, Step
+from celery_guard.core.pipeline import Delivery, Step
 from celery_guard.failures import handler, retry
 
 
@@ -14,9 +15,9 @@ class FailuresStep(Step):
     name = "failures"
     options = retry.OPTIONS
 
-    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+    def around(self, delivery: Delivery, call: Callable[[], Any]) -> Any:
         """Run one delivery through the failure handler; direct and eager calls pass through."""
-        request = task.request
+        request = delivery.request
         if request.called_directly or request.is_eager or request.id is None:
-            return call(*args, **kwargs)
-        return handler.run(task, call, args, kwargs)
+            return call()
+        return handler.run(delivery.task, call, request, delivery.guard)

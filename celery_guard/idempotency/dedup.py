@@ -11,7 +11,7 @@ import contextvars
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -435,7 +435,12 @@ def _owner(request: Any) -> str:
 
 
 def run_guarded(
-    task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: Callable[..., Any]
+    task: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    call: Callable[[], Any],
+    request: Any,
+    guard: Mapping[str, Any],
 ) -> Any:
     """Run a task body under its key's lease (worker side); see ``docs/idempotency.md``.
 
@@ -443,15 +448,23 @@ def run_guarded(
     owner is retried after the lease; otherwise this attempt takes the lease (a takeover
     when the previous owner's lease expired), runs the body and marks the key succeeded, or
     failed if the body raises (a Celery retry gives the lease back instead).
+
+    Args:
+        task: The guarded task.
+        args: Positional arguments of the body (a key is derived from them when the
+            message carries none).
+        kwargs: Keyword arguments of the body.
+        call: Runs the steps inside and the body (its arguments bound in it).
+        request: ``task.request`` of the delivery.
+        guard: The guard header of the delivery.
     """
-    request = task.request
     if request.called_directly:
-        return call(*args, **kwargs)
-    identity = Identity.from_header(headers.read(getattr(request, "headers", None)))
+        return call()
+    identity = Identity.from_header(guard)
     if identity is None:
         identity = identify(task, args, kwargs, {})
     if identity is None:
-        return call(*args, **kwargs)
+        return call()
     store = ledger.get_ledger()
     owner = _owner(request)
     lease = max(guard_settings.idempotency_lease, float(task.time_limit or 0))
@@ -519,7 +532,7 @@ def run_guarded(
         start.fencing_token,
     )
     try:
-        result = call(*args, **kwargs)
+        result = call()
     except Retry:
         raise
     except BaseException:

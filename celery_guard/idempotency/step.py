@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from celery_guard.core.pipeline import CallNext, Publish, Step
+from celery_guard.core.pipeline import Delivery, Publish, Step
 from celery_guard.idempotency import dedup, keys
 
 
@@ -34,6 +34,8 @@ class IdempotencyStep(Step):
         identity = keys.Identity.from_header(header)
         return dedup.publish_once(task, identity, task_id, send, delay)
 
-    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+    def around(self, delivery: Delivery, call: Callable[[], Any]) -> Any:
         """Run the body under the key's lease, or skip a key that already succeeded."""
-        return dedup.run_guarded(task, args, kwargs, call)
+        return dedup.run_guarded(
+            delivery.task, delivery.args, delivery.kwargs, call, delivery.request, delivery.guard
+        )

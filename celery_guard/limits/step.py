@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from celery.exceptions import Reject
@@ -28,7 +28,7 @@ from django.core.exceptions import ImproperlyConfigured
 from celery_guard import durations
 from celery_guard.conf import duration, guard_settings, raw
 from celery_guard.core import headers, http
-from celery_guard.core.pipeline import CallNext, Publish, Step
+from celery_guard.core.pipeline import Delivery, Publish, Step
 from celery_guard.exceptions import Deferral, ThrottledError
 from celery_guard.limits import rules, services, store
 from celery_guard.observability import events
@@ -250,14 +250,15 @@ class LimitsStep(Step):
         tenant = rules.tenant_of(publish.task, publish.args, publish.kwargs, publish.per_call)
         publish.fields[rules.TENANT_FIELD] = tenant
 
-    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+    def around(self, delivery: Delivery, call: Callable[[], Any]) -> Any:
         """Admit the body under the task's limits, or defer the delivery; release after it."""
         global _outage_logged
-        request = task.request
+        request = delivery.request
         if request.called_directly or request.is_eager or request.id is None:
-            return call(*args, **kwargs)
+            return call()
+        task = delivery.task
         policy = services.current(task.name)
-        guard = headers.read(request.headers)
+        guard = delivery.guard
         if policy is not None and policy.priority is not None:
             _move(task, guard, policy.priority)
         if policy is not None and policy.paused:
@@ -270,7 +271,7 @@ class LimitsStep(Step):
             rate=policy.rate if policy else None,
         )
         if not found:
-            return call(*args, **kwargs)
+            return call()
         until = guard.get(UNTIL)
         if isinstance(until, (int, float)) and until - time.time() > EARLY:
             # Back before its reservation (a wait longer than MAX_DEFER): the store has
@@ -289,13 +290,13 @@ class LimitsStep(Step):
                 admission = limits.admit(found, lease)
         except store.Unavailable as exc:
             _outage(task, guard, exc)
-            return call(*args, **kwargs)
+            return call()
         _outage_logged = False
         if not admission.admitted:
             _refused(task, guard, admission)
         store.hold(limits, found, admission.holder, lease)
         try:
-            return call(*args, **kwargs)
+            return call()
         except Exception as exc:
             _back_off(limits, found, exc)
             raise

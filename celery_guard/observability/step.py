@@ -15,8 +15,7 @@ from typing import Any
 
 from celery.exceptions import Retry
 
-from celery_guard.core import headers
-from celery_guard.core.pipeline import CallNext, Publish, Step
+from celery_guard.core.pipeline import Delivery, Publish, Step
 from celery_guard.observability import context, events
 
 #: The guard header field of the request id and initiator.
@@ -99,17 +98,17 @@ class ObservabilityStep(Step):
             )
         return result
 
-    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+    def around(self, delivery: Delivery, call: Callable[[], Any]) -> Any:
         """Run the delivery in its context; ``succeeded`` unless a step emitted the outcome."""
-        request = task.request
+        request = delivery.request
         if request.called_directly:
-            return call(*args, **kwargs)
-        guard = headers.read(request.headers)
+            return call()
+        guard = delivery.guard
         attempt = guard.get("attempt")
         tenant = guard.get("tenant")
         run = context.Run(
             task_id=request.id,
-            task_name=task.name,
+            task_name=delivery.task.name,
             queue=_queue(request),
             attempt=attempt if isinstance(attempt, int) else (request.retries or 0) + 1,
             tenant=str(tenant) if tenant is not None else None,
@@ -117,7 +116,7 @@ class ObservabilityStep(Step):
         )
         with context.bind_run(run):
             try:
-                result = call(*args, **kwargs)
+                result = call()
             except Retry as retried:
                 if run.outcome is None:  # the body called self.retry() itself
                     events.emit(
@@ -134,13 +133,12 @@ class AdmittedStep(Step):
 
     name = "admitted"
 
-    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+    def around(self, delivery: Delivery, call: Callable[[], Any]) -> Any:
         """Emit ``started`` in the run's context, then call the body."""
-        request = task.request
+        request = delivery.request
         if not request.called_directly and events.listening() and context.current() is not None:
-            guard = headers.read(request.headers)
-            events.emit("started", lag=lag(guard, request, time.time()))
-        return call(*args, **kwargs)
+            events.emit("started", lag=lag(delivery.guard, request, time.time()))
+        return call()
 
 
 def _delay(retried: Retry) -> float | None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery_guard.core import headers
-from celery_guard.core.pipeline import CallNext, Step
+from celery_guard.core.pipeline import Delivery, Step
 from celery_guard.runs import outcomes
 
 
@@ -19,18 +19,27 @@ class RunsStep(Step):
 
     name = "runs"
 
-    def run(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallNext) -> Any:
+    def around(self, delivery: Delivery, call: Callable[[], Any]) -> Any:
         """Run an item's delivery through ``outcomes.run_item``; other tasks pass through."""
-        request = task.request
+        request = delivery.request
         if request.called_directly or request.is_eager:
-            return call(*args, **kwargs)
-        guard = headers.read(request.headers)
+            return call()
+        guard = delivery.guard
         entry = guard.get(headers.RUN)
         # A dead-letter replay of an item runs the task, outside the run it came from.
-        if not isinstance(entry, Mapping) or "item" not in entry or "replay_of" in guard:
-            return call(*args, **kwargs)
+        if entry is None or not isinstance(entry, Mapping) or "item" not in entry:
+            return call()
+        if "replay_of" in guard:
+            return call()
         try:
             run_id, item_id = int(entry["run"]), int(entry["item"])
         except (KeyError, TypeError, ValueError):
-            return call(*args, **kwargs)
-        return outcomes.run_item(task, run_id, item_id, args, kwargs, call)
+            return call()
+        return outcomes.run_item(
+            delivery.task,
+            run_id,
+            item_id,
+            delivery.args,
+            delivery.kwargs,
+            lambda *args, **kwargs: call(),  # the delivery's own arguments, bound in ``call``
+        )
