@@ -61,6 +61,8 @@ class Run:
     outcome: str | None = None
     #: ``time.monotonic()`` when the delivery started.
     started: float = field(default_factory=time.monotonic)
+    #: The context fields, made on the first event (see :meth:`fields`).
+    _fields: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def elapsed(self) -> float:
         """Seconds since the delivery started."""
@@ -75,15 +77,26 @@ class Run:
         }
 
     def fields(self) -> dict[str, Any]:
-        """The context fields of its events."""
-        return {
-            "task_id": self.task_id,
-            "task_name": self.task_name,
-            "queue": self.queue,
-            "attempt": self.attempt,
-            "tenant": self.tenant,
-            **self.origin_fields(),
-        }
+        """The context fields of its events (a new dict each call)."""
+        return dict(self.shared_fields())
+
+    def shared_fields(self) -> dict[str, Any]:
+        """The context fields of its events, made once per run: never change the dict.
+
+        Every event of a run (at least ``started`` and its outcome) carries them; they do
+        not change while it runs.
+        """
+        found = self._fields
+        if found is None:
+            found = self._fields = {
+                "task_id": self.task_id,
+                "task_name": self.task_name,
+                "queue": self.queue,
+                "attempt": self.attempt,
+                "tenant": self.tenant,
+                **self.origin_fields(),
+            }
+        return found
 
 
 _origin: contextvars.ContextVar[Origin | None] = contextvars.ContextVar(

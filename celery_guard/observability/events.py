@@ -228,11 +228,13 @@ def emit(name: str, **fields: Any) -> None:
     current = context.current()
     if current is not None:
         own = fields.get("task_id", current.task_id) == current.task_id
-        base = current.fields() if own else current.origin_fields()
-        if own and event.outcome:
+        if not own:
+            fields = {**current.origin_fields(), **fields}
+        elif event.outcome:
             current.outcome = name
-            base["duration"] = current.elapsed()
-        fields = {**base, **fields}
+            fields = {**current.shared_fields(), "duration": current.elapsed(), **fields}
+        else:
+            fields = {**current.shared_fields(), **fields}
     else:
         found = context.origin()
         if found is not None:
