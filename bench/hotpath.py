@@ -1,10 +1,12 @@
 """The worker-side cost of one delivery, per task, in one process (issue 12's hot path).
 
-``python -m bench.hotpath [--n N] [--repeat R] [--variant NAME ...] [--profile NAME]``
+``python -m bench.hotpath [--n N] [--repeat R] [--variant NAME ...] [--profile NAME]
+[--sleep-ms MS]``
 
-For each variant's no-op task, N messages are published the producer's way (the guard's
-``apply_async``: payload check, header, router, a keyed task's claim), captured before they
-reach the broker, then delivered through the worker's own code, in this process:
+For each variant's no-op task (or a task that sleeps ``--sleep-ms``, as the 10 ms drain's),
+N messages are published the producer's way (the guard's ``apply_async``: payload check,
+header, router, a keyed task's claim), captured before they reach the broker, then
+delivered through the worker's own code, in this process:
 
 * *main*: the task's ``Request`` class built from the kombu message, as the worker's main
   process does for every message it receives (the body decoded, the request dict made);
@@ -45,7 +47,11 @@ VARIANTS = {
     "plain": "plain Celery @shared_task",
     "routing": "guarded: routing only",
     "redis-key": "guarded: idempotency key, Redis ledger",
+    "limits": "guarded: routing + a limit that never binds, Redis store",
 }
+
+#: Seconds the body sleeps (``--sleep-ms``; 0: a no-op).
+SLEEP = 0.0
 
 Job = tuple[str, str, dict[str, Any], Any, Any, Any]
 
@@ -59,7 +65,9 @@ def _environment() -> None:
 
 
 def noop(ident: int) -> None:
-    """Do nothing: the deliveries measure the framework alone."""
+    """Do nothing (or sleep ``SLEEP``): the deliveries measure the framework alone."""
+    if SLEEP:
+        time.sleep(SLEEP)
 
 
 class _Worker:
@@ -109,6 +117,13 @@ class Harness:
                 name="hotpath.redis_key",
                 priority="default",
                 idempotency_key="hotpath:{ident}",
+                ignore_result=True,
+            )(noop),
+            "limits": guarded_task(
+                name="hotpath.limits",
+                priority="default",
+                concurrency=10000,
+                rate="1000000/h",
                 ignore_result=True,
             )(noop),
         }
@@ -271,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", choices=list(VARIANTS))
     parser.add_argument("--profile", choices=list(VARIANTS))
     parser.add_argument("--callgrind", choices=list(VARIANTS))
+    parser.add_argument("--sleep-ms", type=float, default=0.0, help="the body sleeps this long")
     args = parser.parse_args(argv)
+    global SLEEP
+    SLEEP = args.sleep_ms / 1000
     _environment()
     harness = Harness()
     try:

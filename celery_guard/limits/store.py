@@ -43,7 +43,7 @@ from typing import Any
 import redis
 from django.db import connections as db_connections
 
-from celery_guard.conf import guard_settings
+from celery_guard.conf import guard_settings, memo
 from celery_guard.limits.base import Admission, LimitsStore, Unavailable
 from celery_guard.limits.rules import Rule
 
@@ -220,7 +220,15 @@ def backend() -> str:
 
 
 def redis_url() -> str | None:
-    """The limits' Redis: ``CELERY_GUARD_LIMITS_REDIS_URL``, else a Redis broker's URL."""
+    """The limits' Redis: ``CELERY_GUARD_LIMITS_REDIS_URL``, else a Redis broker's URL.
+
+    Kept with the settings (``conf.memo``): every admission asks for it, and Celery's
+    ``broker_url`` look-up costs more than the rest of the step's look-ups.
+    """
+    return memo("limits_redis_url", _redis_url)
+
+
+def _redis_url() -> str | None:
     url = guard_settings.limits_redis_url
     if url:
         return url
