@@ -349,6 +349,27 @@ def test_a_release_sent_in_the_background_is_settled_before_the_next_admission(l
     assert limits.holders(rule) == 0
 
 
+def test_the_packed_admission_recovers_from_a_script_flush_and_a_dropped_connection(settings):
+    # The admission is sent packed on a kept connection; after SCRIPT FLUSH (or a restart of
+    # Redis) EVALSHA answers NOSCRIPT, and a kept connection the server closed fails on use:
+    # both must still admit (the Script call loads the script and reconnects), and count.
+    limits = store.Store(settings.CELERY_GUARD_LIMITS_REDIS_URL, fresh_prefix())
+    rule = Rule("task:packed", concurrency=2)
+    first = limits.admit([rule], lease=30)
+    assert first.admitted and limits._idle, "the admission keeps its connection"
+    limits.client.script_flush()
+    second = limits.admit([rule], lease=30)
+    assert second.admitted
+    kept = limits._idle[-1]
+    kept.send_command("CLIENT", "ID")
+    limits.client.client_kill_filter(_id=int(kept.read_response()))
+    refused = limits.admit([rule], lease=30)
+    assert not refused.admitted and refused.kind == "concurrency"  # two slots held: counted
+    limits.release([rule], first.holder)
+    assert limits.admit([rule], lease=30).admitted
+    assert limits.holders(rule) == 2
+
+
 def test_a_background_release_that_fails_is_logged_and_does_not_block_the_next(caplog):
     class Unreachable:
         def release(self, rules, holder):

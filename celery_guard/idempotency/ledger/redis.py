@@ -12,6 +12,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from celery_guard.conf import guard_settings
+from celery_guard.core import resp
 from celery_guard.idempotency.ledger.base import (
     Claim,
     Ledger,
@@ -145,29 +146,7 @@ return 1
 )
 
 
-def _pack(args: Sequence[str | bytes | int | float]) -> bytes:
-    """One command in the Redis protocol (RESP), as redis-py encodes its arguments.
-
-    The hot path's arguments are known strings and numbers: packing them here costs a
-    fraction of redis-py's generic encoder.
-    """
-    return b"*%d\r\n%s" % (len(args), _bulk(args))
-
-
-def _bulk(args: Sequence[str | bytes | int | float]) -> bytes:
-    """``args`` as RESP bulk strings, one after the other (a command without its header)."""
-    raws = [
-        a.encode() if type(a) is str else a if type(a) is bytes else _text(a).encode() for a in args
-    ]
-    return b"".join([b"$%d\r\n%s\r\n" % (len(raw), raw) for raw in raws])
-
-
-def _text(arg: Any) -> str:
-    # What redis-py sends for a number (repr), and for a str subclass its text.
-    return arg if isinstance(arg, str) else repr(arg)
-
-
-_SKIP_REPLY = _pack(("CLIENT", "REPLY", "SKIP"))
+_SKIP_REPLY = resp.pack(("CLIENT", "REPLY", "SKIP"))
 _PROBE = b"celery_guard:reply-skip"
 
 
@@ -178,19 +157,11 @@ def _eval_head(command: str, script: str) -> bytes:
     :meth:`RedisLedger._run`); a quiet confirm sends the whole script on every publish (see
     :meth:`RedisLedger.confirm`), so encoding and framing its text once saves most of it.
     """
-    return _pack((command, script, 1))[len(b"*3\r\n") :]
+    return resp.head(command, script, 1)
 
 
 #: The confirm script's ``EVAL`` head, for :meth:`RedisLedger._send_quietly`.
 _CONFIRM_EVAL = _eval_head("EVAL", _LUA_CONFIRM)
-
-
-def _connection(pool: Any) -> Any:
-    """A connection of ``pool`` (redis-py before 5.3 wants a command name)."""
-    try:
-        return pool.get_connection()
-    except TypeError:
-        return pool.get_connection("EVAL")
 
 
 @functools.lru_cache(maxsize=8)
@@ -307,7 +278,9 @@ class RedisLedger(Ledger):
             head = self._heads[script.sha] = _eval_head("EVALSHA", script.sha)
         conn = self._take()
         try:
-            conn.send_packed_command([b"*%d\r\n%s%s" % (4 + len(args), head, _bulk((key, *args)))])
+            conn.send_packed_command(
+                [b"*%d\r\n%s%s" % (4 + len(args), head, resp.bulk((key, *args)))]
+            )
             return conn.read_response()
         except redis_errors.NoScriptError:
             pass  # replied: the connection is clean
@@ -338,7 +311,7 @@ class RedisLedger(Ledger):
         try:
             return self._idle.pop()
         except IndexError:
-            return _connection(self.client.connection_pool)
+            return resp.connection(self.client.connection_pool)
 
     def _give(self, conn: Any) -> None:
         self._idle.append(conn)
@@ -355,10 +328,10 @@ class RedisLedger(Ledger):
         pool = self.client.connection_pool
         # A pooled connection, not one the hot path keeps (:meth:`_take`): the pool hands it
         # back first to the next command of this thread, which thus runs after the confirmation.
-        conn = _connection(pool)
+        conn = resp.connection(pool)
         try:
             # EVAL, not EVALSHA: a NOSCRIPT error would go unseen with its reply skipped.
-            command = b"*%d\r\n%s%s" % (4 + len(args), head, _bulk((key, *args)))
+            command = b"*%d\r\n%s%s" % (4 + len(args), head, resp.bulk((key, *args)))
             conn.send_packed_command([_SKIP_REPLY + command])
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
             conn.disconnect()
@@ -373,10 +346,12 @@ class RedisLedger(Ledger):
     def _probe_reply_skip(self) -> bool:
         """Whether the server honours ``CLIENT REPLY SKIP`` (asked once per ledger)."""
         pool = self.client.connection_pool
-        conn = _connection(pool)
+        conn = resp.connection(pool)
         skipped = False
         try:
-            conn.send_packed_command([_SKIP_REPLY + _pack(("PING",)) + _pack(("ECHO", _PROBE))])
+            conn.send_packed_command(
+                [_SKIP_REPLY + resp.pack(("PING",)) + resp.pack(("ECHO", _PROBE))]
+            )
             # PING's reply skipped: the first reply is ECHO's. An error (CLIENT refused)
             # or anything else leaves replies unread: the connection is dropped below.
             skipped = conn.read_response() == _PROBE
