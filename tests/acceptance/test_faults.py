@@ -189,7 +189,12 @@ def test_an_unwritable_dead_letter_keeps_the_message_with_a_count(start_worker, 
         accept_dead_letters()
     row = dead_letter_of(result.id)
     assert row.reason == Reason.PERMANENT
-    assert row.headers["celery_guard"]["write_failures"] >= 1
+    if row.status_reason.startswith("minimal record"):
+        # The table came back between a delivery's refused full row and its minimal
+        # fallback: the minimal row keeps the raw message (headers included) as text.
+        assert re.search(r"'write_failures': [1-9]", row.traceback), row.traceback[:2000]
+    else:
+        assert row.headers["celery_guard"]["write_failures"] >= 1
     assert DeadLetter.objects.count() == 1
 
 
