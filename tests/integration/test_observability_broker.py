@@ -15,7 +15,9 @@ from celery_guard.observability import broker
 def test_rabbitmq_depth_counts_waiting_messages_and_the_age_is_unknown(amqp_url):
     name = f"cg-depth-{uuid.uuid4().hex[:8]}"
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name, auto_delete=False)
-    with Connection(amqp_url) as conn:
+    # Publisher confirms: each publish returns once RabbitMQ has queued the message, so the
+    # depth read next cannot race messages still in flight (seen under load: 1 of 3).
+    with Connection(amqp_url, transport_options={"confirm_publish": True}) as conn:
         producer = conn.Producer()
         for n in range(3):
             producer.publish(
