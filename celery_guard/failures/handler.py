@@ -396,20 +396,16 @@ def _may_be_lost(task: Any, request: Any) -> bool:
     return not flags_redeliveries(task.app)
 
 
-def run(
-    task: Any, body: Callable[[], Any], request: Any, guard: Mapping[str, Any] | None = None
-) -> Any:
+def run(task: Any, body: Callable[[], Any], request: Any, guard: Mapping[str, Any]) -> Any:
     """Run one delivery of a guarded task through the failure pipeline.
 
     Args:
         task: The guarded task.
         body: Runs the steps inside and the task body (no arguments: they are bound in it).
         request: ``task.request`` of the delivery.
-        guard: Its guard header, if already read.
+        guard: Its guard header.
     """
     global _outages
-    if guard is None:
-        guard = headers.read(request.headers)
     found = _request_problems(request, guard)
     if found:
         _refuse(task, found)

@@ -274,10 +274,9 @@ class Store:
         self._release = self.client.register_script(RELEASE)
         self._back_off = self.client.register_script(BACK_OFF)
         self._renew = self.client.register_script(RENEW)
-        #: ``EVALSHA <sha> <numkeys>`` of the admission, packed once per key count.
-        self._heads: dict[int, bytes] = {}
-        #: Connections the admission keeps between calls (see :meth:`_admit_packed`).
-        self._idle: list[Any] = []
+        #: Connections the admission keeps between calls: this process's store only
+        #: (:func:`get_store` makes one per process), so no fork shares them.
+        self._kept = resp.KeptConnections(self.client)
 
     def keys(self, rule: Rule) -> tuple[str, str, str]:
         """The concurrency set, rate log and back-off key of a rule."""
@@ -327,50 +326,12 @@ class Store:
                 1 if rule.scope in held else 0,
                 gap,
             ]
-        answer = _guarded(lambda: self._admit_packed(keys, args))
+        answer = _guarded(lambda: self._kept.evalsha(self._admit, keys, args))
         if int(answer[0]) == 1:
             return Admission(True, holder)
         kind = answer[2].decode() if isinstance(answer[2], bytes) else str(answer[2])
         rule = rules[int(answer[1]) - 1]
         return Admission(False, holder, rule, kind, float(answer[3]), int(answer[4]) == 1)
-
-    def _admit_packed(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run the admission script: the step's one awaited round trip per run.
-
-        ``EVALSHA`` packed here and sent on a connection this store keeps between calls (this
-        process's store only: :func:`get_store` makes one per process), which costs about half
-        the client CPU of redis-py's ``Script`` call (its pool checkout, retry and encoder).
-        A connection is kept only once its reply was read. Anything unusual (the script not
-        loaded, a connection gone stale) takes the ``Script`` call, which loads the script
-        and reconnects.
-        """
-        head = self._heads.get(len(keys))
-        if head is None:
-            head = self._heads[len(keys)] = resp.head("EVALSHA", self._admit.sha, len(keys))
-        try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = resp.connection(self.client.connection_pool)
-        try:
-            size = 3 + len(keys) + len(args)
-            conn.send_packed_command([b"*%d\r\n%s%s" % (size, head, resp.bulk((*keys, *args)))])
-            answer = conn.read_response()
-        except redis.exceptions.NoScriptError:
-            self._idle.append(conn)  # replied: the connection is clean
-        except redis.exceptions.ResponseError:
-            self._idle.append(conn)  # the script's own error, replied
-            raise
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-            conn.disconnect()  # the fallback below reconnects, or says the store is down
-            self._idle.append(conn)
-        except BaseException:
-            conn.disconnect()  # interrupted mid-reply: the reply would be read by the next call
-            self._idle.append(conn)
-            raise
-        else:
-            self._idle.append(conn)
-            return answer
-        return self._admit(keys=keys, args=args)
 
     def release(self, rules: Sequence[Rule], holder: str) -> None:
         """Give back the concurrency slots ``holder`` took.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import Ignore, Reject, Retry
@@ -21,10 +22,10 @@ _started_runs: set[int] = set()
 _MAX_REMEMBERED = 10_000
 
 
-def run_item(
-    task: Any, run_id: int, item_id: int, args: tuple[Any, ...], kwargs: dict[str, Any], call: Any
-) -> Any:
-    """Run one delivery of a run's item and record its outcome when it is final.
+def run_item(task: Any, run_id: int, item_id: int, call: Callable[[], Any]) -> Any:
+    """Run one delivery of a run's item (``call()``: the steps inside and the body).
+
+    Records the item's outcome when it is final.
 
     A retry (transient failure, or the key busy elsewhere) leaves the item running; a final
     failure (dead-lettered by the failure step inside) makes it ``failed``; a success makes
@@ -53,7 +54,7 @@ def run_item(
         )
         return None
     try:
-        result = call(*args, **kwargs)
+        result = call()
     except Deferral:
         # Put off by a limit or a pause: the body did not run, so this was not an attempt.
         _not_an_attempt(run_id, item_id)

@@ -35,11 +35,4 @@ class RunsStep(Step):
             run_id, item_id = int(entry["run"]), int(entry["item"])
         except (KeyError, TypeError, ValueError):
             return call()
-        return outcomes.run_item(
-            delivery.task,
-            run_id,
-            item_id,
-            delivery.args,
-            delivery.kwargs,
-            lambda *args, **kwargs: call(),  # the delivery's own arguments, bound in ``call``
-        )
+        return outcomes.run_item(delivery.task, run_id, item_id, call)

@@ -356,11 +356,11 @@ def test_the_packed_admission_recovers_from_a_script_flush_and_a_dropped_connect
     limits = store.Store(settings.CELERY_GUARD_LIMITS_REDIS_URL, fresh_prefix())
     rule = Rule("task:packed", concurrency=2)
     first = limits.admit([rule], lease=30)
-    assert first.admitted and limits._idle, "the admission keeps its connection"
+    assert first.admitted and limits._kept.idle, "the admission keeps its connection"
     limits.client.script_flush()
     second = limits.admit([rule], lease=30)
     assert second.admitted
-    kept = limits._idle[-1]
+    kept = limits._kept.idle[-1]
     kept.send_command("CLIENT", "ID")
     limits.client.client_kill_filter(_id=int(kept.read_response()))
     refused = limits.admit([rule], lease=30)

@@ -282,10 +282,10 @@ def test_a_deferred_delivery_of_an_item_is_not_counted_as_an_attempt():
 
     for _ in range(3):
         with pytest.raises(Deferral):
-            outcomes.run_item(task, run.pk, item.pk, (), {"n": 1}, deferred)
+            outcomes.run_item(task, run.pk, item.pk, lambda: deferred(n=1))
     item.refresh_from_db()
     assert (item.status, item.attempts) == ("running", 0)
-    outcomes.run_item(task, run.pk, item.pk, (), {"n": 1}, lambda **kwargs: None)
+    outcomes.run_item(task, run.pk, item.pk, lambda: None)
     item.refresh_from_db()
     assert (item.status, item.attempts) == ("succeeded", 1)
 
@@ -298,7 +298,7 @@ def _delivery(run, seq, body=lambda **kwargs: None):
 
     item = BulkRunItem.objects.get(run=run, seq=seq)
     task = SimpleNamespace(name=run_item.name, request=SimpleNamespace(id=item.task_id))
-    return lambda: outcomes.run_item(task, run.pk, item.pk, (), item.kwargs, body)
+    return lambda: outcomes.run_item(task, run.pk, item.pk, lambda: body(**item.kwargs))
 
 
 def test_an_item_costs_the_worker_two_statements_on_postgresql():

@@ -150,18 +150,10 @@ _SKIP_REPLY = resp.pack(("CLIENT", "REPLY", "SKIP"))
 _PROBE = b"celery_guard:reply-skip"
 
 
-def _eval_head(command: str, script: str) -> bytes:
-    """``EVAL <script> 1`` (or ``EVALSHA <sha> 1``) in RESP, without the array header.
-
-    Packed once per script: the hot path adds the key and arguments (see
-    :meth:`RedisLedger._run`); a quiet confirm sends the whole script on every publish (see
-    :meth:`RedisLedger.confirm`), so encoding and framing its text once saves most of it.
-    """
-    return resp.head(command, script, 1)
-
-
-#: The confirm script's ``EVAL`` head, for :meth:`RedisLedger._send_quietly`.
-_CONFIRM_EVAL = _eval_head("EVAL", _LUA_CONFIRM)
+#: The confirm script's ``EVAL <script> 1``, for :meth:`RedisLedger._send_quietly`: a quiet
+#: confirm sends the whole script on every publish (see :meth:`RedisLedger.confirm`), so
+#: encoding and framing its text once saves most of it.
+_CONFIRM_EVAL = resp.head("EVAL", _LUA_CONFIRM, 1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -182,7 +174,7 @@ def _forget_connections_in_child(ledger: RedisLedger) -> None:
     def forget() -> None:
         alive = ref()
         if alive is not None:
-            alive._idle = []
+            alive._kept.forget()
 
     os.register_at_fork(after_in_child=forget)
 
@@ -206,11 +198,9 @@ class RedisLedger(Ledger):
         self._renew = self.client.register_script(_LUA_RENEW)
         #: Whether the server skips a reply on request (probed on first use).
         self._skips_replies: bool | None = None
-        #: ``EVALSHA <sha> 1`` of each script, packed once (see :func:`_eval_head`).
-        self._heads: dict[str, bytes] = {}
         #: Connections the hot path took from the pool and keeps between calls (see
         #: :meth:`_take`); a forked child starts without its parent's.
-        self._idle: list[Any] = []
+        self._kept = resp.KeptConnections(self.client)
         _forget_connections_in_child(self)
 
     def _key(self, key: str) -> str:
@@ -268,56 +258,26 @@ class RedisLedger(Ledger):
     def _run(self, script: Any, key: str, args: Sequence[Any]) -> Any:
         """Run a registered ``script`` on ``key``: the hot path's one round trip.
 
-        ``EVALSHA`` straight on a connection of this ledger (:meth:`_take`), which costs half
-        the CPU of redis-py's ``Script`` call (its retry and event machinery). Anything
-        unusual (the script not loaded, a connection gone stale) takes the ``Script`` call,
-        which loads the script and reconnects.
+        ``EVALSHA`` straight on a connection this ledger keeps (``resp.KeptConnections``),
+        which costs half the CPU of redis-py's ``Script`` call.
         """
-        head = self._heads.get(script.sha)
-        if head is None:
-            head = self._heads[script.sha] = _eval_head("EVALSHA", script.sha)
-        conn = self._take()
-        try:
-            conn.send_packed_command(
-                [b"*%d\r\n%s%s" % (4 + len(args), head, resp.bulk((key, *args)))]
-            )
-            return conn.read_response()
-        except redis_errors.NoScriptError:
-            pass  # replied: the connection is clean
-        except redis_errors.ResponseError:
-            raise  # the script's own error, replied: the connection is clean
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
-            conn.disconnect()
-        except BaseException:
-            conn.disconnect()  # interrupted mid-reply: the reply would be read by the next
-            raise
-        finally:
-            self._give(conn)
-        return script(keys=[key], args=args)
+        return self._kept.evalsha(script, (key,), args)
 
     def _take(self) -> Any:
-        """A connection for one command and its reply; give it back with :meth:`_give`.
+        """A kept connection for one command and its reply; give it back with :meth:`_give`.
 
-        The hot path keeps its connections instead of returning them to the pool after each
-        command: the pool's checkout (its lock, connection-state bookkeeping and a readiness
-        poll of the socket) cost more CPU than the rest of a ledger call. A connection is
-        given back only once its reply was read (or after ``disconnect()``), so one taken
-        here never holds unread data; a stale one fails on use and the ``Script`` fallback
-        reconnects. A confirmation sent without waiting (:meth:`_send_quietly`) stays on the
-        pool, so a read through the client (:meth:`get`) still follows it on the same
-        connection; the scripts sent here decide the same whether or not it was applied yet
+        A confirmation sent without waiting (:meth:`_send_quietly`) stays on the pool, so a
+        read through the client (:meth:`get`) still follows it on the same connection; the
+        scripts sent on kept connections decide the same whether or not it was applied yet
         (a pending claim answers a claim or a start alike, confirmed or not).
         """
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return resp.connection(self.client.connection_pool)
+        return self._kept.take()
 
     def _give(self, conn: Any) -> None:
-        self._idle.append(conn)
+        self._kept.give(conn)
 
     def _send_quietly(self, head: bytes, key: str, args: Sequence[Any]) -> bool:
-        """Send a script (``head``: :func:`_eval_head`) on ``key`` with no reply to wait for.
+        """Send a script (``head``: ``resp.head`` of it) on ``key`` with no reply to wait for.
 
         Returns False when it cannot.
         """
