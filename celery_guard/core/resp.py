@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
+
+logger = logging.getLogger(__name__)
 
 
 def pack(args: Sequence[str | bytes | int | float]) -> bytes:
@@ -53,10 +57,12 @@ class KeptConnections:
     The pool's checkout (its lock, connection-state bookkeeping and a readiness poll of the
     socket) and redis-py's ``Script`` call (its retry and event machinery) cost more CPU than
     the rest of a ledger call or a limits admission: :meth:`evalsha` sends the packed
-    ``EVALSHA`` itself on a connection kept here. A connection is given back only once its
-    reply was read (or after ``disconnect()``), so one taken here never holds unread data; a
-    stale one fails on use and the ``Script`` fallback reconnects. The owner empties it
-    (:meth:`forget`) in a forked child, whose parent's sockets these are.
+    ``EVALSHA`` itself on a connection kept here, and :meth:`send` sends one whose answer
+    nobody waits for (read with the connection's next use, or by :meth:`flush`). A kept
+    connection is either clean or holds only the unread replies of its :meth:`send` calls,
+    which :meth:`take` reads first; a stale one fails on use and the ``Script`` fallback
+    reconnects. The owner empties it (:meth:`forget`) in a forked child, whose parent's
+    sockets these are.
     """
 
     def __init__(self, client: Any) -> None:
@@ -64,21 +70,50 @@ class KeptConnections:
         self.idle: list[Any] = []
         #: ``EVALSHA <sha> <numkeys>``, packed once per script and key count.
         self._heads: dict[tuple[str, int], bytes] = {}
+        #: Per connection (by identity), the commands :meth:`send` sent whose replies are
+        #: unread, oldest first: (script, keys, args, what it was, for the log).
+        self._unread: dict[int, list[tuple[Any, Sequence[str], Sequence[Any], str]]] = {}
+        #: Held while a connection changes hands or its unread replies are read: the
+        #: owner's background thread may :meth:`flush` while its main thread calls.
+        self._lock = threading.Lock()
 
     def take(self) -> Any:
-        """A connection for one command and its reply; give it back with :meth:`give`."""
-        try:
-            return self.idle.pop()
-        except IndexError:
-            return connection(self.client.connection_pool)
+        """A connection for one command and its reply; give it back with :meth:`give`.
+
+        The connection's unread replies (of :meth:`send`) are read first, so the caller
+        reads its own.
+        """
+        with self._lock:
+            try:
+                conn = self.idle.pop()
+            except IndexError:
+                return connection(self.client.connection_pool)
+            if self._unread:
+                self._read_unread(conn)
+            return conn
 
     def give(self, conn: Any) -> None:
         """Keep ``conn`` for the next call (its reply read, or disconnected)."""
-        self.idle.append(conn)
+        with self._lock:
+            self.idle.append(conn)
 
     def forget(self) -> None:
         """Drop the kept connections (in a forked child: the parent's sockets)."""
         self.idle = []
+        self._unread = {}
+        self._lock = threading.Lock()  # the parent's may have been held by a thread
+
+    def flush(self) -> None:
+        """Read the replies :meth:`send` left unread (logging failures, resending).
+
+        Called by the owner's background thread when it is idle, so a failed command is
+        known within a tick, not at the next call.
+        """
+        if not self._unread:
+            return
+        with self._lock:
+            for conn in self.idle:
+                self._read_unread(conn)
 
     def evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run the registered ``script`` (redis-py's ``Script``): one round trip.
@@ -86,13 +121,9 @@ class KeptConnections:
         Anything unusual (the script not loaded, a connection gone stale) takes the
         ``Script`` call, which loads the script and reconnects.
         """
-        packed = self._heads.get((script.sha, len(keys)))
-        if packed is None:
-            packed = self._heads[(script.sha, len(keys))] = head("EVALSHA", script.sha, len(keys))
-        size = 3 + len(keys) + len(args)
         conn = self.take()
         try:
-            conn.send_packed_command([b"*%d\r\n%s%s" % (size, packed, bulk((*keys, *args)))])
+            conn.send_packed_command([self._packed(script, keys, args)])
             return conn.read_response()
         except redis_errors.NoScriptError:
             pass  # replied: the connection is clean
@@ -106,3 +137,72 @@ class KeptConnections:
         finally:
             self.give(conn)
         return script(keys=list(keys), args=list(args))
+
+    def send(self, script: Any, keys: Sequence[str], args: Sequence[Any], what: str) -> None:
+        """Send the registered ``script`` without waiting for its reply.
+
+        For an idempotent script whose result the caller does not need: Redis runs it in
+        the order of the connection's commands, so the next call on this connection comes
+        after it. Its reply is read later (:meth:`take`, :meth:`flush`): an error is logged
+        with ``what``, and a script Redis did not know (``NOSCRIPT``) or a connection lost
+        before the reply is run again through the ``Script`` call, which is why it must be
+        idempotent.
+
+        Raises:
+            redis.RedisError: The command could not be sent nor run by the fallback.
+        """
+        conn = self.take()
+        try:
+            conn.send_packed_command([self._packed(script, keys, args)])
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+            conn.disconnect()
+            self.give(conn)
+            script(keys=list(keys), args=list(args))
+            return
+        except BaseException:
+            conn.disconnect()  # part of a command may have been written
+            self.give(conn)
+            raise
+        with self._lock:
+            self._unread.setdefault(id(conn), []).append((script, keys, args, what))
+            self.idle.append(conn)
+
+    def _packed(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+        packed = self._heads.get((script.sha, len(keys)))
+        if packed is None:
+            packed = self._heads[(script.sha, len(keys))] = head("EVALSHA", script.sha, len(keys))
+        return b"*%d\r\n%s%s" % (3 + len(keys) + len(args), packed, bulk((*keys, *args)))
+
+    def _read_unread(self, conn: Any) -> None:
+        """Read ``conn``'s unread replies, oldest first (the lock held)."""
+        unread = self._unread.pop(id(conn), None)
+        while unread:
+            script, keys, args, what = unread.pop(0)
+            try:
+                conn.read_response()
+                continue
+            except redis_errors.NoScriptError:
+                pass  # not run: run it now
+            except redis_errors.ResponseError:
+                logger.warning("celery_guard: %s failed in Redis", what, exc_info=True)
+                continue
+            except BaseException as exc:
+                # Lost with the connection (or interrupted mid-reply, by a time limit): it
+                # may or may not have run, and those after it too. They are idempotent: run
+                # them again.
+                conn.disconnect()
+                for again in [(script, keys, args, what), *unread]:
+                    _run_again(*again)
+                if isinstance(
+                    exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+                ):
+                    return
+                raise
+            _run_again(script, keys, args, what)
+
+
+def _run_again(script: Any, keys: Sequence[str], args: Sequence[Any], what: str) -> None:
+    try:
+        script(keys=list(keys), args=list(args))
+    except Exception:
+        logger.warning("celery_guard: %s could not reach Redis", what, exc_info=True)

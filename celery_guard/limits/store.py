@@ -345,6 +345,28 @@ class Store:
             args = [holder, MAX_GAP, *(rule.concurrency for rule in bound)]
             _guarded(lambda: self._release(keys=keys, args=args))
 
+    def release_unanswered(self, rules: Sequence[Rule], holder: str) -> None:
+        """:meth:`release`, sent without waiting for Redis's answer.
+
+        It goes on the connection the next admission of this process takes, so Redis runs
+        it before that admission; the answer is read then, or by the background thread when
+        the process is idle (:meth:`flush`). The release is idempotent, so one whose
+        connection was lost is sent again; one that fails is logged.
+
+        Raises:
+            Unavailable: Redis cannot be reached (the slots return when their lease ends).
+        """
+        bound = [rule for rule in rules if rule.concurrency]
+        if bound:
+            keys = [key for rule in bound for key in (self.keys(rule)[0], self.queue(rule))]
+            args = [holder, MAX_GAP, *(rule.concurrency for rule in bound)]
+            what = f"the release of the limit slots of {holder}"
+            _guarded(lambda: self._kept.send(self._release, keys, args, what))
+
+    def flush(self) -> None:
+        """Read the answers of the releases sent unanswered (the background thread, idle)."""
+        self._kept.flush()
+
     def renew(self, rules: Sequence[Rule], holder: str, lease: float) -> None:
         """Extend ``holder``'s live concurrency leases by ``lease`` seconds from now.
 
@@ -366,7 +388,11 @@ class Store:
             _guarded(lambda: self._back_off(keys=keys, args=[max(1, int(seconds * 1000))]))
 
     def holders(self, rule: Rule) -> int:
-        """How many live holders a rule's concurrency set has now (admin, tests)."""
+        """How many live holders a rule's concurrency set has now (admin, tests).
+
+        After this process's own releases: their answers are read first.
+        """
+        self.flush()
         return int(self.client.zcount(self.keys(rule)[0], time.time(), "+inf"))
 
     def ping(self) -> None:
@@ -473,19 +499,28 @@ def drop(holder: str) -> None:
 
 
 def release_later(limits: LimitsStore, rules: Sequence[Rule], holder: str) -> None:
-    """Stop renewing ``holder``'s slots and release them from the background thread.
+    """Stop renewing ``holder``'s slots and release them without waiting for the store.
 
-    The release is one round trip to the store that the task's result does not depend on, so
-    it overlaps with whatever the process does next. Until it is answered the slots still
-    count as taken (a limit is only ever stricter for it), and :func:`settle` makes the next
-    admission of this process wait for it. A process that dies first leaves its slots to run
-    out with their lease, as a SIGKILLed one does.
+    The release is one round trip to the store that the task's result does not depend on.
+    The Redis store sends it at once and reads the answer later
+    (:meth:`Store.release_unanswered`): Redis runs it before anything this process sends
+    next. Another store's release is handed to the background thread, so it overlaps with
+    whatever the process does next; until it is answered the slots still count as taken (a
+    limit is only ever stricter for it), and :func:`settle` makes the next admission of this
+    process wait for it. A process that dies first leaves its slots to run out with their
+    lease, as a SIGKILLed one does.
     """
     global _unsent
     drop(holder)
     if not any(rule.concurrency for rule in rules):
         return
     _ensure_thread()
+    if isinstance(limits, Store):
+        try:
+            limits.release_unanswered(rules, holder)
+        except Exception:
+            _could_not_release(holder)
+        return
     with _sent:
         _unsent += 1
     _releases.put((limits, tuple(rules), holder))
@@ -504,16 +539,19 @@ def _release(limits: LimitsStore, rules: tuple[Rule, ...], holder: str) -> None:
     try:
         limits.release(rules, holder)
     except Exception:
-        logger.warning(
-            "celery_guard: could not release the limit slots of %s; they return when their "
-            "lease ends",
-            holder,
-            exc_info=True,
-        )
+        _could_not_release(holder)
     finally:
         with _sent:
             _unsent -= 1
             _sent.notify_all()
+
+
+def _could_not_release(holder: str) -> None:
+    logger.warning(
+        "celery_guard: could not release the limit slots of %s; they return when their lease ends",
+        holder,
+        exc_info=True,
+    )
 
 
 def _background() -> None:
@@ -522,6 +560,7 @@ def _background() -> None:
         try:
             _release(*releases.get(timeout=RENEW_TICK))
         except queue.Empty:
+            _flush_unanswered()
             if not _held:
                 # Idle (no release sent, no body holds a slot): the database store's
                 # connection of this thread (if any) is not kept open.
@@ -537,6 +576,19 @@ def _background() -> None:
             except Exception:
                 logger.warning(
                     "celery_guard: could not renew the limit slots of %s", holder, exc_info=True
+                )
+
+
+def _flush_unanswered() -> None:
+    """Read the answers of this process's unanswered releases (a failure is logged)."""
+    pid = os.getpid()
+    for (owner, _url, _prefix), limits in list(_stores.items()):
+        if owner == pid:
+            try:
+                limits.flush()
+            except Exception:
+                logger.warning(
+                    "celery_guard: could not read the limits store's answers", exc_info=True
                 )
 
 

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import pytest
+import redis
 from celery.exceptions import Retry
 from django.contrib.admin.models import LogEntry
 from django.core.exceptions import ValidationError
@@ -368,6 +369,44 @@ def test_the_packed_admission_recovers_from_a_script_flush_and_a_dropped_connect
     limits.release([rule], first.holder)
     assert limits.admit([rule], lease=30).admitted
     assert limits.holders(rule) == 2
+
+
+def test_a_release_sent_unanswered_runs_again_after_a_script_flush(settings):
+    # The Redis store sends a body's release without waiting for the answer. If Redis no
+    # longer knows the script (SCRIPT FLUSH, a restart), the answer read later is NOSCRIPT:
+    # the release must then be run again, or the slot stays taken for its whole lease.
+    limits = store.Store(settings.CELERY_GUARD_LIMITS_REDIS_URL, fresh_prefix())
+    rule = Rule("task:unanswered", concurrency=1)
+    admission = limits.admit([rule], lease=30)
+    limits.client.script_flush()
+    store.release_later(limits, [rule], admission.holder)
+    assert limits._kept._unread, "sent without reading its answer"
+    limits.flush()
+    assert not limits._kept._unread
+    assert limits.holders(rule) == 0
+    assert limits.admit([rule], lease=30).admitted
+
+
+def test_a_release_lost_with_its_connection_is_sent_again(settings):
+    # The release is written to the kept connection, then the connection dies before Redis
+    # ran it (the server paused writes, then killed the client): reading its answer fails,
+    # and the release must be sent again on a new connection.
+    limits = store.Store(settings.CELERY_GUARD_LIMITS_REDIS_URL, fresh_prefix())
+    rule = Rule("task:lost-release", concurrency=1)
+    admission = limits.admit([rule], lease=30)
+    kept = limits._kept.idle[-1]
+    kept.send_command("CLIENT", "ID")
+    client_id = int(kept.read_response())
+    control = redis.Redis.from_url(settings.CELERY_GUARD_LIMITS_REDIS_URL)
+    control.client_pause(5000, all=False)  # writes (scripts) wait; CLIENT KILL does not
+    try:
+        limits.release_unanswered([rule], admission.holder)
+        assert control.client_kill_filter(_id=client_id) == 1
+    finally:
+        control.client_unpause()
+    limits.flush()
+    assert limits.holders(rule) == 0
+    assert limits.admit([rule], lease=30).admitted
 
 
 def test_a_background_release_that_fails_is_logged_and_does_not_block_the_next(caplog):
