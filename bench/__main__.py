@@ -55,12 +55,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="dead letters to time the changelist at, instead of the mode's sizes (repeatable)",
     )
+    parser.add_argument(
+        "--only-variants",
+        action="store_true",
+        help="only the variants' phases (enqueue, drains, paced, limits' round trips)",
+    )
     parser.add_argument("--sqlite", action="store_true", help="use SQLite, not PostgreSQL")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON")
     args = parser.parse_args(argv)
-    if args.only_dlq and args.only_runs:
-        parser.error("--only-dlq and --only-runs each run one section: pick one")
+    if sum((args.only_dlq, args.only_runs, args.only_variants)) > 1:
+        parser.error("--only-dlq, --only-runs and --only-variants each run one part: pick one")
     partial = "--only-dlq" if args.only_dlq else "--only-runs" if args.only_runs else None
+    if args.only_variants and args.write_docs:
+        parser.error("--write-docs needs the whole run, not --only-variants")
     if partial and args.only:
         parser.error(f"--only picks variants, which {partial} does not run")
     if partial and args.write_docs:
@@ -202,17 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             if any(v.name in limit_trips.STORES for v in variants):
                 progress("limits: round trips per task, counted in process")
                 measured["limit_trips"] = limit_trips.run(variants, config.limit_trips_n)
+        if not (args.only_dlq or args.only_runs or args.only_variants):
             progress("micro-benchmarks: ledger decisions and beat lease operations")
             measured["micro"] = micro.run_all(config.micro_n, database.engine)
             progress("observability: the events' cost per task, in process")
             measured["observability"] = observability.run(config.observability_n, config.reps)
-        if not args.only_runs:
+        if not (args.only_runs or args.only_variants):
             progress("dead letters: changelist timings and bulk replay")
             measured["dlq"] = dlq.run(list(config.dlq_rows), config.dlq_replay_n)
-        if not args.only_dlq and not args.only_runs:
+        if not (args.only_dlq or args.only_runs or args.only_variants):
             progress("delivery: outbox, schedule throughput, idle poller")
             measured["delivery"] = delivery.run(config.delivery_n)
-        if not args.only_dlq:
+        if not (args.only_dlq or args.only_variants):
             progress("bulk runs: start_run, drain against a group, memory")
             measured["runs"] = runs.run(
                 config.runs_n, config.runs_drain_n, config.reps, config.runs_memory_n
