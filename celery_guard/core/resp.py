@@ -11,6 +11,13 @@ from redis import exceptions as redis_errors
 
 logger = logging.getLogger(__name__)
 
+#: A command sent by :meth:`KeptConnections.send` whose reply is unread: the script, its
+#: keys and arguments, and what it does (for the log).
+_Unread = tuple[Any, Sequence[str], Sequence[Any], str]
+
+#: What a lost (or stale) connection raises.
+_LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
 
 def pack(args: Sequence[str | bytes | int | float]) -> bytes:
     """One command in the Redis protocol (RESP), as redis-py encodes its arguments.
@@ -72,7 +79,7 @@ class KeptConnections:
         self._heads: dict[tuple[str, int], bytes] = {}
         #: Per connection (by identity), the commands :meth:`send` sent whose replies are
         #: unread, oldest first: (script, keys, args, what it was, for the log).
-        self._unread: dict[int, list[tuple[Any, Sequence[str], Sequence[Any], str]]] = {}
+        self._unread: dict[int, list[_Unread]] = {}
         #: Held while a connection changes hands or its unread replies are read: the
         #: owner's background thread may :meth:`flush` while its main thread calls.
         self._lock = threading.Lock()
@@ -83,14 +90,10 @@ class KeptConnections:
         The connection's unread replies (of :meth:`send`) are read first, so the caller
         reads its own.
         """
-        with self._lock:
-            try:
-                conn = self.idle.pop()
-            except IndexError:
-                return connection(self.client.connection_pool)
-            if self._unread:
-                self._read_unread(conn)
-            return conn
+        conn, unread = self._take()
+        if unread:
+            self._read_unread(conn, unread)
+        return conn
 
     def give(self, conn: Any) -> None:
         """Keep ``conn`` for the next call (its reply read, or disconnected)."""
@@ -107,29 +110,37 @@ class KeptConnections:
         """Read the replies :meth:`send` left unread (logging failures, resending).
 
         Called by the owner's background thread when it is idle, so a failed command is
-        known within a tick, not at the next call.
+        known within a tick, not at the next call. The lock is held throughout: a call
+        meanwhile waits, and takes the connection its predecessor's commands went on.
         """
         if not self._unread:
             return
         with self._lock:
             for conn in self.idle:
-                self._read_unread(conn)
+                unread = self._unread.pop(id(conn), None)
+                if unread:
+                    self._read_unread(conn, unread)
 
     def evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run the registered ``script`` (redis-py's ``Script``): one round trip.
 
-        Anything unusual (the script not loaded, a connection gone stale) takes the
-        ``Script`` call, which loads the script and reconnects.
+        Sent before the connection's unread replies (of :meth:`send`) are read, so it
+        waits for them and its own in one round trip. Anything unusual (the script not
+        loaded, a connection gone stale) takes the ``Script`` call, which loads the script
+        and reconnects.
         """
-        conn = self.take()
+        conn, unread = self._take()
+        if not self._send(conn, unread, self._packed(script, keys, args)):
+            return script(keys=list(keys), args=list(args))
         try:
-            conn.send_packed_command([self._packed(script, keys, args)])
+            if unread and not self._read_unread(conn, unread):
+                raise redis_errors.ConnectionError("lost with the replies before it")
             return conn.read_response()
         except redis_errors.NoScriptError:
             pass  # replied: the connection is clean
         except redis_errors.ResponseError:
             raise  # the script's own error, replied: the connection is clean
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+        except _LOST:
             conn.disconnect()  # the fallback reconnects, or raises that Redis is down
         except BaseException:
             conn.disconnect()  # interrupted mid-reply: the reply would be read by the next
@@ -143,29 +154,49 @@ class KeptConnections:
 
         For an idempotent script whose result the caller does not need: Redis runs it in
         the order of the connection's commands, so the next call on this connection comes
-        after it. Its reply is read later (:meth:`take`, :meth:`flush`): an error is logged
-        with ``what``, and a script Redis did not know (``NOSCRIPT``) or a connection lost
-        before the reply is run again through the ``Script`` call, which is why it must be
-        idempotent.
+        after it. Its reply is read later (by that call, or :meth:`flush`): an error is
+        logged with ``what``, and a script Redis did not know (``NOSCRIPT``) or a connection
+        lost before the reply is run again through the ``Script`` call, which is why it must
+        be idempotent.
 
         Raises:
             redis.RedisError: The command could not be sent nor run by the fallback.
         """
-        conn = self.take()
-        try:
-            conn.send_packed_command([self._packed(script, keys, args)])
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
-            conn.disconnect()
-            self.give(conn)
+        entry = (script, keys, args, what)
+        conn, unread = self._take()
+        if not self._send(conn, unread, self._packed(script, keys, args)):
             script(keys=list(keys), args=list(args))
             return
-        except BaseException:
+        with self._lock:
+            self._unread[id(conn)] = [*(unread or ()), entry]
+            self.idle.append(conn)
+
+    def _send(self, conn: Any, unread: list[_Unread] | None, command: bytes) -> bool:
+        """Send ``command`` on ``conn``; False (``conn`` given back) if it could not be sent.
+
+        A connection that failed is disconnected, and the commands whose replies it held
+        unread are run again (they may or may not have run: they are idempotent).
+        """
+        try:
+            conn.send_packed_command([command])
+            return True
+        except BaseException as exc:
             conn.disconnect()  # part of a command may have been written
             self.give(conn)
+            for again in unread or ():
+                _run_again(*again)
+            if isinstance(exc, _LOST):
+                return False
             raise
+
+    def _take(self) -> tuple[Any, list[_Unread] | None]:
+        """A kept connection (or a new one) and its unread replies, taken over by the caller."""
         with self._lock:
-            self._unread.setdefault(id(conn), []).append((script, keys, args, what))
-            self.idle.append(conn)
+            try:
+                conn = self.idle.pop()
+            except IndexError:
+                return connection(self.client.connection_pool), None
+            return conn, self._unread.pop(id(conn), None) if self._unread else None
 
     def _packed(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> bytes:
         packed = self._heads.get((script.sha, len(keys)))
@@ -173,11 +204,14 @@ class KeptConnections:
             packed = self._heads[(script.sha, len(keys))] = head("EVALSHA", script.sha, len(keys))
         return b"*%d\r\n%s%s" % (3 + len(keys) + len(args), packed, bulk((*keys, *args)))
 
-    def _read_unread(self, conn: Any) -> None:
-        """Read ``conn``'s unread replies, oldest first (the lock held)."""
-        unread = self._unread.pop(id(conn), None)
-        while unread:
-            script, keys, args, what = unread.pop(0)
+    @staticmethod
+    def _read_unread(conn: Any, unread: list[_Unread]) -> bool:
+        """Read ``conn``'s unread replies, oldest first; False if the connection was lost.
+
+        A lost one is disconnected, and the commands whose replies were unread are run again
+        (they may or may not have run: they are idempotent).
+        """
+        for i, (script, keys, args, what) in enumerate(unread):
             try:
                 conn.read_response()
                 continue
@@ -187,18 +221,15 @@ class KeptConnections:
                 logger.warning("celery_guard: %s failed in Redis", what, exc_info=True)
                 continue
             except BaseException as exc:
-                # Lost with the connection (or interrupted mid-reply, by a time limit): it
-                # may or may not have run, and those after it too. They are idempotent: run
-                # them again.
+                # Lost with the connection, or interrupted mid-reply (a time limit).
                 conn.disconnect()
-                for again in [(script, keys, args, what), *unread]:
+                for again in unread[i:]:
                     _run_again(*again)
-                if isinstance(
-                    exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-                ):
-                    return
+                if isinstance(exc, _LOST):
+                    return False
                 raise
             _run_again(script, keys, args, what)
+        return True
 
 
 def _run_again(script: Any, keys: Sequence[str], args: Sequence[Any], what: str) -> None:
