@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +17,9 @@ logger = logging.getLogger(__name__)
 #: A command sent by :meth:`KeptConnections.send` whose reply is unread: the script, its
 #: keys and arguments, and what it does (for the log).
 _Unread = tuple[Any, Sequence[str], Sequence[Any], str]
+
+#: Seconds between two reads of the replies left unread, by this process's flusher thread.
+FLUSH_TICK = 0.25
 
 #: What a lost (or stale) connection raises.
 _LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
@@ -68,8 +74,7 @@ class KeptConnections:
     nobody waits for (read with the connection's next use, or by :meth:`flush`). A kept
     connection is either clean or holds only the unread replies of its :meth:`send` calls,
     which :meth:`take` reads first; a stale one fails on use and the ``Script`` fallback
-    reconnects. The owner empties it (:meth:`forget`) in a forked child, whose parent's
-    sockets these are.
+    reconnects. A forked child empties every one (:meth:`forget`): its parent's sockets.
     """
 
     def __init__(self, client: Any) -> None:
@@ -81,8 +86,9 @@ class KeptConnections:
         #: unread, oldest first: (script, keys, args, what it was, for the log).
         self._unread: dict[int, list[_Unread]] = {}
         #: Held while a connection changes hands or its unread replies are read: the
-        #: owner's background thread may :meth:`flush` while its main thread calls.
+        #: flusher thread may :meth:`flush` while the owner calls.
         self._lock = threading.Lock()
+        _kept.add(self)
 
     def take(self) -> Any:
         """A connection for one command and its reply; give it back with :meth:`give`.
@@ -109,8 +115,8 @@ class KeptConnections:
     def flush(self) -> None:
         """Read the replies :meth:`send` left unread (logging failures, resending).
 
-        Called by the owner's background thread when it is idle, so a failed command is
-        known within a tick, not at the next call. The lock is held throughout: a call
+        The process's flusher thread calls it every :data:`FLUSH_TICK`, so a failed command
+        is known within a tick, not at the next call. The lock is held throughout: a call
         meanwhile waits, and takes the connection its predecessor's commands went on.
         """
         if not self._unread:
@@ -152,21 +158,25 @@ class KeptConnections:
     def send(self, script: Any, keys: Sequence[str], args: Sequence[Any], what: str) -> None:
         """Send the registered ``script`` without waiting for its reply.
 
-        For an idempotent script whose result the caller does not need: Redis runs it in
-        the order of the connection's commands, so the next call on this connection comes
-        after it. Its reply is read later (by that call, or :meth:`flush`): an error is
-        logged with ``what``, and a script Redis did not know (``NOSCRIPT``) or a connection
-        lost before the reply is run again through the ``Script`` call, which is why it must
-        be idempotent.
+        For an idempotent script whose result the caller does not need: Redis runs it in the
+        order of the connection's commands, so the next call on this connection comes after
+        it. Its reply is read later (by that call, or by the flusher thread within
+        :data:`FLUSH_TICK`): an error is logged with ``what``, and a script Redis did not
+        know (``NOSCRIPT``) or a connection lost before the reply is run again through the
+        ``Script`` call, which is why it must be idempotent.
 
         Raises:
             redis.RedisError: The command could not be sent nor run by the fallback.
         """
+        global _flusher
         entry = (script, keys, args, what)
         conn, unread = self._take()
         if not self._send(conn, unread, self._packed(script, keys, args)):
             script(keys=list(keys), args=list(args))
             return
+        if not _flusher:
+            _flusher = True
+            threading.Thread(target=_flush_kept, name="celery-guard-replies", daemon=True).start()
         with self._lock:
             self._unread[id(conn)] = [*(unread or ()), entry]
             self.idle.append(conn)
@@ -214,9 +224,9 @@ class KeptConnections:
         for i, (script, keys, args, what) in enumerate(unread):
             try:
                 conn.read_response()
-                continue
             except redis_errors.NoScriptError:
-                pass  # not run: run it now
+                _run_again(script, keys, args, what)  # not run: run it now
+                continue
             except redis_errors.ResponseError:
                 logger.warning("celery_guard: %s failed in Redis", what, exc_info=True)
                 continue
@@ -228,7 +238,6 @@ class KeptConnections:
                 if isinstance(exc, _LOST):
                     return False
                 raise
-            _run_again(script, keys, args, what)
         return True
 
 
@@ -237,3 +246,31 @@ def _run_again(script: Any, keys: Sequence[str], args: Sequence[Any], what: str)
         script(keys=list(keys), args=list(args))
     except Exception:
         logger.warning("celery_guard: %s could not reach Redis", what, exc_info=True)
+
+
+#: Every :class:`KeptConnections` of the process, for the flusher thread.
+_kept: weakref.WeakSet[KeptConnections] = weakref.WeakSet()
+#: Whether this process started its flusher thread (with its first unanswered command).
+_flusher = False
+
+
+def _flush_kept() -> None:
+    """The flusher thread: reads the replies left unread, every :data:`FLUSH_TICK`."""
+    while True:
+        time.sleep(FLUSH_TICK)
+        for kept in list(_kept):
+            try:
+                kept.flush()
+            except Exception:
+                logger.warning("celery_guard: could not read Redis's replies", exc_info=True)
+
+
+def _in_child() -> None:
+    """A forked child has neither its parent's flusher thread nor the use of its sockets."""
+    global _flusher
+    _flusher = False
+    for kept in list(_kept):
+        kept.forget()
+
+
+os.register_at_fork(after_in_child=_in_child)

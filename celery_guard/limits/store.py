@@ -349,9 +349,9 @@ class Store:
         """:meth:`release`, sent without waiting for Redis's answer.
 
         It goes on the connection the next admission of this process takes, so Redis runs
-        it before that admission; the answer is read then, or by the background thread when
-        the process is idle (:meth:`flush`). The release is idempotent, so one whose
-        connection was lost is sent again; one that fails is logged.
+        it before that admission; the answer is read then, or within a quarter of a second
+        when the process is idle (``resp.KeptConnections.send``). The release is idempotent,
+        so one whose connection was lost is sent again; one that fails is logged.
 
         Raises:
             Unavailable: Redis cannot be reached (the slots return when their lease ends).
@@ -364,7 +364,7 @@ class Store:
             _guarded(lambda: self._kept.send(self._release, keys, args, what))
 
     def flush(self) -> None:
-        """Read the answers of the releases sent unanswered (the background thread, idle)."""
+        """Read the answers of this process's releases sent unanswered."""
         self._kept.flush()
 
     def renew(self, rules: Sequence[Rule], holder: str, lease: float) -> None:
@@ -560,7 +560,6 @@ def _background() -> None:
         try:
             _release(*releases.get(timeout=RENEW_TICK))
         except queue.Empty:
-            _flush_unanswered()
             if not _held:
                 # Idle (no release sent, no body holds a slot): the database store's
                 # connection of this thread (if any) is not kept open.
@@ -576,19 +575,6 @@ def _background() -> None:
             except Exception:
                 logger.warning(
                     "celery_guard: could not renew the limit slots of %s", holder, exc_info=True
-                )
-
-
-def _flush_unanswered() -> None:
-    """Read the answers of this process's unanswered releases (a failure is logged)."""
-    pid = os.getpid()
-    for (owner, _url, _prefix), limits in list(_stores.items()):
-        if owner == pid:
-            try:
-                limits.flush()
-            except Exception:
-                logger.warning(
-                    "celery_guard: could not read the limits store's answers", exc_info=True
                 )
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import os
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,21 +162,6 @@ def _redis_client(url: str) -> Any:
     return redis.Redis.from_url(url)
 
 
-def _forget_connections_in_child(ledger: RedisLedger) -> None:
-    """Empty ``ledger``'s kept connections in a forked child: its parent's sockets.
-
-    At the fork rather than by a pid check per command (a system call each time).
-    """
-    ref = weakref.ref(ledger)
-
-    def forget() -> None:
-        alive = ref()
-        if alive is not None:
-            alive._kept.forget()
-
-    os.register_at_fork(after_in_child=forget)
-
-
 class RedisLedger(Ledger):
     """Ledger in Redis: one hash per key, every transition one Lua script.
 
@@ -201,7 +184,6 @@ class RedisLedger(Ledger):
         #: Connections the hot path took from the pool and keeps between calls (see
         #: :meth:`_take`); a forked child starts without its parent's.
         self._kept = resp.KeptConnections(self.client)
-        _forget_connections_in_child(self)
 
     def _key(self, key: str) -> str:
         return self.prefix + key
