@@ -17,12 +17,13 @@ one transaction.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
 import re
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from django.db import DatabaseError, connections, router, transaction
@@ -114,12 +115,49 @@ _STATUS_PARAMS = {
 }
 
 
-def _names() -> dict[str, str]:
-    quote = connections[router.db_for_write(BulkRunItem)].ops.quote_name
-    return {
-        "item": quote(BulkRunItem._meta.db_table),
-        "run": quote(BulkRun._meta.db_table),
-    }
+#: The constants of the prepared statements (bound as literals when preparing).
+_START_CONSTANTS = {"pending": _STATUS_PARAMS["pending"], "running": _STATUS_PARAMS["running"]}
+_FINISH_CONSTANTS = {status: {**_STATUS_PARAMS, "status": str(status)} for status in COUNTERS}
+
+
+def _tables(connection: Any) -> tuple[str, str]:
+    """The items' and the runs' tables, quoted for ``connection``."""
+    quote = connection.ops.quote_name
+    return quote(BulkRunItem._meta.db_table), quote(BulkRun._meta.db_table)
+
+
+@contextlib.contextmanager
+def _item_cursor(connection: Any) -> Iterator[Any]:
+    """A cursor for a worker's item writes, kept for the database session.
+
+    Django's ``cursor()`` (a health check, a new driver cursor and its wrapper, then its
+    close) costs a worker about as much as binding the statement: the wrapper is kept per
+    session (the driver connection it was made for), and still runs Django's execute path
+    (its wrappers, its error translation). While Django logs queries (``DEBUG``, a test's
+    ``CaptureQueriesContext``), whose cursor is chosen when it is made, a new one each time.
+    """
+    if connection.queries_logged:
+        with connection.cursor() as cursor:
+            yield cursor
+        return
+    kept = getattr(connection, "_celery_guard_item_cursor", None)
+    if kept is None or kept[0] is not connection.connection or connection.connection is None:
+        cursor = connection.cursor()  # opens the connection if it is closed
+        kept = connection._celery_guard_item_cursor = (connection.connection, cursor)
+    yield kept[1]
+
+
+def _finish_form(status: ItemStatus, noted: bool) -> tuple[str, bool]:
+    """The prepared statement's name, and its form, of an outcome (see :func:`_finish_sql`).
+
+    A failure, a skip, a cancel always carry an error or a reason: one form each, with those
+    parameters. A success carries none, but for a note (a task that ignored itself): the form
+    without them, and the one with them under a name of its own.
+    """
+    name = f"celery_guard_item_{COUNTERS[status]}"
+    if status != ItemStatus.SUCCEEDED:
+        return name, True
+    return (f"{name}_noted", True) if noted else (name, False)
 
 
 #: A CTE that makes the statement's own transaction commit without waiting for the WAL
@@ -237,18 +275,24 @@ def _execute_hot(
         cursor.execute(sql, params)
 
 
-def _start_sql(quick: bool) -> str:
-    """One item's start: open -> running, one more attempt (one autocommitted statement)."""
+@functools.lru_cache(maxsize=16)
+def _start_sql(quick: bool, item: str) -> str:
+    """One item's start: open -> running, one more attempt (one autocommitted statement).
+
+    Built once per form (``item``: the quoted table name): the same string object each time
+    is also what keeps the prepared form's cache look-up cheap (its hash is kept).
+    """
     return (
         ("WITH {quick} " if quick else "")
         + "UPDATE {item} SET status = %(running)s, attempts = attempts + 1, "
         "started_at = COALESCE(started_at, %(now)s) "
         + ("FROM quick " if quick else "")
         + "WHERE id = %(item)s AND status IN (%(pending)s, %(running)s)"
-    ).format(quick=_QUICK, **_names())
+    ).format(quick=_QUICK, item=item)
 
 
-def _finish_sql(counter: str, quick: bool) -> str:
+@functools.lru_cache(maxsize=64)
+def _finish_sql(counter: str, quick: bool, noted: bool, item: str, run: str) -> str:
     """One item's final outcome, counted on its run, in one statement (one round trip).
 
     The CTE moves the item if it is open; the UPDATE of the run joins its result, so it
@@ -256,6 +300,12 @@ def _finish_sql(counter: str, quick: bool) -> str:
     expressions read the row as it is when the lock is granted, so of two statements
     finishing the last two items only the second sees it). It returns one row when the item
     moved, whose value says whether this statement finished the run.
+
+    Args:
+        noted: The outcome carries an error (class, message, dead letter) as parameters;
+            otherwise those columns are set to their empty values in the text (a success:
+            three parameters fewer to bind per item).
+        item: The items' table (quoted); ``run``: the runs' table.
     """
     if counter not in COUNTERS.values():  # a column name goes into the SQL: only ours
         raise ValueError(f"{counter!r} is not a counter of a run")
@@ -263,11 +313,16 @@ def _finish_sql(counter: str, quick: bool) -> str:
     last = (
         "(r.succeeded + r.failed + r.skipped + r.cancelled + 1 = r.total AND r.finished_at IS NULL)"
     )
+    error = (
+        "error_class = %(error_class)s, error_message = %(error_message)s, "
+        "dead_letter_id = %(dead_letter)s "
+        if noted
+        else "error_class = '', error_message = '', dead_letter_id = NULL "
+    )
     return (
         ("WITH {quick}, " if quick else "WITH ") + "moved AS ("
         "UPDATE {item} SET status = %(status)s, finished_at = %(now)s, "
-        "error_class = %(error_class)s, error_message = %(error_message)s, "
-        "dead_letter_id = %(dead_letter)s "
+        + error
         + ("FROM quick " if quick else "")
         + "WHERE id = %(item)s AND status IN (%(pending)s, %(running)s) RETURNING run_id) "
         "UPDATE {run} AS r SET {counter} = r.{counter} + 1, "
@@ -284,7 +339,9 @@ def _finish_sql(counter: str, quick: bool) -> str:
         "FROM moved WHERE r.id = moved.run_id "
         "RETURNING r.finished_at IS NOT DISTINCT FROM %(now)s "
         "AND r.succeeded + r.failed + r.skipped + r.cancelled = r.total"
-    ).format(counter=counter, last=last, failed_after=failed_after, quick=_QUICK, **_names())
+    ).format(
+        counter=counter, last=last, failed_after=failed_after, quick=_QUICK, item=item, run=run
+    )
 
 
 def create(
@@ -348,15 +405,14 @@ def start_item(run_id: int, item_id: int, *, mark_run: bool) -> bool:
     now = timezone.now()
     connection = _fast_connection()
     if connection is not None:
-        constants = {"pending": _STATUS_PARAMS["pending"], "running": _STATUS_PARAMS["running"]}
-        with connection.cursor() as cursor:
+        with _item_cursor(connection) as cursor:
             _execute_hot(
                 connection,
                 cursor,
                 "celery_guard_item_start",
-                _start_sql(_quick(connection)),
-                {**constants, "item": item_id, "now": now},
-                constants,
+                _start_sql(_quick(connection), _tables(connection)[0]),
+                {**_START_CONSTANTS, "item": item_id, "now": now},
+                _START_CONSTANTS,
             )
             started = cursor.rowcount
     else:
@@ -399,22 +455,25 @@ def finish_item(
     connection = _fast_connection()
     if connection is not None:
         now = timezone.now()
-        constants = {**_STATUS_PARAMS, "status": str(status)}
-        params = {
-            **constants,
-            "item": item_id,
-            "now": now,
-            "error_class": error_class[:255],
-            "error_message": error_message[:MAX_ERROR_MESSAGE],
-            "dead_letter": dead_letter_id,
-        }
+        constants = _FINISH_CONSTANTS[status]
+        name, noted = _finish_form(
+            status, bool(error_class or error_message or dead_letter_id is not None)
+        )
+        params: dict[str, Any] = {**constants, "item": item_id, "now": now}
+        if noted:
+            params.update(
+                error_class=error_class[:255],
+                error_message=error_message[:MAX_ERROR_MESSAGE],
+                dead_letter=dead_letter_id,
+            )
         quick = _quick(connection)
-        with connection.cursor() as cursor:
+        item_table, run_table = _tables(connection)
+        with _item_cursor(connection) as cursor:
             _execute_hot(
                 connection,
                 cursor,
-                f"celery_guard_item_{counter}",
-                _finish_sql(counter, quick),
+                name,
+                _finish_sql(counter, quick, noted, item_table, run_table),
                 params,
                 constants,
             )
@@ -425,9 +484,7 @@ def finish_item(
                 # The run's end, and the completion's claim, are on disk before anyone acts
                 # on them: a synchronous commit flushes the WAL up to itself, past ours.
                 cursor.execute(
-                    "UPDATE {run} SET finished_at = finished_at WHERE id = %(run)s".format(
-                        **_names()
-                    ),
+                    f"UPDATE {run_table} SET finished_at = finished_at WHERE id = %(run)s",
                     {"run": run_id},
                 )
         return True, bool(row[0])

@@ -476,3 +476,53 @@ def test_the_worker_statements_are_prepared_per_session_and_a_lost_one_runs_unpr
     attempts = BulkRunItem.objects.filter(run=run).values_list("attempts", flat=True)
     assert list(attempts.order_by("seq")) == [1, 1, 1, 1]
     assert run.completion_claimed_at is None and run.finished_at is not None
+
+
+def test_a_worker_keeps_one_cursor_per_session_for_its_item_writes():
+    from unittest import mock
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the one-statement path (PostgreSQL); elsewhere the ORM's statements")
+    run = start_run(run_item, [{"n": n} for n in range(4)], name="cursor")
+    items = list(BulkRunItem.objects.filter(run=run).order_by("seq").values_list("pk", flat=True))
+    done = BulkRunItem.Status.SUCCEEDED
+    for first, *rest in (items[:3], items[3:]):
+        connection.close()  # a new session: its first item prepares the statements
+        assert services.start_item(run.pk, first, mark_run=False)
+        assert services.finish_item(run.pk, first, done)[0]
+        with mock.patch.object(connection, "create_cursor", wraps=connection.create_cursor) as made:
+            for pk in rest:
+                assert services.start_item(run.pk, pk, mark_run=False)
+                assert services.finish_item(run.pk, pk, done) == (True, False)
+        assert made.call_count == 0  # the session's cursor, not two new ones per item
+    run.refresh_from_db()
+    assert (run.status, run.succeeded, run.pending) == ("succeeded", 4, 0)
+
+
+def test_outcomes_with_and_without_a_note_record_their_own_fields_and_times():
+    run = start_run(run_item, [{"n": n} for n in range(4)], name="notes")
+    items = list(BulkRunItem.objects.filter(run=run).order_by("seq").values_list("pk", flat=True))
+    done, failed = BulkRunItem.Status.SUCCEEDED, BulkRunItem.Status.FAILED
+    before = timezone.now()
+    for pk in items:
+        assert services.start_item(run.pk, pk, mark_run=False)
+    assert services.finish_item(run.pk, items[0], done, error_message="ignored by the task")
+    assert services.finish_item(run.pk, items[1], done) == (True, False)
+    assert services.finish_item(run.pk, items[2], failed, error_class="x.Y", error_message="no")
+    assert services.finish_item(run.pk, items[3], done) == (True, True)
+    after = timezone.now()
+    rows = BulkRunItem.objects.filter(run=run).order_by("seq")
+    fields = [(i.status, i.error_class, i.error_message, i.attempts) for i in rows]
+    assert fields == [
+        ("succeeded", "", "ignored by the task", 1),
+        ("succeeded", "", "", 1),
+        ("failed", "x.Y", "no", 1),
+        ("succeeded", "", "", 1),
+    ]
+    for item in rows:
+        assert before <= item.started_at <= item.finished_at <= after
+    run.refresh_from_db()
+    assert (run.status, run.succeeded, run.failed) == ("completed_with_errors", 3, 1)
+    assert before <= run.finished_at <= after
