@@ -64,18 +64,19 @@ def execute_hot(
     constants: Mapping[str, str],
     types: Mapping[str, str],
 ) -> None:
-    """Execute a worker's per-item statement, prepared in the database session.
+    """Execute a statement a worker sends per task or item, prepared in the database session.
 
-    Parsing and planning these statements costs the server more than running them (the
-    outcome's CTE most of all): prepared once per session (``PREPARE`` sent with the first
-    ``EXECUTE``, one round trip, one statement as Django counts them), they are neither
-    parsed nor planned again (PostgreSQL keeps a generic plan after five executions).
+    Parsing and planning these statements costs the server more than running them (the bulk
+    runs' outcome CTE most of all, the limits' release too): prepared once per session
+    (``PREPARE`` sent with the first ``EXECUTE``, one round trip, one statement as Django
+    counts them), they are neither parsed nor planned again (PostgreSQL keeps a generic plan
+    after five executions).
 
     Only for an autocommitted statement: whatever fails (a session that lost its prepared
     statements to ``DISCARD ALL``, a pooler that hands each transaction another server
     session) rolled back the statement's own transaction and no caller's; the statement then
     runs unprepared, once (its own error is the caller's), and this session prepares nothing
-    any more.
+    any more. On another database (SQLite) or driver it runs unprepared.
 
     Args:
         name: The prepared statement's name (one per text of ``sql`` and ``constants``).
@@ -85,9 +86,12 @@ def execute_hot(
             literals in the prepared statement.
         types: The SQL types of the variable parameters that are not ``text``.
     """
+    if not _prepares(connection):  # another driver, or another database (SQLite)
+        cursor.execute(sql, params)
+        return
     raw = connection.connection
     if raw not in _SESSIONS:
-        _SESSIONS[raw] = set() if _prepares(connection) else None
+        _SESSIONS[raw] = set()
     session = _SESSIONS[raw]
     if session is None or connection.in_atomic_block or not connection.get_autocommit():
         cursor.execute(sql, params)

@@ -22,11 +22,14 @@ being VOLATILE, each statement of it reads with a new snapshot (READ COMMITTED),
 counts, made once the locks are held, see the entries of the admissions that held them before.
 On SQLite it stays a transaction of several statements, in process (the scope rows written
 first, then the count and the insert); the release is one ``DELETE`` (autocommit) on both.
+On PostgreSQL the admission's call and the release are prepared once per database session
+(:func:`celery_guard.core.prepared.execute_hot`): not parsed and planned on every call.
 Times are epoch seconds from the database server's clock on PostgreSQL (``clock_timestamp()``,
 read after the locks are held), so the workers' clocks do not matter; on SQLite, whose
 workers share one host, from that host's clock. On PostgreSQL both tables are ``UNLOGGED``
 (migration ``0009``): what they hold expires within seconds, so it needs no WAL, and a
-commit does not wait for a disk flush.
+commit does not wait for a disk flush (a transaction that wrote no WAL commits without one,
+whatever ``synchronous_commit`` says: ``docs/limits.md``).
 
 Expired entries, and scopes with no entry and no back-off, are purged by the admissions
 themselves, at most every :data:`PURGE_EVERY` seconds per process, so the tables hold about
@@ -40,13 +43,13 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from django.db import Error as DatabaseError
 from django.db import connections, router, transaction
 
-from celery_guard.core import dbreuse
+from celery_guard.core import dbreuse, prepared
 from celery_guard.limits.base import Admission, Unavailable
 from celery_guard.limits.models import LimitEntry, LimitScope
 from celery_guard.limits.rules import Rule
@@ -72,6 +75,22 @@ ADMIT_FUNCTION = (
 
 SLOT = LimitEntry.Kind.SLOT.value
 START = LimitEntry.Kind.START.value
+
+#: PostgreSQL: the admission's call, prepared in each session (the casts serve the unprepared
+#: fallback, whose arrays are bound as literals).
+ADMIT_SQL = (
+    "SELECT admitted, refused, kind, wait FROM celery_guard_limits_admit("
+    "%(keys)s::text[], %(concurrency)s::integer[], %(rate)s::integer[], "
+    "%(period)s::float8[], %(lease)s, %(holder)s)"
+)
+#: Types of the prepared statements' parameters (the others are text).
+_PARAM_TYPES = {
+    "keys": "text[]",
+    "concurrency": "integer[]",
+    "rate": "integer[]",
+    "period": "float8[]",
+    "lease": "float8",
+}
 
 _paused_until = 0.0
 
@@ -205,22 +224,23 @@ class DatabaseStore:
         """PostgreSQL: the same admission in one round trip, ``celery_guard_limits_admit``.
 
         The function (migration ``0011``) locks, counts and inserts as the transaction of
-        :meth:`_admit` does elsewhere, in the implicit transaction of its one statement.
+        :meth:`_admit` does elsewhere, in the implicit transaction of its one statement. The
+        call is prepared in the session (:func:`celery_guard.core.prepared.execute_hot`).
         """
-        with connections[self.alias].cursor() as cursor:
-            cursor.execute(
-                "SELECT admitted, refused, kind, wait FROM celery_guard_limits_admit("
-                "%s::text[], %s::integer[], %s::integer[], %s::float8[], %s, %s)",
-                [
-                    list(keys),
-                    [rule.concurrency or 0 for rule in rules],
-                    [rule.rate.count if rule.rate else 0 for rule in rules],
-                    [rule.rate.period if rule.rate else 0.0 for rule in rules],
-                    lease,
-                    holder,
-                ],
-            )
-            admitted, refused, kind, wait = cursor.fetchone()
+        admitted, refused, kind, wait = self._execute_hot(
+            "celery_guard_limits_admit_call",
+            ADMIT_SQL,
+            {
+                "keys": list(keys),
+                "concurrency": [rule.concurrency or 0 for rule in rules],
+                "rate": [rule.rate.count if rule.rate else 0 for rule in rules],
+                "period": [rule.rate.period if rule.rate else 0.0 for rule in rules],
+                "lease": lease,
+                "holder": holder,
+            },
+            {},
+            row=True,
+        )
         if admitted:
             return Admission(True, holder)
         return Admission(False, holder, rules[refused - 1], str(kind), float(wait))
@@ -255,13 +275,21 @@ class DatabaseStore:
     def release(self, rules: Sequence[Rule], holder: str) -> None:
         """Give back the concurrency slots ``holder`` took (one ``DELETE``).
 
+        On PostgreSQL the ``DELETE`` is prepared in the session, so it is not planned again
+        on every release (:func:`celery_guard.core.prepared.execute_hot`).
+
         Raises:
             Unavailable: The database cannot be reached (the slots return when their lease
                 ends).
         """
         if any(rule.concurrency for rule in rules):
-            self._execute(
-                f"DELETE FROM {self.entries} WHERE holder = %s AND kind = %s", [holder, SLOT]
+            self._guarded(
+                lambda: self._execute_hot(
+                    "celery_guard_limits_release",
+                    f"DELETE FROM {self.entries} WHERE holder = %(holder)s AND kind = %(kind)s",
+                    {"holder": holder, "kind": SLOT},
+                    {"kind": SLOT},
+                )
             )
 
     def renew(self, rules: Sequence[Rule], holder: str, lease: float) -> None:
@@ -357,6 +385,29 @@ class DatabaseStore:
                 return deleted + int(cursor.rowcount)
 
         return self._guarded(delete)
+
+    def _execute_hot(
+        self,
+        name: str,
+        sql: str,
+        params: Mapping[str, Any],
+        constants: Mapping[str, str],
+        *,
+        row: bool = False,
+    ) -> Any:
+        """Run a per-task statement, prepared in the session (PostgreSQL).
+
+        Args:
+            name: The prepared statement's name.
+            sql: The statement, with ``%(key)s`` placeholders.
+            params: Every placeholder's value.
+            constants: The placeholders whose value is the same in every execution.
+            row: Return the statement's first row (else None).
+        """
+        connection = connections[self.alias]
+        with connection.cursor() as cursor:
+            prepared.execute_hot(connection, cursor, name, sql, params, constants, _PARAM_TYPES)
+            return cursor.fetchone() if row else None
 
     def _execute(self, sql: str, args: Sequence[Any]) -> None:
         def run() -> None:

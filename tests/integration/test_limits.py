@@ -565,3 +565,39 @@ def test_the_database_store_ping_fails_without_the_admission_function(postgres):
             cursor.execute(migration.DROP)  # rolled back with the savepoint
         limits.ping()
     limits.ping()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_database_store_prepares_its_statements_per_session_and_a_lost_one_runs_unprepared(
+    postgres, caplog
+):
+    # Parsing and planning the release's DELETE costs the server more than running it: the
+    # admission's call and the release are prepared once per session (autocommit only).
+    limits = dbstore.DatabaseStore()
+    limits._next_purge = float("inf")  # the periodic purge is not the admission
+    connection = connections[limits.alias]
+    rules = [Rule("task:prepared", concurrency=1, rate=Rate(10, 60.0))]
+
+    def prepared() -> set[str]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT name FROM pg_prepared_statements")
+            return {name for (name,) in cursor.fetchall()}
+
+    connection.close()  # a new session
+    first = limits.admit(rules, lease=30)
+    refused = limits.admit(rules, lease=30)
+    assert first.admitted
+    assert not refused.admitted and refused.kind == "concurrency" and 29 < refused.wait <= 30
+    limits.release(rules, first.holder)
+    assert limits.holders(rules[0]) == 0
+    assert prepared() == {"celery_guard_limits_admit_call", "celery_guard_limits_release"}
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # the session loses them (a pooler's reset)
+    with caplog.at_level(logging.WARNING, logger="celery_guard.core.prepared"):
+        second = limits.admit(rules, lease=30)
+    assert second.admitted
+    assert "celery_guard_limits_admit_call failed; running it unprepared" in caplog.text
+    limits.release(rules, second.holder)
+    assert limits.holders(rules[0]) == 0
+    assert LimitEntry.objects.filter(kind=LimitEntry.Kind.START).count() == 2
+    assert prepared() == set()  # this session prepares nothing any more
